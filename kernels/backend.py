@@ -1,0 +1,82 @@
+"""Backend selection: which array library and which kernels a process uses.
+
+`create_backend` is called once, at the entry point; the resulting
+`Backend` is passed down to the model and runner. Nothing else in the code
+branches on the backend: it calls `backend.ops.<op>` and moves data with
+`backend.asarray` / `backend.to_numpy`.
+
+On NumPy, activations and weights are float32 (float64 for reference
+tests). On CUDA they are bf16 (stored as uint16 bit patterns, since CuPy has
+no bfloat16 dtype), fp16, or fp32 (for kernel tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("auto", "numpy", "cuda")
+NUMPY_DTYPES = ("float32", "float64")
+CUDA_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str          # "numpy" or "cuda"
+    dtype: str         # storage dtype of activations and weights
+    xp: ModuleType     # numpy or cupy
+    ops: Any           # kernels.numpy_ops or kernels.cuda_ops.CudaOps
+
+    def asarray(self, host: np.ndarray) -> Any:
+        """Host array -> backend array; floating arrays take the backend dtype."""
+        if np.issubdtype(host.dtype, np.floating):
+            return self.ops.from_float(np.asarray(host), self.dtype) if self.name == "cuda" \
+                else np.ascontiguousarray(host, dtype=self.dtype)
+        return self.xp.asarray(host)
+
+    @property
+    def storage_dtype(self) -> Any:
+        """The array dtype that holds `dtype` (bf16 lives in uint16)."""
+        return self.xp.uint16 if self.dtype == "bfloat16" else self.xp.dtype(self.dtype)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.xp.zeros(shape, dtype=self.storage_dtype)
+
+    def to_numpy(self, arr: Any) -> np.ndarray:
+        """Backend array -> host array; floating data comes back as float32 (or
+        float64 on a float64 NumPy backend)."""
+        if self.name == "numpy":
+            return arr
+        return self.ops.to_host(arr)
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device: all mean "no GPU here"
+        return False
+
+
+def create_backend(name: str = "auto", dtype: str | None = None, device_id: int = 0) -> Backend:
+    """`auto` picks CUDA when CuPy sees a GPU, else NumPy."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if cuda_available() else "numpy"
+    if name == "numpy":
+        dtype = dtype or "float32"
+        if dtype not in NUMPY_DTYPES:
+            raise ValueError(f"numpy backend dtype must be one of {NUMPY_DTYPES}, got {dtype!r}")
+        from shardline.kernels import numpy_ops
+        return Backend("numpy", dtype, np, numpy_ops)
+    dtype = dtype or "bfloat16"
+    if dtype not in CUDA_DTYPES:
+        raise ValueError(f"cuda backend dtype must be one of {CUDA_DTYPES}, got {dtype!r}")
+    import cupy
+    from shardline.kernels.cuda_ops import CudaOps
+    cupy.cuda.Device(device_id).use()
+    return Backend("cuda", dtype, cupy, CudaOps(device_id))

@@ -1,0 +1,185 @@
+"""NumPy reference for every kernel: the meaning of each op, on host arrays.
+
+The CUDA module (`cuda_ops.py`) has the same functions with the same
+signatures; tests hold it to these. Everything here computes in the dtype of
+its inputs (float32 in the engine, float64 in reference tests) and must stay
+plain, readable NumPy: no tricks that would make it a second implementation
+to debug.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shardline.kernels import sampling_rng
+
+name = "numpy"
+
+
+def embedding(weight: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    # weight [vocab, hidden], ids [num_tokens] -> [num_tokens, hidden]
+    return weight[ids]
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    # x [num_tokens, in], weight [out, in] (torch layout), bias [out]
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """RMSNorm of x (or of x + residual). With a residual, returns
+    (normed, x + residual) so the caller keeps the new residual stream."""
+    h = x if residual is None else x + residual
+    # [num_tokens, hidden]
+    inv_rms = 1.0 / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + eps)
+    y = (h * inv_rms).astype(x.dtype) * weight
+    return y if residual is None else (y, h)
+
+
+def layer_norm(x, weight, bias, eps: float, residual=None):
+    """LayerNorm of x (or of x + residual); same return convention as rms_norm."""
+    h = x if residual is None else x + residual
+    mean = np.mean(h, axis=-1, keepdims=True)
+    var = np.mean(np.square(h - mean), axis=-1, keepdims=True)
+    y = ((h - mean) / np.sqrt(var + eps)).astype(x.dtype) * weight + bias
+    return y if residual is None else (y, h)
+
+
+def rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray):
+    """Rotate-half (GPT-NeoX / HF Llama) rotary embedding.
+
+    q [num_tokens, num_heads, head_dim], k [num_tokens, num_kv_heads, head_dim],
+    positions [num_tokens], cos_sin [max_positions, head_dim]: cos in the first
+    half, sin in the second (see rope.py). Returns new (q, k).
+    """
+    half = cos_sin.shape[1] // 2
+    cos = cos_sin[positions, :half][:, None, :].astype(q.dtype)  # [T, 1, half]
+    sin = cos_sin[positions, half:][:, None, :].astype(q.dtype)
+
+    def rotate(x):
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: np.ndarray) -> np.ndarray:
+    # x [num_tokens, 2 * inter]: gate then up -> [num_tokens, inter]
+    gate, up = np.split(x, 2, axis=-1)
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def gelu(x: np.ndarray, approximate: str = "tanh") -> np.ndarray:
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x**3)))
+    if approximate == "none":
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return (0.5 * x * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(x.dtype)
+    raise ValueError(f"gelu approximate must be 'tanh' or 'none', got {approximate!r}")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    # along the last axis, in float32 at least
+    x = x.astype(np.promote_types(x.dtype, np.float32))
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def attention(q, k, v, scale: float, sliding_window: int | None = None):
+    """Causal attention for one sequence with grouped-query heads.
+
+    q [num_query_tokens, num_heads, head_dim] are the last query tokens of the
+    sequence; k, v [seq_len, num_kv_heads, head_dim] hold every token so far
+    (the queries' own keys included). Query i sits at position
+    seq_len - num_query_tokens + i and sees keys at positions <= its own
+    (and > its own - sliding_window when a window is given).
+    """
+    num_q, num_heads, _ = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    k = np.repeat(k, group, axis=1)  # [S, H, D]
+    v = np.repeat(v, group, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) * scale  # [H, T, S]
+    q_pos = np.arange(seq_len - num_q, seq_len)[:, None]
+    k_pos = np.arange(seq_len)[None, :]
+    visible = k_pos <= q_pos
+    if sliding_window is not None:
+        visible &= k_pos > q_pos - sliding_window
+    scores = np.where(visible[None], scores, -np.inf)
+    probs = softmax(scores).astype(q.dtype)
+    return np.einsum("hts,shd->thd", probs, v)
+
+
+def topk_softmax(router_logits: np.ndarray, top_k: int, renormalize: bool):
+    """MoE gating: softmax over experts, keep the top_k per token.
+
+    router_logits [num_tokens, num_experts] -> (weights [num_tokens, top_k]
+    float32, expert_ids [num_tokens, top_k] int32), highest weight first.
+    """
+    probs = softmax(router_logits)
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(probs, ids, axis=-1)
+    if renormalize:
+        weights = weights / np.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(np.float32), ids.astype(np.int32)
+
+
+def index_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    # x [n, hidden], rows [m] -> [m, hidden]
+    return x[rows]
+
+
+def scatter_add_rows(out: np.ndarray, rows: np.ndarray, src: np.ndarray, scale: np.ndarray) -> None:
+    """out[rows[i]] += scale[i] * src[i], in place (rows may repeat)."""
+    np.add.at(out, rows, (src * scale[:, None]).astype(out.dtype))
+
+
+def filter_probs(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Zero every probability outside the top-k, then outside the top-p
+    nucleus of what is left (renormalised). Ties at a threshold are kept.
+    probs [vocab] float32 -> [vocab] (not renormalised)."""
+    vocab = probs.shape[0]
+    if 0 < top_k < vocab:
+        kth = np.partition(probs, vocab - top_k)[vocab - top_k]
+        probs = np.where(probs >= kth, probs, 0.0).astype(probs.dtype)
+    if top_p < 1.0:
+        desc = np.sort(probs)[::-1]
+        cum = np.cumsum(desc / np.sum(desc))
+        cut = min(int(np.searchsorted(cum, np.float32(top_p))), vocab - 1)
+        probs = np.where(probs >= desc[cut], probs, 0.0).astype(probs.dtype)
+    return probs
+
+
+def sample(logits, temperature, top_k, top_p, seeds, offsets):
+    """One token per row.
+
+    logits [batch, vocab]; temperature [batch] float32 (0 means greedy);
+    top_k [batch] int32 (0 means off); top_p [batch] float32 (1 means off);
+    seeds [batch] uint64 and offsets [batch] int64 (the request's output
+    index): the noise for row b depends only on (seeds[b], offsets[b]), so a
+    request samples the same tokens whatever batch it runs in.
+    Sampling is the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1),
+    which draws i with probability p_i.
+    """
+    batch, vocab = logits.shape
+    out = np.empty(batch, dtype=np.int32)
+    for b in range(batch):
+        row = logits[b].astype(np.float32)
+        if temperature[b] == 0:
+            out[b] = int(np.argmax(row))
+            continue
+        probs = softmax(row / np.float32(temperature[b]))
+        probs = filter_probs(probs, int(top_k[b]), float(top_p[b]))
+        noise = sampling_rng.exponential(int(seeds[b]), int(offsets[b]), vocab)
+        out[b] = int(np.argmax(probs / noise))
+    return out

@@ -1,0 +1,61 @@
+"""One entry point from a path to a ready model: `load_model`.
+
+A folder is read as an HF checkpoint (config.json + safetensors), a `.gguf`
+file through the gguf package. The config is validated before any weight
+is read; every failure is a `ModelLoadError` naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from shardline.kernels.backend import Backend
+from shardline.models.config import ModelConfig
+from shardline.models.errors import ModelLoadError
+from shardline.models.registry import lookup
+from shardline.models.weights import Checkpoint, WeightReader
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    config: ModelConfig
+    checkpoint: Checkpoint
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(path, "not found")
+    if path.is_dir():
+        from shardline.models.safetensors_checkpoint import SafetensorsCheckpoint
+        return SafetensorsCheckpoint.open(path)
+    if path.suffix == ".gguf":
+        from shardline.models.gguf import GGUFCheckpoint
+        return GGUFCheckpoint.open(path)
+    raise ModelLoadError(path, "expected an HF checkpoint folder or a .gguf file")
+
+
+def parse_config(checkpoint: Checkpoint) -> tuple[ModelConfig, type]:
+    arch = lookup(checkpoint.config, checkpoint.path)
+    try:
+        return arch.parse(checkpoint.config), arch.model_class
+    except KeyError as err:
+        raise ModelLoadError(checkpoint.path, f"config is missing key {err}") from None
+    except (ValidationError, ValueError, TypeError) as err:
+        raise ModelLoadError(checkpoint.path, f"inconsistent config: {err}") from None
+
+
+def load_model(path: str | Path, backend: Backend, show_progress: bool = True) -> LoadedModel:
+    checkpoint = open_checkpoint(path)
+    config, model_class = parse_config(checkpoint)
+    reader = WeightReader(checkpoint, backend, show_progress)
+    try:
+        model = model_class(backend, config, reader)
+    finally:
+        reader.close()
+    return LoadedModel(model, config, checkpoint)
