@@ -144,9 +144,10 @@ def scatter_add_rows(out: np.ndarray, rows: np.ndarray, src: np.ndarray, scale: 
     np.add.at(out, rows, (src * scale[:, None]).astype(out.dtype))
 
 
-def filter_probs(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0) -> np.ndarray:
     """Zero every probability outside the top-k, then outside the top-p
-    nucleus of what is left (renormalised). Ties at a threshold are kept.
+    nucleus of what is left (renormalised), then below min_p times the
+    largest. Ties at a threshold are kept.
     probs [vocab] float32 -> [vocab] (not renormalised)."""
     vocab = probs.shape[0]
     if 0 < top_k < vocab:
@@ -157,14 +158,17 @@ def filter_probs(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
         cum = np.cumsum(desc / np.sum(desc))
         cut = min(int(np.searchsorted(cum, np.float32(top_p))), vocab - 1)
         probs = np.where(probs >= desc[cut], probs, 0.0).astype(probs.dtype)
+    if min_p > 0.0:
+        probs = np.where(probs >= np.float32(min_p) * np.max(probs), probs, 0.0).astype(probs.dtype)
     return probs
 
 
-def sample(logits, temperature, top_k, top_p, seeds, offsets):
+def sample(logits, temperature, top_k, top_p, seeds, offsets, min_p=None):
     """One token per row.
 
     logits [batch, vocab]; temperature [batch] float32 (0 means greedy);
     top_k [batch] int32 (0 means off); top_p [batch] float32 (1 means off);
+    min_p [batch] float32 or None (0 means off);
     seeds [batch] uint64 and offsets [batch] int64 (the request's output
     index): the noise for row b depends only on (seeds[b], offsets[b]), so a
     request samples the same tokens whatever batch it runs in.
@@ -179,7 +183,78 @@ def sample(logits, temperature, top_k, top_p, seeds, offsets):
             out[b] = int(np.argmax(row))
             continue
         probs = softmax(row / np.float32(temperature[b]))
-        probs = filter_probs(probs, int(top_k[b]), float(top_p[b]))
+        probs = filter_probs(probs, int(top_k[b]), float(top_p[b]), 0.0 if min_p is None else float(min_p[b]))
         noise = sampling_rng.exponential(int(seeds[b]), int(offsets[b]), vocab)
         out[b] = int(np.argmax(probs / noise))
     return out
+
+
+# -- paged KV cache ------------------------------------------------------------------
+# k_cache / v_cache: [num_blocks, block_size_tokens, num_kv_heads, head_dim];
+# a token's slot is block_id * block_size_tokens + offset in the block.
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Store this step's K/V (each [num_tokens, num_kv_heads, head_dim]) at their slots, in place."""
+    num_blocks, block_size = k_cache.shape[:2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, offsets] = k
+    v_cache[blocks, offsets] = v
+
+
+def rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
+    """RoPE on q and k, then k/v into the cache; returns the rotated q.
+    (One fused kernel on CUDA; here the two reference ops in sequence.)"""
+    q, k = rope(q, k, positions, cos_sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def copy_blocks(k_cache, v_cache, block_copies) -> None:
+    """Copy-on-write: block_copies [C, 2] (src, dst), in place."""
+    for src, dst in block_copies:
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
+                    sliding_window: int | None = None):
+    """Causal attention for a batch of sequences whose K/V live in paged blocks.
+
+    q [num_tokens, num_heads, head_dim] holds each request's new tokens back
+    to back (request b: rows query_start_loc[b] .. query_start_loc[b+1]);
+    those are the last tokens of its seq_lens[b] tokens, all already written
+    to the cache. Covers prefill, chunked prefill over a cached prefix and
+    decode (one query per request) alike. Returns [num_tokens, num_heads, head_dim].
+    """
+    block_size = k_cache.shape[1]
+    out = np.empty_like(q)
+    for b in range(len(seq_lens)):
+        start, end, seq_len = int(query_start_loc[b]), int(query_start_loc[b + 1]), int(seq_lens[b])
+        if end == start:
+            continue
+        pos = np.arange(seq_len)
+        blocks = block_tables[b, pos // block_size]
+        k = k_cache[blocks, pos % block_size]  # [seq_len, kv_heads, head_dim]
+        v = v_cache[blocks, pos % block_size]
+        out[start:end] = attention(q[start:end], k, v, scale, sliding_window)
+    return out
+
+
+def apply_penalties(logits, prompt_ids, prompt_lens, output_ids, output_lens,
+                    repetition, presence, frequency):
+    """Repetition penalty over prompt and output tokens (positive logits
+    divided, negative multiplied); presence and frequency penalties over
+    output tokens (logit -= frequency * count + presence * [count > 0]).
+    logits [S, vocab] float32; id arrays padded past their lengths. Returns new logits."""
+    logits = logits.astype(np.float32, copy=True)
+    vocab = logits.shape[1]
+    for s in range(logits.shape[0]):
+        counts = np.bincount(output_ids[s, :output_lens[s]], minlength=vocab)
+        seen = counts > 0
+        seen[prompt_ids[s, :prompt_lens[s]]] = True
+        row = logits[s]
+        penalised = np.where(row > 0, row / repetition[s], row * repetition[s])
+        row = np.where(seen, penalised, row)
+        logits[s] = row - frequency[s] * counts - presence[s] * (counts > 0)
+    return logits

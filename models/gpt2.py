@@ -24,7 +24,7 @@ class GPT2Block:
         self.attn = Attention(backend, c, conv1d(backend, w, f"{p}.attn.c_attn.weight", h, 3 * h),
                               w.get(f"{p}.attn.c_attn.bias", (3 * h,)),
                               conv1d(backend, w, f"{p}.attn.c_proj.weight", h, h),
-                              w.get(f"{p}.attn.c_proj.bias", (h,)), rotary=None)
+                              w.get(f"{p}.attn.c_proj.bias", (h,)), cos_sin=None)
         self.ln_2 = Norm(backend, c, w, f"{p}.ln_2")
         approximate = "none" if c.activation == "gelu" else "tanh"
         self.mlp = GeluMLP(backend, conv1d(backend, w, f"{p}.mlp.c_fc.weight", h, inter),

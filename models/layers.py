@@ -4,10 +4,12 @@ Layers hold backend arrays and call `backend.ops`; they never branch on the
 backend and never keep per-step state. Per-step metadata arrives as an
 argument: `positions` and an attention context with one method,
 
-    attend(layer_index, q, k, v) -> out
+    attend(layer_index, q, k, v, positions, cos_sin) -> out
         q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads,
-        head_dim] for this step's tokens (RoPE applied); the context stores
-        k/v in its KV cache and returns attention over the whole sequence,
+        head_dim] for this step's tokens, before RoPE; cos_sin is the
+        model's rotary table (None for models without RoPE). The context
+        applies RoPE, stores k/v in its KV cache (one fused kernel where the
+        backend has it) and returns attention over each whole sequence,
         [num_tokens, num_heads, head_dim].
 """
 
@@ -24,7 +26,7 @@ from shardline.models.weights import WeightReader
 
 
 class AttentionContext(Protocol):
-    def attend(self, layer_index: int, q: Any, k: Any, v: Any) -> Any: ...
+    def attend(self, layer_index: int, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any | None) -> Any: ...
 
 
 class Norm:
@@ -42,29 +44,24 @@ class Norm:
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
-class Rotary:
-    """The cos/sin table for a model, on the device, shared by its layers."""
-
-    def __init__(self, backend: Backend, config: ModelConfig):
-        table = rope_cos_sin(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                             config.rope_scaling, config.max_position_embeddings)
-        dtype = np.float64 if backend.dtype == "float64" else np.float32
-        self.cos_sin = backend.xp.asarray(table.astype(dtype))  # [max_pos, head_dim]
-        self.ops = backend.ops
-
-    def __call__(self, q, k, positions):
-        return self.ops.rope(q, k, positions, self.cos_sin)
+def rotary_table(backend: Backend, config: ModelConfig) -> Any:
+    """The model's cos/sin table on the device, [max_positions, head_dim], shared by its layers."""
+    table = rope_cos_sin(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                         config.rope_scaling, config.max_position_embeddings)
+    dtype = np.float64 if backend.dtype == "float64" else np.float32
+    return backend.xp.asarray(table.astype(dtype))
 
 
 class Attention:
-    """Fused QKV projection, optional RoPE, attention through the context, output projection."""
+    """Fused QKV projection, attention (with RoPE when cos_sin is given) through
+    the context, output projection."""
 
     def __init__(self, backend: Backend, config: ModelConfig, qkv_weight, qkv_bias, o_weight,
-                 o_bias, rotary: Rotary | None):
+                 o_bias, cos_sin: Any | None):
         self.ops, self.xp, self.c = backend.ops, backend.xp, config
         self.qkv_weight, self.qkv_bias = qkv_weight, qkv_bias  # [q + 2 kv, hidden]
         self.o_weight, self.o_bias = o_weight, o_bias          # [hidden, q]
-        self.rotary = rotary
+        self.cos_sin = cos_sin  # [max_positions, head_dim] or None
 
     def __call__(self, x, positions, ctx: AttentionContext, layer_index: int):
         c, num_tokens = self.c, x.shape[0]
@@ -74,9 +71,7 @@ class Attention:
         v = self.xp.ascontiguousarray(qkv[:, c.q_size + c.kv_size:])
         k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
         v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, positions)
-        out = ctx.attend(layer_index, q, k, v)  # [T, heads, head_dim]
+        out = ctx.attend(layer_index, q, k, v, positions, self.cos_sin)  # [T, heads, head_dim]
         return self.ops.linear(out.reshape(num_tokens, c.q_size), self.o_weight, self.o_bias)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import Attention, AttentionContext, GatedMLP, Norm, Rotary
+from shardline.models.layers import Attention, AttentionContext, GatedMLP, Norm, rotary_table
 from shardline.models.weights import WeightReader
 
 
 class LlamaBlock:
-    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int, rotary: Rotary, mlp):
+    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int, cos_sin, mlp):
         p = f"model.layers.{i}"
         h, names = c.hidden_size, ("q", "k", "v")
         shapes = [(c.q_size, h), (c.kv_size, h), (c.kv_size, h)]
@@ -26,7 +26,7 @@ class LlamaBlock:
         o_b = w.get(f"{p}.self_attn.o_proj.bias", (h,)) if c.o_bias else None
         self.index = i
         self.input_norm = Norm(backend, c, w, f"{p}.input_layernorm")
-        self.attn = Attention(backend, c, qkv_w, qkv_b, o_w, o_b, rotary)
+        self.attn = Attention(backend, c, qkv_w, qkv_b, o_w, o_b, cos_sin)
         self.post_norm = Norm(backend, c, w, f"{p}.post_attention_layernorm")
         self.mlp = mlp
 
@@ -55,8 +55,8 @@ class LlamaForCausalLM:
         c = config
         self.backend, self.config, self.ops = backend, c, backend.ops
         self.embed = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        rotary = Rotary(backend, c)
-        self.layers = [LlamaBlock(backend, c, w, i, rotary, self.build_mlp(backend, c, w, i))
+        cos_sin = rotary_table(backend, c)
+        self.layers = [LlamaBlock(backend, c, w, i, cos_sin, self.build_mlp(backend, c, w, i))
                        for i in range(c.num_layers)]
         self.norm = Norm(backend, c, w, "model.norm")
         tied = c.tie_word_embeddings or not w.has("lm_head.weight")

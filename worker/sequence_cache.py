@@ -37,8 +37,10 @@ class SequenceKVCache:
     def end_step(self) -> None:
         self.num_tokens = self._step_end
 
-    def attend(self, layer_index: int, q: Any, k: Any, v: Any) -> Any:
+    def attend(self, layer_index: int, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any) -> Any:
         start, end = self.num_tokens, self._step_end
+        if cos_sin is not None:
+            q, k = self.backend.ops.rope(q, k, positions, cos_sin)
         self.k[layer_index][start:end] = k
         self.v[layer_index][start:end] = v
         return self.backend.ops.attention(q, self.k[layer_index][:end], self.v[layer_index][:end],

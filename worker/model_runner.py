@@ -1,0 +1,105 @@
+"""Runs a `StepPlan` on this rank's model shard over a paged KV cache.
+
+Owns the KV cache tensors (one K and one V array per layer, [num_blocks,
+block_size_tokens, num_kv_heads, head_dim]) and turns the plan's host
+arrays into device arrays, runs the forward pass, and samples the rows the
+plan asks for. It never decides what to schedule: that is the Scheduler's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardline.kernels.backend import Backend
+from shardline.models.config import ModelConfig
+from shardline.worker.step_plan import StepPlan
+
+
+def kv_bytes_per_block(config: ModelConfig, backend: Backend, block_size_tokens: int) -> int:
+    itemsize = np.dtype(backend.storage_dtype).itemsize
+    return 2 * config.num_layers * block_size_tokens * config.kv_size * itemsize
+
+
+class PagedKVCache:
+    def __init__(self, backend: Backend, config: ModelConfig, num_blocks: int, block_size_tokens: int):
+        shape = (num_blocks, block_size_tokens, config.num_kv_heads, config.head_dim)
+        self.k = [backend.zeros(shape) for _ in range(config.num_layers)]
+        self.v = [backend.zeros(shape) for _ in range(config.num_layers)]
+        self.num_blocks, self.block_size_tokens = num_blocks, block_size_tokens
+
+
+class PagedAttentionContext:
+    """The model's attention context for one step over the paged cache."""
+
+    def __init__(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, plan: StepPlan):
+        xp = backend.xp
+        self.ops, self.kv = backend.ops, kv
+        self.slot_mapping = xp.asarray(plan.slot_mapping)
+        self.block_tables = xp.asarray(plan.block_tables)
+        self.seq_lens = xp.asarray(plan.seq_lens)
+        self.query_start_loc = xp.asarray(plan.query_start_loc)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.sliding_window = config.sliding_window
+
+    def attend(self, layer_index: int, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any) -> Any:
+        ops, k_cache, v_cache = self.ops, self.kv.k[layer_index], self.kv.v[layer_index]
+        if cos_sin is None:
+            ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        else:
+            q = ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, self.slot_mapping)
+        return ops.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
+                                   self.query_start_loc, self.scale, self.sliding_window)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled_token_ids: np.ndarray                       # [S] int32
+    logprobs: tuple[dict[int, float] | None, ...] = ()  # per sample row, when asked for
+
+
+class ModelRunner:
+    def __init__(self, model: Any, num_blocks: int, block_size_tokens: int):
+        self.model, self.backend, self.config = model, model.backend, model.config
+        self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        backend, xp = self.backend, self.backend.xp
+        if plan.block_copies.size:
+            copies = xp.asarray(plan.block_copies)
+            for k_cache, v_cache in zip(self.kv.k, self.kv.v):
+                backend.ops.copy_blocks(k_cache, v_cache, copies)
+        ctx = PagedAttentionContext(backend, self.config, self.kv, plan)
+        hidden = self.model.forward(xp.asarray(plan.token_ids), xp.asarray(plan.positions), ctx)
+        if plan.sample_rows.size == 0:
+            return StepResult(np.zeros(0, dtype=np.int32))
+        logits = self.model.compute_logits(backend.ops.index_rows(hidden, xp.asarray(plan.sample_rows)))
+        return self._sample(logits, plan)
+
+    def _sample(self, logits: Any, plan: StepPlan) -> StepResult:
+        ops, xp, s = self.backend.ops, self.backend.xp, plan.sampling
+        if s.prompt_ids.shape[1] or s.output_ids.shape[1]:
+            logits = ops.apply_penalties(logits, *(xp.asarray(a) for a in (
+                s.prompt_ids, s.prompt_lens, s.output_ids, s.output_lens, s.repetition_penalty,
+                s.presence_penalty, s.frequency_penalty)))
+        args = [xp.asarray(a) for a in (s.temperature, s.top_k, s.top_p, s.seeds, s.offsets)]
+        tokens = self.backend.to_numpy(ops.sample(logits, *args, min_p=xp.asarray(s.min_p)))
+        logprobs = self._logprobs(logits, s.num_logprobs, tokens) if s.num_logprobs.any() else ()
+        return StepResult(tokens.astype(np.int32), logprobs)
+
+    def _logprobs(self, logits: Any, num_logprobs: np.ndarray, tokens: np.ndarray):
+        """The sampled token's and the top-n tokens' log-probabilities under the
+        model's distribution (before temperature and filtering)."""
+        host = self.backend.to_numpy(logits).astype(np.float64)
+        out = []
+        for row, n, token in zip(host, num_logprobs, tokens):
+            if n == 0:
+                out.append(None)
+                continue
+            logp = row - row.max() - np.log(np.sum(np.exp(row - row.max())))
+            top = np.argsort(-logp, kind="stable")[:n]
+            out.append({int(t): float(logp[t]) for t in (*top, token)})
+        return tuple(out)
