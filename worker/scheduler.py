@@ -1,0 +1,393 @@
+"""In-flight batching: which requests advance by how many tokens each step.
+
+Each step, under a token budget and a sequence cap, the scheduler keeps the
+running requests going first (a decode takes one token, a partly prefilled
+prompt its next chunk), then admits waiting ones (FCFS, or by (priority,
+arrival)), reusing cached prefix blocks. When blocks run out it preempts by
+recompute. It returns a `StepPlan` and, after the step ran, turns the
+sampled tokens into `RequestOutput`s.
+
+It is pure Python on the group leader (numpy only to build the plan): it
+must not import GPU or model code, touch KV tensors, or write block tables
+(the BlockManager owns them). One plan is in flight at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from shardline.worker.block_manager import BlockManager
+from shardline.worker.request import Request, RequestStatus
+from shardline.worker.step_plan import SamplingBatch, StepPlan
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int   # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int             # running requests at most
+    max_model_len: int            # prompt + output tokens of one request at most
+    block_size_tokens: int
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    status: RequestStatus
+    finish_reason: str | None          # "stop" | "length" | "abort" | "error"
+    error: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    stop_reason: str | int | None = None   # the stop string or stop token id that ended it
+
+
+class _FcfsQueues:
+    """Arrival order; a preempted request goes back to the front."""
+
+    def __init__(self) -> None:
+        self.waiting: deque[Request] = deque()
+
+    def add_waiting(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_preempted(self, request: Request) -> None:
+        self.waiting.appendleft(request)
+
+    def add_running(self, running: list[Request], request: Request) -> None:
+        running.append(request)   # the newest runs last, so it is preempted first
+
+    def pop_waiting(self) -> Request:
+        return self.waiting.popleft()
+
+    def discard(self, request: Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+
+
+class _PriorityQueues:
+    """(priority, arrival) order for both queues: the lowest priority runs last and is preempted first."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Request] = []
+        self._admission = itertools.count()
+        self._tiebreak: dict[str, int] = {}
+
+    def _key(self, request: Request) -> tuple[int, float, int]:
+        order = self._tiebreak.setdefault(request.request_id, next(self._admission))
+        return request.priority, request.arrival_time, order
+
+    def add_waiting(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=self._key)
+
+    def add_preempted(self, request: Request) -> None:
+        self.add_waiting(request)   # its key already puts it ahead of later arrivals
+
+    def add_running(self, running: list[Request], request: Request) -> None:
+        bisect.insort(running, request, key=self._key)
+
+    def pop_waiting(self) -> Request:
+        return self.waiting.pop(0)
+
+    def discard(self, request: Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._tiebreak.pop(request.request_id, None)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        if block_manager.block_size_tokens != config.block_size_tokens:
+            raise ValueError(f"block_size_tokens: config says {config.block_size_tokens}, "
+                             f"block manager has {block_manager.block_size_tokens}")
+        self.config, self.block_manager = config, block_manager
+        self._queues = _PriorityQueues() if config.policy == "priority" else _FcfsQueues()
+        self._requests: dict[str, Request] = {}   # every unfinished request
+        self._running: list[Request] = []         # in scheduling order; the last is preempted first
+        self._outputs: list[RequestOutput] = []
+        self._num_steps = 0
+        self._num_preemptions = 0
+        self._in_flight_step: int | None = None
+
+    # ---- requests in and out -------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        # Output tokens are allowed: a request retried from another group resumes like a preempted one.
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} must be WAITING with nothing computed")
+        if request.num_output_tokens >= request.params.max_tokens:
+            raise ValueError(f"output_token_ids: request {request.request_id!r} already has max_tokens tokens")
+        problem = self._why_it_never_fits(request)
+        if problem is not None:
+            request.finish(RequestStatus.FINISHED_ERROR, error=problem)
+            self._emit(request, ())
+            return
+        self._requests[request.request_id] = request
+        self._queues.add_waiting(request)
+
+    def _why_it_never_fits(self, request: Request) -> str | None:
+        num_prompt, max_tokens = request.num_prompt_tokens, request.params.max_tokens
+        total = num_prompt + max_tokens
+        if total > self.config.max_model_len:
+            return (f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {total} "
+                    f"exceeds max_model_len ({self.config.max_model_len})")
+        # The last sampled token is never fed back, so its K/V never needs a slot.
+        num_blocks = self.block_manager.num_blocks_for(total - 1)
+        if num_blocks > self.block_manager.num_blocks:
+            return (f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) needs {num_blocks} "
+                    f"KV blocks of {self.config.block_size_tokens} tokens, but the pool holds only "
+                    f"{self.block_manager.num_blocks}")
+        return None
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish the request as aborted and free its blocks; False if it is unknown or finished."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus, reason: str | None = None) -> bool:
+        """End a request from outside the step loop (a stop string, an abort, an error).
+
+        `reason` is kept as the error message for FINISHED_ERROR, else as the stop reason.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if status is RequestStatus.FINISHED_ERROR:
+            self._finish(request, status, error=reason or "request failed")
+        else:
+            self._finish(request, status, stop_reason=reason)
+        return True
+
+    def take_outputs(self) -> list[RequestOutput]:
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> dict[str, float]:
+        prefix = self.block_manager.prefix_stats()
+        return {"num_running": len(self._running), "num_waiting": len(self._queues.waiting),
+                "kv_usage": self.block_manager.usage(), "prefix_hit_rate": prefix.hit_rate,
+                "prefix_query_tokens": prefix.query_tokens, "prefix_hit_tokens": prefix.hit_tokens,
+                "num_preemptions": self._num_preemptions, "num_steps": self._num_steps}
+
+    # ---- one step ------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None when no request can advance."""
+        if self._in_flight_step is not None:
+            raise RuntimeError(f"step {self._in_flight_step} is still in flight: call update_from_output first")
+        scheduled: list[tuple[Request, int]] = []
+        num_preemptions_before = self._num_preemptions
+        budget_tokens = self._schedule_running(scheduled, self.config.max_num_batched_tokens)
+        # Blocks just ran out: admitting more would only preempt again.
+        if self._num_preemptions == num_preemptions_before:
+            self._admit_waiting(scheduled, budget_tokens)
+        copies = self.block_manager.take_block_copies()
+        if not scheduled:
+            return None
+        tables = [self.block_manager.block_table(r.request_id) for r, _ in scheduled]
+        plan = build_step_plan(self._num_steps, scheduled, tables, copies, self.config.block_size_tokens)
+        self._in_flight_step = plan.step_id
+        self._num_steps += 1
+        return plan
+
+    def _schedule_running(self, scheduled: list[tuple[Request, int]], budget_tokens: int) -> int:
+        index = 0
+        while index < len(self._running) and budget_tokens > 0:
+            request = self._running[index]
+            num_new_tokens = min(request.num_tokens_to_compute, budget_tokens)
+            if not self._allocate_or_preempt(request, num_new_tokens):
+                break   # it preempted itself, the last of the list
+            scheduled.append((request, num_new_tokens))
+            budget_tokens -= num_new_tokens
+            index += 1
+        return budget_tokens
+
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> bool:
+        # Victims come from the unscheduled tail, so nothing already planned loses its blocks.
+        while not self.block_manager.allocate_slots(request, num_new_tokens):
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: drop its KV, keep its output tokens (sampling noise depends only
+        on (seed, output index), so the continuation is the same)."""
+        self.block_manager.free(request)
+        self._running.remove(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self._queues.add_preempted(request)
+
+    def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget_tokens: int) -> None:
+        waiting, manager = self._queues.waiting, self.block_manager
+        while waiting and budget_tokens > 0 and len(self._running) < self.config.max_num_seqs:
+            request = waiting[0]
+            computed = manager.get_computed_blocks(request)
+            num_new_tokens = min(request.num_tokens - computed.num_tokens, budget_tokens)
+            if not manager.allocate_slots(request, num_new_tokens, computed):
+                break   # head-of-line: later arrivals do not overtake it
+            self._queues.pop_waiting()
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = computed.num_tokens
+            request.num_computed_tokens = computed.num_tokens
+            request.status = RequestStatus.RUNNING
+            self._queues.add_running(self._running, request)
+            scheduled.append((request, num_new_tokens))
+            budget_tokens -= num_new_tokens
+
+    # ---- after the step ------------------------------------------------
+
+    def update_from_output(self, plan: StepPlan, sampled_token_ids: np.ndarray) -> None:
+        """Advance the plan's requests; `sampled_token_ids` is [S] int32 in `sample_rows` order."""
+        if plan.step_id != self._in_flight_step:
+            raise ValueError(f"plan: step {plan.step_id} is not the one in flight ({self._in_flight_step})")
+        sampled = np.asarray(sampled_token_ids)
+        if sampled.shape != plan.sample_rows.shape:
+            raise ValueError(f"sampled_token_ids: expected shape {plan.sample_rows.shape}, got {sampled.shape}")
+        self._in_flight_step = None
+        for request_id, num_tokens in zip(plan.request_ids, plan.num_scheduled_tokens):
+            request = self._running_request(request_id)
+            if request is not None:
+                request.num_computed_tokens += int(num_tokens)
+                self.block_manager.cache_full_blocks(request)
+        for row, request_index in enumerate(plan.sample_request_index):
+            request = self._running_request(plan.request_ids[request_index])
+            if request is not None:   # else finished (aborted) while the step ran
+                self._append_token(request, int(sampled[row]))
+
+    def _running_request(self, request_id: str) -> Request | None:
+        request = self._requests.get(request_id)
+        return request if request is not None and request.status is RequestStatus.RUNNING else None
+
+    def _append_token(self, request: Request, token_id: int) -> None:
+        request.output_token_ids.append(token_id)
+        params = request.params
+        if token_id in params.stop_token_ids:
+            self._finish(request, RequestStatus.FINISHED_STOPPED, stop_reason=token_id, new_tokens=(token_id,))
+        elif token_id in request.eos_token_ids and not params.ignore_eos:
+            self._finish(request, RequestStatus.FINISHED_STOPPED, new_tokens=(token_id,))
+        elif (request.num_output_tokens >= params.max_tokens
+              or request.num_tokens >= self.config.max_model_len):
+            self._finish(request, RequestStatus.FINISHED_LENGTH, new_tokens=(token_id,))
+        else:
+            self._emit(request, (token_id,))
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: str | int | None = None,
+                error: str | None = None, new_tokens: tuple[int, ...] = ()) -> None:
+        if request in self._running:
+            self._running.remove(request)
+        self._queues.discard(request)
+        self.block_manager.free(request)
+        del self._requests[request.request_id]
+        request.finish(status, stop_reason=stop_reason, error=error)
+        self._emit(request, new_tokens)
+
+    def _emit(self, request: Request, new_tokens: tuple[int, ...]) -> None:
+        self._outputs.append(RequestOutput(
+            request_id=request.request_id, new_token_ids=new_tokens, finished=request.is_finished,
+            status=request.status, finish_reason=request.finish_reason, error=request.error,
+            num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
+            stop_reason=request.stop_reason))
+
+    def check_integrity(self) -> None:
+        """The block manager's invariants plus the scheduler's own (AssertionError if broken)."""
+        self.block_manager.check_integrity()
+        if len(self._running) > self.config.max_num_seqs:
+            raise AssertionError(f"{len(self._running)} running > max_num_seqs {self.config.max_num_seqs}")
+        for request in self._running:
+            covered = len(self.block_manager.block_table(request.request_id)) * self.config.block_size_tokens
+            if request.status is not RequestStatus.RUNNING or covered < request.num_computed_tokens:
+                raise AssertionError(f"running request {request.request_id}: {request.status}, "
+                                     f"{request.num_computed_tokens} computed tokens, {covered} slots")
+        for request in self._queues.waiting:
+            if self.block_manager.block_table(request.request_id) or request.num_computed_tokens:
+                raise AssertionError(f"waiting request {request.request_id} holds KV")
+        if len(self._running) + len(self._queues.waiting) != len(self._requests):
+            raise AssertionError("a request is neither running nor waiting")
+
+
+def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: list[list[int]],
+                    copies: list[tuple[int, int]], block_size_tokens: int) -> StepPlan:
+    """Flatten the scheduled (request, num_new_tokens) pairs; `tables` are their block tables."""
+    requests = [r for r, _ in scheduled]
+    counts = np.array([n for _, n in scheduled], dtype=np.int32)               # [B]
+    starts = np.array([r.num_computed_tokens for r in requests], dtype=np.int32)
+    seq_lens = starts + counts                                                   # [B]
+    query_start_loc = np.zeros(len(requests) + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
+    token_ids = np.array([t for r, n in scheduled for t in r.tokens(r.num_computed_tokens, r.num_computed_tokens + n)],
+                         dtype=np.int32)                                         # [T]
+    row_of_token = np.repeat(np.arange(len(requests)), counts)                   # [T]
+    positions = (np.arange(token_ids.shape[0], dtype=np.int32)
+                 - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts))
+    num_table_blocks = -(-seq_lens // block_size_tokens)
+    block_tables = np.zeros((len(requests), int(num_table_blocks.max())), dtype=np.int32)
+    for row, (table, num_blocks) in enumerate(zip(tables, num_table_blocks)):
+        block_tables[row, :num_blocks] = table[:num_blocks]
+    slot_mapping = (block_tables[row_of_token, positions // block_size_tokens].astype(np.int64) * block_size_tokens
+                    + positions % block_size_tokens)
+    samples = np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens
+    sample_request_index = np.flatnonzero(samples).astype(np.int32)              # [S]
+    return StepPlan(
+        step_id=step_id, request_ids=tuple(r.request_id for r in requests), num_scheduled_tokens=counts,
+        token_ids=token_ids, positions=positions.astype(np.int32), slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+        sample_rows=(query_start_loc[1:][samples] - 1).astype(np.int32),
+        sample_request_index=sample_request_index,
+        sampling=build_sampling_batch([requests[i] for i in sample_request_index]),
+        block_copies=np.array(copies, dtype=np.int32).reshape(len(copies), 2))
+
+
+def build_sampling_batch(requests: list[Request]) -> SamplingBatch:
+    """One row per sampling request; penalty history only when some row uses a penalty."""
+    params = [r.params for r in requests]
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return np.array([getattr(p, name) for p in params], dtype=dtype)
+
+    uses_penalties = any(p.uses_penalties for p in params)
+    prompts = [r.prompt_token_ids for r in requests] if uses_penalties else [() for _ in requests]
+    outputs = [r.output_token_ids for r in requests] if uses_penalties else [() for _ in requests]
+    prompt_ids, prompt_lens = _pad_rows(prompts)
+    output_ids, output_lens = _pad_rows(outputs)
+    return SamplingBatch(
+        temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
+        top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
+        seeds=column("seed", np.uint64),
+        offsets=np.array([r.num_output_tokens for r in requests], dtype=np.int64),
+        repetition_penalty=column("repetition_penalty", np.float32),
+        presence_penalty=column("presence_penalty", np.float32),
+        frequency_penalty=column("frequency_penalty", np.float32),
+        prompt_ids=prompt_ids, prompt_lens=prompt_lens, output_ids=output_ids, output_lens=output_lens,
+        num_logprobs=column("logprobs", np.int32))
+
+
+def _pad_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """[S, max_len] int32 padded with 0, and [S] int32 lengths."""
+    lens = np.array([len(row) for row in rows], dtype=np.int32)
+    padded = np.zeros((len(rows), int(lens.max()) if len(rows) else 0), dtype=np.int32)
+    for index, row in enumerate(rows):
+        padded[index, :len(row)] = row
+    return padded, lens
