@@ -45,6 +45,12 @@ class Backend:
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return self.xp.zeros(shape, dtype=self.storage_dtype)
 
+    def free_device_bytes(self) -> int | None:
+        """Free GPU memory now; None on NumPy (host memory is sized by config)."""
+        if self.name == "numpy":
+            return None
+        return int(self.xp.cuda.runtime.memGetInfo()[0])
+
     def to_numpy(self, arr: Any) -> np.ndarray:
         """Backend array -> host array; floating data comes back as float32 (or
         float64 on a float64 NumPy backend)."""

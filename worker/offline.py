@@ -22,7 +22,7 @@ from shardline.worker.tokenizer import DetokenizeStream, Tokenizer
 @dataclass(frozen=True)
 class LocalModel:
     model: Any
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: token ids in and out, no text
 
 
 def load_local(model_path: str | Path | None = None, backend: str = "auto",

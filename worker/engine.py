@@ -1,0 +1,179 @@
+"""`LLMEngine`: in-flight batching over one model replica on this process.
+
+Ties the pieces together: the tokenizer turns prompts into ids, the
+Scheduler (with its BlockManager) plans each step, the ModelRunner
+executes it, and per-request detokenizers stream text and catch stop
+strings. `generate` is the offline API. It owns no scheduling policy and
+no kernels itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shardline.worker.block_manager import BlockManager
+from shardline.worker.detokenizer import IncrementalDetokenizer
+from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
+from shardline.worker.offline import LocalModel, load_local
+from shardline.worker.request import Request, RequestStatus
+from shardline.worker.sampling_params import SamplingParams
+from shardline.worker.scheduler import RequestOutput, Scheduler, SchedulerConfig
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None                 # None: the embedded default model
+    backend: Literal["auto", "numpy", "cuda"] = "auto"
+    dtype: str | None = None
+    block_size_tokens: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)  # None: sized from memory
+    gpu_memory_fraction: float = Field(0.85, gt=0, le=1)  # of free GPU memory, for KV
+    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_num_seqs: int = Field(128, ge=1)
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's context
+    enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text: str                        # text delta for the new tokens
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    error: str | None = None
+
+
+def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    backend = local.model.backend
+    per_block = kv_bytes_per_block(local.model.config, backend, config.block_size_tokens)
+    free = backend.free_device_bytes()
+    budget = int(free * config.gpu_memory_fraction) if free is not None else config.cpu_kv_cache_bytes
+    return max(1, budget // per_block)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, local: LocalModel | None = None):
+        self.config = config
+        self.local = local or load_local(config.model, config.backend, config.dtype)
+        self.tokenizer = self.local.tokenizer
+        model_config = self.local.model.config
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        self.num_kv_blocks = num_blocks_for(config, self.local)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size_tokens,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len, block_size_tokens=config.block_size_tokens,
+            policy=config.scheduling_policy), self.block_manager)
+        self.runner = ModelRunner(self.local.model, self.num_kv_blocks, config.block_size_tokens)
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
+        self.eos_token_ids = frozenset(tokenizer_eos) | set(model_config.eos_token_ids)
+        self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}  # live requests
+        self._ids = itertools.count()
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """A prompt as text (tokenized here, no chat template) or as token ids."""
+        if request_id in self._detokenizers:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("prompt: this engine has no tokenizer; pass token ids and no stop strings")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt must hold at least one token")
+        if any(not 0 <= t < self.local.model.config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.local.model.config.vocab_size})")
+        self.scheduler.add_request(Request(request_id=request_id, prompt_token_ids=ids, params=params,
+                                           arrival_time=time.monotonic(), priority=priority,
+                                           eos_token_ids=self.eos_token_ids))
+        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop) \
+            if self.tokenizer else None
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort_request(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineOutput]:
+        plan = self.scheduler.schedule()
+        logprobs: dict[str, list] = {}
+        if plan is not None:
+            result = self.runner.execute(plan)
+            self.scheduler.update_from_output(plan, result.sampled_token_ids)
+            for row, entry in enumerate(result.logprobs):
+                if entry is not None:
+                    rid = plan.request_ids[int(plan.sample_request_index[row])]
+                    logprobs.setdefault(rid, []).append(entry)
+        return self._stream(self.scheduler.take_outputs(), logprobs)
+
+    def _stream(self, outputs: list[RequestOutput], logprobs: dict[str, list]) -> list[EngineOutput]:
+        results = []
+        for out in outputs:
+            if out.request_id not in self._detokenizers:
+                continue
+            detok = self._detokenizers[out.request_id]
+            text, stop = "", None
+            for token in out.new_token_ids if detok else ():
+                delta = detok.push(token)
+                text += delta.text
+                stop = stop or delta.stop
+            finished, reason = out.finished, out.finish_reason
+            if stop is not None and not finished:
+                self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED, stop)
+                self.scheduler.take_outputs()  # its finished output is this one
+                finished, reason = True, "stop"
+            elif finished and stop is None and detok:
+                text += detok.flush().text
+            if finished:
+                del self._detokenizers[out.request_id]
+            results.append(EngineOutput(out.request_id, list(out.new_token_ids), text, finished, reason,
+                                        out.error, out.num_prompt_tokens, out.num_cached_tokens,
+                                        logprobs.get(out.request_id, [])))
+        return results
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """Offline: run every prompt to completion, in-flight batched."""
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        tokens = {rid: [] for rid in ids}
+        texts = {rid: "" for rid in ids}
+        done: dict[str, EngineOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                tokens[out.request_id] += out.new_token_ids
+                texts[out.request_id] += out.text
+                if out.finished:
+                    done[out.request_id] = out
+        return [Completion(rid, tokens[rid], texts[rid], done[rid].finish_reason, done[rid].error)
+                for rid in ids]
+
+    def stats(self) -> dict[str, float]:
+        return {**self.scheduler.stats(), "num_kv_blocks": self.num_kv_blocks}
