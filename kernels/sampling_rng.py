@@ -24,11 +24,12 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
 
 
 def uniform(seed: int, offset: int, count: int) -> np.ndarray:
-    """count float32 values in (0, 1): ((bits >> 40) + 0.5) / 2**24."""
+    """count float32 values in (0, 1): ((bits >> 41) + 0.5) / 2**23. With 23
+    bits the sum and the product are exact in float32, so 1.0 (E = 0) never comes."""
     with np.errstate(over="ignore"):
         base = splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(offset) * _GOLDEN)
         bits = splitmix64(base + np.arange(count, dtype=np.uint64))
-    return (((bits >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)).astype(np.float32)
+    return (((bits >> np.uint64(41)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)).astype(np.float32)
 
 
 def exponential(seed: int, offset: int, count: int) -> np.ndarray:

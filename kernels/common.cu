@@ -1,0 +1,131 @@
+// Device helpers shared by every kernel module: storage-type conversions,
+// block-wide reductions and the SplitMix64 counter RNG.
+//
+// cuda_ops.py prepends this text to each module's source before NVRTC
+// compiles it; it is never compiled alone and defines no __global__ kernel.
+// Reductions assume blockDim.x is a multiple of 32 (at most 1024) and that
+// every thread of the block calls them (they contain __syncthreads).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define SHARDLINE_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// Rounds through the storage type, as the NumPy reference's astype does.
+template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ int warp_sum_int(int v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The leading __syncthreads lets one call follow another on the same scratch.
+__device__ float block_sum(float v) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < num_warps ? scratch[lane] : 0.0f);
+}
+
+__device__ float block_max(float v) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_max(lane < num_warps ? scratch[lane] : -SHARDLINE_INF);
+}
+
+__device__ int block_sum_int(int v) {
+    __shared__ int scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    v = warp_sum_int(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum_int(lane < num_warps ? scratch[lane] : 0);
+}
+
+// Argmax with NumPy's tie rule: the lowest index wins among equal values.
+struct ArgMax {
+    float value;
+    int index;
+};
+
+__device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
+    return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+}
+
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax a) {
+    for (int o = 16; o > 0; o >>= 1) {
+        ArgMax other;
+        other.value = __shfl_xor_sync(0xffffffffu, a.value, o);
+        other.index = __shfl_xor_sync(0xffffffffu, a.index, o);
+        a = better(a, other);
+    }
+    return a;
+}
+
+__device__ ArgMax block_argmax(ArgMax a) {
+    __shared__ float values[32];
+    __shared__ int indices[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    a = warp_argmax(a);
+    __syncthreads();
+    if (lane == 0) {
+        values[warp] = a.value;
+        indices[warp] = a.index;
+    }
+    __syncthreads();
+    ArgMax b = {-SHARDLINE_INF, 0x7fffffff};
+    if (lane < num_warps) {
+        b.value = values[lane];
+        b.index = indices[lane];
+    }
+    return warp_argmax(b);
+}
+
+// SplitMix64, the same steps as sampling_rng.splitmix64.
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// The stream of one (seed, offset): sampling_rng.uniform's `base`.
+__device__ __forceinline__ unsigned long long rng_base(unsigned long long seed, long long offset) {
+    return splitmix64(seed + (unsigned long long)offset * 0x9E3779B97F4A7C15ull);
+}
+
+// ((bits >> 41) + 0.5) * 2^-23 in float32, exactly as sampling_rng.uniform.
+__device__ __forceinline__ float rng_uniform(unsigned long long base, long long index) {
+    const unsigned long long bits = splitmix64(base + (unsigned long long)index);
+    const float top = __uint2float_rn((unsigned int)(bits >> 41));
+    return __fmul_rn(__fadd_rn(top, 0.5f), 1.1920928955078125e-07f);
+}

@@ -1,0 +1,485 @@
+"""CUDA kernels: every op of numpy_ops.py, same names and meaning, on cupy arrays.
+
+Arrays are in the storage dtype (bf16 as uint16 bit patterns, float16 or
+float32) and every kernel accumulates in float32. The CUDA C++ lives in the
+`*.cu` files beside this one (compiled once per process with NVRTC through
+cupy.RawModule, `common.cu` prepended to each); GEMMs go through cuBLAS in
+gemm.py. Shapes are checked here, on the host, before any launch.
+
+Nothing here synchronises with the host, sorts on the host or reads device
+values to decide shapes, so a decode step built from these ops can be
+captured into a CUDA graph (given its inputs already live on the device
+with the index dtypes named in each docstring; others are converted, which
+costs a copy). This module must not hold model state or choose dtypes for
+its callers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import cupy
+import numpy as np
+
+from shardline.kernels.gemm import CublasGemm
+
+_KERNEL_DIR = Path(__file__).resolve().parent
+_STORAGE = ("float", "__half", "__nv_bfloat16")
+_WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
+# module file -> {kernel: template arguments to instantiate (None: not a template)}
+_KERNELS = {
+    "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
+                    "rope_kernel": _STORAGE, "rope_write_kv_kernel": _STORAGE, "scatter_add_rows_kernel": _STORAGE,
+                    "fill_rows_kernel": _STORAGE, "gather_rows_kernel": _WORDS, "write_kv_kernel": _WORDS,
+                    "copy_blocks_kernel": _WORDS},
+    "norms": {"rms_norm_kernel": _STORAGE, "layer_norm_kernel": _STORAGE, "softmax_kernel": _STORAGE,
+              "topk_softmax_kernel": _STORAGE},
+    "attention": {"attention_kernel": _STORAGE},
+    "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
+                 "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
+}
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", np.dtype(np.uint16): "__nv_bfloat16"}
+_STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_THREADS = 256
+_ATTENTION_THREADS = 128  # ATTN_CHUNK in attention.cu
+_SAMPLE_THREADS = 1024
+_MAX_HEAD_DIM = 256
+_MAX_EXPERTS = 8192  # their probabilities fill at most 32 KiB of shared memory
+_MAX_GRID_Y = 65535
+
+
+def _include_options() -> tuple[str, ...]:
+    """-I for the first CUDA include folder holding cuda_bf16.h (NVRTC does
+    not ship it built in): the toolkit's, else the nvidia-cuda-runtime wheel's."""
+    get_cuda_path = getattr(cupy.cuda, "get_cuda_path", lambda: None)
+    candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), get_cuda_path(), "/usr/local/cuda"]
+    dirs = [os.path.join(root, "include") for root in candidates if root]
+    try:
+        from cuda import pathfinder
+        dirs.append(pathfinder.find_nvidia_header_directory("cudart"))
+    except Exception:  # an older cuda-pathfinder, or no wheel headers: the toolkit's may do
+        pass
+    for d in dirs:
+        if d and os.path.isfile(os.path.join(d, "cuda_bf16.h")):
+            return (f"-I{d}",)
+    return ()
+
+
+def _compile_kernels() -> dict:
+    common = (_KERNEL_DIR / "common.cu").read_text()
+    options = ("-std=c++17",) + _include_options()
+    functions = {}
+    for module_name, kernels in _KERNELS.items():
+        names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}
+        source = common + "\n" + (_KERNEL_DIR / f"{module_name}.cu").read_text()
+        module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
+        for key, expression in names.items():
+            functions[key] = module.get_function(expression)
+    return functions
+
+
+def _ctype(arr, what: str) -> str:
+    try:
+        return _CTYPES[arr.dtype]
+    except KeyError:
+        raise ValueError(f"{what} must be bfloat16 (uint16 bits), float16 or float32, got {arr.dtype}") from None
+
+
+def _word(arr) -> str:
+    return _WORDS[int(math.log2(arr.itemsize))]
+
+
+def _same_dtype(reference, *others) -> None:
+    for arr in others:
+        if arr.dtype != reference.dtype:
+            raise ValueError(f"dtype mismatch: {arr.dtype} vs {reference.dtype}")
+
+
+def _as(arr, dtype):
+    # contiguous device array of dtype; host arrays and other dtypes are copied
+    return cupy.ascontiguousarray(cupy.asarray(arr, dtype=dtype))
+
+
+def _index(arr):
+    return _as(arr, cupy.int64).ravel()  # [n] int64
+
+
+def _in_place(*arrays) -> None:
+    if not all(a.flags.c_contiguous for a in arrays):
+        raise ValueError("arrays written in place (caches, out) must be C-contiguous")
+
+
+def _grid_1d(n: int) -> tuple[int]:
+    return (min(-(-n // _THREADS), 1 << 16),)  # (0,) for nothing: no launch
+
+
+def _row_threads(width: int) -> tuple[int]:
+    # about four elements a thread, a whole number of warps, at most 1024
+    return (min(1024, 32 * max(1, -(-width // 128))),)
+
+
+def _rows(x) -> int:
+    return x.size // x.shape[-1] if x.shape[-1] else 0
+
+
+def bf16_bits(host: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(host, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(host)
+    rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+class CudaOps:
+    name = "cuda"
+
+    def __init__(self, device_id: int = 0):
+        self.device_id = device_id
+        with cupy.cuda.Device(device_id):
+            self._functions = _compile_kernels()
+            self._gemm = CublasGemm()
+            self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
+
+    def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0) -> None:
+        if 0 in grid:
+            return  # empty input: nothing to launch (a 0-sized grid is a launch error)
+        # cupy raises CUDADriverError when the launch itself fails.
+        self._functions[kernel, ctype](grid, block, args, shared_mem=shared_mem)
+
+    # -- host <-> device -------------------------------------------------
+
+    def from_float(self, host: np.ndarray, dtype: str):
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_STORAGE_DTYPES)}, got {dtype!r}")
+        host32 = np.ascontiguousarray(host, dtype=np.float32)
+        if dtype == "bfloat16":
+            return cupy.asarray(bf16_bits(host32))
+        return cupy.asarray(host32.astype(_STORAGE_DTYPES[dtype]))
+
+    def to_host(self, arr) -> np.ndarray:
+        host = cupy.asnumpy(arr)
+        if host.dtype == np.uint16:  # bf16 bit patterns
+            return (host.astype(np.uint32) << 16).view(np.float32)
+        if np.issubdtype(host.dtype, np.floating):
+            return host.astype(np.float32)
+        return host
+
+    # -- rows and the KV cache -------------------------------------------
+
+    def _gather_rows(self, src, rows):
+        src, flat_rows = cupy.ascontiguousarray(src), _index(rows)
+        out = cupy.empty((flat_rows.size,) + src.shape[1:], dtype=src.dtype)
+        self._launch("gather_rows_kernel", _word(src), (flat_rows.size,), (_THREADS,),
+                     (src, out, flat_rows, np.int64(src.shape[0]), np.int64(math.prod(src.shape[1:]))))
+        return out.reshape(tuple(np.shape(rows)) + src.shape[1:])
+
+    def embedding(self, weight, ids):
+        # weight [vocab, hidden], ids [num_tokens] -> [num_tokens, hidden];
+        # out-of-range ids give zero rows (checking would need a host sync)
+        return self._gather_rows(weight, ids)
+
+    def index_rows(self, x, rows):
+        # x [n, ...] of any dtype, rows [m] -> [m, ...]
+        return self._gather_rows(x, rows)
+
+    def scatter_add_rows(self, out, rows, src, scale) -> None:
+        """out[rows[i]] += scale[i] * src[i], in place (rows may repeat; scale float32)."""
+        _in_place(out)
+        ctype = _ctype(out, "out")
+        src, rows, scale = cupy.ascontiguousarray(src), _index(rows), _as(scale, cupy.float32).ravel()
+        _same_dtype(out, src)
+        if src.shape[1:] != out.shape[1:] or src.shape[0] != rows.size or scale.size != rows.size:
+            raise ValueError(f"scatter_add_rows shapes: out {out.shape}, rows {rows.shape}, "
+                             f"src {src.shape}, scale {scale.shape}")
+        hidden = math.prod(out.shape[1:])
+        self._launch("scatter_add_rows_kernel", ctype, (rows.size,), _row_threads(hidden),
+                     (out, rows, src, scale, np.int64(out.shape[0]), np.int32(hidden)))
+
+    def _check_cache(self, k, v, k_cache, v_cache) -> None:
+        _in_place(k_cache, v_cache)
+        _same_dtype(k_cache, k, v, v_cache)
+        if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or k.shape != v.shape \
+                or k.shape[1:] != k_cache.shape[2:]:
+            raise ValueError(f"k {k.shape}, v {v.shape} must be [T, kv_heads, head_dim] of caches "
+                             f"{k_cache.shape}, {v_cache.shape} [num_blocks, block_size, kv_heads, head_dim]")
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        """k, v [T, kv_heads, head_dim] into their slots (slot_mapping [T] int64), in place."""
+        k, v, slots = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v), _index(slot_mapping)
+        self._check_cache(k, v, k_cache, v_cache)
+        if slots.size != k.shape[0]:
+            raise ValueError(f"slot_mapping has {slots.size} slots for {k.shape[0]} tokens")
+        self._launch("write_kv_kernel", _word(k), (k.shape[0],), (_THREADS,),
+                     (k, v, k_cache, v_cache, slots, np.int64(math.prod(k_cache.shape[:2])),
+                      np.int64(math.prod(k.shape[1:]))))
+
+    def rope_write_kv(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
+        """rope on q and k, rotated k and v into the cache; returns the rotated q.
+        One kernel: the rotated k goes straight to its slot."""
+        q, k, positions, cos_sin = self._check_rope(q, k, positions, cos_sin)
+        v, slots = cupy.ascontiguousarray(v), _index(slot_mapping)
+        self._check_cache(k, v, k_cache, v_cache)
+        if slots.size != q.shape[0]:
+            raise ValueError(f"slot_mapping has {slots.size} slots for {q.shape[0]} tokens")
+        q_out = cupy.empty_like(q)
+        num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        self._launch("rope_write_kv_kernel", _ctype(q, "q"), (q.shape[0],),
+                     _row_threads((num_heads + num_kv_heads) * head_dim // 2),
+                     (q, k, v, q_out, k_cache, v_cache, positions, cos_sin, slots,
+                      np.int64(math.prod(k_cache.shape[:2])), np.int32(num_heads), np.int32(num_kv_heads),
+                      np.int32(head_dim)))
+        return q_out
+
+    def copy_blocks(self, k_cache, v_cache, block_copies) -> None:
+        """Copy-on-write: block_copies [C, 2] int32 (src, dst), in place."""
+        _in_place(k_cache, v_cache)
+        _same_dtype(k_cache, v_cache)
+        copies = _as(block_copies, cupy.int32)
+        if copies.ndim != 2 or copies.shape[1] != 2 or v_cache.shape != k_cache.shape:
+            raise ValueError(f"block_copies {copies.shape} must be [C, 2] over equal caches")
+        self._launch("copy_blocks_kernel", _word(k_cache), (copies.shape[0], 2), (_THREADS,),
+                     (k_cache, v_cache, copies, np.int64(k_cache.shape[0]), np.int64(math.prod(k_cache.shape[1:]))))
+
+    # -- GEMM and elementwise ---------------------------------------------
+
+    def linear(self, x, weight, bias=None):
+        # x [..., in], weight [out, in] (torch layout), bias [out] -> [..., out]
+        x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+        ctype = _ctype(x, "x")
+        _same_dtype(x, weight)
+        if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: x {x.shape} does not match weight {weight.shape} ([out, in])")
+        num_out = weight.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+        out = cupy.empty((x2.shape[0], num_out), dtype=x.dtype)
+        if bias is not None:
+            bias = cupy.ascontiguousarray(bias)
+            _same_dtype(x, bias)
+            if bias.shape != (num_out,):
+                raise ValueError(f"linear: bias {bias.shape} must be ({num_out},)")
+            self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
+                         (bias, out, np.int64(x2.shape[0]), np.int32(num_out)))
+        if out.size and x2.shape[1]:
+            self._gemm.matmul_nt(x2, weight, out, accumulate=bias is not None)
+        elif bias is None:
+            out.fill(0)  # an empty sum
+        return out.reshape(x.shape[:-1] + (num_out,))
+
+    def add(self, a, b):
+        # b may repeat along a's leading dimensions (e.g. a bias row)
+        a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+        ctype = _ctype(a, "a")
+        _same_dtype(a, b)
+        if b.ndim > a.ndim or a.shape[a.ndim - b.ndim:] != b.shape:
+            raise ValueError(f"add: b {b.shape} does not broadcast onto a {a.shape}")
+        out = cupy.empty_like(a)
+        self._launch("add_kernel", ctype, _grid_1d(a.size if b.size else 0), (_THREADS,),
+                     (a, b, out, np.int64(a.size), np.int64(b.size)))
+        return out
+
+    def silu_and_mul(self, x):
+        # x [..., 2 * inter]: gate then up -> [..., inter]
+        x = cupy.ascontiguousarray(x)
+        ctype = _ctype(x, "x")
+        if x.shape[-1] % 2:
+            raise ValueError(f"silu_and_mul: last dimension {x.shape[-1]} must be even (gate | up)")
+        out = cupy.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
+        self._launch("silu_and_mul_kernel", ctype, _grid_1d(out.size), (_THREADS,),
+                     (x, out, np.int64(_rows(x)), np.int32(x.shape[-1] // 2)))
+        return out
+
+    def gelu(self, x, approximate: str = "tanh"):
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"gelu approximate must be 'tanh' or 'none', got {approximate!r}")
+        x = cupy.ascontiguousarray(x)
+        out = cupy.empty_like(x)
+        self._launch("gelu_kernel", _ctype(x, "x"), _grid_1d(x.size), (_THREADS,),
+                     (x, out, np.int64(x.size), np.int32(approximate == "none")))
+        return out
+
+    def _check_rope(self, q, k, positions, cos_sin):
+        q, k, positions = cupy.ascontiguousarray(q), cupy.ascontiguousarray(k), _index(positions)
+        cos_sin = _as(cos_sin, cupy.float32)
+        _ctype(q, "q")
+        _same_dtype(q, k)
+        head_dim = q.shape[-1]
+        if q.ndim != 3 or k.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[2] != head_dim:
+            raise ValueError(f"rope: q {q.shape} and k {k.shape} must be [T, heads, head_dim]")
+        if positions.size != q.shape[0] or cos_sin.ndim != 2 or cos_sin.shape[1] != head_dim or head_dim % 2:
+            raise ValueError(f"rope: positions {positions.shape} / cos_sin {cos_sin.shape} do not fit "
+                             f"{q.shape[0]} tokens of even head_dim {head_dim}")
+        return q, k, positions, cos_sin
+
+    def rope(self, q, k, positions, cos_sin):
+        """Rotate-half rope. q [T, H, D], k [T, KVH, D], positions [T] (int64
+        avoids a copy), cos_sin float32 [max_positions, D] (cos | sin) -> new
+        (q, k). Positions must be < max_positions: they are not read on the host."""
+        q, k, positions, cos_sin = self._check_rope(q, k, positions, cos_sin)
+        outs = []
+        for x in (q, k):
+            out = cupy.empty_like(x)
+            self._launch("rope_kernel", _ctype(x, "q"), (x.shape[0],), _row_threads(x.shape[1] * x.shape[2] // 2),
+                         (x, out, positions, cos_sin, np.int32(x.shape[1]), np.int32(x.shape[2])))
+            outs.append(out)
+        return tuple(outs)
+
+    # -- row reductions ------------------------------------------------------
+
+    def _norm(self, kernel, x, params, eps, residual):
+        x = cupy.ascontiguousarray(x)
+        params = [cupy.ascontiguousarray(p) for p in params]  # weight (and bias), each [hidden]
+        _same_dtype(x, *params)
+        if any(p.shape != (x.shape[-1],) for p in params):
+            raise ValueError(f"norm weight / bias {[p.shape for p in params]} must be ({x.shape[-1]},)")
+        res_in = res_out = x  # x stands in for the unused residual pointers
+        if residual is not None:
+            res_in, res_out = cupy.ascontiguousarray(residual), cupy.empty_like(x)
+            _same_dtype(x, res_in)
+            if res_in.shape != x.shape:
+                raise ValueError(f"residual {res_in.shape} must match x {x.shape}")
+        out = cupy.empty_like(x)
+        self._launch(kernel, _ctype(x, "x"), (_rows(x),), _row_threads(x.shape[-1]),
+                     (x, res_in, *params, out, res_out, np.int32(residual is not None), np.int32(x.shape[-1]),
+                      np.float32(eps)))
+        return out if residual is None else (out, res_out)
+
+    def rms_norm(self, x, weight, eps: float, residual=None):
+        """RMSNorm of x (or x + residual); with a residual returns (normed, x + residual)."""
+        return self._norm("rms_norm_kernel", x, [weight], eps, residual)
+
+    def layer_norm(self, x, weight, bias, eps: float, residual=None):
+        """LayerNorm of x (or x + residual); same return convention as rms_norm."""
+        return self._norm("layer_norm_kernel", x, [weight, bias], eps, residual)
+
+    def softmax(self, x):
+        # along the last axis; float32 out
+        x = cupy.ascontiguousarray(x)
+        out = cupy.empty(x.shape, dtype=cupy.float32)
+        self._launch("softmax_kernel", _ctype(x, "x"), (_rows(x),), _row_threads(x.shape[-1]),
+                     (x, out, np.int32(x.shape[-1])))
+        return out
+
+    def topk_softmax(self, router_logits, top_k: int, renormalize: bool):
+        """router_logits [T, E] -> (weights [T, top_k] float32, ids [T, top_k] int32)."""
+        logits = cupy.ascontiguousarray(router_logits)
+        ctype = _ctype(logits, "router_logits")
+        if logits.ndim != 2:
+            raise ValueError(f"router_logits must be [num_tokens, num_experts], got {logits.shape}")
+        num_tokens, num_experts = logits.shape
+        if not 0 < top_k <= num_experts or num_experts > _MAX_EXPERTS:
+            raise ValueError(f"top_k {top_k} must be in 1..num_experts ({num_experts} <= {_MAX_EXPERTS})")
+        weights = cupy.empty((num_tokens, top_k), dtype=cupy.float32)
+        ids = cupy.empty((num_tokens, top_k), dtype=cupy.int32)
+        self._launch("topk_softmax_kernel", ctype, (num_tokens,), _row_threads(num_experts),
+                     (logits, weights, ids, np.int32(num_experts), np.int32(top_k), np.int32(bool(renormalize))),
+                     shared_mem=4 * num_experts)
+        return weights, ids
+
+    # -- attention -------------------------------------------------------------
+
+    def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
+        # single: (num_q, seq_len) of one contiguous sequence, else None (paged)
+        ctype = _ctype(q, "q")
+        _same_dtype(q, k_cache, v_cache)
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = k_cache.shape[2]
+        if k_cache.shape[3] != head_dim or head_dim > _MAX_HEAD_DIM or q.shape[0] > _MAX_GRID_Y:
+            raise ValueError(f"attention: head_dim {head_dim} (<= {_MAX_HEAD_DIM}) must match the keys' "
+                             f"{k_cache.shape[3]}; at most {_MAX_GRID_Y} query tokens, got {q.shape[0]}")
+        if num_kv_heads == 0 or num_heads % num_kv_heads:
+            raise ValueError(f"attention: {num_kv_heads} KV heads do not divide {num_heads} query heads")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        num_q, seq_len = single or (0, 0)
+        out = cupy.empty_like(q)
+        self._launch("attention_kernel", ctype, (num_heads, q.shape[0]), (_ATTENTION_THREADS,),
+                     (q, k_cache, v_cache, out, tables, np.int32(tables.shape[-1]), np.int32(k_cache.shape[1]),
+                      np.int32(single is None), seq_lens, query_start_loc, np.int32(seq_lens.size),
+                      np.int32(num_q), np.int32(seq_len), np.int32(num_heads), np.int32(num_kv_heads),
+                      np.int32(head_dim), np.float32(scale), np.int32(sliding_window or 0)))
+        return out
+
+    def attention(self, q, k, v, scale: float, sliding_window: int | None = None):
+        """Causal GQA attention for one sequence: q [T, H, D] are the last T
+        tokens of k, v [S, KVH, D]. Returns [T, H, D]."""
+        q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
+        if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape:
+            raise ValueError(f"attention: q {q.shape} must be [T, H, D] and k {k.shape}, v {v.shape} [S, KVH, D]")
+        if q.shape[0] > k.shape[0]:
+            raise ValueError(f"attention: {q.shape[0]} queries but only {k.shape[0]} keys")
+        # the sequence as a cache of one block of seq_len rows
+        return self._attend(q, k[None], v[None], self._zero_i32, self._zero_i32, self._zero_i32, scale,
+                            sliding_window, single=(q.shape[0], k.shape[0]))
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
+                        sliding_window: int | None = None):
+        """Causal attention for a batch of sequences over the paged cache (see
+        numpy_ops.paged_attention). block_tables [B, max_blocks], seq_lens [B],
+        query_start_loc [B + 1], all int32. Rows of q past query_start_loc[B] come back zero."""
+        q = cupy.ascontiguousarray(q)
+        tables = _as(block_tables, cupy.int32)
+        seq_lens, query_start_loc = _as(seq_lens, cupy.int32).ravel(), _as(query_start_loc, cupy.int32).ravel()
+        _in_place(k_cache, v_cache)
+        if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape or tables.ndim != 2 \
+                or tables.shape[0] != seq_lens.size or query_start_loc.size != seq_lens.size + 1:
+            raise ValueError(f"paged_attention shapes: q {q.shape}, caches {k_cache.shape} {v_cache.shape}, "
+                             f"block_tables {tables.shape}, seq_lens {seq_lens.shape}, "
+                             f"query_start_loc {query_start_loc.shape}")
+        return self._attend(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, None)
+
+    # -- sampling ------------------------------------------------------------------
+
+    def apply_penalties(self, logits, prompt_ids, prompt_lens, output_ids, output_lens,
+                        repetition, presence, frequency):
+        """numpy_ops.apply_penalties: ids [S, P] / [S, O] int32 padded past their
+        lengths, per-row float32 factors. Returns new float32 logits [S, vocab]."""
+        logits = cupy.ascontiguousarray(logits)
+        ctype = _ctype(logits, "logits")
+        rows, vocab = logits.shape
+        prompt_ids, output_ids = _as(prompt_ids, cupy.int32), _as(output_ids, cupy.int32)
+        per_row = [_as(a, d).ravel() for a, d in ((prompt_lens, cupy.int32), (output_lens, cupy.int32),
+                   (repetition, cupy.float32), (presence, cupy.float32), (frequency, cupy.float32))]
+        if prompt_ids.ndim != 2 or output_ids.ndim != 2 or any(a.size != rows for a in per_row) \
+                or prompt_ids.shape[0] != rows or output_ids.shape[0] != rows:
+            raise ValueError(f"apply_penalties: {rows} rows of logits, ids {prompt_ids.shape} / "
+                             f"{output_ids.shape}, per-row arrays {[a.size for a in per_row]}")
+        marks = cupy.zeros((rows, vocab), dtype=cupy.int32)
+        self._launch("penalty_counts_kernel", None, (rows if vocab else 0,), (_THREADS,),
+                     (prompt_ids, per_row[0], np.int32(prompt_ids.shape[1]), output_ids, per_row[1],
+                      np.int32(output_ids.shape[1]), marks, np.int32(vocab)))
+        out = cupy.empty((rows, vocab), dtype=cupy.float32)
+        self._launch("apply_penalties_kernel", ctype, _grid_1d(out.size), (_THREADS,),
+                     (logits, marks, *per_row[2:], out, np.int64(out.size), np.int32(vocab)))
+        return out
+
+    def sample(self, logits, temperature, top_k, top_p, seeds, offsets, min_p=None):
+        """One int32 token per row; numpy_ops.sample's meaning, no host sync.
+        temperature, top_p, min_p float32; top_k int32; seeds uint64; offsets int64 ([batch] each)."""
+        logits = cupy.ascontiguousarray(logits)
+        ctype = _ctype(logits, "logits")
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be [batch, vocab], got {logits.shape}")
+        batch, vocab = logits.shape
+        min_p = cupy.zeros(batch, dtype=cupy.float32) if min_p is None else min_p
+        params = [_as(p, d).ravel() for p, d in ((temperature, cupy.float32), (top_k, cupy.int32),
+                  (top_p, cupy.float32), (seeds, cupy.uint64), (offsets, cupy.int64), (min_p, cupy.float32))]
+        if any(p.size != batch for p in params):
+            raise ValueError(f"sampling parameters must each have {batch} entries, got {[p.size for p in params]}")
+        out = cupy.empty(batch, dtype=cupy.int32)
+        self._launch("sample_kernel", ctype, (batch if vocab else 0,), (_SAMPLE_THREADS,),
+                     (logits, np.int32(vocab), *params, out))
+        return out
+
+    def sampling_uniform(self, seeds, offsets, count: int):
+        """[batch, count] float32: the uniforms `sample` draws for each row
+        (sampling_rng.uniform on the device; for tests)."""
+        seeds, offsets = _as(seeds, cupy.uint64).ravel(), _as(offsets, cupy.int64).ravel()
+        if seeds.size != offsets.size:
+            raise ValueError(f"seeds ({seeds.size}) and offsets ({offsets.size}) differ in length")
+        out = cupy.empty((seeds.size, count), dtype=cupy.float32)
+        self._launch("sampling_uniform_kernel", None, (seeds.size if count else 0,), (_THREADS,),
+                     (seeds, offsets, out, np.int32(count)))
+        return out

@@ -1,0 +1,157 @@
+// Elementwise and row-movement kernels: add, silu_and_mul, gelu, rope (and
+// rope fused with the KV-cache write), row gather (embedding, index_rows),
+// atomic row scatter-add, bias broadcast, KV-cache writes and block copies.
+//
+// Storage type T is float, __half or __nv_bfloat16; arithmetic is float32 and
+// each output is rounded once. These kernels never allocate and never
+// synchronise with the host. The row-movement kernels are templated on an
+// unsigned word W as wide as the element, so one instantiation serves every
+// dtype.
+
+template <typename T>
+__global__ void add_kernel(const T* a, const T* b, T* out, long long n, long long num_b) {
+    // b repeats along a's leading dimensions (num_b divides n).
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] = from_f<T>(to_f(a[i]) + to_f(b[i % num_b]));
+    }
+}
+
+template <typename T>
+__global__ void silu_and_mul_kernel(const T* x, T* out, long long num_rows, int inter) {
+    // x [num_rows, 2 * inter]: gate then up -> out [num_rows, inter]
+    const long long n = num_rows * inter;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / inter, col = i % inter;
+        const float gate = to_f(x[row * 2 * inter + col]);
+        const float up = to_f(x[row * 2 * inter + inter + col]);
+        out[i] = from_f<T>(gate / (1.0f + expf(-gate)) * up);
+    }
+}
+
+template <typename T>
+__global__ void gelu_kernel(const T* x, T* out, long long n, int exact) {
+    const float tanh_c = 0.7978845608028654f;  // sqrt(2 / pi)
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = to_f(x[i]);
+        const float y = exact ? 0.5f * v * (1.0f + erff(v * 0.7071067811865476f))
+                              : 0.5f * v * (1.0f + tanhf(tanh_c * (v + 0.044715f * v * v * v)));
+        out[i] = from_f<T>(y);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rotate_half(const T* src, T* dst, const float* table, int half, int j) {
+    // rotate-half on one (x1, x2) pair: table is cos | sin for the token
+    const float c = table[j], s = table[half + j];
+    const float x1 = to_f(src[j]), x2 = to_f(src[half + j]);
+    dst[j] = from_f<T>(x1 * c - x2 * s);
+    dst[half + j] = from_f<T>(x2 * c + x1 * s);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+rope_kernel(const T* x, T* out, const long long* positions, const float* cos_sin, int num_heads, int head_dim) {
+    // One block per token. x, out [num_tokens, num_heads, head_dim];
+    // cos_sin [max_positions, head_dim]: cos | sin.
+    const int half = head_dim / 2;
+    const long long row = blockIdx.x * (long long)num_heads * head_dim;
+    const float* table = cos_sin + positions[blockIdx.x] * head_dim;
+    for (int i = threadIdx.x; i < num_heads * half; i += blockDim.x) {
+        const int head = i / half;
+        rotate_half(x + row + head * head_dim, out + row + head * head_dim, table, half, i % half);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
+                     const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
+                     int num_heads, int num_kv_heads, int head_dim) {
+    // One block per token: rope on q (into q_out) and on k (straight into
+    // its cache slot), v copied to its slot. Slots out of range are skipped.
+    const int half = head_dim / 2, kv_width = num_kv_heads * head_dim;
+    const long long token = blockIdx.x, slot = slots[token];
+    const bool store = slot >= 0 && slot < num_slots;
+    const float* table = cos_sin + positions[token] * head_dim;
+    const long long q_row = token * num_heads * head_dim;
+    for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
+        const int head = i / half;
+        if (head < num_heads) {
+            rotate_half(q + q_row + head * head_dim, q_out + q_row + head * head_dim, table, half, i % half);
+        } else if (store) {
+            const int offset = (head - num_heads) * head_dim;
+            rotate_half(k + token * kv_width + offset, k_cache + slot * kv_width + offset, table, half, i % half);
+        }
+    }
+    for (int i = threadIdx.x; store && i < kv_width; i += blockDim.x) {
+        v_cache[slot * kv_width + i] = v[token * kv_width + i];
+    }
+}
+
+template <typename W>
+__global__ void write_kv_kernel(const W* k, const W* v, W* k_cache, W* v_cache, const long long* slots,
+                                long long num_slots, long long row_words) {
+    // One block per token: its K/V rows to its cache slot (skipped when out of range).
+    const long long slot = slots[blockIdx.x];
+    if (slot < 0 || slot >= num_slots) return;
+    for (long long i = threadIdx.x; i < row_words; i += blockDim.x) {
+        k_cache[slot * row_words + i] = k[blockIdx.x * row_words + i];
+        v_cache[slot * row_words + i] = v[blockIdx.x * row_words + i];
+    }
+}
+
+template <typename W>
+__global__ void copy_blocks_kernel(W* k_cache, W* v_cache, const int* copies, long long num_blocks,
+                                   long long block_words) {
+    // blockIdx.x: copy index into copies [C, 2] (src, dst); blockIdx.y: 0 k, 1 v.
+    const long long src = copies[2 * blockIdx.x], dst = copies[2 * blockIdx.x + 1];
+    if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks) return;
+    W* cache = blockIdx.y == 0 ? k_cache : v_cache;
+    for (long long i = threadIdx.x; i < block_words; i += blockDim.x) {
+        cache[dst * block_words + i] = cache[src * block_words + i];
+    }
+}
+
+template <typename W>
+__global__ void gather_rows_kernel(const W* src, W* out, const long long* rows, long long num_src_rows,
+                                   long long row_words) {
+    // One block per output row; W is an unsigned word as wide as the
+    // element, so one kernel serves every dtype. Ids out of range give a
+    // zero row: the device cannot raise, and the host must not sync to check.
+    const long long r = rows[blockIdx.x];
+    const bool valid = r >= 0 && r < num_src_rows;
+    W* dst = out + blockIdx.x * row_words;
+    for (long long i = threadIdx.x; i < row_words; i += blockDim.x) {
+        dst[i] = valid ? src[r * row_words + i] : (W)0;
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+scatter_add_rows_kernel(T* out, const long long* rows, const T* src, const float* scale,
+                        long long num_out_rows, int hidden) {
+    // One block per source row: out[rows[i]] += scale[i] * src[i]. Rows may
+    // repeat, hence the atomics; rows out of range are skipped.
+    const long long r = rows[blockIdx.x];
+    if (r < 0 || r >= num_out_rows) return;
+    const float s = scale[blockIdx.x];
+    const T* from = src + blockIdx.x * (long long)hidden;
+    T* to = out + r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        atomicAdd(to + i, from_f<T>(to_f(from[i]) * s));
+    }
+}
+
+template <typename T>
+__global__ void fill_rows_kernel(const T* row, T* out, long long num_rows, int width) {
+    // out [num_rows, width] = row [width] broadcast (the bias before a GEMM
+    // that accumulates onto it).
+    const long long n = num_rows * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] = row[i % width];
+    }
+}

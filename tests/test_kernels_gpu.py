@@ -1,0 +1,413 @@
+"""CudaOps against the NumPy reference, on a GPU.
+
+Each op runs on fresh random inputs (the seed is printed, so a failure can be
+replayed) in float32, bfloat16 and float16; the reference is numpy_ops in
+float64 on the very inputs the GPU saw (rounded to the storage dtype).
+Every new CuPy allocation is poisoned with NaN bytes first, so an output
+element a kernel forgets to write fails the comparison. Skipped without
+CuPy or a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+cupy = pytest.importorskip("cupy")
+try:
+    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver at all
+    _NUM_GPUS = 0
+if _NUM_GPUS == 0:
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from shardline.kernels import numpy_ops, sampling_rng  # noqa: E402
+from shardline.kernels.cuda_ops import CudaOps  # noqa: E402
+from shardline.kernels.rope import rope_cos_sin  # noqa: E402
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
+DTYPES = list(TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return CudaOps(0)
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    pool = cupy.get_default_memory_pool()
+
+    def malloc(size):
+        mem = pool.malloc(size)
+        if size:  # 0xFF bytes: NaN in every float dtype, -1 in ints
+            cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return mem
+
+    cupy.cuda.set_allocator(malloc)
+    yield
+    cupy.cuda.set_allocator(pool.malloc)
+
+
+def on_device(ops, host, dtype):
+    """(device array, float64 copy of exactly what the device holds)."""
+    dev = ops.from_float(np.asarray(host, dtype=np.float64), dtype)
+    return dev, ops.to_host(dev).astype(np.float64)
+
+
+def random_input(ops, rng, shape, dtype, scale=1.0):
+    return on_device(ops, rng.standard_normal(shape) * scale, dtype)
+
+
+def assert_close(ops, out, ref, dtype, what):
+    got = ops.to_host(out).astype(np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    assert np.isfinite(got).all(), f"{what}: non-finite output (an element left unwritten?)"
+    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err <= TOLERANCE[dtype], f"{what} {dtype}: relative error {err:.3g}"
+
+
+def test_bf16_conversion_rounds_to_nearest_even(ops, rng):
+    torch = pytest.importorskip("torch")
+    host = np.concatenate([rng.standard_normal(1000).astype(np.float32) * 100,
+                           np.float32([0.0, -0.0, np.inf, -np.inf, 3.0e38, 1e-40, 1.00390625, 1.01171875])])
+    bits = cupy.asnumpy(ops.from_float(host, "bfloat16"))
+    expected = torch.from_numpy(host).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bits, expected)
+    back = ops.to_host(ops.from_float(host, "bfloat16"))
+    np.testing.assert_array_equal(back, torch.from_numpy(expected.view(np.int16)).view(torch.bfloat16).float().numpy())
+    assert np.isnan(ops.to_host(ops.from_float(np.float32([np.nan]), "bfloat16"))).all()
+    for dtype in ("float16", "float32"):
+        out = ops.to_host(ops.from_float(host[:1000], dtype))
+        np.testing.assert_array_equal(out, host[:1000].astype(dtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_and_index_rows(ops, rng, dtype):
+    weight, weight64 = random_input(ops, rng, (503, 80), dtype)
+    ids = rng.integers(0, 503, size=37)
+    for id_dtype in (np.int32, np.int64):
+        out = ops.embedding(weight, cupy.asarray(ids.astype(id_dtype)))
+        np.testing.assert_array_equal(ops.to_host(out), numpy_ops.embedding(weight64, ids).astype(np.float32))
+    out_of_range = ops.embedding(weight, cupy.asarray([502, 503, -1]))  # no host check: zero rows
+    assert not ops.to_host(out_of_range[1:]).any() and ops.to_host(out_of_range[0]).any()
+    rows = rng.integers(0, 503, size=(3, 5))
+    np.testing.assert_array_equal(ops.to_host(ops.index_rows(weight, cupy.asarray(rows))),
+                                  numpy_ops.index_rows(weight64, rows).astype(np.float32))
+    ints = cupy.arange(12 * 3, dtype=cupy.int32).reshape(12, 3)  # any dtype moves bit for bit
+    np.testing.assert_array_equal(cupy.asnumpy(ops.index_rows(ints, cupy.asarray([11, 0, 11]))),
+                                  cupy.asnumpy(ints)[[11, 0, 11]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,k,n", [(1, 80, 48), (33, 257, 129), (7, 4096, 14336)])
+def test_linear(ops, rng, dtype, tokens, k, n):
+    x, x64 = random_input(ops, rng, (tokens, k), dtype)
+    w, w64 = random_input(ops, rng, (n, k), dtype, scale=1 / math.sqrt(k))
+    b, b64 = random_input(ops, rng, (n,), dtype)
+    assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, "linear")
+    assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "linear+bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_silu_gelu(ops, rng, dtype):
+    a, a64 = random_input(ops, rng, (7, 3, 80), dtype)
+    b, b64 = random_input(ops, rng, (7, 3, 80), dtype)
+    row, row64 = random_input(ops, rng, (80,), dtype)
+    assert_close(ops, ops.add(a, b), numpy_ops.add(a64, b64), dtype, "add")
+    assert_close(ops, ops.add(a, row), numpy_ops.add(a64, row64), dtype, "add broadcast")
+    gate_up, gate_up64 = random_input(ops, rng, (9, 2 * 77), dtype, scale=3.0)
+    assert_close(ops, ops.silu_and_mul(gate_up), numpy_ops.silu_and_mul(gate_up64), dtype, "silu_and_mul")
+    for approximate in ("tanh", "none"):
+        assert_close(ops, ops.gelu(a, approximate), numpy_ops.gelu(a64, approximate), dtype, f"gelu {approximate}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [80, 4096])
+def test_norms(ops, rng, dtype, hidden):
+    x, x64 = random_input(ops, rng, (5, hidden), dtype, scale=2.0)
+    res, res64 = random_input(ops, rng, (5, hidden), dtype)
+    w, w64 = on_device(ops, 1.0 + 0.1 * rng.standard_normal(hidden), dtype)
+    b, b64 = random_input(ops, rng, (hidden,), dtype, scale=0.1)
+    assert_close(ops, ops.rms_norm(x, w, 1e-6), numpy_ops.rms_norm(x64, w64, 1e-6), dtype, "rms_norm")
+    out, new_res = ops.rms_norm(x, w, 1e-6, residual=res)
+    ref, ref_res = numpy_ops.rms_norm(x64, w64, 1e-6, residual=res64)
+    assert_close(ops, out, ref, dtype, "rms_norm fused")
+    assert_close(ops, new_res, ref_res, dtype, "rms_norm residual")
+    assert_close(ops, ops.layer_norm(x, w, b, 1e-5), numpy_ops.layer_norm(x64, w64, b64, 1e-5), dtype, "layer_norm")
+    out, new_res = ops.layer_norm(x, w, b, 1e-5, residual=res)
+    ref, ref_res = numpy_ops.layer_norm(x64, w64, b64, 1e-5, residual=res64)
+    assert_close(ops, out, ref, dtype, "layer_norm fused")
+    assert_close(ops, new_res, ref_res, dtype, "layer_norm residual")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope(ops, rng, dtype):
+    table = rope_cos_sin(64, 4096, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    table32 = table.astype(np.float32)
+    q, q64 = random_input(ops, rng, (9, 5, 64), dtype)
+    k, k64 = random_input(ops, rng, (9, 1, 64), dtype)
+    positions = rng.integers(0, 4096, size=9)
+    q_out, k_out = ops.rope(q, k, cupy.asarray(positions), cupy.asarray(table32))
+    q_ref, k_ref = numpy_ops.rope(q64, k64, positions, table32.astype(np.float64))
+    assert_close(ops, q_out, q_ref, dtype, "rope q")
+    assert_close(ops, k_out, k_ref, dtype, "rope k")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_and_topk(ops, rng, dtype):
+    x, x64 = random_input(ops, rng, (3, 4, 503), dtype, scale=4.0)
+    out = ops.softmax(x)
+    assert out.dtype == cupy.float32
+    assert_close(ops, out, numpy_ops.softmax(x64), dtype, "softmax")
+    for num_experts, top_k in ((60, 4), (8, 2), (128, 8)):
+        logits, logits64 = random_input(ops, rng, (19, num_experts), dtype)
+        for renormalize in (False, True):
+            weights, ids = ops.topk_softmax(logits, top_k, renormalize)
+            ref_w, ref_ids = numpy_ops.topk_softmax(logits64, top_k, renormalize)
+            np.testing.assert_array_equal(cupy.asnumpy(ids), ref_ids)
+            assert weights.dtype == cupy.float32
+            assert_close(ops, weights, ref_w.astype(np.float64), dtype, "topk_softmax")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_add_rows(ops, rng, dtype):
+    out, out64 = random_input(ops, rng, (11, 80), dtype)
+    rows = rng.integers(0, 11, size=40)  # repeats
+    src, src64 = random_input(ops, rng, (40, 80), dtype)
+    scale = rng.random(40).astype(np.float32)
+    ops.scatter_add_rows(out, cupy.asarray(rows), src, cupy.asarray(scale))
+    numpy_ops.scatter_add_rows(out64, rows, src64, scale.astype(np.float64))
+    assert_close(ops, out, out64, dtype, "scatter_add_rows")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_q,seq_len,heads,kv_heads,head_dim,window", [
+    (1, 37, 5, 1, 80, None),      # decode, odd sizes, MQA
+    (13, 13, 8, 2, 128, None),    # prefill from scratch
+    (4, 300, 4, 4, 256, None),    # several key chunks, largest head_dim
+    (6, 200, 6, 3, 64, 50),       # sliding window
+    (200, 333, 2, 1, 32, 129),    # long prefill chunk with a window
+])
+def test_attention(ops, rng, dtype, num_q, seq_len, heads, kv_heads, head_dim, window):
+    q, q64 = random_input(ops, rng, (num_q, heads, head_dim), dtype)
+    k, k64 = random_input(ops, rng, (seq_len, kv_heads, head_dim), dtype)
+    v, v64 = random_input(ops, rng, (seq_len, kv_heads, head_dim), dtype)
+    scale = 1 / math.sqrt(head_dim)
+    out = ops.attention(q, k, v, scale, sliding_window=window)
+    assert_close(ops, out, numpy_ops.attention(q64, k64, v64, scale, window), dtype, "attention")
+
+
+def random_block_tables(rng, seq_lens, block_size):
+    """Block tables over a shuffled pool (with spare blocks), as the BlockManager hands out."""
+    blocks_per_seq = -(-seq_lens // block_size)
+    num_blocks = int(blocks_per_seq.sum()) + 3
+    perm = rng.permutation(num_blocks)
+    tables = np.zeros((len(seq_lens), blocks_per_seq.max()), dtype=np.int32)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = perm[used:used + n]
+        used += n
+    return tables, num_blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,window", [(1, None), (16, None), (16, 9), (5, None)])
+def test_paged_attention(ops, rng, dtype, block_size, window):
+    heads, kv_heads, head_dim = 6, 2, 80
+    seq_lens = np.array([1, 37, 5, 200, 20, 9], dtype=np.int32)
+    new_tokens = np.array([1, 37, 1, 13, 7, 0], dtype=np.int32)  # decode, prefill, decode, chunks, idle
+    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
+    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
+    num_tokens = int(qsl[-1])
+    q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)  # one padding row
+    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                              cupy.asarray(qsl), 0.125, window)
+    ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, 0.125, window)
+    assert_close(ops, out[:num_tokens], ref, dtype, "paged_attention")
+    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_cache_writes_and_block_copies(ops, rng, dtype):
+    num_blocks, block_size, kv_heads, heads, head_dim, tokens = 7, 4, 2, 6, 64, 9
+    k_cache, kc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    v_cache, vc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    k, k64 = random_input(ops, rng, (tokens, kv_heads, head_dim), dtype)
+    v, v64 = random_input(ops, rng, (tokens, kv_heads, head_dim), dtype)
+    q, q64 = random_input(ops, rng, (tokens, heads, head_dim), dtype)
+    slots = rng.choice(num_blocks * block_size, size=tokens, replace=False).astype(np.int64)
+    ops.write_kv(k, v, k_cache, v_cache, cupy.asarray(slots))
+    numpy_ops.write_kv(k64, v64, kc64, vc64, slots)
+    np.testing.assert_array_equal(ops.to_host(k_cache), kc64.astype(np.float32))
+    np.testing.assert_array_equal(ops.to_host(v_cache), vc64.astype(np.float32))
+
+    table = rope_cos_sin(head_dim, 512, 10000.0).astype(np.float32)
+    positions = rng.integers(0, 512, size=tokens).astype(np.int32)
+    slots = rng.choice(num_blocks * block_size, size=tokens, replace=False).astype(np.int64)
+    q_out = ops.rope_write_kv(q, k, v, cupy.asarray(positions), cupy.asarray(table), k_cache, v_cache,
+                              cupy.asarray(slots))
+    q_ref = numpy_ops.rope_write_kv(q64, k64, v64, positions, table.astype(np.float64), kc64, vc64, slots)
+    assert_close(ops, q_out, q_ref, dtype, "rope_write_kv q")
+    written = np.zeros(num_blocks * block_size, bool)
+    written[slots] = True
+    k_rows = ops.to_host(k_cache).reshape(-1, kv_heads, head_dim)
+    ref_rows = kc64.reshape(-1, kv_heads, head_dim)
+    rel = np.linalg.norm(k_rows[written] - ref_rows[written]) / np.linalg.norm(ref_rows[written])
+    assert rel <= TOLERANCE[dtype], f"rotated k in the cache: relative error {rel:.3g}"
+    np.testing.assert_array_equal(k_rows[~written], ref_rows[~written].astype(np.float32))
+    np.testing.assert_array_equal(ops.to_host(v_cache), vc64.astype(np.float32))
+
+    copies = np.array([[0, 3], [5, 1]], dtype=np.int32)
+    ops.copy_blocks(k_cache, v_cache, cupy.asarray(copies))
+    numpy_ops.copy_blocks(kc64, vc64, copies)
+    np.testing.assert_array_equal(ops.to_host(k_cache)[[1, 3]], ops.to_host(k_cache)[[5, 0]])
+    np.testing.assert_array_equal(ops.to_host(v_cache), vc64.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_penalties(ops, rng, dtype):
+    rows, vocab = 4, 503
+    logits, logits64 = random_input(ops, rng, (rows, vocab), dtype, scale=3.0)
+    prompt_lens, output_lens = np.array([5, 1, 9, 0], np.int32), np.array([7, 0, 3, 12], np.int32)
+    prompt_ids = rng.integers(0, vocab, size=(rows, 9)).astype(np.int32)
+    output_ids = rng.integers(0, 20, size=(rows, 12)).astype(np.int32)  # repeats
+    factors = [rng.uniform(0.5, 1.5, rows).astype(np.float32), rng.normal(0, 0.5, rows).astype(np.float32),
+               rng.normal(0, 0.3, rows).astype(np.float32)]
+    host_args = (prompt_ids, prompt_lens, output_ids, output_lens, *factors)
+    out = ops.apply_penalties(logits, *(cupy.asarray(a) for a in host_args))
+    assert out.dtype == cupy.float32
+    ref = numpy_ops.apply_penalties(logits64.astype(np.float32), *host_args)
+    assert_close(ops, out, ref.astype(np.float64), "float32", "apply_penalties")
+
+
+def test_shape_errors_are_clear(ops):
+    x = cupy.zeros((2, 6, 16), dtype=cupy.float32)
+    kv = cupy.zeros((4, 4, 16), dtype=cupy.float32)
+    with pytest.raises(ValueError, match="do not divide"):
+        ops.attention(x, kv, kv, 0.25)
+    with pytest.raises(ValueError, match="does not match weight"):
+        ops.linear(cupy.zeros((3, 5), cupy.float32), cupy.zeros((4, 6), cupy.float32))
+    with pytest.raises(ValueError, match="approximate"):
+        ops.gelu(x, "erf")
+    with pytest.raises(ValueError, match="top_k"):
+        ops.topk_softmax(cupy.zeros((3, 4), cupy.float32), 5, True)
+    with pytest.raises(ValueError, match="bfloat16"):
+        ops.rms_norm(cupy.zeros((2, 4), cupy.float64), cupy.ones(4, cupy.float64), 1e-6)
+
+
+def random_sampling_params(rng, batch):
+    return dict(
+        temperature=rng.choice([0.0, 0.5, 0.8, 1.0, 1.3], size=batch).astype(np.float32),
+        top_k=rng.choice([0, 1, 20, 200, 5000], size=batch).astype(np.int32),
+        top_p=rng.choice([1.0, 0.95, 0.8, 0.3, 0.0], size=batch).astype(np.float32),
+        seeds=rng.integers(0, 2**64, size=batch, dtype=np.uint64),
+        offsets=rng.integers(0, 10_000, size=batch).astype(np.int64),
+        min_p=rng.choice([0.0, 0.0, 0.05, 0.3], size=batch).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_is_exact_argmax(ops, rng, dtype):
+    # bf16 with few distinct values: many ties, which argmax breaks to the lowest index
+    host = rng.integers(-40, 40, size=(64, 32000)) / 8 if dtype == "bfloat16" else rng.standard_normal((64, 32000))
+    logits, logits64 = on_device(ops, host, dtype)
+    zeros = np.zeros(64, np.float32)
+    tokens = ops.sample(logits, zeros, np.zeros(64, np.int32), np.ones(64, np.float32),
+                        np.zeros(64, np.uint64), np.zeros(64, np.int64))
+    np.testing.assert_array_equal(cupy.asnumpy(tokens), np.argmax(logits64, axis=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_seeded_sampling_matches_numpy(ops, rng, dtype):
+    batch, vocab = 512, 32000
+    logits, logits64 = random_input(ops, rng, (batch, vocab), dtype, scale=3.0)
+    params = random_sampling_params(rng, batch)
+    tokens = cupy.asnumpy(ops.sample(logits, **{n: cupy.asarray(p) for n, p in params.items()}))
+    expected = numpy_ops.sample(logits64.astype(np.float32), **params)
+    agreement = np.mean(tokens == expected)
+    assert agreement >= 0.99, f"{dtype}: only {agreement:.3f} of rows agree with numpy_ops.sample"
+    filtered_out = []  # rows whose token the reference's filters removed
+    for b in np.flatnonzero(params["temperature"] > 0):
+        probs = numpy_ops.softmax(logits64[b].astype(np.float32) / params["temperature"][b])
+        kept = numpy_ops.filter_probs(probs, int(params["top_k"][b]), float(params["top_p"][b]),
+                                      float(params["min_p"][b]))
+        if kept[tokens[b]] == 0:
+            filtered_out.append(b)
+    # top-k alone is exact; a top-p or min-p cut may differ by a last-bit rounding
+    assert all(params["top_p"][b] < 1 or params["min_p"][b] > 0 for b in filtered_out), \
+        f"top-k violated in rows {filtered_out}"
+    assert len(filtered_out) <= 0.01 * batch, f"filtered-out tokens drawn in rows {filtered_out}"
+
+
+def test_sampling_noise_is_sampling_rng(ops, rng):
+    seeds = rng.integers(0, 2**64, size=16, dtype=np.uint64)
+    offsets = rng.integers(0, 2**40, size=16).astype(np.int64)
+    uniforms = cupy.asnumpy(ops.sampling_uniform(seeds, offsets, 1000))
+    for b in range(16):
+        np.testing.assert_array_equal(uniforms[b], sampling_rng.uniform(int(seeds[b]), int(offsets[b]), 1000))
+
+
+def test_sampling_is_batch_independent_and_top_k_1_greedy(ops, rng):
+    logits, logits64 = random_input(ops, rng, (7, 503), "float32", scale=2.0)
+    params = random_sampling_params(rng, 7)
+    params["temperature"][:] = 0.9
+    batched = cupy.asnumpy(ops.sample(logits, **params))
+    for b in range(7):
+        alone = ops.sample(logits[b:b + 1], **{n: p[b:b + 1] for n, p in params.items()})
+        assert int(alone[0]) == batched[b]
+    params["top_k"][:] = 1
+    np.testing.assert_array_equal(cupy.asnumpy(ops.sample(logits, **params)), np.argmax(logits64, axis=-1))
+
+
+def test_graph_capture_replays_gemm_norm_and_sampling(ops, rng):
+    x, _ = random_input(ops, rng, (7, 512), "bfloat16")
+    w, w64 = random_input(ops, rng, (1000, 512), "bfloat16", scale=1 / math.sqrt(512))
+    bias, bias64 = random_input(ops, rng, (1000,), "bfloat16")
+    norm_w, _ = on_device(ops, np.ones(1000), "bfloat16")
+    params = {n: cupy.asarray(p) for n, p in random_sampling_params(rng, 7).items()}
+    stream = cupy.cuda.Stream(non_blocking=True)
+
+    def step():  # returns every array it makes: the graph keeps writing into them
+        y = ops.linear(x, w, bias)
+        normed = ops.rms_norm(y, norm_w, 1e-6)
+        return y, normed, ops.sample(normed, **params)
+
+    with stream:
+        step()  # warm up: compile, size the pools outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        y, normed, tokens = step()
+        graph = stream.end_capture()
+        new_x, new_x64 = random_input(ops, rng, (7, 512), "bfloat16")
+        x[...] = new_x  # the graph reads x's buffer: change what is in it
+        graph.launch(stream)
+        stream.synchronize()
+    assert_close(ops, y, numpy_ops.linear(new_x64, w64, bias64), "bfloat16", "replayed linear")
+    with stream:
+        eager_tokens = step()[2]
+        stream.synchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(tokens), cupy.asnumpy(eager_tokens))
+
+
+def test_uniform_of_one_never_draws_a_filtered_token(ops):
+    # (seed 0, offset 476788) gave u == 1.0 (E = 0) at index 20 with 24-bit
+    # uniforms; now u < 1, and filtered tokens score 0 in any case.
+    assert float(ops.sampling_uniform([0], [476788], 21)[0, 20]) < 1.0
+    logits = cupy.zeros((1, 21), dtype=cupy.float32)
+    logits[0, 0] = 5.0
+    token = ops.sample(logits, [1.0], [1], [1.0], [0], [476788])
+    assert int(token[0]) == 0
