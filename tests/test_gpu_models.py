@@ -48,30 +48,33 @@ def top1(logits) -> np.ndarray:
     return np.asarray(logits).argmax(-1)
 
 
-def hf_logits(model_class, folder, dtype, ids):
+def hf_logits(model_class, folder, dtype, batch):
+    """batch: equal-length token lists -> logits [len(batch) * len, vocab]."""
     hf = model_class.from_pretrained(folder, dtype=dtype).to("cuda").eval()
     with torch.no_grad():
-        return hf(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
+        logits = hf(torch.tensor(batch, device="cuda")).logits.float().cpu().numpy()
+    return logits.reshape(-1, logits.shape[-1])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bf16_is_as_close_to_fp32_as_hf_bf16(name, tmp_path):
     """Random weights leave many near-ties that bf16 rounding flips on either
-    side, so the yardstick is HF's own bf16: our bf16 top-1 must agree with
-    HF in float32 at least as well as HF in bf16 does (less 1.5%), and with
-    HF bf16 on >= 95% of positions."""
+    side, so the yardstick is HF's own bf16: over 4 x 256 positions our bf16
+    top-1 must agree with HF in float32 at least as well as HF in bf16 does
+    (less 2.5%, about three standard deviations of the difference), and
+    with HF bf16 on >= 95% of positions."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     folder = save_scaled(name, tmp_path / name, seed)
     ours = load_model(folder, create_backend("cuda", "bfloat16"), show_progress=False).model
     model_class = MODEL_CLASSES[transformers.AutoConfig.from_pretrained(folder).model_type]
-    ids = np.random.default_rng(seed).integers(0, ours.config.vocab_size, NUM_POSITIONS).tolist()
-    mine = top1(prompt_logits(ours, ids))
-    ref32, ref16 = (top1(hf_logits(model_class, folder, dt, ids)) for dt in (torch.float32, torch.bfloat16))
+    batch = np.random.default_rng(seed).integers(0, ours.config.vocab_size, (4, NUM_POSITIONS)).tolist()
+    mine = np.concatenate([top1(prompt_logits(ours, ids)) for ids in batch])
+    ref32, ref16 = (top1(hf_logits(model_class, folder, dt, batch)) for dt in (torch.float32, torch.bfloat16))
     ours_vs_32, hf16_vs_32 = np.mean(mine == ref32), np.mean(ref16 == ref32)
     ours_vs_16 = np.mean(mine == ref16)
     print(f"{name}: seed {seed}, ours-bf16 vs hf-fp32 {ours_vs_32:.4f}, hf-bf16 vs hf-fp32 {hf16_vs_32:.4f}, "
           f"ours-bf16 vs hf-bf16 {ours_vs_16:.4f}")
-    assert ours_vs_32 >= hf16_vs_32 - 0.015, f"seed {seed}"
+    assert ours_vs_32 >= hf16_vs_32 - 0.025, f"seed {seed}"
     assert ours_vs_16 >= 0.95, f"seed {seed}"
 
 
@@ -107,7 +110,7 @@ def test_trained_model_top1_agrees_with_hf_bf16(tmp_path):
     for _ in range(NUM_POSITIONS - 1):
         ids.append(int(successor[ids[-1]]))
     mine = top1(prompt_logits(ours, ids))
-    ref16 = top1(hf_logits(transformers.LlamaForCausalLM, folder, torch.bfloat16, ids))
+    ref16 = top1(hf_logits(transformers.LlamaForCausalLM, folder, torch.bfloat16, [ids]))
     agreement = float(np.mean(mine == ref16))
     print(f"trained bigram llama: seed {seed}, final loss {loss:.3f}, top-1 agreement with HF bf16 {agreement:.4f}")
     assert agreement >= 0.99, f"seed {seed}: top-1 agreement {agreement:.4f}"
