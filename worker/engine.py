@@ -12,34 +12,16 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Sequence
 
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
+from shardline.worker.engine_config import EngineConfig
 from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.request import Request, RequestStatus
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import RequestOutput, Scheduler, SchedulerConfig
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str | None = None                 # None: the embedded default model
-    backend: Literal["auto", "numpy", "cuda"] = "auto"
-    dtype: str | None = None
-    block_size_tokens: int = Field(16, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1)  # None: sized from memory
-    gpu_memory_fraction: float = Field(0.85, gt=0, le=1)  # of free GPU memory, for KV
-    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_num_seqs: int = Field(128, ge=1)
-    max_model_len: int | None = Field(None, ge=1)  # None: the model's context
-    enable_prefix_caching: bool = True
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
 
 
 @dataclass(frozen=True)

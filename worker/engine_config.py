@@ -1,0 +1,29 @@
+"""`EngineConfig`: the settings of one engine (model replica), frozen.
+
+Pure pydantic, no model or kernel imports, so the coordinator's cluster
+config can embed it and validate a whole cluster file before any process
+starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None                 # None: the embedded default model
+    backend: Literal["auto", "numpy", "cuda"] = "auto"
+    dtype: str | None = None
+    block_size_tokens: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)  # None: sized from memory
+    gpu_memory_fraction: float = Field(0.85, gt=0, le=1)  # of free GPU memory, for KV
+    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_num_seqs: int = Field(128, ge=1)
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's context
+    enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
