@@ -17,120 +17,31 @@ its callers.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import cupy
 import numpy as np
 
+from shardline.kernels.cuda_common import (
+    _ATTENTION_THREADS,
+    _MAX_EXPERTS,
+    _MAX_GRID_Y,
+    _MAX_HEAD_DIM,
+    _SAMPLE_THREADS,
+    _STORAGE_DTYPES,
+    _THREADS,
+    _as,
+    _compile_kernels,
+    _ctype,
+    _grid_1d,
+    _in_place,
+    _index,
+    _row_threads,
+    _rows,
+    _same_dtype,
+    _word,
+    bf16_bits,
+)
 from shardline.kernels.gemm import CublasGemm
-
-_KERNEL_DIR = Path(__file__).resolve().parent
-_STORAGE = ("float", "__half", "__nv_bfloat16")
-_WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
-# module file -> {kernel: template arguments to instantiate (None: not a template)}
-_KERNELS = {
-    "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
-                    "rope_kernel": _STORAGE, "rope_write_kv_kernel": _STORAGE, "scatter_add_rows_kernel": _STORAGE,
-                    "fill_rows_kernel": _STORAGE, "gather_rows_kernel": _WORDS, "write_kv_kernel": _WORDS,
-                    "copy_blocks_kernel": _WORDS},
-    "norms": {"rms_norm_kernel": _STORAGE, "layer_norm_kernel": _STORAGE, "softmax_kernel": _STORAGE,
-              "topk_softmax_kernel": _STORAGE},
-    "attention": {"attention_kernel": _STORAGE},
-    "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
-                 "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
-}
-_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", np.dtype(np.uint16): "__nv_bfloat16"}
-_STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-_THREADS = 256
-_ATTENTION_THREADS = 128  # ATTN_CHUNK in attention.cu
-_SAMPLE_THREADS = 1024
-_MAX_HEAD_DIM = 256
-_MAX_EXPERTS = 8192  # their probabilities fill at most 32 KiB of shared memory
-_MAX_GRID_Y = 65535
-
-
-def _include_options() -> tuple[str, ...]:
-    """-I for the first CUDA include folder holding cuda_bf16.h (NVRTC does
-    not ship it built in): the toolkit's, else the nvidia-cuda-runtime wheel's."""
-    get_cuda_path = getattr(cupy.cuda, "get_cuda_path", lambda: None)
-    candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), get_cuda_path(), "/usr/local/cuda"]
-    dirs = [os.path.join(root, "include") for root in candidates if root]
-    try:
-        from cuda import pathfinder
-        dirs.append(pathfinder.find_nvidia_header_directory("cudart"))
-    except Exception:  # an older cuda-pathfinder, or no wheel headers: the toolkit's may do
-        pass
-    for d in dirs:
-        if d and os.path.isfile(os.path.join(d, "cuda_bf16.h")):
-            return (f"-I{d}",)
-    return ()
-
-
-def _compile_kernels() -> dict:
-    common = (_KERNEL_DIR / "common.cu").read_text()
-    options = ("-std=c++17",) + _include_options()
-    functions = {}
-    for module_name, kernels in _KERNELS.items():
-        names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}
-        source = common + "\n" + (_KERNEL_DIR / f"{module_name}.cu").read_text()
-        module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
-        for key, expression in names.items():
-            functions[key] = module.get_function(expression)
-    return functions
-
-
-def _ctype(arr, what: str) -> str:
-    try:
-        return _CTYPES[arr.dtype]
-    except KeyError:
-        raise ValueError(f"{what} must be bfloat16 (uint16 bits), float16 or float32, got {arr.dtype}") from None
-
-
-def _word(arr) -> str:
-    return _WORDS[int(math.log2(arr.itemsize))]
-
-
-def _same_dtype(reference, *others) -> None:
-    for arr in others:
-        if arr.dtype != reference.dtype:
-            raise ValueError(f"dtype mismatch: {arr.dtype} vs {reference.dtype}")
-
-
-def _as(arr, dtype):
-    # contiguous device array of dtype; host arrays and other dtypes are copied
-    return cupy.ascontiguousarray(cupy.asarray(arr, dtype=dtype))
-
-
-def _index(arr):
-    return _as(arr, cupy.int64).ravel()  # [n] int64
-
-
-def _in_place(*arrays) -> None:
-    if not all(a.flags.c_contiguous for a in arrays):
-        raise ValueError("arrays written in place (caches, out) must be C-contiguous")
-
-
-def _grid_1d(n: int) -> tuple[int]:
-    return (min(-(-n // _THREADS), 1 << 16),)  # (0,) for nothing: no launch
-
-
-def _row_threads(width: int) -> tuple[int]:
-    # about four elements a thread, a whole number of warps, at most 1024
-    return (min(1024, 32 * max(1, -(-width // 128))),)
-
-
-def _rows(x) -> int:
-    return x.size // x.shape[-1] if x.shape[-1] else 0
-
-
-def bf16_bits(host: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(host, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(host)
-    rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
-    return rounded
 
 
 class CudaOps:

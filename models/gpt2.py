@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import Attention, AttentionContext, GeluMLP, Norm
+from shardline.models.layers import Attention, AttentionContext, GeluMLP, Norm, PreNormBlock
 from shardline.models.weights import WeightReader
 
 
@@ -16,30 +16,21 @@ def conv1d(backend: Backend, w: WeightReader, name: str, fan_in: int, fan_out: i
     return backend.asarray(w.host(name, (fan_in, fan_out)).T.copy())
 
 
-class GPT2Block:
+class GPT2Block(PreNormBlock):
     def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int):
         p, h, inter = f"transformer.h.{i}", c.hidden_size, c.intermediate_size
         self.index = i
-        self.ln_1 = Norm(backend, c, w, f"{p}.ln_1")
+        self.input_norm = Norm(backend, c, w, f"{p}.ln_1")
         self.attn = Attention(backend, c, conv1d(backend, w, f"{p}.attn.c_attn.weight", h, 3 * h),
                               w.get(f"{p}.attn.c_attn.bias", (3 * h,)),
                               conv1d(backend, w, f"{p}.attn.c_proj.weight", h, h),
                               w.get(f"{p}.attn.c_proj.bias", (h,)), cos_sin=None)
-        self.ln_2 = Norm(backend, c, w, f"{p}.ln_2")
+        self.post_norm = Norm(backend, c, w, f"{p}.ln_2")
         approximate = "none" if c.activation == "gelu" else "tanh"
         self.mlp = GeluMLP(backend, conv1d(backend, w, f"{p}.mlp.c_fc.weight", h, inter),
                            w.get(f"{p}.mlp.c_fc.bias", (inter,)),
                            conv1d(backend, w, f"{p}.mlp.c_proj.weight", inter, h),
                            w.get(f"{p}.mlp.c_proj.bias", (h,)), approximate)
-
-    def __call__(self, x, residual, positions, ctx: AttentionContext):
-        if residual is None:
-            x, residual = self.ln_1(x), x
-        else:
-            x, residual = self.ln_1(x, residual)
-        x = self.attn(x, positions, ctx, self.index)
-        x, residual = self.ln_2(x, residual)
-        return self.mlp(x), residual
 
 
 class GPT2LMHeadModel:

@@ -125,3 +125,24 @@ class SparseMoE:
             scale = weights[rows, xp.asarray(slots.astype(np.int32))]  # [n] float32
             ops.scatter_add_rows(out, rows, expert(ops.index_rows(x, rows)), scale)
         return out
+
+
+class PreNormBlock:
+    """norm -> attention -> residual add + norm -> MLP, with the residual add
+    fused into the norms. Subclasses build the five parts."""
+
+    index: int
+    input_norm: Norm
+    attn: Attention
+    post_norm: Norm
+    mlp: Any
+
+    def __call__(self, x, residual, positions, ctx: AttentionContext):
+        if residual is None:
+            x, residual = self.input_norm(x), x
+        else:
+            x, residual = self.input_norm(x, residual)
+        x = self.attn(x, positions, ctx, self.index)
+        x, residual = self.post_norm(x, residual)
+        return self.mlp(x), residual
+

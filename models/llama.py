@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import Attention, AttentionContext, GatedMLP, Norm, rotary_table
+from shardline.models.layers import Attention, AttentionContext, GatedMLP, Norm, PreNormBlock, rotary_table
 from shardline.models.weights import WeightReader
 
 
-class LlamaBlock:
+class LlamaBlock(PreNormBlock):
     def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int, cos_sin, mlp):
         p = f"model.layers.{i}"
         h, names = c.hidden_size, ("q", "k", "v")
@@ -29,15 +29,6 @@ class LlamaBlock:
         self.attn = Attention(backend, c, qkv_w, qkv_b, o_w, o_b, cos_sin)
         self.post_norm = Norm(backend, c, w, f"{p}.post_attention_layernorm")
         self.mlp = mlp
-
-    def __call__(self, x, residual, positions, ctx: AttentionContext):
-        if residual is None:
-            x, residual = self.input_norm(x), x
-        else:
-            x, residual = self.input_norm(x, residual)
-        x = self.attn(x, positions, ctx, self.index)
-        x, residual = self.post_norm(x, residual)
-        return self.mlp(x), residual
 
 
 def gated_mlp(backend: Backend, c: ModelConfig, w: WeightReader, prefix: str, inter: int) -> GatedMLP:

@@ -15,14 +15,9 @@ import math
 import numpy as np
 import pytest
 
+from gpu_guard import cupy  # noqa: E402  (skips the module without a GPU)
+
 pytestmark = pytest.mark.gpu
-cupy = pytest.importorskip("cupy")
-try:
-    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver at all
-    _NUM_GPUS = 0
-if _NUM_GPUS == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from shardline.kernels import numpy_ops, sampling_rng  # noqa: E402
 from shardline.kernels.cuda_ops import CudaOps  # noqa: E402
