@@ -92,6 +92,10 @@ class CudaOps:
         # out-of-range ids give zero rows (checking would need a host sync)
         return self._gather_rows(weight, ids)
 
+    def vocab_embedding(self, weight, ids, start: int):
+        # the gather kernel already writes zero rows for ids outside the table
+        return self.embedding(weight, _index(ids) - np.int64(start))
+
     def index_rows(self, x, rows):
         # x [n, ...] of any dtype, rows [m] -> [m, ...]
         return self._gather_rows(x, rows)

@@ -23,6 +23,14 @@ def embedding(weight: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return weight[ids]
 
 
+def vocab_embedding(weight: np.ndarray, ids: np.ndarray, start: int) -> np.ndarray:
+    """A vocab-parallel shard: rows for ids in [start, start + len(weight)),
+    zeros for the ids other ranks hold. weight [rows, hidden], ids [T]."""
+    local = ids - start
+    inside = (local >= 0) & (local < weight.shape[0])
+    return np.where(inside[:, None], weight[np.where(inside, local, 0)], 0).astype(weight.dtype)
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     # x [num_tokens, in], weight [out, in] (torch layout), bias [out]
     y = x @ weight.T

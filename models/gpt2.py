@@ -1,53 +1,65 @@
 """GPT-2: learned positions, LayerNorm, GELU MLP, biases everywhere.
 
 HF stores GPT-2's projections as Conv1D, weight [in, out]; they are
-transposed once at load into the [out, in] layout `linear` takes. Layers only.
+transposed once at load into the [out, in] layout `linear` takes, then
+sliced for this rank under tensor parallelism. Layers only.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import Attention, AttentionContext, GeluMLP, Norm, PreNormBlock
+from shardline.models.layers import (Attention, AttentionContext, GeluMLP, Norm, PreNormBlock,
+                                     RowParallelLinear, VocabParallel)
+from shardline.models.llama import head_rows
 from shardline.models.weights import WeightReader
+from shardline.parallel.sharding import TensorParallel, even_range, split_heads
 
 
-def conv1d(backend: Backend, w: WeightReader, name: str, fan_in: int, fan_out: int):
-    return backend.asarray(w.host(name, (fan_in, fan_out)).T.copy())
+def conv1d(w: WeightReader, name: str, fan_in: int, fan_out: int) -> np.ndarray:
+    """Conv1D weight [in, out] -> [out, in] on the host."""
+    return np.ascontiguousarray(w.host(name, (fan_in, fan_out)).T)
 
 
 class GPT2Block(PreNormBlock):
-    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int):
+    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int):
         p, h, inter = f"transformer.h.{i}", c.hidden_size, c.intermediate_size
+        split = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank)
+        (q0, q1), _ = head_rows(split, c.head_dim)
+        qkv_rows = np.r_[q0:q1, h + q0:h + q1, 2 * h + q0:2 * h + q1]  # this rank's q, k, v rows
+        asarray = backend.asarray
         self.index = i
         self.input_norm = Norm(backend, c, w, f"{p}.ln_1")
-        self.attn = Attention(backend, c, conv1d(backend, w, f"{p}.attn.c_attn.weight", h, 3 * h),
-                              w.get(f"{p}.attn.c_attn.bias", (3 * h,)),
-                              conv1d(backend, w, f"{p}.attn.c_proj.weight", h, h),
-                              w.get(f"{p}.attn.c_proj.bias", (h,)), cos_sin=None)
+        out = RowParallelLinear(backend, tp, asarray(conv1d(w, f"{p}.attn.c_proj.weight", h, h)[:, q0:q1]),
+                                w.get(f"{p}.attn.c_proj.bias", (h,)))
+        self.attn = Attention(backend, c, split, asarray(conv1d(w, f"{p}.attn.c_attn.weight", h, 3 * h)[qkv_rows]),
+                              asarray(w.host(f"{p}.attn.c_attn.bias", (3 * h,))[qkv_rows]), out, cos_sin=None)
         self.post_norm = Norm(backend, c, w, f"{p}.ln_2")
-        approximate = "none" if c.activation == "gelu" else "tanh"
-        self.mlp = GeluMLP(backend, conv1d(backend, w, f"{p}.mlp.c_fc.weight", h, inter),
-                           w.get(f"{p}.mlp.c_fc.bias", (inter,)),
-                           conv1d(backend, w, f"{p}.mlp.c_proj.weight", inter, h),
-                           w.get(f"{p}.mlp.c_proj.bias", (h,)), approximate)
+        f0, f1 = even_range(inter, tp.size, tp.rank, "n_inner")
+        proj = RowParallelLinear(backend, tp, asarray(conv1d(w, f"{p}.mlp.c_proj.weight", inter, h)[:, f0:f1]),
+                                 w.get(f"{p}.mlp.c_proj.bias", (h,)))
+        self.mlp = GeluMLP(backend, asarray(conv1d(w, f"{p}.mlp.c_fc.weight", h, inter)[f0:f1]),
+                           asarray(w.host(f"{p}.mlp.c_fc.bias", (inter,))[f0:f1]), proj,
+                           "none" if c.activation == "gelu" else "tanh")
 
 
 class GPT2LMHeadModel:
-    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader):
+    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel()):
         c = config
-        self.backend, self.config, self.ops = backend, c, backend.ops
+        self.backend, self.config, self.ops, self.tp = backend, c, backend.ops, tp
         # HF checkpoints come with and without the "transformer." prefix.
         w = _PrefixedReader(w) if not w.has("transformer.wte.weight") else w
-        self.wte = w.get("transformer.wte.weight", (c.vocab_size, c.hidden_size))
+        self.wte = VocabParallel(backend, tp, w, "transformer.wte.weight", c.vocab_size, c.hidden_size)
         self.wpe = w.get("transformer.wpe.weight", (c.max_position_embeddings, c.hidden_size))
-        self.layers = [GPT2Block(backend, c, w, i) for i in range(c.num_layers)]
+        self.layers = [GPT2Block(backend, c, w, tp, i) for i in range(c.num_layers)]
         self.ln_f = Norm(backend, c, w, "transformer.ln_f")
-        self.lm_head = self.wte
+        self.num_kv_heads_per_rank = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank).num_kv_heads
 
     def forward(self, ids, positions, ctx: AttentionContext):
         ops = self.ops
-        x = ops.add(ops.embedding(self.wte, ids), ops.embedding(self.wpe, positions))
+        x = ops.add(self.wte.embed(ids), ops.embedding(self.wpe, positions))
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, ctx)
@@ -55,7 +67,7 @@ class GPT2LMHeadModel:
         return x
 
     def compute_logits(self, hidden):
-        return self.ops.linear(hidden, self.lm_head)
+        return self.wte.logits(hidden)
 
 
 class _PrefixedReader:
@@ -70,8 +82,8 @@ class _PrefixedReader:
     def has(self, name):
         return self.inner.has(self._strip(name))
 
-    def host(self, name, shape):
-        return self.inner.host(self._strip(name), shape)
+    def host(self, name, shape, axis=0, part=None):
+        return self.inner.host(self._strip(name), shape, axis, part)
 
-    def get(self, name, shape):
-        return self.inner.get(self._strip(name), shape)
+    def get(self, name, shape, axis=0, part=None):
+        return self.inner.get(self._strip(name), shape, axis, part)

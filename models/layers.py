@@ -1,16 +1,21 @@
-"""Building blocks shared by the model files: norms, attention, MLPs, MoE.
+"""Building blocks shared by the model files: norms, attention, MLPs, MoE,
+vocab-parallel embedding and LM head.
 
 Layers hold backend arrays and call `backend.ops`; they never branch on the
-backend and never keep per-step state. Per-step metadata arrives as an
-argument: `positions` and an attention context with one method,
+backend and never keep per-step state. Under tensor parallelism each layer
+holds its rank's slice and does its own collective (`TensorParallel`):
+column-parallel projections need none, row-parallel ones (attention output,
+MLP down) all-reduce once, with their bias added after the reduction.
+Per-step metadata arrives as an argument: `positions` and an attention
+context with one method,
 
     attend(layer_index, q, k, v, positions, cos_sin) -> out
         q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads,
-        head_dim] for this step's tokens, before RoPE; cos_sin is the
-        model's rotary table (None for models without RoPE). The context
-        applies RoPE, stores k/v in its KV cache (one fused kernel where the
-        backend has it) and returns attention over each whole sequence,
-        [num_tokens, num_heads, head_dim].
+        head_dim] for this step's tokens (this rank's heads), before RoPE;
+        cos_sin is the model's rotary table (None for models without RoPE).
+        The context applies RoPE, stores k/v in its KV cache (one fused
+        kernel where the backend has it) and returns attention over each
+        whole sequence, [num_tokens, num_heads, head_dim].
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from shardline.kernels.backend import Backend
 from shardline.kernels.rope import rope_cos_sin
 from shardline.models.config import ModelConfig
 from shardline.models.weights import WeightReader
+from shardline.parallel.sharding import HeadSplit, TensorParallel, vocab_range
 
 
 class AttentionContext(Protocol):
@@ -30,7 +36,7 @@ class AttentionContext(Protocol):
 
 
 class Norm:
-    """RMSNorm or LayerNorm, with the fused residual add."""
+    """RMSNorm or LayerNorm (replicated on every rank), with the fused residual add."""
 
     def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, prefix: str):
         h = config.hidden_size
@@ -52,63 +58,81 @@ def rotary_table(backend: Backend, config: ModelConfig) -> Any:
     return backend.xp.asarray(table.astype(dtype))
 
 
-class Attention:
-    """Fused QKV projection, attention (with RoPE when cos_sin is given) through
-    the context, output projection."""
+class RowParallelLinear:
+    """y = x @ W^T (+ b) where x and W's input columns are split over the tp
+    group: each rank's partial product is summed with one all-reduce."""
 
-    def __init__(self, backend: Backend, config: ModelConfig, qkv_weight, qkv_bias, o_weight,
-                 o_bias, cos_sin: Any | None):
-        self.ops, self.xp, self.c = backend.ops, backend.xp, config
-        self.qkv_weight, self.qkv_bias = qkv_weight, qkv_bias  # [q + 2 kv, hidden]
-        self.o_weight, self.o_bias = o_weight, o_bias          # [hidden, q]
+    def __init__(self, backend: Backend, tp: TensorParallel, weight, bias=None):
+        self.ops, self.tp = backend.ops, tp
+        self.weight, self.bias = weight, bias  # [out, in / tp], [out]
+
+    def __call__(self, x):
+        if self.tp.size == 1:
+            return self.ops.linear(x, self.weight, self.bias)
+        y = self.tp.comm.all_reduce(self.ops.linear(x, self.weight))
+        return y if self.bias is None else self.ops.add(y, self.bias)
+
+
+class Attention:
+    """Fused QKV projection (this rank's heads), attention through the
+    context, row-parallel output projection."""
+
+    def __init__(self, backend: Backend, config: ModelConfig, heads: HeadSplit, qkv_weight, qkv_bias,
+                 out: RowParallelLinear, cos_sin: Any | None):
+        self.ops, self.xp = backend.ops, backend.xp
+        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads = heads.num_q_heads, heads.num_kv_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_weight, self.qkv_bias = qkv_weight, qkv_bias  # [q + 2 kv (this rank), hidden]
+        self.out = out
         self.cos_sin = cos_sin  # [max_positions, head_dim] or None
 
     def __call__(self, x, positions, ctx: AttentionContext, layer_index: int):
-        c, num_tokens = self.c, x.shape[0]
+        num_tokens, qs, kvs = x.shape[0], self.q_size, self.kv_size
         qkv = self.ops.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
-        q = self.xp.ascontiguousarray(qkv[:, :c.q_size]).reshape(num_tokens, c.num_heads, c.head_dim)
-        k = self.xp.ascontiguousarray(qkv[:, c.q_size:c.q_size + c.kv_size])
-        v = self.xp.ascontiguousarray(qkv[:, c.q_size + c.kv_size:])
-        k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        q = self.xp.ascontiguousarray(qkv[:, :qs]).reshape(num_tokens, self.num_heads, self.head_dim)
+        k = self.xp.ascontiguousarray(qkv[:, qs:qs + kvs]).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.xp.ascontiguousarray(qkv[:, qs + kvs:]).reshape(num_tokens, self.num_kv_heads, self.head_dim)
         out = ctx.attend(layer_index, q, k, v, positions, self.cos_sin)  # [T, heads, head_dim]
-        return self.ops.linear(out.reshape(num_tokens, c.q_size), self.o_weight, self.o_bias)
+        return self.out(out.reshape(num_tokens, qs))
 
 
 class GatedMLP:
-    """SiLU-gated MLP with gate and up fused: down(silu(gate(x)) * up(x))."""
+    """SiLU-gated MLP, gate and up fused: down(silu(gate(x)) * up(x)).
+    gate/up hold this rank's rows of the intermediate dimension; `down` is
+    row-parallel (pass a single-rank one to defer the reduction, as MoE does)."""
 
-    def __init__(self, backend: Backend, gate_up_weight, down_weight, gate_up_bias=None, down_bias=None):
+    def __init__(self, backend: Backend, gate_up_weight, down: RowParallelLinear, gate_up_bias=None):
         self.ops = backend.ops
-        self.gate_up_weight, self.gate_up_bias = gate_up_weight, gate_up_bias  # [2 * inter, hidden]
-        self.down_weight, self.down_bias = down_weight, down_bias              # [hidden, inter]
+        self.gate_up_weight, self.gate_up_bias = gate_up_weight, gate_up_bias  # [2 * inter / tp, hidden]
+        self.down = down
 
     def __call__(self, x):
-        h = self.ops.silu_and_mul(self.ops.linear(x, self.gate_up_weight, self.gate_up_bias))
-        return self.ops.linear(h, self.down_weight, self.down_bias)
+        return self.down(self.ops.silu_and_mul(self.ops.linear(x, self.gate_up_weight, self.gate_up_bias)))
 
 
 class GeluMLP:
-    def __init__(self, backend: Backend, fc_weight, fc_bias, proj_weight, proj_bias, approximate: str):
+    def __init__(self, backend: Backend, fc_weight, fc_bias, proj: RowParallelLinear, approximate: str):
         self.ops, self.approximate = backend.ops, approximate
-        self.fc_weight, self.fc_bias = fc_weight, fc_bias
-        self.proj_weight, self.proj_bias = proj_weight, proj_bias
+        self.fc_weight, self.fc_bias = fc_weight, fc_bias  # [inter / tp, hidden]
+        self.proj = proj
 
     def __call__(self, x):
-        h = self.ops.gelu(self.ops.linear(x, self.fc_weight, self.fc_bias), self.approximate)
-        return self.ops.linear(h, self.proj_weight, self.proj_bias)
+        return self.proj(self.ops.gelu(self.ops.linear(x, self.fc_weight, self.fc_bias), self.approximate))
 
 
 class SparseMoE:
     """Top-k softmax routing over experts (renormalised, as Mixtral does).
 
-    Single rank: tokens are grouped by expert on the host and each expert
-    runs on its rows; expert parallelism replaces this dispatch later.
+    Tokens are grouped by expert on the host and each expert runs on its
+    rows; under tensor parallelism every expert holds a slice of its
+    intermediate dimension and the partial outputs of all experts are
+    reduced once. Expert parallelism replaces this dispatch later.
     """
 
-    def __init__(self, backend: Backend, router_weight, experts: list[GatedMLP], top_k: int):
-        self.backend, self.ops = backend, backend.ops
-        self.router_weight = router_weight  # [num_experts, hidden]
+    def __init__(self, backend: Backend, tp: TensorParallel, router_weight, experts: list[GatedMLP], top_k: int):
+        self.backend, self.ops, self.tp = backend, backend.ops, tp
+        self.router_weight = router_weight  # [num_experts, hidden], replicated
         self.experts, self.top_k = experts, top_k
 
     def __call__(self, x):
@@ -124,7 +148,31 @@ class SparseMoE:
             rows = xp.asarray(tokens.astype(np.int32))
             scale = weights[rows, xp.asarray(slots.astype(np.int32))]  # [n] float32
             ops.scatter_add_rows(out, rows, expert(ops.index_rows(x, rows)), scale)
-        return out
+        return self.tp.comm.all_reduce(out) if self.tp.size > 1 else out
+
+
+class VocabParallel:
+    """Embedding table and LM head split by vocabulary rows over the tp group
+    (ceil(vocab / tp) rows each, the last rank zero-padded)."""
+
+    def __init__(self, backend: Backend, tp: TensorParallel, w: WeightReader, name: str, vocab: int, hidden: int):
+        self.ops, self.xp, self.tp, self.vocab = backend.ops, backend.xp, tp, vocab
+        start, stop, per_rank = vocab_range(vocab, tp.size, tp.rank)
+        rows = w.host(name, (vocab, hidden), 0, (start, stop) if tp.size > 1 else None)
+        self.start = start
+        self.weight = backend.asarray(np.pad(rows, ((0, per_rank - rows.shape[0]), (0, 0))))
+
+    def embed(self, ids):
+        if self.tp.size == 1:
+            return self.ops.embedding(self.weight, ids)
+        return self.tp.comm.all_reduce(self.ops.vocab_embedding(self.weight, ids, self.start))
+
+    def logits(self, hidden):
+        # hidden [n, hidden] -> [n, vocab]
+        local = self.ops.linear(hidden, self.weight)  # [n, vocab / tp (padded)]
+        if self.tp.size == 1:
+            return local
+        return self.xp.ascontiguousarray(self.tp.comm.all_gather(local, axis=-1)[:, :self.vocab])
 
 
 class PreNormBlock:
@@ -145,4 +193,3 @@ class PreNormBlock:
         x = self.attn(x, positions, ctx, self.index)
         x, residual = self.post_norm(x, residual)
         return self.mlp(x), residual
-

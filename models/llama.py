@@ -2,68 +2,91 @@
 
 Pre-norm blocks: RMSNorm -> attention with RoPE and grouped KV heads ->
 RMSNorm -> SiLU-gated MLP, with the residual add fused into each norm.
-Layers only: caches and step metadata come in through `forward`'s
-arguments. Mixtral (mixtral.py) reuses this with a sparse MoE MLP.
+Under tensor parallelism each rank reads only its heads' rows of Q/K/V,
+its columns of o_proj, and its slice of the MLP. Layers only: caches and
+step metadata come in through `forward`'s arguments. Mixtral (mixtral.py)
+reuses this with a sparse MoE MLP.
 """
 
 from __future__ import annotations
 
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import Attention, AttentionContext, GatedMLP, Norm, PreNormBlock, rotary_table
+from shardline.models.layers import (Attention, AttentionContext, GatedMLP, Norm, PreNormBlock,
+                                     RowParallelLinear, VocabParallel, rotary_table)
 from shardline.models.weights import WeightReader
+from shardline.parallel.sharding import HeadSplit, TensorParallel, even_range, split_heads
+
+
+def head_rows(split: HeadSplit, head_dim: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Row ranges of this rank's query and KV heads in the q / k,v projections."""
+    (q0, q1), (k0, k1) = split.q_heads, split.kv_heads
+    return (q0 * head_dim, q1 * head_dim), (k0 * head_dim, k1 * head_dim)
+
+
+def llama_attention(backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, p: str,
+                    cos_sin) -> Attention:
+    split = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank)
+    q_rows, kv_rows = head_rows(split, c.head_dim)
+    h, names = c.hidden_size, [f"{p}.self_attn.{n}_proj" for n in ("q", "k", "v")]
+    shapes, parts = [(c.q_size, h), (c.kv_size, h), (c.kv_size, h)], [q_rows, kv_rows, kv_rows]
+    qkv_w = w.concat([f"{n}.weight" for n in names], shapes, parts)
+    qkv_b = w.concat([f"{n}.bias" for n in names], [s[:1] for s in shapes], parts) if c.qkv_bias else None
+    o_w = w.get(f"{p}.self_attn.o_proj.weight", (h, c.q_size), 1, q_rows)
+    o_b = w.get(f"{p}.self_attn.o_proj.bias", (h,)) if c.o_bias else None
+    return Attention(backend, c, split, qkv_w, qkv_b, RowParallelLinear(backend, tp, o_w, o_b), cos_sin)
+
+
+def gated_mlp(backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, prefix: str,
+              inter: int, reduce_tp: TensorParallel | None = None) -> GatedMLP:
+    """`reduce_tp` is the group that sums the down projection (default `tp`;
+    MoE passes a single-rank one and reduces once over all experts)."""
+    h, part = c.hidden_size, even_range(inter, tp.size, tp.rank, "intermediate_size")
+    names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+    gate_up = w.concat([f"{n}.weight" for n in names], [(inter, h)] * 2, [part] * 2)
+    gate_up_b = w.concat([f"{n}.bias" for n in names], [(inter,)] * 2, [part] * 2) if c.mlp_bias else None
+    down_w = w.get(f"{prefix}.down_proj.weight", (h, inter), 1, part)
+    down_b = w.get(f"{prefix}.down_proj.bias", (h,)) if c.mlp_bias else None
+    down = RowParallelLinear(backend, reduce_tp or tp, down_w, down_b)
+    return GatedMLP(backend, gate_up, down, gate_up_b)
 
 
 class LlamaBlock(PreNormBlock):
-    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int, cos_sin, mlp):
+    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int,
+                 cos_sin, mlp):
         p = f"model.layers.{i}"
-        h, names = c.hidden_size, ("q", "k", "v")
-        shapes = [(c.q_size, h), (c.kv_size, h), (c.kv_size, h)]
-        qkv_w = w.concat([f"{p}.self_attn.{n}_proj.weight" for n in names], shapes)
-        qkv_b = w.concat([f"{p}.self_attn.{n}_proj.bias" for n in names],
-                         [s[:1] for s in shapes]) if c.qkv_bias else None
-        o_w = w.get(f"{p}.self_attn.o_proj.weight", (h, c.q_size))
-        o_b = w.get(f"{p}.self_attn.o_proj.bias", (h,)) if c.o_bias else None
         self.index = i
         self.input_norm = Norm(backend, c, w, f"{p}.input_layernorm")
-        self.attn = Attention(backend, c, qkv_w, qkv_b, o_w, o_b, cos_sin)
+        self.attn = llama_attention(backend, c, w, tp, p, cos_sin)
         self.post_norm = Norm(backend, c, w, f"{p}.post_attention_layernorm")
         self.mlp = mlp
 
 
-def gated_mlp(backend: Backend, c: ModelConfig, w: WeightReader, prefix: str, inter: int) -> GatedMLP:
-    h = c.hidden_size
-    gate_up = w.concat([f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"], [(inter, h)] * 2)
-    down = w.get(f"{prefix}.down_proj.weight", (h, inter))
-    if not c.mlp_bias:
-        return GatedMLP(backend, gate_up, down)
-    gate_up_b = w.concat([f"{prefix}.gate_proj.bias", f"{prefix}.up_proj.bias"], [(inter,)] * 2)
-    return GatedMLP(backend, gate_up, down, gate_up_b, w.get(f"{prefix}.down_proj.bias", (h,)))
-
-
 class LlamaForCausalLM:
-    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader):
+    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel()):
         c = config
-        self.backend, self.config, self.ops = backend, c, backend.ops
-        self.embed = w.get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        self.backend, self.config, self.ops, self.tp = backend, c, backend.ops, tp
+        self.embed = VocabParallel(backend, tp, w, "model.embed_tokens.weight", c.vocab_size, c.hidden_size)
         cos_sin = rotary_table(backend, c)
-        self.layers = [LlamaBlock(backend, c, w, i, cos_sin, self.build_mlp(backend, c, w, i))
+        self.layers = [LlamaBlock(backend, c, w, tp, i, cos_sin, self.build_mlp(backend, c, w, tp, i))
                        for i in range(c.num_layers)]
         self.norm = Norm(backend, c, w, "model.norm")
         tied = c.tie_word_embeddings or not w.has("lm_head.weight")
-        self.lm_head = self.embed if tied else w.get("lm_head.weight", (c.vocab_size, c.hidden_size))
+        self.lm_head = self.embed if tied else VocabParallel(backend, tp, w, "lm_head.weight", c.vocab_size,
+                                                              c.hidden_size)
+        self.num_kv_heads_per_rank = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank).num_kv_heads
 
-    def build_mlp(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int):
-        return gated_mlp(backend, c, w, f"model.layers.{i}.mlp", c.intermediate_size)
+    def build_mlp(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int):
+        return gated_mlp(backend, c, w, tp, f"model.layers.{i}.mlp", c.intermediate_size)
 
     def forward(self, ids, positions, ctx: AttentionContext):
         """ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        x, residual = self.ops.embedding(self.embed, ids), None
+        x, residual = self.embed.embed(ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, ctx)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden):
-        # hidden [n, hidden] -> [n, vocab]
-        return self.ops.linear(hidden, self.lm_head)
+        # hidden [n, hidden] -> [n, vocab] (gathered over the tp group)
+        return self.lm_head.logits(hidden)

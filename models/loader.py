@@ -18,6 +18,7 @@ from shardline.models.config import ModelConfig
 from shardline.models.errors import ModelLoadError
 from shardline.models.registry import lookup
 from shardline.models.weights import Checkpoint, WeightReader
+from shardline.parallel.sharding import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,16 @@ def parse_config(checkpoint: Checkpoint) -> tuple[ModelConfig, type]:
         raise ModelLoadError(checkpoint.path, f"inconsistent config: {err}") from None
 
 
-def load_model(path: str | Path, backend: Backend, show_progress: bool = True) -> LoadedModel:
+def load_model(path: str | Path, backend: Backend, show_progress: bool = True,
+               tp: TensorParallel = TensorParallel()) -> LoadedModel:
+    """Loads this rank's shard when `tp` spans several ranks (the whole model by default)."""
     checkpoint = open_checkpoint(path)
     config, model_class = parse_config(checkpoint)
     reader = WeightReader(checkpoint, backend, show_progress)
     try:
-        model = model_class(backend, config, reader)
+        model = model_class(backend, config, reader, tp)
+    except ValueError as err:  # a layout the tp size cannot split
+        raise ModelLoadError(checkpoint.path, str(err)) from None
     finally:
         reader.close()
     return LoadedModel(model, config, checkpoint)

@@ -1,23 +1,43 @@
 """Mixtral: the Llama block with a sparse mixture-of-experts MLP (top-2
-softmax gating, renormalised). Layers only."""
+softmax gating, renormalised). Under tensor parallelism every expert is
+split like a dense MLP and the MoE output is reduced once. Layers only."""
 
 from __future__ import annotations
 
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import GatedMLP, SparseMoE
-from shardline.models.llama import LlamaForCausalLM
+from shardline.models.layers import SparseMoE
+from shardline.models.llama import LlamaForCausalLM, gated_mlp
 from shardline.models.weights import WeightReader
+from shardline.parallel.sharding import TensorParallel
+
+# HF's Mixtral names the expert projections w1 (gate), w3 (up), w2 (down).
+_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+class _ExpertNames:
+    """Reads `...experts.E.gate_proj` as HF's `...experts.E.w1` (and so on),
+    so experts load through the dense MLP's code."""
+
+    def __init__(self, inner: WeightReader):
+        self.inner = inner
+
+    def _name(self, name: str) -> str:
+        for ours, theirs in _EXPERT_NAMES.items():
+            name = name.replace(f".{ours}.", f".{theirs}.")
+        return name
+
+    def concat(self, names, shapes, parts=None):
+        return self.inner.concat([self._name(n) for n in names], shapes, parts)
+
+    def get(self, name, shape, axis=0, part=None):
+        return self.inner.get(self._name(name), shape, axis, part)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    def build_mlp(self, backend: Backend, c: ModelConfig, w: WeightReader, i: int):
-        p, h, inter = f"model.layers.{i}.block_sparse_moe", c.hidden_size, c.intermediate_size
-        experts = []
-        for e in range(c.num_experts):
-            # HF's Mixtral names: w1 = gate, w3 = up, w2 = down.
-            gate_up = w.concat([f"{p}.experts.{e}.w1.weight", f"{p}.experts.{e}.w3.weight"],
-                               [(inter, h)] * 2)
-            experts.append(GatedMLP(backend, gate_up, w.get(f"{p}.experts.{e}.w2.weight", (h, inter))))
-        router = w.get(f"{p}.gate.weight", (c.num_experts, h))
-        return SparseMoE(backend, router, experts, c.num_experts_per_token)
+    def build_mlp(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int):
+        p = f"model.layers.{i}.block_sparse_moe"
+        experts = [gated_mlp(backend, c, _ExpertNames(w), tp, f"{p}.experts.{e}", c.intermediate_size,
+                             reduce_tp=TensorParallel()) for e in range(c.num_experts)]
+        router = w.get(f"{p}.gate.weight", (c.num_experts, c.hidden_size))
+        return SparseMoE(backend, tp, router, experts, c.num_experts_per_token)

@@ -30,9 +30,9 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _bf16_view(path: Path, name: str) -> np.ndarray:
+def _bf16_bits(path: Path, name: str) -> np.ndarray:
     """safetensors' NumPy reader has no bfloat16: map the raw bits ourselves
-    (header layout: u64 length, JSON, then the data block) and widen them."""
+    (header layout: u64 length, JSON, then the data block), uint16, lazily."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
@@ -40,7 +40,11 @@ def _bf16_view(path: Path, name: str) -> np.ndarray:
     begin, end = info["data_offsets"]
     bits = np.memmap(path, dtype=np.uint16, mode="r", offset=8 + header_len + begin,
                      shape=((end - begin) // 2,))
-    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    return bits.reshape(info["shape"])
+
+
+def _widen_bf16(bits: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 class SafetensorsCheckpoint:
@@ -71,11 +75,26 @@ class SafetensorsCheckpoint:
         try:
             handle = self._handle(path)
             if handle.get_slice(name).get_dtype() == "BF16":
-                return _bf16_view(path, name)
+                return _widen_bf16(_bf16_bits(path, name))
             return handle.get_tensor(name).astype(np.float32, copy=False)
         except ModelLoadError:
             raise
         except Exception as err:  # safetensors raises several types for bad bytes
+            raise ModelLoadError(path, f"cannot read tensor {name}: {err}") from None
+
+    def tensor_shape(self, name: str) -> list[int]:
+        return list(self._handle(self._files[name]).get_slice(name).get_shape())
+
+    def get_tensor_part(self, name: str, axis: int, start: int, stop: int) -> np.ndarray:
+        """Rows (axis 0) or columns (axis 1) [start, stop) without reading the rest."""
+        path = self._files[name]
+        index = (slice(None),) * axis + (slice(start, stop),)
+        try:
+            handle = self._handle(path)
+            if handle.get_slice(name).get_dtype() == "BF16":
+                return _widen_bf16(_bf16_bits(path, name)[index])
+            return np.ascontiguousarray(handle.get_slice(name)[index]).astype(np.float32, copy=False)
+        except Exception as err:
             raise ModelLoadError(path, f"cannot read tensor {name}: {err}") from None
 
     def _handle(self, path: Path):

@@ -37,28 +37,43 @@ class WeightReader:
     def has(self, name: str) -> bool:
         return name in self._names
 
-    def host(self, name: str, shape: Sequence[int]) -> np.ndarray:
-        """The tensor as float32 on the host, checked against `shape`."""
+    def host(self, name: str, shape: Sequence[int], axis: int = 0,
+             part: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor as float32 on the host, checked against its full `shape`;
+        with `part` = (start, stop), only that slice along `axis` (a
+        tensor-parallel rank's share; safetensors reads just those bytes)."""
         if name not in self._names:
             raise ModelLoadError(self.checkpoint.path, f"tensor {name} is missing from the checkpoint")
-        array = self.checkpoint.get_tensor(name)
-        if tuple(array.shape) != tuple(shape):
-            where = getattr(self.checkpoint, "file_of", lambda _: self.checkpoint.path)(name)
-            raise ModelLoadError(where, f"tensor {name} has shape {list(array.shape)} but the config "
-                                        f"implies {list(shape)}")
+        read_part = getattr(self.checkpoint, "get_tensor_part", None)
+        if part is not None and read_part is not None:
+            self._check_shape(name, self.checkpoint.tensor_shape(name), shape)
+            array = read_part(name, axis, *part)
+        else:
+            array = self.checkpoint.get_tensor(name)
+            self._check_shape(name, array.shape, shape)
+            if part is not None:
+                array = np.take(array, np.arange(*part), axis=axis)
         self._progress.update(1)
         return array
 
-    def get(self, name: str, shape: Sequence[int]) -> Any:
-        return self.backend.asarray(self.host(name, shape))
+    def _check_shape(self, name: str, actual: Sequence[int], expected: Sequence[int]) -> None:
+        if tuple(actual) != tuple(expected):
+            where = getattr(self.checkpoint, "file_of", lambda _: self.checkpoint.path)(name)
+            raise ModelLoadError(where, f"tensor {name} has shape {list(actual)} but the config "
+                                        f"implies {list(expected)}")
+
+    def get(self, name: str, shape: Sequence[int], axis: int = 0, part: tuple[int, int] | None = None) -> Any:
+        return self.backend.asarray(self.host(name, shape, axis, part))
 
     def optional(self, name: str, shape: Sequence[int]) -> Any | None:
         return self.get(name, shape) if self.has(name) else None
 
-    def concat(self, names: Sequence[str], shapes: Sequence[Sequence[int]], axis: int = 0) -> Any:
-        """Several tensors fused into one (QKV, gate+up) along `axis`."""
-        parts = [self.host(n, s) for n, s in zip(names, shapes)]
-        return self.backend.asarray(np.concatenate(parts, axis=axis))
+    def concat(self, names: Sequence[str], shapes: Sequence[Sequence[int]],
+               parts: Sequence[tuple[int, int] | None] | None = None) -> Any:
+        """Several tensors (or row slices of them) fused along the first axis (QKV, gate+up)."""
+        parts = parts or [None] * len(names)
+        pieces = [self.host(n, s, 0, p) for n, s, p in zip(names, shapes, parts)]
+        return self.backend.asarray(np.concatenate(pieces, axis=0))
 
     def close(self) -> None:
         self._progress.close()

@@ -50,7 +50,7 @@ def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
     if config.num_kv_blocks:
         return config.num_kv_blocks
     backend = local.model.backend
-    per_block = kv_bytes_per_block(local.model.config, backend, config.block_size_tokens)
+    per_block = kv_bytes_per_block(local.model, config.block_size_tokens)
     free = backend.free_device_bytes()
     budget = int(free * config.gpu_memory_fraction) if free is not None else config.cpu_kv_cache_bytes
     return max(1, budget // per_block)
@@ -78,8 +78,12 @@ class LLMEngine:
         self._ids = itertools.count()
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
-                    priority: int = 0) -> None:
-        """A prompt as text (tokenized here, no chat template) or as token ids."""
+                    priority: int = 0, output_token_ids: Sequence[int] = ()) -> None:
+        """A prompt as text (tokenized here, no chat template) or as token ids.
+
+        `output_token_ids`: tokens already streamed by another group (a resumed
+        request); generation continues after them and they count toward max_tokens.
+        """
         if request_id in self._detokenizers:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
@@ -87,13 +91,18 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("prompt must hold at least one token")
-        if any(not 0 <= t < self.local.model.config.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.local.model.config.vocab_size})")
+        vocab_size = self.local.model.config.vocab_size
+        outputs = [int(t) for t in output_token_ids]
+        for name, tokens in (("prompt", ids), ("output_token_ids", outputs)):
+            if any(not 0 <= t < vocab_size for t in tokens):
+                raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
         self.scheduler.add_request(Request(request_id=request_id, prompt_token_ids=ids, params=params,
                                            arrival_time=time.monotonic(), priority=priority,
-                                           eos_token_ids=self.eos_token_ids))
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop) \
-            if self.tokenizer else None
+                                           eos_token_ids=self.eos_token_ids, output_token_ids=outputs))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer else None
+        for token in outputs if detok else ():
+            detok.push(token)   # the client has this text already; later deltas decode in its context
+        self._detokenizers[request_id] = detok
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort_request(request_id)

@@ -29,7 +29,7 @@ def _run(model: Any, cache: SequenceKVCache, token_ids: Sequence[int]) -> Any:
 
 def prompt_logits(model: Any, token_ids: Sequence[int]) -> np.ndarray:
     """Logits at every position of `token_ids` (teacher forcing), as float32 [n, vocab]."""
-    cache = SequenceKVCache(model.backend, model.config, len(token_ids))
+    cache = SequenceKVCache(model.backend, model.config, len(token_ids), model.num_kv_heads_per_rank)
     return model.backend.to_numpy(model.compute_logits(_run(model, cache, token_ids)))
 
 
@@ -43,7 +43,7 @@ def generate(model: Any, prompt_ids: Sequence[int], params: SamplingParams,
         raise ValueError(f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) "
                          f"exceeds the model's context of {config.max_position_embeddings} tokens")
     backend = model.backend
-    cache = SequenceKVCache(backend, config, total)
+    cache = SequenceKVCache(backend, config, total, model.num_kv_heads_per_rank)
     sampling = [backend.xp.asarray(np.asarray([v], dtype=t)) for v, t in (
         (params.temperature, np.float32), (params.top_k, np.int32), (params.top_p, np.float32),
         (params.seed, np.uint64))]

@@ -19,14 +19,16 @@ from shardline.models.config import ModelConfig
 from shardline.worker.step_plan import StepPlan
 
 
-def kv_bytes_per_block(config: ModelConfig, backend: Backend, block_size_tokens: int) -> int:
-    itemsize = np.dtype(backend.storage_dtype).itemsize
-    return 2 * config.num_layers * block_size_tokens * config.kv_size * itemsize
+def kv_bytes_per_block(model: Any, block_size_tokens: int) -> int:
+    """Bytes of K and V for one block on this rank (its KV heads only)."""
+    c, itemsize = model.config, np.dtype(model.backend.storage_dtype).itemsize
+    return 2 * c.num_layers * block_size_tokens * model.num_kv_heads_per_rank * c.head_dim * itemsize
 
 
 class PagedKVCache:
-    def __init__(self, backend: Backend, config: ModelConfig, num_blocks: int, block_size_tokens: int):
-        shape = (num_blocks, block_size_tokens, config.num_kv_heads, config.head_dim)
+    def __init__(self, backend: Backend, config: ModelConfig, num_blocks: int, block_size_tokens: int,
+                 num_kv_heads: int):
+        shape = (num_blocks, block_size_tokens, num_kv_heads, config.head_dim)
         self.k = [backend.zeros(shape) for _ in range(config.num_layers)]
         self.v = [backend.zeros(shape) for _ in range(config.num_layers)]
         self.num_blocks, self.block_size_tokens = num_blocks, block_size_tokens
@@ -64,7 +66,8 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size_tokens: int):
         self.model, self.backend, self.config = model, model.backend, model.config
-        self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens)
+        self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens,
+                               model.num_kv_heads_per_rank)
 
     def execute(self, plan: StepPlan) -> StepResult:
         backend, xp = self.backend, self.backend.xp

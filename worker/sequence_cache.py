@@ -17,8 +17,9 @@ from shardline.models.config import ModelConfig
 
 
 class SequenceKVCache:
-    def __init__(self, backend: Backend, config: ModelConfig, max_tokens: int):
-        shape = (max_tokens, config.num_kv_heads, config.head_dim)  # per layer
+    def __init__(self, backend: Backend, config: ModelConfig, max_tokens: int, num_kv_heads: int | None = None):
+        # num_kv_heads: this rank's KV heads (all of them on a single rank)
+        shape = (max_tokens, num_kv_heads or config.num_kv_heads, config.head_dim)  # per layer
         self.backend, self.max_tokens = backend, max_tokens
         self.k = [backend.zeros(shape) for _ in range(config.num_layers)]
         self.v = [backend.zeros(shape) for _ in range(config.num_layers)]
