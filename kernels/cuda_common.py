@@ -110,10 +110,11 @@ def _rows(x) -> int:
     return x.size // x.shape[-1] if x.shape[-1] else 0
 
 
-def bf16_bits(host: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(host, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(host)
-    rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
-    return rounded
+def bf16_bits(x):
+    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays
+    NaN. Works on NumPy or CuPy arrays (the module of `x` does the math)."""
+    xp = cupy.get_array_module(x)
+    x = xp.ascontiguousarray(x, dtype=xp.float32)
+    bits = x.view(xp.uint32).astype(xp.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(xp.uint16)
+    return xp.where(xp.isnan(x), ((bits >> 16) | 0x40).astype(xp.uint16), rounded)

@@ -65,10 +65,10 @@ class CudaOps:
     def from_float(self, host: np.ndarray, dtype: str):
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_STORAGE_DTYPES)}, got {dtype!r}")
-        host32 = np.ascontiguousarray(host, dtype=np.float32)
+        device32 = cupy.asarray(np.ascontiguousarray(host, dtype=np.float32))
         if dtype == "bfloat16":
-            return cupy.asarray(bf16_bits(host32))
-        return cupy.asarray(host32.astype(_STORAGE_DTYPES[dtype]))
+            return bf16_bits(device32)  # rounded on the device: weights are GBs
+        return device32.astype(_STORAGE_DTYPES[dtype])
 
     def to_host(self, arr) -> np.ndarray:
         host = cupy.asnumpy(arr)

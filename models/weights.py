@@ -18,6 +18,11 @@ from shardline.models.errors import ModelLoadError
 
 
 class Checkpoint(Protocol):
+    """A file-backed checkpoint. Optional extras a reader uses when present:
+    `tensor_shape(name)` + `get_tensor_part(name, axis, start, stop)` for
+    sliced reads; a synthetic one (random weights) may instead define
+    `has(name)` and `read(name, shape, axis, part)`."""
+
     path: Any
     config: dict[str, Any]
 
@@ -30,31 +35,30 @@ class WeightReader:
     def __init__(self, checkpoint: Checkpoint, backend: Backend, show_progress: bool = True):
         self.checkpoint = checkpoint
         self.backend = backend
-        self._names = set(checkpoint.tensor_names())
-        self._progress = tqdm(total=len(self._names), desc="loading weights", unit="tensor",
-                              disable=not show_progress, leave=False)
+        self._synthetic = hasattr(checkpoint, "read")
+        self._names = set() if self._synthetic else set(checkpoint.tensor_names())
+        self._progress = tqdm(total=None if self._synthetic else len(self._names), desc="loading weights",
+                              unit="tensor", disable=not show_progress, leave=False)
 
     def has(self, name: str) -> bool:
-        return name in self._names
+        return self.checkpoint.has(name) if self._synthetic else name in self._names
 
     def host(self, name: str, shape: Sequence[int], axis: int = 0,
              part: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor as float32 on the host, checked against its full `shape`;
         with `part` = (start, stop), only that slice along `axis` (a
         tensor-parallel rank's share; safetensors reads just those bytes)."""
-        if name not in self._names:
+        if not self.has(name):
             raise ModelLoadError(self.checkpoint.path, f"tensor {name} is missing from the checkpoint")
-        read_part = getattr(self.checkpoint, "get_tensor_part", None)
-        if part is not None and read_part is not None:
-            self._check_shape(name, self.checkpoint.tensor_shape(name), shape)
-            array = read_part(name, axis, *part)
-        else:
-            array = self.checkpoint.get_tensor(name)
-            self._check_shape(name, array.shape, shape)
-            if part is not None:
-                array = np.take(array, np.arange(*part), axis=axis)
         self._progress.update(1)
-        return array
+        if self._synthetic:
+            return self.checkpoint.read(name, tuple(shape), axis, part)
+        if part is not None and hasattr(self.checkpoint, "get_tensor_part"):
+            self._check_shape(name, self.checkpoint.tensor_shape(name), shape)
+            return self.checkpoint.get_tensor_part(name, axis, *part)
+        array = self.checkpoint.get_tensor(name)
+        self._check_shape(name, array.shape, shape)
+        return array if part is None else np.take(array, np.arange(*part), axis=axis)
 
     def _check_shape(self, name: str, actual: Sequence[int], expected: Sequence[int]) -> None:
         if tuple(actual) != tuple(expected):

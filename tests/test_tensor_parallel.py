@@ -54,10 +54,12 @@ def save(name: str, folder: Path, seed: int) -> Path:
     return folder
 
 
-def run_tp(folder: Path, tp: int, prompt: list[int], out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_tp(folder: Path, tp: int, prompt: list[int], out: Path, num_tokens: int = NUM_TOKENS,
+           backend: tuple[str, str] = ("numpy", "float32")) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0",
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     cmd = [MPIEXEC, "-n", str(tp), sys.executable, str(SCRIPT), str(folder), ",".join(map(str, prompt)),
-           str(NUM_TOKENS), str(out)]
+           str(num_tokens), str(out), *backend]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(out))

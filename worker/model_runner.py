@@ -69,7 +69,9 @@ class ModelRunner:
         self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens,
                                model.num_kv_heads_per_rank)
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
+        """Runs the step; `sample=False` (tensor-parallel followers, whose
+        tokens nobody reads) skips sampling but not the collectives."""
         backend, xp = self.backend, self.backend.xp
         if plan.block_copies.size:
             copies = xp.asarray(plan.block_copies)
@@ -80,6 +82,8 @@ class ModelRunner:
         if plan.sample_rows.size == 0:
             return StepResult(np.zeros(0, dtype=np.int32))
         logits = self.model.compute_logits(backend.ops.index_rows(hidden, xp.asarray(plan.sample_rows)))
+        if not sample:
+            return StepResult(np.zeros(0, dtype=np.int32))
         return self._sample(logits, plan)
 
     def _sample(self, logits: Any, plan: StepPlan) -> StepResult:

@@ -1,0 +1,93 @@
+"""GPU collectives over NCCL (through cupy.cuda.nccl), on the current stream.
+
+The group's unique id is made by rank 0 and handed out with an MPI
+broadcast of its 128 raw bytes. Every call is issued on CuPy's current
+stream, so a captured CUDA graph contains it; one eager all-reduce at
+construction warms the communicator up (NCCL calls capture only after a
+first eager collective on that communicator). Arrays are cupy arrays in
+the storage dtype (bf16 as uint16 bits, reduced as NCCL bfloat16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cupy
+import numpy as np
+from cupy.cuda import nccl
+
+_NCCL_BFLOAT16 = 9  # ncclBfloat16 in nccl.h (NCCL >= 2.10); cupy has no name for it
+_UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+_NCCL_TYPES = {
+    np.dtype(np.float32): nccl.NCCL_FLOAT32,
+    np.dtype(np.float16): nccl.NCCL_FLOAT16,
+    np.dtype(np.uint16): _NCCL_BFLOAT16,
+    np.dtype(np.float64): nccl.NCCL_FLOAT64,
+    np.dtype(np.int32): nccl.NCCL_INT32,
+    np.dtype(np.int64): nccl.NCCL_INT64,
+}
+
+
+def _nccl_type(x) -> int:
+    try:
+        return _NCCL_TYPES[np.dtype(x.dtype)]
+    except KeyError:
+        raise ValueError(f"NCCL: unsupported dtype {x.dtype}") from None
+
+
+class NCCLCommunicator:
+    def __init__(self, mpi_comm: Any):
+        self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        uid = np.zeros(_UNIQUE_ID_BYTES, dtype=np.int8)
+        if self.rank == 0:
+            uid[:] = np.asarray(nccl.get_unique_id(), dtype=np.int64).astype(np.int8)
+        mpi_comm.Bcast(uid, root=0)
+        self.comm = nccl.NcclCommunicator(self.size, tuple(int(b) for b in uid), self.rank)
+        self.all_reduce(cupy.ones(16, dtype=cupy.float32))  # eager warm-up (see module docstring)
+        cupy.cuda.get_current_stream().synchronize()
+
+    @staticmethod
+    def _stream() -> int:
+        return cupy.cuda.get_current_stream().ptr
+
+    def all_reduce(self, x):
+        x = cupy.ascontiguousarray(x)
+        out = cupy.empty_like(x)
+        self.comm.allReduce(x.data.ptr, out.data.ptr, x.size, _nccl_type(x), nccl.NCCL_SUM, self._stream())
+        return out
+
+    def all_gather(self, x, axis: int = -1):
+        axis = axis % x.ndim
+        front = cupy.ascontiguousarray(cupy.moveaxis(x, axis, 0))  # [n, ...]
+        out = cupy.empty((self.size,) + front.shape, dtype=x.dtype)
+        self.comm.allGather(front.data.ptr, out.data.ptr, front.size, _nccl_type(x), self._stream())
+        gathered = out.reshape((self.size * front.shape[0],) + front.shape[1:])
+        return cupy.ascontiguousarray(cupy.moveaxis(gathered, 0, axis))
+
+    def reduce_scatter(self, x, axis: int = 0):
+        axis = axis % x.ndim
+        front = cupy.ascontiguousarray(cupy.moveaxis(x, axis, 0))
+        if front.shape[0] % self.size:
+            raise ValueError(f"reduce_scatter: dimension {front.shape[0]} is not divisible by {self.size} ranks")
+        out = cupy.empty((front.shape[0] // self.size,) + front.shape[1:], dtype=x.dtype)
+        self.comm.reduceScatter(front.data.ptr, out.data.ptr, out.size, _nccl_type(x), nccl.NCCL_SUM,
+                                self._stream())
+        return cupy.ascontiguousarray(cupy.moveaxis(out, 0, axis))
+
+    def broadcast(self, x, root: int = 0):
+        out = cupy.ascontiguousarray(x).copy()
+        self.comm.bcast(out.data.ptr, out.size, _nccl_type(out), root, self._stream())
+        return out
+
+    def send(self, x, dst: int) -> None:
+        x = cupy.ascontiguousarray(x)
+        self.comm.send(x.data.ptr, x.size, _nccl_type(x), dst, self._stream())
+
+    def recv(self, like, src: int):
+        out = cupy.empty_like(like)
+        self.comm.recv(out.data.ptr, out.size, _nccl_type(out), src, self._stream())
+        return out
+
+    def barrier(self) -> None:
+        self.all_reduce(cupy.zeros(1, dtype=cupy.float32))
+        cupy.cuda.get_current_stream().synchronize()

@@ -1,0 +1,107 @@
+"""An engine group of several ranks: one MPI world, run in lockstep.
+
+The leader (rank 0) owns the scheduler; every step it broadcasts the
+`StepPlan` as bytes over MPI (a length, then the payload) and runs its own
+shard; followers receive the same plan and run theirs, so the tensor-
+parallel collectives inside the forward pass line up. A zero length ends
+the followers' loop. Followers wait for plans with a non-blocking
+broadcast and a short sleep, so an idle group does not spin the CPU.
+
+This module moves control messages only; tensors travel through the
+group's Communicator (NCCL on GPU, MPI on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardline.kernels.backend import Backend, create_backend
+from shardline.parallel.communicator import MPICommunicator
+from shardline.parallel.sharding import TensorParallel
+from shardline.worker.model_runner import ModelRunner, StepResult
+from shardline.worker.step_plan import StepPlan
+
+IDLE_POLL_S = 0.0005
+
+
+@dataclass(frozen=True)
+class GroupContext:
+    mpi_comm: Any
+    backend: Backend
+    tp: TensorParallel
+
+    @property
+    def rank(self) -> int:
+        return self.mpi_comm.Get_rank()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+def create_group(backend_name: str, dtype: str | None, devices: list[int], mpi_comm: Any = None) -> GroupContext:
+    """This rank's backend (GPU chosen from the group's device list by rank)
+    and the tensor-parallel communicator over the whole group."""
+    if mpi_comm is None:
+        from mpi4py import MPI
+        mpi_comm = MPI.COMM_WORLD
+    rank = mpi_comm.Get_rank()
+    device_id = devices[rank] if devices else 0
+    backend = create_backend(backend_name, dtype, device_id=device_id)
+    if mpi_comm.Get_size() == 1:
+        return GroupContext(mpi_comm, backend, TensorParallel())
+    if backend.name == "cuda":
+        from shardline.parallel.nccl_communicator import NCCLCommunicator
+        return GroupContext(mpi_comm, backend, TensorParallel(NCCLCommunicator(mpi_comm)))
+    return GroupContext(mpi_comm, backend, TensorParallel(MPICommunicator(mpi_comm)))
+
+
+def agree_on_blocks(group: GroupContext, num_blocks: int) -> int:
+    """Every rank must allocate the same pool: the smallest any rank can hold."""
+    from mpi4py import MPI
+    return int(group.mpi_comm.allreduce(num_blocks, op=MPI.MIN))
+
+
+class BroadcastingRunner:
+    """The leader's ModelRunner: hands each plan to the followers, then runs it."""
+
+    def __init__(self, group: GroupContext, runner: ModelRunner):
+        self.group, self.runner = group, runner
+        self.kv = runner.kv
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        payload = np.frombuffer(plan.to_bytes(), dtype=np.uint8)
+        _send_header(self.group.mpi_comm, payload.size)
+        self.group.mpi_comm.Bcast(payload, root=0)
+        return self.runner.execute(plan)
+
+    def shutdown(self) -> None:
+        _send_header(self.group.mpi_comm, 0)
+
+
+def _send_header(comm: Any, num_bytes: int) -> None:
+    # Non-blocking on both sides: MPI never matches a blocking broadcast
+    # with a non-blocking one, and followers must poll (see _wait_bcast).
+    comm.Ibcast(np.asarray([num_bytes], dtype=np.int64), root=0).Wait()
+
+
+def _wait_bcast(comm: Any, buffer: np.ndarray) -> None:
+    request = comm.Ibcast(buffer, root=0)
+    while not request.Test():
+        time.sleep(IDLE_POLL_S)
+
+
+def follow(group: GroupContext, runner: ModelRunner) -> None:
+    """A follower's life: run every plan the leader sends until it says stop."""
+    header = np.zeros(1, dtype=np.int64)
+    while True:
+        _wait_bcast(group.mpi_comm, header)
+        if header[0] == 0:
+            return
+        payload = np.empty(int(header[0]), dtype=np.uint8)
+        group.mpi_comm.Bcast(payload, root=0)
+        runner.execute(StepPlan.from_bytes(payload.tobytes()), sample=False)
