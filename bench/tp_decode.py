@@ -97,8 +97,11 @@ def time_collectives(args, group, reps=50):
 
 
 def run(args) -> None:
+    import faulthandler
     from shardline.worker.group import follow
+    faulthandler.dump_traceback_later(args.watchdog_s, exit=True)  # a hung collective shows where
     group, model, runner, load_s = build(args)
+    print(f"rank {group.rank}: loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
     if group.is_leader:
         times = time_decode(args, group, runner, model)
     else:
@@ -121,8 +124,8 @@ def compare(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["mpiexec", "-n", str(tp), sys.executable, __file__, "--run", "--out", str(out),
                "--layers", str(args.layers), "--steps", str(args.steps), "--context", str(args.context),
-               "--batch", str(args.batch)]
-        subprocess.run(cmd, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+               "--batch", str(args.batch), "--watchdog-s", str(args.watchdog_s)]
+        subprocess.run(cmd, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"})
         rows.append(json.loads(out.read_text()))
     print(f"\n| tp | device | layers | batch | context | step ms (median) | p90 | NCCL ms/step | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -143,6 +146,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--watchdog-s", type=float, default=240.0, help="dump stacks and exit if a run takes longer")
     args = p.parse_args()
     run(args) if args.run else compare(args)
 
