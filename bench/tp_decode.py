@@ -1,7 +1,7 @@
 """Decode step time of a Llama-3-8B-shaped random model, tp=1 vs tp=2 (or more),
 with the NCCL all-reduce time per step measured separately.
 
-Run one size:   mpiexec -n 2 python bench/tp_decode.py --run --out result-tp2.json
+Run one size:   mpiexec -n 2 python -m mpi4py bench/tp_decode.py --run --out result-tp2.json
 Compare sizes:  python bench/tp_decode.py --compare 1,2   (starts mpiexec for each; prints a table)
 
 Each run builds the model from a RandomCheckpoint (no files), prefills one
@@ -122,12 +122,12 @@ def compare(args) -> None:
     for tp in [int(t) for t in args.compare.split(",")]:
         out = Path(args.results) / f"tp_decode_tp{tp}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = ["mpiexec", "-n", str(tp), sys.executable, __file__, "--run", "--out", str(out),
+        cmd = ["mpiexec", "-n", str(tp), sys.executable, "-m", "mpi4py", __file__, "--run", "--out", str(out),
                "--layers", str(args.layers), "--steps", str(args.steps), "--context", str(args.context),
                "--batch", str(args.batch), "--watchdog-s", str(args.watchdog_s)]
         subprocess.run(cmd, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"})
         rows.append(json.loads(out.read_text()))
-    print(f"\n| tp | device | layers | batch | context | step ms (median) | p90 | NCCL ms/step | speed-up |")
+    print("\n| tp | device | layers | batch | context | step ms (median) | p90 | NCCL ms/step | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tp']} | {r['device']} | {r['layers']} | {r['batch']} | {r['context']} | "

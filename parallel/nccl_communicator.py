@@ -35,14 +35,25 @@ def _nccl_type(x) -> int:
         raise ValueError(f"NCCL: unsupported dtype {x.dtype}") from None
 
 
+def _shared_unique_id(mpi_comm: Any):
+    """Rank 0's NCCL unique id on every rank. CuPy hands it out as bytes
+    (recent versions) or as a tuple of ints (older ones) and wants the same
+    type back; the first broadcast byte says which."""
+    message = np.zeros(1 + _UNIQUE_ID_BYTES, dtype=np.uint8)
+    if mpi_comm.Get_rank() == 0:
+        uid = nccl.get_unique_id()
+        message[0] = isinstance(uid, bytes)
+        message[1:] = np.frombuffer(uid, dtype=np.uint8) if isinstance(uid, bytes) else \
+            np.asarray(uid, dtype=np.int64).astype(np.uint8)
+    mpi_comm.Bcast(message, root=0)
+    raw = message[1:]
+    return raw.tobytes() if message[0] else tuple(int(b) for b in raw.astype(np.int8))
+
+
 class NCCLCommunicator:
     def __init__(self, mpi_comm: Any):
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-        uid = np.zeros(_UNIQUE_ID_BYTES, dtype=np.int8)
-        if self.rank == 0:
-            uid[:] = np.asarray(nccl.get_unique_id(), dtype=np.int64).astype(np.int8)
-        mpi_comm.Bcast(uid, root=0)
-        self.comm = nccl.NcclCommunicator(self.size, tuple(int(b) for b in uid), self.rank)
+        self.comm = nccl.NcclCommunicator(self.size, _shared_unique_id(mpi_comm), self.rank)
         self.all_reduce(cupy.ones(16, dtype=cupy.float32))  # eager warm-up (see module docstring)
         cupy.cuda.get_current_stream().synchronize()
 

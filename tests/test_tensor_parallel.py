@@ -58,7 +58,8 @@ def run_tp(folder: Path, tp: int, prompt: list[int], out: Path, num_tokens: int 
            backend: tuple[str, str] = ("numpy", "float32")) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0",
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    cmd = [MPIEXEC, "-n", str(tp), sys.executable, str(SCRIPT), str(folder), ",".join(map(str, prompt)),
+    # `-m mpi4py`: an exception on one rank aborts the whole job instead of hanging the others
+    cmd = [MPIEXEC, "-n", str(tp), sys.executable, "-m", "mpi4py", str(SCRIPT), str(folder), ",".join(map(str, prompt)),
            str(num_tokens), str(out), *backend]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
