@@ -100,9 +100,12 @@ class LLMEngine:
                                            arrival_time=time.monotonic(), priority=priority,
                                            eos_token_ids=self.eos_token_ids, output_token_ids=outputs))
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer else None
-        for token in outputs if detok else ():
-            detok.push(token)   # the client has this text already; later deltas decode in its context
+        stop = None
+        for token in outputs if detok else ():   # the client has this text; later deltas decode after it
+            stop = stop or detok.push(token).stop
         self._detokenizers[request_id] = detok
+        if stop is not None:   # the streamed text already holds a stop string: nothing more to say
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort_request(request_id)

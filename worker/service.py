@@ -1,0 +1,191 @@
+"""The gRPC `shardline.worker.v1.Worker` servicer of an engine group's leader.
+
+Validates requests at this boundary (INVALID_ARGUMENT naming the field),
+turns each engine output into one streamed response, aborts a request in the
+engine when its caller cancels or its deadline passes, and serves status and
+KV events. `start_worker_server` puts it on a grpc.aio server together with
+the standard health service.
+
+It must not touch the LLMEngine directly (only through EngineLoop, which
+owns the engine thread) nor know how the process starts (rank_main does).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardline.proto import shardline_pb2, worker_pb2, worker_pb2_grpc
+from shardline.worker.engine import EngineOutput
+from shardline.worker.engine_loop import (EngineFailed, EngineLimits, EngineLoop, EngineStatus, EngineStopped,
+                                          KVEventBatch, RequestIdInUse, SubscriberLagged)
+from shardline.worker.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_params_from_proto
+from shardline.worker.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+WORKER_SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+_KV_KINDS = {"stored": worker_pb2.KVEvent.KIND_STORED, "removed": worker_pb2.KVEvent.KIND_REMOVED}
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    group: str
+    model: str                  # the served model name
+    default_max_tokens: int     # when a request leaves sampling.max_tokens unset
+    max_tokens_limit: int       # the most a request may ask for
+
+
+def validate_generate(request: worker_pb2.WorkerGenerateRequest, limits: EngineLimits,
+                      identity: WorkerIdentity) -> SamplingParams:
+    """The request's sampling params; ValueError whose message starts with the bad field."""
+    if not request.request_id:
+        raise ValueError("request_id must be a non-empty string")
+    params = sampling_params_from_proto(request.sampling, identity.default_max_tokens, identity.max_tokens_limit)
+    num_prompt_tokens, num_output_tokens = len(request.prompt_token_ids), len(request.output_token_ids)
+    if not num_prompt_tokens:
+        raise ValueError("prompt_token_ids must hold at least one token")
+    for name in ("prompt_token_ids", "output_token_ids"):
+        ids = getattr(request, name)
+        if ids and max(ids) >= limits.vocab_size:
+            index = next(i for i, t in enumerate(ids) if t >= limits.vocab_size)
+            raise ValueError(f"{name}[{index}] = {ids[index]} is out of range: token ids must be below "
+                             f"the vocabulary size {limits.vocab_size}")
+    if num_output_tokens >= params.max_tokens:
+        raise ValueError(f"output_token_ids holds {num_output_tokens} tokens but sampling.max_tokens is "
+                         f"{params.max_tokens}: nothing is left to generate")
+    total = num_prompt_tokens + params.max_tokens
+    if total > limits.max_model_len:
+        raise ValueError(f"sampling.max_tokens: prompt_token_ids ({num_prompt_tokens} tokens) + max_tokens "
+                         f"({params.max_tokens}) = {total} exceeds max_model_len ({limits.max_model_len})")
+    return params
+
+
+def response_from_output(output: EngineOutput) -> worker_pb2.WorkerGenerateResponse:
+    reason = finish_reason_to_proto(output.finish_reason) if output.finished \
+        else shardline_pb2.FINISH_REASON_UNSPECIFIED
+    return worker_pb2.WorkerGenerateResponse(
+        token_ids=output.new_token_ids, text=output.text,
+        logprobs=[logprobs_to_proto(t, entry) for t, entry in zip(output.new_token_ids, output.logprobs)],
+        finish_reason=reason, num_prompt_tokens=output.num_prompt_tokens,
+        num_cached_tokens=output.num_cached_tokens)
+
+
+def status_to_proto(status: EngineStatus, limits: EngineLimits, identity: WorkerIdentity) -> worker_pb2.WorkerStatus:
+    return worker_pb2.WorkerStatus(
+        group=identity.group, model=identity.model, max_model_len=limits.max_model_len,
+        block_size_tokens=limits.block_size_tokens, num_running=status.num_running,
+        num_waiting=status.num_waiting, num_kv_blocks=status.num_kv_blocks,
+        num_free_kv_blocks=status.num_free_kv_blocks, kv_usage=status.kv_usage,
+        prefix_hit_rate=status.prefix_hit_rate, num_preemptions=status.num_preemptions)
+
+
+def kv_batch_to_proto(batch: KVEventBatch) -> worker_pb2.KVEventBatch:
+    return worker_pb2.KVEventBatch(
+        sequence_number=batch.sequence_number, snapshot=batch.is_snapshot,
+        snapshot_hashes=sorted(batch.snapshot_hashes or ()),
+        events=[worker_pb2.KVEvent(kind=_KV_KINDS[e.kind], block_hashes=e.block_hashes) for e in batch.events])
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine_loop: EngineLoop, identity: WorkerIdentity):
+        self._engine_loop = engine_loop
+        self._identity = identity
+
+    def status(self) -> worker_pb2.WorkerStatus:
+        return status_to_proto(self._engine_loop.status(), self._engine_loop.limits, self._identity)
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        try:
+            params = validate_generate(request, self._engine_loop.limits, self._identity)
+            stream = await self._engine_loop.add_request(
+                request.request_id, list(request.prompt_token_ids), params,
+                output_token_ids=list(request.output_token_ids), priority=request.priority)
+        except RequestIdInUse as err:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        # Cancellation (the caller went away or its deadline passed) raises
+        # CancelledError at the await below; close() then aborts it in the engine.
+        try:
+            async for output in stream:
+                if output.finish_reason == "error":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, output.error or "request failed")
+                yield response_from_output(output)
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        finally:
+            stream.close()
+
+    async def Abort(self, request: shardline_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> shardline_pb2.AbortResponse:
+        try:
+            found = await self._engine_loop.abort(request.request_id)
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return shardline_pb2.AbortResponse(found=found)
+
+    async def GetStatus(self, request: worker_pb2.WorkerStatusRequest,
+                        context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+        return self.status()
+
+    async def StreamKVEvents(self, request: worker_pb2.KVEventsRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KVEventBatch]:
+        try:
+            subscription = await self._engine_loop.subscribe_kv_events()
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        try:
+            async for batch in subscription:
+                yield kv_batch_to_proto(batch)
+        except SubscriberLagged as err:
+            await context.abort(grpc.StatusCode.ABORTED, str(err))
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        finally:
+            subscription.close()
+
+
+@dataclass
+class WorkerServer:
+    server: grpc.aio.Server
+    port: int                       # the bound port (the requested one, or the one picked for 0)
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace_s: float) -> None:
+        """Health NOT_SERVING, refuse new calls, give running ones `grace_s` to end."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_worker_server(service: WorkerService, host: str, port: int,
+                              max_message_bytes: int) -> WorkerServer:
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (WORKER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound_port = server.add_insecure_port(format_address(host, port))
+    if bound_port == 0:
+        raise OSError(f"--port: cannot listen on {format_address(host, port)}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING   # the model is loaded before the server starts
+    for name in ("", WORKER_SERVICE_NAME):
+        await health_servicer.set(name, serving)
+    return WorkerServer(server, bound_port, health_servicer)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
