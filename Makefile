@@ -16,8 +16,10 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PIP) install -e '.[dev]'
 	touch $@
 
+# Starts a local cluster (coordinator + one engine group), streams one chat
+# answer over gRPC, stops the cluster.
 demo: $(VENV)/.installed
-	$(VENV)/bin/shardline generate --chat --max-tokens 48 "What is the capital of France?"
+	$(VENV)/bin/shardline demo
 
 test: $(VENV)/.dev-installed
 	$(VENV)/bin/pytest -q -rs
