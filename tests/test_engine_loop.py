@@ -43,6 +43,9 @@ class FakeEngine:
     def has_unfinished(self) -> bool:
         return bool(self._left)
 
+    def shutdown(self) -> None:
+        self.shut_down = True
+
     def step(self) -> list[EngineOutput]:
         if self.fail:
             raise RuntimeError("boom")

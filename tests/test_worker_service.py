@@ -319,7 +319,7 @@ def test_resumed_request_continues_like_the_uninterrupted_one(worker, reference)
 
 
 @pytest.mark.parametrize("group, message", [("nope", "groups are: g0, g-term, g-orphan, g-tp"),
-                                            ("g-tp", "tensor/pipeline parallel groups come later")])
+                                            ("g-tp", "tp=2 needs an MPI world of 2 ranks")])
 def test_a_group_it_cannot_serve_is_a_clear_error(config_path, control, group, message):
     result = subprocess.run(worker_command(config_path, group, control), capture_output=True, text=True,
                             timeout=60)

@@ -17,6 +17,7 @@ from typing import Sequence
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine_config import EngineConfig
+from shardline.worker.group import BroadcastingRunner, GroupContext, agree_on_blocks
 from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.request import Request, RequestStatus
@@ -57,7 +58,11 @@ def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, local: LocalModel | None = None):
+    """`group`: this engine is the leader of a multi-rank group (tensor
+    parallel); `local` then holds the leader's shard, and every step is
+    broadcast to the followers (worker/group.py) before it runs here."""
+
+    def __init__(self, config: EngineConfig, local: LocalModel | None = None, group: GroupContext | None = None):
         self.config = config
         self.local = local or load_local(config.model, config.backend, config.dtype)
         self.tokenizer = self.local.tokenizer
@@ -65,6 +70,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
         self.num_kv_blocks = num_blocks_for(config, self.local)
+        if group is not None:
+            self.num_kv_blocks = agree_on_blocks(group, self.num_kv_blocks)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size_tokens,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -72,6 +79,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, block_size_tokens=config.block_size_tokens,
             policy=config.scheduling_policy), self.block_manager)
         self.runner = ModelRunner(self.local.model, self.num_kv_blocks, config.block_size_tokens)
+        if group is not None:
+            self.runner = BroadcastingRunner(group, self.runner)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.eos_token_ids = frozenset(tokenizer_eos) | set(model_config.eos_token_ids)
         self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}  # live requests
@@ -106,6 +115,11 @@ class LLMEngine:
         self._detokenizers[request_id] = detok
         if stop is not None:   # the streamed text already holds a stop string: nothing more to say
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop)
+
+    def shutdown(self) -> None:
+        """Releases the group's followers (a no-op for a single rank)."""
+        if isinstance(self.runner, BroadcastingRunner):
+            self.runner.shutdown()
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort_request(request_id)

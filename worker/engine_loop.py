@@ -362,6 +362,7 @@ class EngineLoop:
             self._engine.step()   # nothing left to schedule: only drops the aborted requests
             self._engine.block_manager.take_events()
             self._status = self._snapshot()
+            self._engine.shutdown()   # a tensor-parallel group's followers stop with the leader
         for stream in self._streams.values():
             self._outbox.append((stream._offer, closing))
         for subscription in self._subscribers:

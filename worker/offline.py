@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from shardline.kernels.backend import create_backend
+from shardline.kernels.backend import Backend, create_backend
 from shardline.models.default_model import default_model_path
 from shardline.models.loader import load_model
+from shardline.parallel.sharding import TensorParallel
 from shardline.worker.generate import generate
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.tokenizer import DetokenizeStream, Tokenizer
@@ -25,10 +26,15 @@ class LocalModel:
     tokenizer: Tokenizer | None  # None: token ids in and out, no text
 
 
-def load_local(model_path: str | Path | None = None, backend: str = "auto",
-               dtype: str | None = None, show_progress: bool = True) -> LocalModel:
+def load_local(model_path: str | Path | None = None, backend: str | Backend = "auto",
+               dtype: str | None = None, show_progress: bool = True,
+               tp: TensorParallel = TensorParallel()) -> LocalModel:
+    """`backend` is a name (a backend is created) or a ready Backend (a
+    group's rank, already on its GPU); `tp` loads this rank's shard."""
     path = Path(model_path) if model_path else default_model_path()
-    loaded = load_model(path, create_backend(backend, dtype), show_progress)
+    if isinstance(backend, str):
+        backend = create_backend(backend, dtype)
+    loaded = load_model(path, backend, show_progress, tp)
     if path.is_dir():
         tokenizer = Tokenizer.from_folder(path)
     else:

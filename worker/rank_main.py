@@ -3,7 +3,10 @@
 Loads the cluster config and this group's engine, serves the Worker gRPC
 service (plus health), registers with the coordinator and heartbeats, and
 exits cleanly (code 0) on SIGTERM / SIGINT or when its parent process dies,
-so a killed launcher leaves no orphans. Single-rank groups only for now.
+so a killed launcher leaves no orphans. A tensor-parallel group runs as one
+MPI world (`mpiexec -n tp python -m mpi4py -m shardline.worker ...`): rank 0
+does all of the above, the other ranks load their shard and follow its
+steps (worker/group.py).
 
 It must not hold serving logic (service.py, engine_loop.py) or routing
 decisions (the coordinator's).
@@ -24,9 +27,11 @@ import grpc
 
 from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigError, GroupSpec, load_cluster_config
 from shardline.proto import worker_pb2, worker_pb2_grpc
-from shardline.worker.engine import LLMEngine
+from shardline.worker.engine import LLMEngine, num_blocks_for
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.engine_loop import EngineLoop
+from shardline.worker.group import GroupContext, agree_on_blocks, create_group, follow
+from shardline.worker.model_runner import ModelRunner
 from shardline.worker.offline import load_local
 from shardline.worker.service import WorkerIdentity, WorkerService, format_address, start_worker_server
 
@@ -56,9 +61,8 @@ def find_group(config: ClusterConfig, name: str) -> GroupSpec:
     specs = config.group_specs()
     for spec in specs:
         if spec.name == name:
-            if spec.tp * spec.pp > 1:
-                raise WorkerStartError(f"--group {name}: tp={spec.tp} pp={spec.pp}; tensor/pipeline parallel "
-                                       f"groups come later, only single-rank groups (tp=pp=1) run for now")
+            if spec.pp > 1:
+                raise WorkerStartError(f"--group {name}: pp={spec.pp}; pipeline parallel groups come later")
             return spec
     raise WorkerStartError(f"--group {name!r}: no such group in the config; groups are: "
                            f"{', '.join(s.name for s in specs)}")
@@ -76,13 +80,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_cluster_config(args.config)
         spec = find_group(config, args.group)
+        group = join_group(spec)
     except (ClusterConfigError, WorkerStartError) as err:
         log.error("%s", err)
         return EXIT_USAGE
-    return asyncio.run(serve(config, spec, args))
+    if group is not None and not group.is_leader:
+        return run_follower(spec, group)
+    return asyncio.run(serve(config, spec, args, group))
 
 
-async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace) -> int:
+def join_group(spec: GroupSpec) -> GroupContext | None:
+    """For tp > 1: this process's place in the group's MPI world (checked to
+    hold exactly tp ranks, since a wrong launch gives several 1-rank worlds)."""
+    if spec.tp == 1:
+        return None
+    from mpi4py import MPI
+    size = MPI.COMM_WORLD.Get_size()
+    if size != spec.tp:
+        raise WorkerStartError(f"--group {spec.name}: tp={spec.tp} needs an MPI world of {spec.tp} ranks, "
+                               f"got {size} (start it with mpiexec -n {spec.tp})")
+    return create_group(spec.engine.backend, spec.engine.dtype, spec.devices)
+
+
+def run_follower(spec: GroupSpec, group: GroupContext) -> int:
+    """A non-leader rank: load this rank's shard, agree on the KV pool, run the leader's steps."""
+    config = spec.engine
+    local = load_local(config.model, group.backend, show_progress=False, tp=group.tp)
+    num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
+    log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp, num_blocks)
+    follow(group, ModelRunner(local.model, num_blocks, config.block_size_tokens))
+    return EXIT_OK
+
+
+async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace,
+                group: GroupContext | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -90,7 +121,7 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
     watcher = asyncio.create_task(watch_parent(os.getppid(), stop, args.parent_poll_s))
     log.info("loading %s (backend %s)", spec.engine.model or "the embedded default model", spec.engine.backend)
     try:
-        engine = await build_engine_unless_stopped(spec.engine, stop)
+        engine = await build_engine_unless_stopped(spec.engine, stop, group)
     except Exception as err:
         log.exception("cannot load the model: %s", err)
         return EXIT_FAILED
@@ -146,7 +177,8 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event, poll_s: float) -> N
     stop.set()
 
 
-async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event) -> LLMEngine | None:
+async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
+                                      group: GroupContext | None = None) -> LLMEngine | None:
     """Loads the model on a daemon thread (minutes for a big one); None if stop came first."""
     loop = asyncio.get_running_loop()
     built: asyncio.Future[LLMEngine] = loop.create_future()
@@ -157,8 +189,11 @@ async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event)
 
     def load() -> None:
         try:
-            local = load_local(config.model, config.backend, config.dtype, show_progress=False)
-            result, error = LLMEngine(config, local), None
+            if group is None:
+                local = load_local(config.model, config.backend, config.dtype, show_progress=False)
+            else:
+                local = load_local(config.model, group.backend, show_progress=False, tp=group.tp)
+            result, error = LLMEngine(config, local, group), None
         except BaseException as exc:
             result, error = None, exc
         try:
