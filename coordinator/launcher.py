@@ -2,7 +2,9 @@
 machine and stops them all again.
 
 Each group runs `python -m shardline.worker --config FILE --group NAME
---coordinator HOST:PORT` in a process group (session) of its own, so
+--coordinator HOST:PORT` (a group of several ranks under `mpiexec -n N
+python -m mpi4py -m shardline.worker ...`, so one failing rank aborts the
+whole world) in a process group (session) of its own, so
 stopping it reaches every rank it spawned: SIGTERM to the process group,
 SIGKILL after a grace period. Each process's stdout and stderr go to files
 in a log folder; a group that exits early or does not register in time is
@@ -67,9 +69,11 @@ class WorkerProcess:
 
 class LocalLauncher:
     def __init__(self, config_path: str | Path, group_names: Sequence[str], coordinator_address: str,
-                 log_dir: str | Path | None = None, extra_env: dict[str, str] | None = None):
+                 log_dir: str | Path | None = None, extra_env: dict[str, str] | None = None,
+                 ranks_by_group: dict[str, int] | None = None):
         self.config_path = Path(config_path).resolve()
         self.group_names = list(group_names)
+        self.ranks_by_group = dict(ranks_by_group or {})  # groups not named have one rank
         self.coordinator_address = coordinator_address
         self._owns_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="shardline-workers-"))
@@ -79,10 +83,13 @@ class LocalLauncher:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._extra_env}
+        # Open MPI refuses to run as root unless told; MPICH ignores these.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
+               "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "NCCL_NVLS_ENABLE": "0", **self._extra_env}
         for name in self.group_names:
-            command = [sys.executable, "-m", "shardline.worker", "--config", str(self.config_path),
-                       "--group", name, "--coordinator", self.coordinator_address]
+            command = self._rank_launcher(name) + [
+                "-m", "shardline.worker", "--config", str(self.config_path), "--group", name,
+                "--coordinator", self.coordinator_address]
             stdout_path, stderr_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
             with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
@@ -92,6 +99,16 @@ class LocalLauncher:
         if not self._atexit_registered:
             atexit.register(self.kill_all)
             self._atexit_registered = True
+
+    def _rank_launcher(self, name: str) -> list[str]:
+        num_ranks = self.ranks_by_group.get(name, 1)
+        if num_ranks == 1:
+            return [sys.executable]
+        mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+        if mpiexec is None:
+            raise LaunchError(f"group {name} has {num_ranks} ranks but mpiexec is not installed "
+                              f"(pip install mpich, or the system's Open MPI)")
+        return [mpiexec, "-n", str(num_ranks), sys.executable, "-m", "mpi4py"]
 
     async def wait_ready(self, registry: Registry, timeout_s: float) -> None:
         """Returns once every group registered with a status; else stops them all and raises LaunchError."""

@@ -249,7 +249,8 @@ def _track_health(cluster: Cluster) -> None:
 
 
 async def _launch(cluster: Cluster, config_path: str | Path, group_names: list[str]) -> None:
-    launcher = LocalLauncher(config_path, group_names, cluster.control_address)
+    ranks = {spec.name: spec.tp * spec.pp for spec in cluster.config.group_specs()}
+    launcher = LocalLauncher(config_path, group_names, cluster.control_address, ranks_by_group=ranks)
     cluster._launcher = launcher
     launcher.start()
     await launcher.wait_ready(cluster.registry, cluster.config.coordinator.startup_timeout_s)
