@@ -85,7 +85,8 @@ class LocalLauncher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Open MPI refuses to run as root unless told; MPICH ignores these.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-               "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "NCCL_NVLS_ENABLE": "0", **self._extra_env}
+               "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "NCCL_NVLS_ENABLE": "0",
+               **self._blas_threads(), **self._extra_env}
         for name in self.group_names:
             command = self._rank_launcher(name) + [
                 "-m", "shardline.worker", "--config", str(self.config_path), "--group", name,
@@ -99,6 +100,14 @@ class LocalLauncher:
         if not self._atexit_registered:
             atexit.register(self.kill_all)
             self._atexit_registered = True
+
+    def _blas_threads(self) -> dict[str, str]:
+        """Ranks on one machine share its cores: give each rank's BLAS its share
+        (a NumPy engine with every core per rank thrashes), unless the user set it."""
+        total_ranks = sum(self.ranks_by_group.get(name, 1) for name in self.group_names)
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, total_ranks)))
+        names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        return {} if any(n in os.environ for n in names) else {n: threads for n in names}
 
     def _rank_launcher(self, name: str) -> list[str]:
         num_ranks = self.ranks_by_group.get(name, 1)
