@@ -29,6 +29,13 @@ class Backend:
     dtype: str         # storage dtype of activations and weights
     xp: ModuleType     # numpy or cupy
     ops: Any           # kernels.numpy_ops or kernels.cuda_ops.CudaOps
+    device_id: int = 0
+
+    def activate(self) -> None:
+        """Make this backend's GPU current in the calling thread (CUDA's current
+        device is per thread); a no-op on NumPy."""
+        if self.name == "cuda":
+            self.xp.cuda.Device(self.device_id).use()
 
     def asarray(self, host: np.ndarray) -> Any:
         """Host array -> backend array; floating arrays take the backend dtype."""
@@ -85,4 +92,4 @@ def create_backend(name: str = "auto", dtype: str | None = None, device_id: int 
     import cupy
     from shardline.kernels.cuda_ops import CudaOps
     cupy.cuda.Device(device_id).use()
-    return Backend("cuda", dtype, cupy, CudaOps(device_id))
+    return Backend("cuda", dtype, cupy, CudaOps(device_id), device_id)

@@ -20,7 +20,8 @@ class FakeEngine:
     """Each request emits token 7 once per step until max_tokens; each step stores one block hash."""
 
     def __init__(self, step_s: float = 0.001):
-        self.local = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vocab_size=100)))
+        self.local = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vocab_size=100),
+                                                           backend=SimpleNamespace(activate=lambda: None)))
         self.config = SimpleNamespace(block_size_tokens=4)
         self.max_model_len, self.num_kv_blocks, self.num_free_blocks = 64, 8, 8
         self.block_manager = self

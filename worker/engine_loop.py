@@ -252,6 +252,7 @@ class EngineLoop:
     def _run(self) -> None:
         progressed = True
         try:
+            self._engine.local.model.backend.activate()   # the engine's GPU in this thread
             while True:
                 commands = self._wait_for_work(progressed)
                 if commands is None:

@@ -192,6 +192,7 @@ async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
             if group is None:
                 local = load_local(config.model, config.backend, config.dtype, show_progress=False)
             else:
+                group.backend.activate()   # this thread's current GPU: the rank's own
                 local = load_local(config.model, group.backend, show_progress=False, tp=group.tp)
             result, error = LLMEngine(config, local, group), None
         except BaseException as exc:
