@@ -65,6 +65,9 @@ class GroupConfig(_Frozen):
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
+    # Decoder layers per pipeline stage, e.g. [10, 14]; None: split by parameter cost.
+    # Their sum must be the model's layer count, checked when the model loads.
+    pp_layers: list[int] | None = None
     devices: list[int] = Field(default_factory=list)  # GPU ids for one replica's ranks; [] on CPU
     engine: dict = Field(default_factory=dict)         # overrides of the cluster's engine settings
 
@@ -72,6 +75,16 @@ class GroupConfig(_Frozen):
     def _devices(self) -> "GroupConfig":
         if self.devices and len(self.devices) != self.tp * self.pp:
             raise ValueError(f"devices lists {len(self.devices)} GPUs but tp * pp = {self.tp * self.pp}")
+        return self
+
+    @model_validator(mode="after")
+    def _pp_layers(self) -> "GroupConfig":
+        if self.pp_layers is None:
+            return self
+        if len(self.pp_layers) != self.pp:
+            raise ValueError(f"pp_layers lists {len(self.pp_layers)} stages but pp = {self.pp}")
+        if min(self.pp_layers) < 1:
+            raise ValueError(f"pp_layers {self.pp_layers}: every stage needs at least one layer")
         return self
 
 
@@ -85,6 +98,7 @@ class GroupSpec(_Frozen):
     ep: int
     devices: list[int]
     engine: EngineConfig
+    pp_layers: tuple[int, ...] | None = None
 
 
 class ClusterConfig(_Frozen):
@@ -110,7 +124,8 @@ class ClusterConfig(_Frozen):
             for replica in range(group.replicas):
                 name = group.name if group.replicas == 1 else f"{group.name}-{replica}"
                 specs.append(GroupSpec(name=name, role=group.role, tp=group.tp, pp=group.pp, ep=group.ep,
-                                       devices=group.devices, engine=engine))
+                                       devices=group.devices, engine=engine,
+                                       pp_layers=tuple(group.pp_layers) if group.pp_layers else None))
         return specs
 
 

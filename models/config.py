@@ -36,8 +36,13 @@ class ModelConfig(BaseModel):
     mlp_bias: bool = False          # GPT-2, Llama with mlp_bias
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
-    num_experts: int = 0            # MoE only
+    num_experts: int = 0            # MoE only: routed experts per MoE layer
     num_experts_per_token: int = 0
+    norm_topk_prob: bool = True     # renormalise the top-k gate weights (Mixtral yes, Qwen2-MoE by config)
+    moe_intermediate_size: int = 0  # Qwen2-MoE expert width (Mixtral's experts use intermediate_size)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert; 0: none
+    decoder_sparse_step: int = 1    # layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (dense MLP instead)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -51,7 +56,21 @@ class ModelConfig(BaseModel):
         if self.num_experts and not 0 < self.num_experts_per_token <= self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_token}) must be in "
                              f"1..num_local_experts ({self.num_experts})")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step ({self.decoder_sparse_step}) must be at least 1")
         return self
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+                and layer not in self.mlp_only_layers)
+
+    def mlp_width(self, layer: int) -> int:
+        """Intermediate rows summed over the layer's MLPs (every expert and the
+        shared one): its MLP parameters are 3 * hidden_size * this."""
+        if not self.is_moe_layer(layer):
+            return self.intermediate_size
+        expert = self.moe_intermediate_size or self.intermediate_size
+        return self.num_experts * expert + self.shared_expert_intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -108,6 +127,22 @@ def parse_llama(hf: dict[str, Any]) -> ModelConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf),
     )
+
+
+def parse_qwen2_moe(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen2-MoE: Qwen2 plus `num_experts` routed experts of width
+    `moe_intermediate_size`, a shared expert, and the sparse-layer pattern."""
+    dense = parse_llama(hf).model_dump()
+    return ModelConfig(**{
+        **dense,
+        "num_experts": hf["num_experts"],
+        "num_experts_per_token": hf["num_experts_per_tok"],
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "moe_intermediate_size": hf["moe_intermediate_size"],
+        "shared_expert_intermediate_size": hf.get("shared_expert_intermediate_size", 0),
+        "decoder_sparse_step": hf.get("decoder_sparse_step", 1),
+        "mlp_only_layers": tuple(hf.get("mlp_only_layers") or ()),
+    })
 
 
 def parse_gpt2(hf: dict[str, Any]) -> ModelConfig:

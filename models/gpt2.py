@@ -2,7 +2,9 @@
 
 HF stores GPT-2's projections as Conv1D, weight [in, out]; they are
 transposed once at load into the [out, in] layout `linear` takes, then
-sliced for this rank under tensor parallelism. Layers only.
+sliced for this rank under tensor parallelism; a pipeline stage holds only
+its layers (embeddings on the first stage, ln_f and the tied head on the
+last). Layers only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from shardline.models.layers import (Attention, AttentionContext, GeluMLP, Norm,
                                      RowParallelLinear, VocabParallel)
 from shardline.models.llama import head_rows
 from shardline.models.weights import WeightReader
+from shardline.parallel.pipeline import PipelineStage
 from shardline.parallel.sharding import TensorParallel, even_range, split_heads
 
 
@@ -24,13 +27,14 @@ def conv1d(w: WeightReader, name: str, fan_in: int, fan_out: int) -> np.ndarray:
 
 
 class GPT2Block(PreNormBlock):
-    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int):
+    def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int,
+                 kv_index: int):
         p, h, inter = f"transformer.h.{i}", c.hidden_size, c.intermediate_size
         split = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank)
         (q0, q1), _ = head_rows(split, c.head_dim)
         qkv_rows = np.r_[q0:q1, h + q0:h + q1, 2 * h + q0:2 * h + q1]  # this rank's q, k, v rows
         asarray = backend.asarray
-        self.index = i
+        self.index = kv_index  # this layer's place in its stage's KV cache
         self.input_norm = Norm(backend, c, w, f"{p}.ln_1")
         out = RowParallelLinear(backend, tp, asarray(conv1d(w, f"{p}.attn.c_proj.weight", h, h)[:, q0:q1]),
                                 w.get(f"{p}.attn.c_proj.bias", (h,)))
@@ -46,25 +50,37 @@ class GPT2Block(PreNormBlock):
 
 
 class GPT2LMHeadModel:
-    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel()):
+    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel(),
+                 stage: PipelineStage = PipelineStage()):
         c = config
-        self.backend, self.config, self.ops, self.tp = backend, c, backend.ops, tp
+        self.backend, self.config, self.ops, self.tp, self.stage = backend, c, backend.ops, tp, stage
         # HF checkpoints come with and without the "transformer." prefix.
         w = _PrefixedReader(w) if not w.has("transformer.wte.weight") else w
-        self.wte = VocabParallel(backend, tp, w, "transformer.wte.weight", c.vocab_size, c.hidden_size)
-        self.wpe = w.get("transformer.wpe.weight", (c.max_position_embeddings, c.hidden_size))
-        self.layers = [GPT2Block(backend, c, w, tp, i) for i in range(c.num_layers)]
-        self.ln_f = Norm(backend, c, w, "transformer.ln_f")
+        # The head is tied to wte: the last stage loads its own copy when it is not the first.
+        needs_wte = stage.is_first or stage.is_last
+        self.wte = VocabParallel(backend, tp, w, "transformer.wte.weight", c.vocab_size,
+                                 c.hidden_size) if needs_wte else None
+        self.wpe = w.get("transformer.wpe.weight", (c.max_position_embeddings, c.hidden_size)) \
+            if stage.is_first else None
+        layers = stage.layer_range(c.num_layers)
+        self.layers = [GPT2Block(backend, c, w, tp, i, i - layers.start) for i in layers]
+        self.ln_f = Norm(backend, c, w, "transformer.ln_f") if stage.is_last else None
         self.num_kv_heads_per_rank = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank).num_kv_heads
 
-    def forward(self, ids, positions, ctx: AttentionContext):
-        ops = self.ops
-        x = ops.add(self.wte.embed(ids), ops.embedding(self.wpe, positions))
-        residual = None
+    def embed_tokens(self, ids, positions):
+        return self.ops.add(self.wte.embed(ids), self.ops.embedding(self.wpe, positions))
+
+    def run_layers(self, x, residual, positions, ctx: AttentionContext):
         for layer in self.layers:
             x, residual = layer(x, residual, positions, ctx)
-        x, _ = self.ln_f(x, residual)
-        return x
+        return x, residual
+
+    def final_norm(self, x, residual):
+        return self.ln_f(x, residual)[0]
+
+    def forward(self, ids, positions, ctx: AttentionContext):
+        x, residual = self.run_layers(self.embed_tokens(ids, positions), None, positions, ctx)
+        return self.final_norm(x, residual)
 
     def compute_logits(self, hidden):
         return self.wte.logits(hidden)

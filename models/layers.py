@@ -1,5 +1,5 @@
-"""Building blocks shared by the model files: norms, attention, MLPs, MoE,
-vocab-parallel embedding and LM head.
+"""Building blocks shared by the model files: norms, attention, MLPs,
+vocab-parallel embedding and LM head (mixture-of-experts layers: moe.py).
 
 Layers hold backend arrays and call `backend.ops`; they never branch on the
 backend and never keep per-step state. Under tensor parallelism each layer
@@ -119,36 +119,6 @@ class GeluMLP:
 
     def __call__(self, x):
         return self.proj(self.ops.gelu(self.ops.linear(x, self.fc_weight, self.fc_bias), self.approximate))
-
-
-class SparseMoE:
-    """Top-k softmax routing over experts (renormalised, as Mixtral does).
-
-    Tokens are grouped by expert on the host and each expert runs on its
-    rows; under tensor parallelism every expert holds a slice of its
-    intermediate dimension and the partial outputs of all experts are
-    reduced once. Expert parallelism replaces this dispatch later.
-    """
-
-    def __init__(self, backend: Backend, tp: TensorParallel, router_weight, experts: list[GatedMLP], top_k: int):
-        self.backend, self.ops, self.tp = backend, backend.ops, tp
-        self.router_weight = router_weight  # [num_experts, hidden], replicated
-        self.experts, self.top_k = experts, top_k
-
-    def __call__(self, x):
-        ops, xp = self.ops, self.backend.xp
-        logits = ops.linear(x, self.router_weight)  # [T, experts]
-        weights, ids = ops.topk_softmax(logits, self.top_k, True)  # [T, k] each
-        host_ids = self.backend.to_numpy(ids)
-        out = xp.zeros_like(x)
-        for expert_index, expert in enumerate(self.experts):
-            tokens, slots = np.nonzero(host_ids == expert_index)
-            if tokens.size == 0:
-                continue
-            rows = xp.asarray(tokens.astype(np.int32))
-            scale = weights[rows, xp.asarray(slots.astype(np.int32))]  # [n] float32
-            ops.scatter_add_rows(out, rows, expert(ops.index_rows(x, rows)), scale)
-        return self.tp.comm.all_reduce(out) if self.tp.size > 1 else out
 
 
 class VocabParallel:

@@ -5,7 +5,10 @@ RMSNorm -> SiLU-gated MLP, with the residual add fused into each norm.
 Under tensor parallelism each rank reads only its heads' rows of Q/K/V,
 its columns of o_proj, and its slice of the MLP. Layers only: caches and
 step metadata come in through `forward`'s arguments. Mixtral (mixtral.py)
-reuses this with a sparse MoE MLP.
+reuses this with a sparse MoE MLP. Under pipeline parallelism a stage holds
+only its layers (`PipelineStage`), the embedding on the first stage and
+the final norm and LM head on the last; `embed_tokens`, `run_layers` and
+`final_norm` are the three parts a pipeline runs stage by stage.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from shardline.models.config import ModelConfig
 from shardline.models.layers import (Attention, AttentionContext, GatedMLP, Norm, PreNormBlock,
                                      RowParallelLinear, VocabParallel, rotary_table)
 from shardline.models.weights import WeightReader
+from shardline.parallel.pipeline import PipelineStage
 from shardline.parallel.sharding import HeadSplit, TensorParallel, even_range, split_heads
 
 
@@ -53,9 +57,9 @@ def gated_mlp(backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParal
 
 class LlamaBlock(PreNormBlock):
     def __init__(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int,
-                 cos_sin, mlp):
+                 cos_sin, mlp, kv_index: int):
         p = f"model.layers.{i}"
-        self.index = i
+        self.index = kv_index  # this layer's place in its stage's KV cache (i on a single stage)
         self.input_norm = Norm(backend, c, w, f"{p}.input_layernorm")
         self.attn = llama_attention(backend, c, w, tp, p, cos_sin)
         self.post_norm = Norm(backend, c, w, f"{p}.post_attention_layernorm")
@@ -63,29 +67,48 @@ class LlamaBlock(PreNormBlock):
 
 
 class LlamaForCausalLM:
-    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel()):
+    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel(),
+                 stage: PipelineStage = PipelineStage()):
         c = config
-        self.backend, self.config, self.ops, self.tp = backend, c, backend.ops, tp
-        self.embed = VocabParallel(backend, tp, w, "model.embed_tokens.weight", c.vocab_size, c.hidden_size)
+        self.backend, self.config, self.ops, self.tp, self.stage = backend, c, backend.ops, tp, stage
+        self.embed = VocabParallel(backend, tp, w, "model.embed_tokens.weight", c.vocab_size,
+                                   c.hidden_size) if stage.is_first else None
         cos_sin = rotary_table(backend, c)
-        self.layers = [LlamaBlock(backend, c, w, tp, i, cos_sin, self.build_mlp(backend, c, w, tp, i))
-                       for i in range(c.num_layers)]
-        self.norm = Norm(backend, c, w, "model.norm")
-        tied = c.tie_word_embeddings or not w.has("lm_head.weight")
-        self.lm_head = self.embed if tied else VocabParallel(backend, tp, w, "lm_head.weight", c.vocab_size,
-                                                              c.hidden_size)
+        layers = stage.layer_range(c.num_layers)
+        self.layers = [LlamaBlock(backend, c, w, tp, i, cos_sin, self.build_mlp(backend, c, w, tp, i),
+                                  i - layers.start) for i in layers]
+        self.norm = Norm(backend, c, w, "model.norm") if stage.is_last else None
+        self.lm_head = self._lm_head(backend, c, w, tp) if stage.is_last else None
         self.num_kv_heads_per_rank = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank).num_kv_heads
+
+    def _lm_head(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel):
+        tied = c.tie_word_embeddings or not w.has("lm_head.weight")
+        if tied and self.embed is not None:
+            return self.embed
+        # A last stage without the embedding loads the tied matrix as its own head.
+        name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        return VocabParallel(backend, tp, w, name, c.vocab_size, c.hidden_size)
 
     def build_mlp(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int):
         return gated_mlp(backend, c, w, tp, f"model.layers.{i}.mlp", c.intermediate_size)
 
-    def forward(self, ids, positions, ctx: AttentionContext):
-        """ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        x, residual = self.embed.embed(ids), None
+    def embed_tokens(self, ids, positions):
+        """ids [num_tokens] -> hidden [num_tokens, hidden] (first stage only)."""
+        return self.embed.embed(ids)
+
+    def run_layers(self, x, residual, positions, ctx: AttentionContext):
+        """This stage's layers; residual is None before the model's first layer."""
         for layer in self.layers:
             x, residual = layer(x, residual, positions, ctx)
-        x, _ = self.norm(x, residual)
-        return x
+        return x, residual
+
+    def final_norm(self, x, residual):
+        return self.norm(x, residual)[0]
+
+    def forward(self, ids, positions, ctx: AttentionContext):
+        """ids, positions [num_tokens] -> final hidden states [num_tokens, hidden] (a whole model)."""
+        x, residual = self.run_layers(self.embed_tokens(ids, positions), None, positions, ctx)
+        return self.final_norm(x, residual)
 
     def compute_logits(self, hidden):
         # hidden [n, hidden] -> [n, vocab] (gathered over the tp group)

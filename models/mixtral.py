@@ -1,13 +1,14 @@
 """Mixtral: the Llama block with a sparse mixture-of-experts MLP (top-2
-softmax gating, renormalised). Under tensor parallelism every expert is
-split like a dense MLP and the MoE output is reduced once. Layers only."""
+softmax gating, renormalised). With ep = 1 every expert is split over tp
+like a dense MLP and the MoE output is reduced once; with ep > 1 each rank
+holds whole experts and tokens move by all-to-all (models/moe.py).
+Layers only."""
 
 from __future__ import annotations
 
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
-from shardline.models.layers import SparseMoE
-from shardline.models.llama import LlamaForCausalLM, gated_mlp
+from shardline.models.moe import MoEForCausalLM, SparseMoE, load_experts
 from shardline.models.weights import WeightReader
 from shardline.parallel.sharding import TensorParallel
 
@@ -34,10 +35,9 @@ class _ExpertNames:
         return self.inner.get(self._name(name), shape, axis, part)
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
+class MixtralForCausalLM(MoEForCausalLM):
     def build_mlp(self, backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, i: int):
         p = f"model.layers.{i}.block_sparse_moe"
-        experts = [gated_mlp(backend, c, _ExpertNames(w), tp, f"{p}.experts.{e}", c.intermediate_size,
-                             reduce_tp=TensorParallel()) for e in range(c.num_experts)]
+        experts = load_experts(backend, c, _ExpertNames(w), tp, self.ep, f"{p}.experts", c.intermediate_size)
         router = w.get(f"{p}.gate.weight", (c.num_experts, c.hidden_size))
-        return SparseMoE(backend, tp, router, experts, c.num_experts_per_token)
+        return SparseMoE(backend, tp, self.ep, router, experts, c.num_experts_per_token, renormalize=True)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-from shardline.models.config import ModelConfig, parse_gpt2, parse_llama
+from shardline.models.config import ModelConfig, parse_gpt2, parse_llama, parse_qwen2_moe
 from shardline.models.errors import UnknownArchitectureError
 from shardline.models.gpt2 import GPT2LMHeadModel
 from shardline.models.llama import LlamaForCausalLM
 from shardline.models.mixtral import MixtralForCausalLM
+from shardline.models.qwen2_moe import Qwen2MoeForCausalLM
 
 
 class Architecture(NamedTuple):
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture(parse_llama, LlamaForCausalLM),
     "Qwen2ForCausalLM": Architecture(parse_llama, LlamaForCausalLM),
     "MixtralForCausalLM": Architecture(parse_llama, MixtralForCausalLM),
+    "Qwen2MoeForCausalLM": Architecture(parse_qwen2_moe, Qwen2MoeForCausalLM),
     "GPT2LMHeadModel": Architecture(parse_gpt2, GPT2LMHeadModel),
 }
 

@@ -1,16 +1,17 @@
 """Collectives between the ranks of a group, on backend arrays.
 
 `Communicator` is what sharded layers call: all_reduce (sum), all_gather,
-reduce_scatter, broadcast, send/recv and barrier. `SingleRank` is the
-trivial group of one (no copies, no calls); `MPICommunicator` runs the
-same operations on NumPy host arrays through mpi4py for the CPU backend;
-`parallel/nccl_communicator.py` has the GPU one. Buffers are exchanged as
-raw arrays (never pickled); every rank must pass equal shapes.
+reduce_scatter, broadcast, send/recv, all_to_all_v (expert dispatch) and
+barrier. `SingleRank` is the trivial group of one (no copies, no calls);
+`MPICommunicator` runs the same operations on NumPy host arrays through
+mpi4py for the CPU backend; `parallel/nccl_communicator.py` has the GPU one. Buffers are exchanged as
+raw arrays (never pickled); every rank must pass equal shapes, except to
+all_to_all_v, whose row counts differ per rank and are exchanged first.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -30,6 +31,14 @@ class Communicator(Protocol):
     def send(self, x: Any, dst: int) -> None: ...
 
     def recv(self, like: Any, src: int) -> Any: ...
+
+    def all_to_all_v(self, send: Any, send_counts: Sequence[int],
+                     recv_counts: Sequence[int] | None = None) -> tuple[Any, list[int]]:
+        """send [sum(send_counts), ...]: rows [sum(send_counts[:j]), +send_counts[j])
+        go to rank j, in order. Returns (received rows [sum(recv_counts), ...],
+        ordered by source rank; recv_counts). Pass `recv_counts` when already
+        known (the return trip of a dispatch) to skip the count exchange."""
+        ...
 
     def barrier(self) -> None: ...
 
@@ -57,8 +66,30 @@ class SingleRank:
     def recv(self, like, src):
         raise ValueError(f"recv: a single-rank group has no rank {src}")
 
+    def all_to_all_v(self, send, send_counts, recv_counts=None):
+        check_send_counts(send.shape[0], send_counts, 1)
+        return send, [int(send_counts[0])]
+
     def barrier(self) -> None:
         return None
+
+
+def check_send_counts(num_rows: int, send_counts: Sequence[int], size: int) -> None:
+    if len(send_counts) != size or any(c < 0 for c in send_counts) or sum(send_counts) != num_rows:
+        raise ValueError(f"all_to_all_v: send_counts {list(send_counts)} must be {size} non-negative "
+                         f"counts summing to the {num_rows} rows sent")
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(counts.dtype)
+
+
+def _element_counts(row_counts: np.ndarray, row_elems: int) -> np.ndarray:
+    """MPI's Alltoallv takes int32 element counts and offsets."""
+    counts = row_counts * row_elems
+    if counts.sum() >= 2**31:
+        raise ValueError(f"all_to_all_v: {int(counts.sum())} elements exceed MPI's int32 counts")
+    return counts.astype(np.int32)
 
 
 def _front(x: np.ndarray, axis: int) -> np.ndarray:
@@ -106,6 +137,22 @@ class MPICommunicator:
         out = np.empty_like(like)
         self.comm.Recv(out, source=src)
         return out
+
+    def all_to_all_v(self, send: np.ndarray, send_counts: Sequence[int],
+                     recv_counts: Sequence[int] | None = None) -> tuple[np.ndarray, list[int]]:
+        check_send_counts(send.shape[0], send_counts, self.size)
+        sent = np.asarray(send_counts, dtype=np.int64)
+        if recv_counts is None:
+            received = np.empty(self.size, dtype=np.int64)
+            self.comm.Alltoall(sent, received)
+        else:
+            received = np.asarray(recv_counts, dtype=np.int64)
+        send = np.ascontiguousarray(send)
+        row_elems = int(np.prod(send.shape[1:], dtype=np.int64))
+        out = np.empty((int(received.sum()),) + send.shape[1:], dtype=send.dtype)
+        scounts, rcounts = _element_counts(sent, row_elems), _element_counts(received, row_elems)
+        self.comm.Alltoallv([send, (scounts, _offsets(scounts))], [out, (rcounts, _offsets(rcounts))])
+        return out, [int(c) for c in received]
 
     def barrier(self) -> None:
         self.comm.Barrier()

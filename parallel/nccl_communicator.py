@@ -6,6 +6,11 @@ stream, so a captured CUDA graph contains it; one eager all-reduce at
 construction warms the communicator up (NCCL calls capture only after a
 first eager collective on that communicator). Arrays are cupy arrays in
 the storage dtype (bf16 as uint16 bits, reduced as NCCL bfloat16).
+
+`all_to_all_v` is grouped point-to-point (groupStart/groupEnd around one
+send and one recv per peer). Exchanging the counts syncs the host (the
+receiver sizes its buffer from them), so a dispatch is not graph-capturable
+unless the caller passes `recv_counts`. Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 import cupy
 import numpy as np
 from cupy.cuda import nccl
+
+from shardline.parallel.communicator import check_send_counts
 
 _NCCL_BFLOAT16 = 9  # ncclBfloat16 in nccl.h (NCCL >= 2.10); cupy has no name for it
 _UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
@@ -98,6 +105,39 @@ class NCCLCommunicator:
         out = cupy.empty_like(like)
         self.comm.recv(out.data.ptr, out.size, _nccl_type(out), src, self._stream())
         return out
+
+    def all_to_all_v(self, send, send_counts, recv_counts=None):
+        check_send_counts(send.shape[0], send_counts, self.size)
+        if recv_counts is None:
+            recv_counts = self._exchange_counts(send_counts)
+        send = cupy.ascontiguousarray(send)
+        row_elems = int(np.prod(send.shape[1:], dtype=np.int64))
+        out = cupy.empty((int(sum(recv_counts)),) + send.shape[1:], dtype=send.dtype)
+        self._grouped_exchange(send, list(send_counts), out, list(recv_counts), row_elems)
+        return out, [int(c) for c in recv_counts]
+
+    def _exchange_counts(self, send_counts) -> list[int]:
+        sent = cupy.asarray(np.asarray(send_counts, dtype=np.int64))
+        received = cupy.empty(self.size, dtype=cupy.int64)
+        self._grouped_exchange(sent, [1] * self.size, received, [1] * self.size, 1)
+        return [int(c) for c in received.get()]  # host sync: the caller sizes buffers from these
+
+    def _grouped_exchange(self, send, send_rows: list[int], out, recv_rows: list[int], row_elems: int) -> None:
+        """Rows [offset, +count) to / from each peer, all in one NCCL group."""
+        dtype, stream, row_bytes = _nccl_type(send), self._stream(), row_elems * send.dtype.itemsize
+        send_at, recv_at = 0, 0
+        nccl.groupStart()
+        try:
+            for peer in range(self.size):
+                if send_rows[peer]:
+                    self.comm.send(send.data.ptr + send_at * row_bytes, send_rows[peer] * row_elems, dtype,
+                                   peer, stream)
+                if recv_rows[peer]:
+                    self.comm.recv(out.data.ptr + recv_at * row_bytes, recv_rows[peer] * row_elems, dtype,
+                                   peer, stream)
+                send_at, recv_at = send_at + send_rows[peer], recv_at + recv_rows[peer]
+        finally:
+            nccl.groupEnd()
 
     def barrier(self) -> None:
         self.all_reduce(cupy.zeros(1, dtype=cupy.float32))

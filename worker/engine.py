@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from shardline.parallel.pipeline import StageLinks
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.group import BroadcastingRunner, GroupContext, agree_on_blocks
-from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
+from shardline.worker.model_runner import kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
+from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.request import Request, RequestStatus
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import RequestOutput, Scheduler, SchedulerConfig
@@ -58,9 +60,9 @@ def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
 
 
 class LLMEngine:
-    """`group`: this engine is the leader of a multi-rank group (tensor
-    parallel); `local` then holds the leader's shard, and every step is
-    broadcast to the followers (worker/group.py) before it runs here."""
+    """`group`: this engine is the leader of a multi-rank group (tensor and
+    pipeline parallel); `local` then holds the leader's shard, and every
+    step is broadcast to the followers (worker/group.py) before it runs here."""
 
     def __init__(self, config: EngineConfig, local: LocalModel | None = None, group: GroupContext | None = None):
         self.config = config
@@ -78,7 +80,8 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len, block_size_tokens=config.block_size_tokens,
             policy=config.scheduling_policy), self.block_manager)
-        self.runner = ModelRunner(self.local.model, self.num_kv_blocks, config.block_size_tokens)
+        self.runner = make_runner(self.local.model, self.num_kv_blocks, config.block_size_tokens,
+                                  group.links if group is not None else StageLinks())
         if group is not None:
             self.runner = BroadcastingRunner(group, self.runner)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()

@@ -1,5 +1,9 @@
 """An engine group of several ranks: one MPI world, run in lockstep.
 
+tp × pp ranks: rank r is pipeline stage r // tp, tensor-parallel rank
+r % tp (`ParallelConfig`). The world is split into one tensor-parallel
+communicator per stage and one pipeline link per tp rank (parallel/pipeline.py).
+
 The leader (rank 0) owns the scheduler; every step it broadcasts the
 `StepPlan` as bytes over MPI (a length, then the payload) and runs its own
 shard; followers receive the same plan and run theirs, so the tensor-
@@ -21,8 +25,9 @@ import numpy as np
 
 from shardline.kernels.backend import Backend, create_backend
 from shardline.parallel.communicator import MPICommunicator
+from shardline.parallel.pipeline import ParallelConfig, StageLinks, StagePlacement
 from shardline.parallel.sharding import TensorParallel
-from shardline.worker.model_runner import ModelRunner, StepResult
+from shardline.worker.model_runner import StepResult
 from shardline.worker.step_plan import StepPlan
 
 IDLE_POLL_S = 0.0005
@@ -33,6 +38,8 @@ class GroupContext:
     mpi_comm: Any
     backend: Backend
     tp: TensorParallel
+    placement: StagePlacement = StagePlacement()  # this rank's pipeline stage and the layout
+    links: StageLinks = StageLinks()              # channels to the neighbouring stages
 
     @property
     def rank(self) -> int:
@@ -43,21 +50,40 @@ class GroupContext:
         return self.rank == 0
 
 
-def create_group(backend_name: str, dtype: str | None, devices: list[int], mpi_comm: Any = None) -> GroupContext:
-    """This rank's backend (GPU chosen from the group's device list by rank)
-    and the tensor-parallel communicator over the whole group."""
+def create_group(backend_name: str, dtype: str | None, devices: list[int], mpi_comm: Any = None,
+                 parallel: ParallelConfig | None = None) -> GroupContext:
+    """This rank's backend (GPU chosen from the group's device list by rank),
+    its stage's tensor-parallel communicator and its pipeline links.
+    `parallel` defaults to tensor parallelism over the whole world."""
     if mpi_comm is None:
         from mpi4py import MPI
         mpi_comm = MPI.COMM_WORLD
-    rank = mpi_comm.Get_rank()
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    parallel = parallel or ParallelConfig(tp=size)
+    if parallel.world_size != size:
+        raise ValueError(f"tp * pp = {parallel.world_size} but the MPI world has {size} ranks")
     device_id = devices[rank] if devices else 0
     backend = create_backend(backend_name, dtype, device_id=device_id)
-    if mpi_comm.Get_size() == 1:
+    if size == 1:
         return GroupContext(mpi_comm, backend, TensorParallel())
+    stage, tp_rank = parallel.coordinates(rank)
+    communicator = _communicator_class(backend)
+    tp_comm = mpi_comm if parallel.pp == 1 else mpi_comm.Split(color=stage, key=tp_rank)
+    tp = TensorParallel(communicator(tp_comm)) if parallel.tp > 1 else TensorParallel()
+    placement = StagePlacement(parallel, stage)
+    if parallel.pp == 1:
+        return GroupContext(mpi_comm, backend, tp, placement)
+    link = communicator(mpi_comm.Split(color=tp_rank, key=stage))
+    links = StageLinks(stage, parallel.pp, tp_rank, link, mpi_comm,
+                       token_source_rank=parallel.global_rank(parallel.pp - 1, 0))
+    return GroupContext(mpi_comm, backend, tp, placement, links)
+
+
+def _communicator_class(backend: Backend) -> type:
     if backend.name == "cuda":
         from shardline.parallel.nccl_communicator import NCCLCommunicator
-        return GroupContext(mpi_comm, backend, TensorParallel(NCCLCommunicator(mpi_comm)))
-    return GroupContext(mpi_comm, backend, TensorParallel(MPICommunicator(mpi_comm)))
+        return NCCLCommunicator
+    return MPICommunicator
 
 
 def agree_on_blocks(group: GroupContext, num_blocks: int) -> int:
@@ -67,9 +93,10 @@ def agree_on_blocks(group: GroupContext, num_blocks: int) -> int:
 
 
 class BroadcastingRunner:
-    """The leader's ModelRunner: hands each plan to the followers, then runs it."""
+    """The leader's runner (a ModelRunner, or its PipelineRunner): hands each
+    plan to the followers, then runs it."""
 
-    def __init__(self, group: GroupContext, runner: ModelRunner):
+    def __init__(self, group: GroupContext, runner: Any):
         self.group, self.runner = group, runner
         self.kv = runner.kv
 
@@ -95,7 +122,7 @@ def _wait_bcast(comm: Any, buffer: np.ndarray) -> None:
         time.sleep(IDLE_POLL_S)
 
 
-def follow(group: GroupContext, runner: ModelRunner) -> None:
+def follow(group: GroupContext, runner: Any) -> None:
     """A follower's life: run every plan the leader sends until it says stop."""
     header = np.zeros(1, dtype=np.int64)
     while True:

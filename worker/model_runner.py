@@ -1,7 +1,8 @@
 """Runs a `StepPlan` on this rank's model shard over a paged KV cache.
 
-Owns the KV cache tensors (one K and one V array per layer, [num_blocks,
-block_size_tokens, num_kv_heads, head_dim]) and turns the plan's host
+Owns the KV cache tensors (one K and one V array per layer of this rank's
+pipeline stage, [num_blocks, block_size_tokens, num_kv_heads, head_dim])
+and turns the plan's host
 arrays into device arrays, runs the forward pass, and samples the rows the
 plan asks for. It never decides what to schedule: that is the Scheduler's.
 """
@@ -20,17 +21,17 @@ from shardline.worker.step_plan import StepPlan
 
 
 def kv_bytes_per_block(model: Any, block_size_tokens: int) -> int:
-    """Bytes of K and V for one block on this rank (its KV heads only)."""
+    """Bytes of K and V for one block on this rank (its KV heads of its stage's layers only)."""
     c, itemsize = model.config, np.dtype(model.backend.storage_dtype).itemsize
-    return 2 * c.num_layers * block_size_tokens * model.num_kv_heads_per_rank * c.head_dim * itemsize
+    return 2 * len(model.layers) * block_size_tokens * model.num_kv_heads_per_rank * c.head_dim * itemsize
 
 
 class PagedKVCache:
     def __init__(self, backend: Backend, config: ModelConfig, num_blocks: int, block_size_tokens: int,
-                 num_kv_heads: int):
+                 num_kv_heads: int, num_layers: int):
         shape = (num_blocks, block_size_tokens, num_kv_heads, config.head_dim)
-        self.k = [backend.zeros(shape) for _ in range(config.num_layers)]
-        self.v = [backend.zeros(shape) for _ in range(config.num_layers)]
+        self.k = [backend.zeros(shape) for _ in range(num_layers)]
+        self.v = [backend.zeros(shape) for _ in range(num_layers)]
         self.num_blocks, self.block_size_tokens = num_blocks, block_size_tokens
 
 
@@ -67,18 +68,28 @@ class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size_tokens: int):
         self.model, self.backend, self.config = model, model.backend, model.config
         self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens,
-                               model.num_kv_heads_per_rank)
+                               model.num_kv_heads_per_rank, len(model.layers))
 
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """Runs the step; `sample=False` (tensor-parallel followers, whose
         tokens nobody reads) skips sampling but not the collectives."""
+        ctx = self.begin_step(plan)
+        xp = self.backend.xp
+        hidden = self.model.forward(xp.asarray(plan.token_ids), xp.asarray(plan.positions), ctx)
+        return self.finish_step(plan, hidden, sample)
+
+    def begin_step(self, plan: StepPlan) -> PagedAttentionContext:
+        """Copies the plan's copy-on-write blocks; the step's attention context."""
         backend, xp = self.backend, self.backend.xp
         if plan.block_copies.size:
             copies = xp.asarray(plan.block_copies)
             for k_cache, v_cache in zip(self.kv.k, self.kv.v):
                 backend.ops.copy_blocks(k_cache, v_cache, copies)
-        ctx = PagedAttentionContext(backend, self.config, self.kv, plan)
-        hidden = self.model.forward(xp.asarray(plan.token_ids), xp.asarray(plan.positions), ctx)
+        return PagedAttentionContext(backend, self.config, self.kv, plan)
+
+    def finish_step(self, plan: StepPlan, hidden: Any, sample: bool) -> StepResult:
+        """Logits of the plan's sample rows of `hidden` [num_tokens, hidden], sampled."""
+        backend, xp = self.backend, self.backend.xp
         if plan.sample_rows.size == 0:
             return StepResult(np.zeros(0, dtype=np.int32))
         logits = self.model.compute_logits(backend.ops.index_rows(hidden, xp.asarray(plan.sample_rows)))

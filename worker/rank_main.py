@@ -3,10 +3,10 @@
 Loads the cluster config and this group's engine, serves the Worker gRPC
 service (plus health), registers with the coordinator and heartbeats, and
 exits cleanly (code 0) on SIGTERM / SIGINT or when its parent process dies,
-so a killed launcher leaves no orphans. A tensor-parallel group runs as one
-MPI world (`mpiexec -n tp python -m mpi4py -m shardline.worker ...`): rank 0
-does all of the above, the other ranks load their shard and follow its
-steps (worker/group.py).
+so a killed launcher leaves no orphans. A tensor- and pipeline-parallel
+group runs as one MPI world (`mpiexec -n tp*pp python -m mpi4py -m
+shardline.worker ...`): rank 0 does all of the above, the other ranks load
+their shard (their stage's layers) and follow its steps (worker/group.py).
 
 It must not hold serving logic (service.py, engine_loop.py) or routing
 decisions (the coordinator's).
@@ -26,13 +26,14 @@ from typing import Callable, Sequence
 import grpc
 
 from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigError, GroupSpec, load_cluster_config
+from shardline.parallel.pipeline import ParallelConfig
 from shardline.proto import worker_pb2, worker_pb2_grpc
 from shardline.worker.engine import LLMEngine, num_blocks_for
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.engine_loop import EngineLoop
 from shardline.worker.group import GroupContext, agree_on_blocks, create_group, follow
-from shardline.worker.model_runner import ModelRunner
 from shardline.worker.offline import load_local
+from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.service import WorkerIdentity, WorkerService, format_address, start_worker_server
 
 log = logging.getLogger("shardline.worker")
@@ -61,8 +62,6 @@ def find_group(config: ClusterConfig, name: str) -> GroupSpec:
     specs = config.group_specs()
     for spec in specs:
         if spec.name == name:
-            if spec.pp > 1:
-                raise WorkerStartError(f"--group {name}: pp={spec.pp}; pipeline parallel groups come later")
             return spec
     raise WorkerStartError(f"--group {name!r}: no such group in the config; groups are: "
                            f"{', '.join(s.name for s in specs)}")
@@ -90,25 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def join_group(spec: GroupSpec) -> GroupContext | None:
-    """For tp > 1: this process's place in the group's MPI world (checked to
-    hold exactly tp ranks, since a wrong launch gives several 1-rank worlds)."""
-    if spec.tp == 1:
+    """For tp * pp > 1: this process's place in the group's MPI world (checked
+    to hold exactly tp * pp ranks, since a wrong launch gives several 1-rank worlds)."""
+    num_ranks = spec.tp * spec.pp
+    if num_ranks == 1:
         return None
     from mpi4py import MPI
     size = MPI.COMM_WORLD.Get_size()
-    if size != spec.tp:
-        raise WorkerStartError(f"--group {spec.name}: tp={spec.tp} needs an MPI world of {spec.tp} ranks, "
-                               f"got {size} (start it with mpiexec -n {spec.tp})")
-    return create_group(spec.engine.backend, spec.engine.dtype, spec.devices)
+    if size != num_ranks:
+        layout = f"tp={spec.tp}" + (f" x pp={spec.pp}" if spec.pp > 1 else "")
+        raise WorkerStartError(f"--group {spec.name}: {layout} needs an MPI world of {num_ranks} ranks, "
+                               f"got {size} (start it with mpiexec -n {num_ranks})")
+    parallel = ParallelConfig(spec.tp, spec.pp, spec.pp_layers)
+    return create_group(spec.engine.backend, spec.engine.dtype, spec.devices, parallel=parallel)
 
 
 def run_follower(spec: GroupSpec, group: GroupContext) -> int:
     """A non-leader rank: load this rank's shard, agree on the KV pool, run the leader's steps."""
     config = spec.engine
-    local = load_local(config.model, group.backend, show_progress=False, tp=group.tp)
+    local = load_local(config.model, group.backend, show_progress=False, tp=group.tp, placement=group.placement)
     num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
-    log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp, num_blocks)
-    follow(group, ModelRunner(local.model, num_blocks, config.block_size_tokens))
+    log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, num_blocks)
+    follow(group, make_runner(local.model, num_blocks, config.block_size_tokens, group.links))
     return EXIT_OK
 
 
@@ -193,7 +195,8 @@ async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
                 local = load_local(config.model, config.backend, config.dtype, show_progress=False)
             else:
                 group.backend.activate()   # this thread's current GPU: the rank's own
-                local = load_local(config.model, group.backend, show_progress=False, tp=group.tp)
+                local = load_local(config.model, group.backend, show_progress=False, tp=group.tp,
+                                   placement=group.placement)
             result, error = LLMEngine(config, local, group), None
         except BaseException as exc:
             result, error = None, exc

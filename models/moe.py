@@ -1,0 +1,127 @@
+"""Mixture-of-experts layers shared by the MoE model files (Mixtral, Qwen2-MoE).
+
+`SparseMoE`: softmax top-k routing (renormalised over the top k or not),
+each expert run once on its rows (tokens sorted by expert: one GEMM pair
+per expert), outputs combined with the gate weights, plus an optional
+`SharedExpert` (Qwen2-MoE's always-on expert with a sigmoid gate).
+
+Two layouts, chosen by the `ExpertParallel` group the model is built with:
+- ep = 1: every rank holds every expert, split over tp like a dense MLP
+  (its slice of each expert's intermediate dimension); the partial outputs
+  of all experts (and the shared expert) are reduced once over tp.
+- ep > 1: each rank holds num_experts / ep whole experts and the shared
+  expert whole; tokens move with all-to-all (parallel/experts.py).
+
+`MoEForCausalLM` is the Llama-family model that takes the keyword `ep`.
+Layers only: the one thing a layer writes during forward is its load
+metric, `SparseMoE.last_expert_load` (read by metrics, never by compute).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shardline.kernels.backend import Backend
+from shardline.models.config import ModelConfig
+from shardline.models.layers import GatedMLP
+from shardline.models.llama import LlamaForCausalLM, gated_mlp
+from shardline.models.weights import WeightReader
+from shardline.parallel.experts import (ExpertDispatcher, ExpertLoad, ExpertParallel, ExpertPlacement,
+                                        check_expert_layout)
+from shardline.parallel.sharding import TensorParallel
+
+
+class SharedExpert:
+    """An always-on expert scaled per token by sigmoid(x @ gate^T)."""
+
+    def __init__(self, backend: Backend, mlp: GatedMLP, gate_weight: np.ndarray):
+        self.ops, self.xp, self.mlp = backend.ops, backend.xp, mlp
+        # [2, hidden]: a zero row next to the gate, so the logits are [z, 0] and
+        # softmax's first column is sigmoid(z): the gating kernel serves on both backends.
+        self.gate_pair = backend.asarray(np.concatenate([gate_weight, np.zeros_like(gate_weight)]))
+
+    def add_to(self, out, x) -> None:
+        """out [n, hidden] += sigmoid(gate(x)) * mlp(x), in place."""
+        num_tokens = x.shape[0]
+        if num_tokens == 0:
+            return
+        probs, ids = self.ops.topk_softmax(self.ops.linear(x, self.gate_pair), 2, False)  # [n, 2] each
+        gate = self.xp.where(ids[:, 0] == 0, probs[:, 0], probs[:, 1])  # [n] float32
+        rows = self.xp.arange(num_tokens, dtype=self.xp.int32)
+        self.ops.scatter_add_rows(out, rows, self.mlp(x), gate)
+
+
+class SparseMoE:
+    """Routed experts (this rank's) plus an optional shared expert.
+
+    `last_expert_load` is the expert-load metric of the latest forward
+    (`ExpertLoad`: tokens per expert over the whole step, imbalance ratio
+    max / mean); None before the first forward.
+    """
+
+    def __init__(self, backend: Backend, tp: TensorParallel, ep: ExpertParallel, router_weight,
+                 experts: list[GatedMLP], top_k: int, renormalize: bool = True, shared: SharedExpert | None = None):
+        self.backend, self.ops, self.xp = backend, backend.ops, backend.xp
+        self.router_weight = router_weight  # [num_experts, hidden], replicated
+        self.dispatch = ExpertDispatcher(backend, ep, router_weight.shape[0])
+        if len(experts) != self.dispatch.placement.experts_per_rank:
+            raise ValueError(f"SparseMoE: {len(experts)} experts given, this rank holds "
+                             f"{self.dispatch.placement.experts_per_rank}")
+        self.experts, self.top_k, self.renormalize, self.shared = experts, top_k, renormalize, shared
+        # ep = 1 under tp: every expert holds a slice, so the partial outputs sum over tp
+        self.reduce_tp = tp if ep.size == 1 and tp.size > 1 else None
+        self.last_expert_load: ExpertLoad | None = None
+
+    def __call__(self, x):
+        # x [T, hidden], the same on every rank of the tp / ep group -> [T, hidden]
+        share = self.dispatch.share(x)  # [n, hidden]: all of x when ep == 1
+        weights, expert_ids = self._route(share)
+        out, self.last_expert_load = self.dispatch.exchange(share, weights, expert_ids, self._run_experts)
+        if self.shared is not None:
+            self.shared.add_to(out, share)
+        out = self.dispatch.gather(out, x.shape[0])
+        return self.reduce_tp.comm.all_reduce(out) if self.reduce_tp is not None else out
+
+    def _route(self, x):
+        """x [n, hidden] -> (weights [n, k] float32 on the backend, expert ids [n, k] int32 on the host)."""
+        if x.shape[0] == 0:
+            return self.xp.zeros((0, self.top_k), dtype=self.xp.float32), np.zeros((0, self.top_k), np.int32)
+        logits = self.ops.linear(x, self.router_weight)  # [n, experts]
+        weights, ids = self.ops.topk_softmax(logits, self.top_k, self.renormalize)
+        return weights, self.backend.to_numpy(ids)
+
+    def _run_experts(self, rows, rows_per_expert):
+        """rows [R, hidden] sorted by local expert -> each expert's output on its rows, same order."""
+        outputs, start = [], 0
+        for expert, count in zip(self.experts, rows_per_expert):
+            if count:
+                outputs.append(expert(rows[start:start + count]))
+                start += count
+        if not outputs:
+            return rows
+        return outputs[0] if len(outputs) == 1 else self.xp.concatenate(outputs)
+
+
+def load_experts(backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, ep: ExpertParallel,
+                 prefix: str, inter: int) -> list[GatedMLP]:
+    """This rank's experts `{prefix}.{e}`: all of them sliced over tp when
+    ep == 1, else its num_experts / ep whole ones (only their bytes are read)."""
+    placement = ExpertPlacement(c.num_experts, ep.size, ep.rank)
+    split = tp if ep.size == 1 else TensorParallel()
+    return [gated_mlp(backend, c, w, split, f"{prefix}.{e}", inter, reduce_tp=TensorParallel())
+            for e in placement.local_experts]
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    """A Llama-family model with MoE MLPs; `ep` (keyword) spreads the
+    experts over a group. Other arguments pass through to the Llama model."""
+
+    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel(),
+                 *args, ep: ExpertParallel = ExpertParallel(), **kwargs):
+        check_expert_layout(config.num_experts, tp.size, ep.size)
+        self.ep = ep  # build_mlp, called by the parent's constructor, reads it
+        super().__init__(backend, config, w, tp, *args, **kwargs)
+
+    def expert_loads(self) -> list[ExpertLoad | None]:
+        """The latest forward's load metric of each MoE layer of this model (or stage)."""
+        return [layer.mlp.last_expert_load for layer in self.layers if isinstance(layer.mlp, SparseMoE)]

@@ -1,0 +1,86 @@
+"""Run under mpiexec: expert parallelism on the NumPy backend over COMM_WORLD.
+
+usage:
+  mpiexec -n N python mpi_ep_run.py model CHECKPOINT PROMPT_IDS_CSV NUM_TOKENS OUT.npz TP
+      load the MoE checkpoint with experts spread over all N ranks (ep = N)
+      and attention split over TP ranks (1: replicated; else TP must be N),
+      compute teacher-forced logits and a greedy continuation; rank 0 saves
+      them, each rank's resident expert bytes and the prompt's expert loads.
+  mpiexec -n N python mpi_ep_run.py all_to_all
+      checks MPICommunicator.all_to_all_v with uneven (and zero) counts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from mpi_tp_run import resident_bytes
+from shardline.kernels.backend import create_backend
+from shardline.models.loader import open_checkpoint, parse_config
+from shardline.models.moe import SparseMoE
+from shardline.models.weights import WeightReader
+from shardline.parallel.communicator import MPICommunicator
+from shardline.parallel.experts import ExpertParallel
+from shardline.parallel.sharding import TensorParallel
+from shardline.worker.generate import generate, prompt_logits
+from shardline.worker.sampling_params import SamplingParams
+
+
+def load_ep_model(path: str, tp_size: int):
+    """What the loader will do once it takes `ep` (see the EP report): the
+    model class gets `ep=` only when experts are spread."""
+    comm = MPICommunicator(MPI.COMM_WORLD)
+    tp = TensorParallel(comm) if tp_size > 1 else TensorParallel()
+    checkpoint = open_checkpoint(path)
+    config, model_class = parse_config(checkpoint)
+    reader = WeightReader(checkpoint, create_backend("numpy", "float32"), show_progress=False)
+    return model_class(reader.backend, config, reader, tp, ep=ExpertParallel(comm))
+
+
+def run_model(path: str, prompt_csv: str, num_tokens: int, out: str, tp_size: int) -> None:
+    model = load_ep_model(path, tp_size)
+    prompt = [int(t) for t in prompt_csv.split(",")]
+    logits = prompt_logits(model, prompt)
+    loads = np.stack([load.tokens_per_expert for load in model.expert_loads()])  # [moe layers, experts]
+    tokens = list(generate(model, prompt, SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)))
+    experts = [layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, SparseMoE)]
+    expert_bytes = MPI.COMM_WORLD.gather(resident_bytes(experts), root=0)
+    if MPI.COMM_WORLD.rank == 0:
+        np.savez(out, logits=logits, tokens=np.asarray(tokens), expert_bytes=np.asarray(expert_bytes),
+                 loads=loads)
+
+
+def check_all_to_all() -> None:
+    comm = MPICommunicator(MPI.COMM_WORLD)
+    rank, size = comm.rank, comm.size
+
+    def count(src: int, dst: int) -> int:  # rows src sends dst; some pairs send none
+        return (src * 3 + dst * 5) % 4
+
+    for dtype in (np.float32, np.int32):
+        send_counts = [count(rank, dst) for dst in range(size)]
+        # row value = 100 * src + 10 * dst + index within the message, repeated over a [2, 3] row shape
+        rows = [np.full((2, 3), 100 * rank + 10 * dst + i, dtype=dtype)
+                for dst in range(size) for i in range(count(rank, dst))]
+        send = np.stack(rows) if rows else np.zeros((0, 2, 3), dtype=dtype)
+        got, recv_counts = comm.all_to_all_v(send, send_counts)
+        assert recv_counts == [count(src, rank) for src in range(size)], recv_counts
+        want = [100 * src + 10 * rank + i for src in range(size) for i in range(count(src, rank))]
+        assert got.dtype == dtype and got.shape == (len(want), 2, 3), (got.dtype, got.shape)
+        assert (got[:, 0, 0] == want).all() and (got == got[:, :1, :1]).all(), got[:, 0, 0]
+        again, _ = comm.all_to_all_v(send, send_counts, recv_counts)  # counts known: no exchange
+        assert np.array_equal(again, got)
+
+
+def main() -> None:
+    if sys.argv[1] == "all_to_all":
+        check_all_to_all()
+    else:
+        run_model(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+
+
+if __name__ == "__main__":
+    main()
