@@ -72,6 +72,14 @@ class GroupConfig(_Frozen):
     engine: dict = Field(default_factory=dict)         # overrides of the cluster's engine settings
 
     @model_validator(mode="after")
+    def _expert_parallel(self) -> "GroupConfig":
+        # Served groups spread experts over their tensor-parallel ranks.
+        if self.ep not in (1, self.tp):
+            raise ValueError(f"ep ({self.ep}) must be 1 or equal tp ({self.tp}): experts are spread over "
+                             f"the tensor-parallel ranks")
+        return self
+
+    @model_validator(mode="after")
     def _devices(self) -> "GroupConfig":
         if self.devices and len(self.devices) != self.tp * self.pp:
             raise ValueError(f"devices lists {len(self.devices)} GPUs but tp * pp = {self.tp * self.pp}")

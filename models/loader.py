@@ -19,6 +19,7 @@ from shardline.models.errors import ModelLoadError
 from shardline.models.registry import lookup
 from shardline.models.weights import Checkpoint, WeightReader
 from shardline.parallel.pipeline import PipelineLayoutError, StagePlacement, resolve_stage
+from shardline.parallel.experts import ExpertLayoutError, ExpertParallel, check_expert_layout
 from shardline.parallel.sharding import TensorParallel
 
 
@@ -53,18 +54,21 @@ def parse_config(checkpoint: Checkpoint) -> tuple[ModelConfig, type]:
 
 
 def load_model(path: str | Path, backend: Backend, show_progress: bool = True,
-               tp: TensorParallel = TensorParallel(), placement: StagePlacement = StagePlacement()) -> LoadedModel:
-    """Loads this rank's shard when `tp` spans several ranks, and only its
-    pipeline stage's layers under `placement` (the whole model by default)."""
+               tp: TensorParallel = TensorParallel(), placement: StagePlacement = StagePlacement(),
+               ep: ExpertParallel = ExpertParallel()) -> LoadedModel:
+    """Loads this rank's shard when `tp` spans several ranks, only its
+    pipeline stage's layers under `placement`, and only its experts when
+    `ep` spans several ranks (the whole model by default)."""
     checkpoint = open_checkpoint(path)
     config, model_class = parse_config(checkpoint)
     try:
         stage = resolve_stage(config, placement)
-    except PipelineLayoutError as err:
+        check_expert_layout(config.num_experts, tp.size, ep.size)
+    except (PipelineLayoutError, ExpertLayoutError) as err:
         raise ModelLoadError(checkpoint.path, str(err)) from None
     reader = WeightReader(checkpoint, backend, show_progress)
     try:
-        model = model_class(backend, config, reader, tp, stage=stage)
+        model = model_class(backend, config, reader, tp, stage=stage, **({"ep": ep} if ep.size > 1 else {}))
     except ValueError as err:  # a layout the tp size cannot split
         raise ModelLoadError(checkpoint.path, str(err)) from None
     finally:

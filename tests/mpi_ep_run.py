@@ -19,25 +19,24 @@ from mpi4py import MPI
 
 from mpi_tp_run import resident_bytes
 from shardline.kernels.backend import create_backend
-from shardline.models.loader import open_checkpoint, parse_config
+from shardline.models.loader import load_model
 from shardline.models.moe import SparseMoE
-from shardline.models.weights import WeightReader
 from shardline.parallel.communicator import MPICommunicator
 from shardline.parallel.experts import ExpertParallel
-from shardline.parallel.sharding import TensorParallel
+from shardline.worker.group import create_group
 from shardline.worker.generate import generate, prompt_logits
 from shardline.worker.sampling_params import SamplingParams
 
 
 def load_ep_model(path: str, tp_size: int):
-    """What the loader will do once it takes `ep` (see the EP report): the
-    model class gets `ep=` only when experts are spread."""
-    comm = MPICommunicator(MPI.COMM_WORLD)
-    tp = TensorParallel(comm) if tp_size > 1 else TensorParallel()
-    checkpoint = open_checkpoint(path)
-    config, model_class = parse_config(checkpoint)
-    reader = WeightReader(checkpoint, create_backend("numpy", "float32"), show_progress=False)
-    return model_class(reader.backend, config, reader, tp, ep=ExpertParallel(comm))
+    """Experts over every rank; attention split over them too (tp = N) or
+    replicated (tp = 1). With tp = N this is the engine group's own path
+    (create_group(..., ep=N)); tp = 1 builds the communicators by hand."""
+    if tp_size > 1:
+        group = create_group("numpy", "float32", [], MPI.COMM_WORLD, ep=MPI.COMM_WORLD.Get_size())
+        return load_model(path, group.backend, show_progress=False, tp=group.tp, ep=group.ep).model
+    ep = ExpertParallel(MPICommunicator(MPI.COMM_WORLD))
+    return load_model(path, create_backend("numpy", "float32"), show_progress=False, ep=ep).model
 
 
 def run_model(path: str, prompt_csv: str, num_tokens: int, out: str, tp_size: int) -> None:

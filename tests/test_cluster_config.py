@@ -95,3 +95,10 @@ def test_file_errors(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_expert_parallel_must_match_tp():
+    from shardline.coordinator.cluster_config import ClusterConfigError, parse_cluster_config
+    with pytest.raises(ClusterConfigError, match=r"groups\.0: .*ep \(2\) must be 1 or equal tp \(1\)"):
+        parse_cluster_config({"groups": [{"name": "moe", "ep": 2}]})
+    assert parse_cluster_config({"groups": [{"name": "moe", "tp": 2, "ep": 2}]}).group_specs()[0].ep == 2

@@ -17,6 +17,7 @@ group's Communicator (NCCL on GPU, MPI on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 from shardline.kernels.backend import Backend, create_backend
 from shardline.parallel.communicator import MPICommunicator
 from shardline.parallel.pipeline import ParallelConfig, StageLinks, StagePlacement
+from shardline.parallel.experts import ExpertParallel
 from shardline.parallel.sharding import TensorParallel
 from shardline.worker.model_runner import StepResult
 from shardline.worker.step_plan import StepPlan
@@ -40,6 +42,7 @@ class GroupContext:
     tp: TensorParallel
     placement: StagePlacement = StagePlacement()  # this rank's pipeline stage and the layout
     links: StageLinks = StageLinks()              # channels to the neighbouring stages
+    ep: ExpertParallel = ExpertParallel()          # experts spread over the stage's tp ranks (ep == tp)
 
     @property
     def rank(self) -> int:
@@ -51,10 +54,21 @@ class GroupContext:
 
 
 def create_group(backend_name: str, dtype: str | None, devices: list[int], mpi_comm: Any = None,
-                 parallel: ParallelConfig | None = None) -> GroupContext:
+                 parallel: ParallelConfig | None = None, ep: int = 1) -> GroupContext:
     """This rank's backend (GPU chosen from the group's device list by rank),
     its stage's tensor-parallel communicator and its pipeline links.
-    `parallel` defaults to tensor parallelism over the whole world."""
+    `parallel` defaults to tensor parallelism over the whole world. `ep` > 1
+    (it must equal tp) spreads the MoE experts over the same ranks."""
+    group = _create_group(backend_name, dtype, devices, mpi_comm, parallel)
+    if ep == 1:
+        return group
+    if ep != group.tp.size:
+        raise ValueError(f"ep ({ep}) must be 1 or equal tp ({group.tp.size}) in an engine group")
+    return dataclasses.replace(group, ep=ExpertParallel(group.tp.comm))
+
+
+def _create_group(backend_name: str, dtype: str | None, devices: list[int], mpi_comm: Any,
+                  parallel: ParallelConfig | None) -> GroupContext:
     if mpi_comm is None:
         from mpi4py import MPI
         mpi_comm = MPI.COMM_WORLD

@@ -15,6 +15,7 @@ from shardline.kernels.backend import Backend, create_backend
 from shardline.models.default_model import default_model_path
 from shardline.models.loader import load_model
 from shardline.parallel.pipeline import StagePlacement
+from shardline.parallel.experts import ExpertParallel
 from shardline.parallel.sharding import TensorParallel
 from shardline.worker.generate import generate
 from shardline.worker.sampling_params import SamplingParams
@@ -29,13 +30,14 @@ class LocalModel:
 
 def load_local(model_path: str | Path | None = None, backend: str | Backend = "auto",
                dtype: str | None = None, show_progress: bool = True,
-               tp: TensorParallel = TensorParallel(), placement: StagePlacement = StagePlacement()) -> LocalModel:
+               tp: TensorParallel = TensorParallel(), placement: StagePlacement = StagePlacement(),
+               ep: ExpertParallel = ExpertParallel()) -> LocalModel:
     """`backend` is a name (a backend is created) or a ready Backend (a
     group's rank, already on its GPU); `tp` and `placement` load this rank's shard."""
     path = Path(model_path) if model_path else default_model_path()
     if isinstance(backend, str):
         backend = create_backend(backend, dtype)
-    loaded = load_model(path, backend, show_progress, tp, placement)
+    loaded = load_model(path, backend, show_progress, tp, placement, ep)
     if path.is_dir():
         tokenizer = Tokenizer.from_folder(path)
     else:

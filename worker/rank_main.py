@@ -101,13 +101,14 @@ def join_group(spec: GroupSpec) -> GroupContext | None:
         raise WorkerStartError(f"--group {spec.name}: {layout} needs an MPI world of {num_ranks} ranks, "
                                f"got {size} (start it with mpiexec -n {num_ranks})")
     parallel = ParallelConfig(spec.tp, spec.pp, spec.pp_layers)
-    return create_group(spec.engine.backend, spec.engine.dtype, spec.devices, parallel=parallel)
+    return create_group(spec.engine.backend, spec.engine.dtype, spec.devices, parallel=parallel, ep=spec.ep)
 
 
 def run_follower(spec: GroupSpec, group: GroupContext) -> int:
     """A non-leader rank: load this rank's shard, agree on the KV pool, run the leader's steps."""
     config = spec.engine
-    local = load_local(config.model, group.backend, show_progress=False, tp=group.tp, placement=group.placement)
+    local = load_local(config.model, group.backend, show_progress=False, tp=group.tp, placement=group.placement,
+                       ep=group.ep)
     num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
     log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, num_blocks)
     follow(group, make_runner(local.model, num_blocks, config.block_size_tokens, group.links))
@@ -196,7 +197,7 @@ async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
             else:
                 group.backend.activate()   # this thread's current GPU: the rank's own
                 local = load_local(config.model, group.backend, show_progress=False, tp=group.tp,
-                                   placement=group.placement)
+                                   placement=group.placement, ep=group.ep)
             result, error = LLMEngine(config, local, group), None
         except BaseException as exc:
             result, error = None, exc
