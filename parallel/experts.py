@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from shardline.kernels.backend import Backend
-from shardline.parallel.communicator import Communicator, SingleRank
+
+from shardline.parallel.sharding import TensorParallel
 
 
 class ExpertLayoutError(ValueError):
@@ -40,18 +41,9 @@ class ExpertLayoutError(ValueError):
 
 
 @dataclass(frozen=True)
-class ExpertParallel:
-    """This rank's place in its expert-parallel group and the group's communicator."""
-
-    comm: Communicator = SingleRank()
-
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def size(self) -> int:
-        return self.comm.size
+class ExpertParallel(TensorParallel):
+    """This rank's place in its expert-parallel group and the group's
+    communicator (the same shape as TensorParallel, a different role)."""
 
 
 def check_expert_layout(num_experts: int, tp_size: int, ep_size: int) -> None:

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_models import hf_logits
 from shardline.kernels.backend import create_backend
 from shardline.models.loader import load_model
 from shardline.models.moe import SparseMoE
 from shardline.worker.generate import _run, prompt_logits
 from shardline.worker.sequence_cache import SequenceKVCache
+from test_models_hf import TOLERANCE, rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TOLERANCE = 1e-4
 SHAPE = dict(vocab_size=503, hidden_size=80, intermediate_size=96, moe_intermediate_size=40,
              shared_expert_intermediate_size=56, num_attention_heads=5, num_key_value_heads=1,
              max_position_embeddings=256, num_experts=8, num_experts_per_tok=2)
@@ -42,15 +43,6 @@ def save_qwen2_moe(name: str, folder: Path, seed: int):
             param.normal_(0.0, 0.15) if param.dim() >= 2 else param.copy_(1.0 + 0.2 * torch.randn_like(param))
     model.save_pretrained(folder, safe_serialization=True)
     return folder, model
-
-
-def rel_err(ours, ref) -> float:
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
 @pytest.fixture(params=sorted(CONFIGS))
