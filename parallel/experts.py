@@ -32,7 +32,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from shardline.kernels.backend import Backend
-
 from shardline.parallel.sharding import TensorParallel
 
 
