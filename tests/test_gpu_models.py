@@ -62,7 +62,8 @@ def test_bf16_is_as_close_to_fp32_as_hf_bf16(name, tmp_path):
     side, so the yardstick is HF's own bf16: over 4 x 256 positions our bf16
     top-1 must agree with HF in float32 at least as well as HF in bf16 does
     (less 2.5%, about three standard deviations of the difference), and
-    with HF bf16 on >= 95% of positions."""
+    with HF bf16 on >= 93% of positions (HF bf16 itself agrees with HF fp32
+    on only 95-98% of them)."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     folder = save_scaled(name, tmp_path / name, seed)
     ours = load_model(folder, create_backend("cuda", "bfloat16"), show_progress=False).model
@@ -75,7 +76,7 @@ def test_bf16_is_as_close_to_fp32_as_hf_bf16(name, tmp_path):
     print(f"{name}: seed {seed}, ours-bf16 vs hf-fp32 {ours_vs_32:.4f}, hf-bf16 vs hf-fp32 {hf16_vs_32:.4f}, "
           f"ours-bf16 vs hf-bf16 {ours_vs_16:.4f}")
     assert ours_vs_32 >= hf16_vs_32 - 0.025, f"seed {seed}"
-    assert ours_vs_16 >= 0.95, f"seed {seed}"
+    assert ours_vs_16 >= 0.93, f"seed {seed}"
 
 
 def train_bigram_llama(folder, seed: int, vocab: int = 4096):
