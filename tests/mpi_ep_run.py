@@ -28,19 +28,21 @@ from shardline.worker.generate import generate, prompt_logits
 from shardline.worker.sampling_params import SamplingParams
 
 
-def load_ep_model(path: str, tp_size: int):
+def load_ep_model(path: str, tp_size: int, backend: str = "numpy", dtype: str = "float32"):
     """Experts over every rank; attention split over them too (tp = N) or
     replicated (tp = 1). With tp = N this is the engine group's own path
     (create_group(..., ep=N)); tp = 1 builds the communicators by hand."""
     if tp_size > 1:
-        group = create_group("numpy", "float32", [], MPI.COMM_WORLD, ep=MPI.COMM_WORLD.Get_size())
+        devices = list(range(MPI.COMM_WORLD.Get_size())) if backend == "cuda" else []
+        group = create_group(backend, dtype, devices, MPI.COMM_WORLD, ep=MPI.COMM_WORLD.Get_size())
         return load_model(path, group.backend, show_progress=False, tp=group.tp, ep=group.ep).model
     ep = ExpertParallel(MPICommunicator(MPI.COMM_WORLD))
     return load_model(path, create_backend("numpy", "float32"), show_progress=False, ep=ep).model
 
 
-def run_model(path: str, prompt_csv: str, num_tokens: int, out: str, tp_size: int) -> None:
-    model = load_ep_model(path, tp_size)
+def run_model(path: str, prompt_csv: str, num_tokens: int, out: str, tp_size: int,
+              backend: str = "numpy", dtype: str = "float32") -> None:
+    model = load_ep_model(path, tp_size, backend, dtype)
     prompt = [int(t) for t in prompt_csv.split(",")]
     logits = prompt_logits(model, prompt)
     loads = np.stack([load.tokens_per_expert for load in model.expert_loads()])  # [moe layers, experts]
@@ -78,7 +80,7 @@ def main() -> None:
     if sys.argv[1] == "all_to_all":
         check_all_to_all()
     else:
-        run_model(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+        run_model(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), *sys.argv[7:9])
 
 
 if __name__ == "__main__":

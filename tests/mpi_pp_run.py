@@ -31,9 +31,10 @@ from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.sequence_cache import SequenceKVCache
 
 
-def join(tp: str, pp: str, split: str, dtype: str):
+def join(tp: str, pp: str, split: str, dtype: str, backend: str = "numpy"):
     layers = None if split == "cost" else tuple(int(n) for n in split.split(","))
-    return create_group("numpy", dtype, [], MPI.COMM_WORLD, ParallelConfig(int(tp), int(pp), layers))
+    devices = list(range(MPI.COMM_WORLD.Get_size())) if backend == "cuda" else []  # rank r on GPU r
+    return create_group(backend, dtype, devices, MPI.COMM_WORLD, ParallelConfig(int(tp), int(pp), layers))
 
 
 def stage_forward(model, links, cache: SequenceKVCache, token_ids: list[int]):
@@ -112,9 +113,10 @@ def run_job(engine: LLMEngine, job: dict) -> dict:
 
 def run_engine(path, tp, pp, split, jobs_path, out) -> None:
     spec = json.loads(open(jobs_path).read())
-    group = join(tp, pp, split, spec.get("dtype", "float64"))
+    backend = spec.get("backend", "numpy")
+    group = join(tp, pp, split, spec.get("dtype", "float64"), backend)
     model = load_model(path, group.backend, False, group.tp, group.placement).model
-    config = EngineConfig(backend="numpy", **spec["engine"])
+    config = EngineConfig(backend=backend, dtype=spec.get("dtype"), **spec["engine"])
     if not group.is_leader:
         num_blocks = agree_on_blocks(group, num_blocks_for(config, LocalModel(model, None)))
         follow(group, make_runner(model, num_blocks, config.block_size_tokens, group.links))
