@@ -61,7 +61,7 @@ def time_decode(args, group, runner, model):
                                           max_model_len=8192, block_size_tokens=16), BlockManager(runner.kv.num_blocks, 16))
     rng = np.random.default_rng(0)
     for b in range(args.batch):
-        scheduler.add_request(Request(request_id=f"r{b}", prompt_token_ids=rng.integers(0, 128256, args.context).tolist(),
+        scheduler.add_request(Request(request_id=f"r{b}", prompt_token_ids=rng.integers(0, model.config.vocab_size, args.context).tolist(),
                                       params=SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True)))
     times = []
     for step in range(args.steps + 1):
