@@ -9,6 +9,7 @@ no kernels itself.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -76,10 +77,13 @@ class LLMEngine:
             self.num_kv_blocks = agree_on_blocks(group, self.num_kv_blocks)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size_tokens,
                                           config.enable_prefix_caching)
+        # One micro-batch per pipeline stage in flight, so no stage idles.
+        self.max_plans_in_flight = group.links.num_stages if group is not None else 1
+        self._in_flight: collections.deque = collections.deque()  # (plan, result or None), oldest first
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len, block_size_tokens=config.block_size_tokens,
-            policy=config.scheduling_policy), self.block_manager)
+            policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight), self.block_manager)
         self.runner = make_runner(self.local.model, self.num_kv_blocks, config.block_size_tokens,
                                   group.links if group is not None else StageLinks())
         if group is not None:
@@ -119,8 +123,24 @@ class LLMEngine:
         if stop is not None:   # the streamed text already holds a stop string: nothing more to say
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop)
 
+    def _pipelined_step(self):
+        while len(self._in_flight) < self.max_plans_in_flight:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                break
+            self._in_flight.append((plan, self.runner.submit(plan)))
+        if not self._in_flight:
+            return None, None
+        plan, result = self._in_flight.popleft()
+        return plan, result if result is not None else self.runner.collect(plan)
+
     def shutdown(self) -> None:
-        """Releases the group's followers (a no-op for a single rank)."""
+        """Releases the group's followers (a no-op for a single rank), after
+        taking the tokens of micro-batches still in the pipe."""
+        while self._in_flight:
+            plan, result = self._in_flight.popleft()
+            if result is None:
+                self.runner.collect(plan)
         if isinstance(self.runner, BroadcastingRunner):
             self.runner.shutdown()
 
@@ -131,10 +151,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineOutput]:
-        plan = self.scheduler.schedule()
+        """Runs one plan to its tokens. With pipeline stages, first fills the
+        pipe: up to one plan per stage is in flight, each with other requests."""
         logprobs: dict[str, list] = {}
+        if self.max_plans_in_flight > 1:
+            plan, result = self._pipelined_step()
+        else:
+            plan = self.scheduler.schedule()
+            result = self.runner.execute(plan) if plan is not None else None
         if plan is not None:
-            result = self.runner.execute(plan)
             self.scheduler.update_from_output(plan, result.sampled_token_ids)
             for row, entry in enumerate(result.logprobs):
                 if entry is not None:

@@ -115,10 +115,21 @@ class BroadcastingRunner:
         self.kv = runner.kv
 
     def execute(self, plan: StepPlan) -> StepResult:
+        self._broadcast(plan)
+        return self.runner.execute(plan)
+
+    def submit(self, plan: StepPlan) -> StepResult | None:
+        """Pipelines only (the wrapped runner has submit/collect)."""
+        self._broadcast(plan)
+        return self.runner.submit(plan)
+
+    def collect(self, plan: StepPlan) -> StepResult:
+        return self.runner.collect(plan)
+
+    def _broadcast(self, plan: StepPlan) -> None:
         payload = np.frombuffer(plan.to_bytes(), dtype=np.uint8)
         _send_header(self.group.mpi_comm, payload.size)
         self.group.mpi_comm.Bcast(payload, root=0)
-        return self.runner.execute(plan)
 
     def shutdown(self) -> None:
         _send_header(self.group.mpi_comm, 0)

@@ -32,6 +32,17 @@ class PipelineRunner:
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """`sample` is ignored: the last stage's tp rank 0 always samples,
         since the leader needs its tokens; other ranks return none."""
+        result = self.submit(plan)
+        return self.collect(plan) if result is None else result
+
+    def collect(self, plan: StepPlan) -> StepResult:
+        """The leader (stage 0 of several): the plan's tokens from the last stage."""
+        return receive_result(self.links, plan)
+
+    def submit(self, plan: StepPlan) -> StepResult | None:
+        """Runs this stage's part and passes the activations on. None on the
+        leader of a multi-stage pipeline: its tokens come later (`collect`),
+        so it can start the next micro-batch meanwhile."""
         links, xp = self.links, self.backend.xp
         ctx = self.runner.begin_step(plan)
         positions = xp.asarray(plan.positions)
@@ -40,7 +51,7 @@ class PipelineRunner:
         if not links.is_last:
             links.send_next(x)
             links.send_next(residual)
-            return receive_result(links, plan) if links.is_leader else _empty()
+            return None if links.is_leader else _empty()
         hidden = self.model.final_norm(x, residual)
         result = self.runner.finish_step(plan, hidden, sample=links.returns_tokens)
         if links.returns_tokens and not links.is_leader:

@@ -34,9 +34,13 @@ class SchedulerConfig:
     max_model_len: int            # prompt + output tokens of one request at most
     block_size_tokens: int
     policy: Literal["fcfs", "priority"] = "fcfs"
+    # Plans scheduled before the oldest one's tokens are back (pipeline
+    # parallelism keeps one per stage busy); a request is in one plan at most.
+    max_plans_in_flight: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size_tokens"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size_tokens",
+                     "max_plans_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.policy not in ("fcfs", "priority"):
@@ -121,7 +125,7 @@ class Scheduler:
         self._outputs: list[RequestOutput] = []
         self._num_steps = 0
         self._num_preemptions = 0
-        self._in_flight_step: int | None = None
+        self._in_flight: deque[tuple[int, frozenset[str]]] = deque()  # (step id, request ids), oldest first
 
     # ---- requests in and out -------------------------------------------
 
@@ -191,8 +195,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when no request can advance."""
-        if self._in_flight_step is not None:
-            raise RuntimeError(f"step {self._in_flight_step} is still in flight: call update_from_output first")
+        if len(self._in_flight) >= self.config.max_plans_in_flight:
+            raise RuntimeError(f"{len(self._in_flight)} plan(s) in flight (step {self._in_flight[0][0]} oldest): "
+                               f"call update_from_output first")
         scheduled: list[tuple[Request, int]] = []
         num_preemptions_before = self._num_preemptions
         budget_tokens = self._schedule_running(scheduled, self.config.max_num_batched_tokens)
@@ -204,14 +209,20 @@ class Scheduler:
             return None
         tables = [self.block_manager.block_table(r.request_id) for r, _ in scheduled]
         plan = build_step_plan(self._num_steps, scheduled, tables, copies, self.config.block_size_tokens)
-        self._in_flight_step = plan.step_id
+        self._in_flight.append((plan.step_id, frozenset(plan.request_ids)))
         self._num_steps += 1
         return plan
+
+    def _in_a_plan(self, request: Request) -> bool:
+        return any(request.request_id in ids for _, ids in self._in_flight)
 
     def _schedule_running(self, scheduled: list[tuple[Request, int]], budget_tokens: int) -> int:
         index = 0
         while index < len(self._running) and budget_tokens > 0:
             request = self._running[index]
+            if self._in_a_plan(request):   # its tokens are not back yet
+                index += 1
+                continue
             num_new_tokens = min(request.num_tokens_to_compute, budget_tokens)
             if not self._allocate_or_preempt(request, num_new_tokens):
                 break   # it preempted itself, the last of the list
@@ -221,9 +232,10 @@ class Scheduler:
         return budget_tokens
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> bool:
-        # Victims come from the unscheduled tail, so nothing already planned loses its blocks.
+        # Victims come from the unscheduled tail, so nothing already planned (in
+        # this step or in a plan still in flight) loses its blocks.
         while not self.block_manager.allocate_slots(request, num_new_tokens):
-            victim = self._running[-1]
+            victim = next(r for r in reversed(self._running) if r is request or not self._in_a_plan(r))
             self._preempt(victim)
             if victim is request:
                 return False
@@ -261,12 +273,13 @@ class Scheduler:
 
     def update_from_output(self, plan: StepPlan, sampled_token_ids: np.ndarray) -> None:
         """Advance the plan's requests; `sampled_token_ids` is [S] int32 in `sample_rows` order."""
-        if plan.step_id != self._in_flight_step:
-            raise ValueError(f"plan: step {plan.step_id} is not the one in flight ({self._in_flight_step})")
+        oldest = self._in_flight[0][0] if self._in_flight else None
+        if plan.step_id != oldest:
+            raise ValueError(f"plan: step {plan.step_id} is not the oldest one in flight ({oldest})")
         sampled = np.asarray(sampled_token_ids)
         if sampled.shape != plan.sample_rows.shape:
             raise ValueError(f"sampled_token_ids: expected shape {plan.sample_rows.shape}, got {sampled.shape}")
-        self._in_flight_step = None
+        self._in_flight.popleft()
         for request_id, num_tokens in zip(plan.request_ids, plan.num_scheduled_tokens):
             request = self._running_request(request_id)
             if request is not None:
@@ -326,6 +339,9 @@ class Scheduler:
                 raise AssertionError(f"waiting request {request.request_id} holds KV")
         if len(self._running) + len(self._queues.waiting) != len(self._requests):
             raise AssertionError("a request is neither running nor waiting")
+        in_plans = [rid for _, ids in self._in_flight for rid in ids]
+        if len(in_plans) != len(set(in_plans)):
+            raise AssertionError(f"a request is in two plans in flight: {sorted(in_plans)}")
 
 
 def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: list[list[int]],
