@@ -12,7 +12,8 @@ import pytest
 
 from shardline.worker.block_manager import KVEvent
 from shardline.worker.engine import EngineOutput
-from shardline.worker.engine_loop import EngineFailed, EngineLoop, EngineStopped, RequestIdInUse
+from shardline.worker.engine_loop import EngineLoop
+from shardline.worker.engine_streams import EngineFailed, EngineStopped, RequestIdInUse
 from shardline.worker.sampling_params import SamplingParams
 
 

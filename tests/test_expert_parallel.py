@@ -12,15 +12,12 @@ token shares, placement, layout errors, the load metric, all_to_all_v.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mpi_launch import mpirun, needs_mpi
 from mpi_tp_run import resident_bytes
 from shardline.kernels.backend import create_backend
 from shardline.models.loader import load_model
@@ -36,9 +33,6 @@ pytest.importorskip("mpi4py")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install mpich)")
-SCRIPT = Path(__file__).with_name("mpi_ep_run.py")
 NUM_TOKENS = 8
 PROMPT_LEN = 17
 
@@ -70,12 +64,7 @@ def save(name: str, folder: Path, seed: int) -> Path:
 
 
 def mpi_run(num_ranks: int, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # `-m mpi4py`: an exception on one rank aborts the whole job instead of hanging the others
-    cmd = [MPIEXEC, "-n", str(num_ranks), sys.executable, "-m", "mpi4py", str(SCRIPT), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                            cwd=Path(__file__).parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    mpirun(num_ranks, "mpi_ep_run.py", *args)
 
 
 def expert_bytes(model) -> int:

@@ -7,15 +7,12 @@ tokens, logits within 1e-4 relative and the same expert loads as one rank."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpu_guard import NUM_GPUS
+from mpi_launch import mpirun
 from shardline.kernels.backend import create_backend
 from shardline.models.loader import load_model
 from shardline.worker.engine import EngineConfig, LLMEngine
@@ -23,17 +20,9 @@ from shardline.worker.generate import generate, prompt_logits
 from shardline.worker.offline import LocalModel
 from shardline.worker.sampling_params import SamplingParams
 from test_expert_parallel import save as save_moe
-from test_pipeline_parallel import MPIEXEC, VOCAB, save as save_llama
+from test_pipeline_parallel import VOCAB, save as save_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs two GPUs")]
-TESTS = Path(__file__).parent
-ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-
-
-def mpirun(script: str, *args) -> None:
-    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", str(TESTS / script), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=TESTS)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_pp2_engine_on_two_gpus(tmp_path):
@@ -47,7 +36,7 @@ def test_pp2_engine_on_two_gpus(tmp_path):
     spec.write_text(json.dumps({"backend": "cuda", "dtype": "float32", "engine": engine, "jobs": [
         dict(name="batched", mode="batched", prompts=prompts, max_tokens=max_tokens),
         dict(name="sequential", mode="sequential", prompts=prompts, max_tokens=max_tokens)]}))
-    mpirun("mpi_pp_run.py", "engine", folder, 1, 2, "cost", spec, tmp_path / "out.json")
+    mpirun(2, "mpi_pp_run.py", "engine", folder, 1, 2, "cost", spec, tmp_path / "out.json")
     got = json.loads((tmp_path / "out.json").read_text())
     single = LocalModel(load_model(folder, create_backend("cuda", "float32"), show_progress=False).model, None)
     expected = [c.token_ids for c in LLMEngine(EngineConfig(backend="cuda", dtype="float32", **engine), single)
@@ -65,7 +54,7 @@ def test_tp2_ep2_on_two_gpus(name, tmp_path):
     ref_logits = prompt_logits(single, prompt)
     ref_tokens = list(generate(single, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
     out = tmp_path / "out.npz"
-    mpirun("mpi_ep_run.py", "model", folder, ",".join(map(str, prompt)), 8, out, 2, "cuda", "float32")
+    mpirun(2, "mpi_ep_run.py", "model", folder, ",".join(map(str, prompt)), 8, out, 2, "cuda", "float32")
     got = dict(np.load(out))
     err = np.max(np.abs(got["logits"] - ref_logits)) / np.max(np.abs(ref_logits))
     print(f"{name}: seed {seed}, logits rel err {err:.2e}, tokens equal {got['tokens'].tolist() == ref_tokens}")

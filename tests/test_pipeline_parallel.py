@@ -9,15 +9,12 @@ log-probabilities come back from the last stage. Bad layouts fail clearly."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mpi_launch import mpirun, needs_mpi
 from mpi_tp_run import resident_bytes
 from shardline.coordinator.cluster_config import ClusterConfigError, parse_cluster_config
 from shardline.kernels.backend import create_backend
@@ -33,9 +30,6 @@ pytest.importorskip("mpi4py")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install mpich)")
-SCRIPT = Path(__file__).with_name("mpi_pp_run.py")
 NUM_TOKENS, VOCAB = 10, 503
 
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_position_embeddings=512,
@@ -59,13 +53,8 @@ def save(kind: str, num_layers: int, folder: Path, seed: int, spread: float = 0.
     return folder
 
 
-def mpirun(num_ranks: int, *args) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    # `-m mpi4py`: an exception on one rank aborts the whole job instead of hanging the others
-    cmd = [MPIEXEC, "-n", str(num_ranks), sys.executable, "-m", "mpi4py", str(SCRIPT), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+def run_pp(num_ranks: int, *args) -> None:
+    mpirun(num_ranks, "mpi_pp_run.py", *args, timeout_s=120)
 
 
 def stage_share_bytes(model, first: int, stop: int, is_first: bool, is_last: bool, tp: int) -> float:
@@ -98,7 +87,7 @@ def test_pp_matches_single_rank(kind, num_layers, tp, pp, split, tmp_path):
     ref_logits = prompt_logits(single, prompt)
     ref_tokens = list(generate(single, prompt, SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0,
                                                               ignore_eos=True)))
-    mpirun(tp * pp, "model", folder, tp, pp, split, ",".join(map(str, prompt)), NUM_TOKENS, tmp_path / "out.npz")
+    run_pp(tp * pp, "model", folder, tp, pp, split, ",".join(map(str, prompt)), NUM_TOKENS, tmp_path / "out.npz")
     got = dict(np.load(tmp_path / "out.npz"))
     err = np.max(np.abs(got["logits"] - ref_logits)) / np.max(np.abs(ref_logits))
     assert err <= 1e-5, f"seed {seed}: logits rel err {err:.2e}"
@@ -145,7 +134,7 @@ def reference_tokens(folder: Path, prompts, max_tokens, **engine) -> list[list[i
 def run_engine(folder: Path, tmp_path: Path, tp: int, pp: int, engine: dict, jobs: list[dict]) -> dict:
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps({"engine": {"block_size_tokens": 16, **engine}, "jobs": jobs}))
-    mpirun(tp * pp, "engine", folder, tp, pp, "cost", spec, tmp_path / "out.json")
+    run_pp(tp * pp, "engine", folder, tp, pp, "cost", spec, tmp_path / "out.json")
     return json.loads((tmp_path / "out.json").read_text())
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import grpc
@@ -20,7 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from serving_fixtures import collect, offline_references, prompts_of_mixed_lengths
+from mpi_launch import needs_mpi
+from serving_fixtures import collect, prompts_of_mixed_lengths
 from shardline.coordinator.cluster_config import load_cluster_config
 from shardline.coordinator.server import start_cluster
 from shardline.models.default_model import default_model_path
@@ -28,8 +27,7 @@ from shardline.proto import shardline_pb2_grpc
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install mpich)")
+pytestmark = needs_mpi
 ENGINE = {"backend": "numpy", "num_kv_blocks": 256, "max_num_seqs": 32, "block_size_tokens": 16}
 CASES = prompts_of_mixed_lengths(16, seed_base=900, max_tokens=(4, 10))
 

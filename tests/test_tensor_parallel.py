@@ -6,15 +6,12 @@ that does not divide by tp; each rank holds about 1/tp of the weights."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mpi_launch import mpirun, needs_mpi
 from mpi_tp_run import resident_bytes
 from shardline.kernels.backend import create_backend
 from shardline.models.loader import load_model
@@ -25,9 +22,7 @@ pytest.importorskip("mpi4py")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install mpich)")
-SCRIPT = Path(__file__).with_name("mpi_tp_run.py")
+pytestmark = needs_mpi
 NUM_TOKENS = 12
 
 SHAPE = dict(vocab_size=503, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
@@ -56,13 +51,7 @@ def save(name: str, folder: Path, seed: int) -> Path:
 
 def run_tp(folder: Path, tp: int, prompt: list[int], out: Path, num_tokens: int = NUM_TOKENS,
            backend: tuple[str, str] = ("numpy", "float32")) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0",
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    # `-m mpi4py`: an exception on one rank aborts the whole job instead of hanging the others
-    cmd = [MPIEXEC, "-n", str(tp), sys.executable, "-m", "mpi4py", str(SCRIPT), str(folder), ",".join(map(str, prompt)),
-           str(num_tokens), str(out), *backend]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    mpirun(tp, "mpi_tp_run.py", folder, ",".join(map(str, prompt)), num_tokens, out, *backend)
     return dict(np.load(out))
 
 

@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from shardline.proto import shardline_pb2, worker_pb2, worker_pb2_grpc
 from shardline.worker.engine import EngineOutput
-from shardline.worker.engine_loop import (EngineFailed, EngineLimits, EngineLoop, EngineStatus, EngineStopped,
-                                          KVEventBatch, RequestIdInUse, SubscriberLagged)
+from shardline.worker.engine_loop import EngineLoop
+from shardline.worker.engine_streams import (EngineFailed, EngineLimits, EngineStatus, EngineStopped, KVEventBatch,
+                                             RequestIdInUse, SubscriberLagged)
 from shardline.worker.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_params_from_proto
 from shardline.worker.sampling_params import SamplingParams
 

@@ -1,0 +1,76 @@
+"""Turns the scheduler's choice for one step — (request, new tokens) pairs and
+their block tables — into a `StepPlan`'s flat arrays. Pure NumPy; it decides
+nothing (that is the Scheduler's) and imports no kernel or model code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shardline.worker.request import Request
+from shardline.worker.step_plan import SamplingBatch, StepPlan
+
+
+def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: list[list[int]],
+                    copies: list[tuple[int, int]], block_size_tokens: int) -> StepPlan:
+    """Flatten the scheduled (request, num_new_tokens) pairs; `tables` are their block tables."""
+    requests = [r for r, _ in scheduled]
+    counts = np.array([n for _, n in scheduled], dtype=np.int32)               # [B]
+    starts = np.array([r.num_computed_tokens for r in requests], dtype=np.int32)
+    seq_lens = starts + counts                                                   # [B]
+    query_start_loc = np.zeros(len(requests) + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
+    token_ids = np.array([t for r, n in scheduled for t in r.tokens(r.num_computed_tokens, r.num_computed_tokens + n)],
+                         dtype=np.int32)                                         # [T]
+    row_of_token = np.repeat(np.arange(len(requests)), counts)                   # [T]
+    positions = (np.arange(token_ids.shape[0], dtype=np.int32)
+                 - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts))
+    num_table_blocks = -(-seq_lens // block_size_tokens)
+    block_tables = np.zeros((len(requests), int(num_table_blocks.max())), dtype=np.int32)
+    for row, (table, num_blocks) in enumerate(zip(tables, num_table_blocks)):
+        block_tables[row, :num_blocks] = table[:num_blocks]
+    slot_mapping = (block_tables[row_of_token, positions // block_size_tokens].astype(np.int64) * block_size_tokens
+                    + positions % block_size_tokens)
+    samples = np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens
+    sample_request_index = np.flatnonzero(samples).astype(np.int32)              # [S]
+    return StepPlan(
+        step_id=step_id, request_ids=tuple(r.request_id for r in requests), num_scheduled_tokens=counts,
+        token_ids=token_ids, positions=positions.astype(np.int32), slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+        sample_rows=(query_start_loc[1:][samples] - 1).astype(np.int32),
+        sample_request_index=sample_request_index,
+        sampling=build_sampling_batch([requests[i] for i in sample_request_index]),
+        block_copies=np.array(copies, dtype=np.int32).reshape(len(copies), 2))
+
+
+def build_sampling_batch(requests: list[Request]) -> SamplingBatch:
+    """One row per sampling request; penalty history only when some row uses a penalty."""
+    params = [r.params for r in requests]
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return np.array([getattr(p, name) for p in params], dtype=dtype)
+
+    uses_penalties = any(p.uses_penalties for p in params)
+    prompts = [r.prompt_token_ids for r in requests] if uses_penalties else [() for _ in requests]
+    outputs = [r.output_token_ids for r in requests] if uses_penalties else [() for _ in requests]
+    prompt_ids, prompt_lens = _pad_rows(prompts)
+    output_ids, output_lens = _pad_rows(outputs)
+    return SamplingBatch(
+        temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
+        top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
+        seeds=column("seed", np.uint64),
+        offsets=np.array([r.num_output_tokens for r in requests], dtype=np.int64),
+        repetition_penalty=column("repetition_penalty", np.float32),
+        presence_penalty=column("presence_penalty", np.float32),
+        frequency_penalty=column("frequency_penalty", np.float32),
+        prompt_ids=prompt_ids, prompt_lens=prompt_lens, output_ids=output_ids, output_lens=output_lens,
+        num_logprobs=column("logprobs", np.int32))
+
+
+def _pad_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """[S, max_len] int32 padded with 0, and [S] int32 lengths."""
+    lens = np.array([len(row) for row in rows], dtype=np.int32)
+    padded = np.zeros((len(rows), int(lens.max()) if len(rows) else 0), dtype=np.int32)
+    for index, row in enumerate(rows):
+        padded[index, :len(row)] = row
+    return padded, lens
