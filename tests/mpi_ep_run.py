@@ -4,6 +4,7 @@ usage:
   mpiexec -n N python mpi_ep_run.py model CHECKPOINT PROMPT_IDS_CSV NUM_TOKENS OUT.npz TP
       load the MoE checkpoint with experts spread over all N ranks (ep = N)
       and attention split over TP ranks (1: replicated; else TP must be N),
+      optionally BACKEND (numpy, cuda: rank r on GPU r) and DTYPE after TP;
       compute teacher-forced logits and a greedy continuation; rank 0 saves
       them, each rank's resident expert bytes and the prompt's expert loads.
   mpiexec -n N python mpi_ep_run.py all_to_all
@@ -36,8 +37,14 @@ def load_ep_model(path: str, tp_size: int, backend: str = "numpy", dtype: str = 
         devices = list(range(MPI.COMM_WORLD.Get_size())) if backend == "cuda" else []
         group = create_group(backend, dtype, devices, MPI.COMM_WORLD, ep=MPI.COMM_WORLD.Get_size())
         return load_model(path, group.backend, show_progress=False, tp=group.tp, ep=group.ep).model
-    ep = ExpertParallel(MPICommunicator(MPI.COMM_WORLD))
-    return load_model(path, create_backend("numpy", "float32"), show_progress=False, ep=ep).model
+    world = MPI.COMM_WORLD
+    rank_backend = create_backend(backend, dtype, device_id=world.Get_rank() if backend == "cuda" else 0)
+    if rank_backend.name == "cuda":
+        from shardline.parallel.nccl_communicator import NCCLCommunicator
+        ep = ExpertParallel(NCCLCommunicator(world))
+    else:
+        ep = ExpertParallel(MPICommunicator(world))
+    return load_model(path, rank_backend, show_progress=False, ep=ep).model
 
 
 def run_model(path: str, prompt_csv: str, num_tokens: int, out: str, tp_size: int,

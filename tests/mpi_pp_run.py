@@ -1,6 +1,6 @@
 """Run under mpiexec: a pipeline (× tensor) parallel group on the NumPy backend.
 
-  model  CHECKPOINT TP PP SPLIT PROMPT_IDS_CSV NUM_TOKENS OUT.npz
+  model  CHECKPOINT TP PP SPLIT PROMPT_IDS_CSV NUM_TOKENS OUT.npz [BACKEND DTYPE]
       Each rank loads its stage; teacher-forced logits and a greedy
       continuation go stage to stage over the pipeline links; rank 0 saves
       them with each rank's resident weight bytes and layer range.
@@ -67,21 +67,22 @@ def to_leader(links, array: np.ndarray, like: np.ndarray) -> np.ndarray:
     return array
 
 
-def run_model(path, tp, pp, split, prompt_csv, num_tokens, out) -> None:
-    group = join(tp, pp, split, "float32")
+def run_model(path, tp, pp, split, prompt_csv, num_tokens, out, backend="numpy", dtype="float32") -> None:
+    group = join(tp, pp, split, dtype, backend)
     model, links, comm = load_model(path, group.backend, False, group.tp, group.placement).model, group.links, \
         MPI.COMM_WORLD
     prompt = [int(t) for t in prompt_csv.split(",")]
     cache = SequenceKVCache(model.backend, model.config, len(prompt) + int(num_tokens), model.num_kv_heads_per_rank)
     hidden = stage_forward(model, links, cache, prompt)
     vocab = model.config.vocab_size
-    logits = model.compute_logits(hidden) if links.is_last else np.zeros((len(prompt), vocab), np.float32)
+    to_numpy = model.backend.to_numpy
+    logits = to_numpy(model.compute_logits(hidden)) if links.is_last else np.zeros((len(prompt), vocab), np.float32)
     logits = to_leader(links, logits, np.zeros((len(prompt), vocab), np.float32))
     tokens, step_input = [], prompt
     for _ in range(int(num_tokens)):
         token = np.zeros(1, dtype=np.int32)
         if links.is_last:
-            token[0] = int(np.argmax(model.compute_logits(hidden[-1:])[0]))
+            token[0] = int(np.argmax(to_numpy(model.compute_logits(hidden[-1:]))[0]))
         comm.Bcast(token, root=links.token_source_rank)
         tokens.append(int(token[0]))
         step_input = [int(token[0])]

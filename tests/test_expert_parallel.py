@@ -53,9 +53,11 @@ class FakeGroup:
         self.rank, self.size = 0, size
 
 
-def save(name: str, folder: Path, seed: int) -> Path:
+def save(name: str, folder: Path, seed: int, max_positions: int | None = None) -> Path:
+    config = CONFIGS[name]()
+    config.max_position_embeddings = max_positions or config.max_position_embeddings
     torch.manual_seed(seed)
-    model = CLASSES[name](CONFIGS[name]())
+    model = CLASSES[name](config)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2) if param.dim() >= 2 else param.copy_(1 + 0.1 * torch.randn_like(param))

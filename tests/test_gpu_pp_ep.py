@@ -2,7 +2,14 @@
 in float32 so any difference is a bug, not rounding: an LLMEngine over a
 pp=2 group gives the same greedy tokens as one rank on one GPU, batched
 and sequential; tp=2 x ep=2 Mixtral and Qwen2-MoE give the same greedy
-tokens, logits within 1e-4 relative and the same expert loads as one rank."""
+tokens, logits within 1e-4 relative and the same expert loads as one rank.
+In bfloat16, teacher-forced over 500 random positions, pp=2 (Llama) and
+ep=2 (Mixtral, Qwen2-MoE, attention replicated) pick the same top-1 token
+as one rank on >= 99% of positions (measured: 1.0000 each). tp=2 x ep=2
+sums attention and expert partial products in bf16 across ranks, a
+different rounding than one rank's, which flips random weights' near-ties
+as HF's own bf16 does against fp32: it is held to >= 93% (measured 0.954
+Mixtral, 0.976 Qwen2-MoE on 2x H100)."""
 
 from __future__ import annotations
 
@@ -60,3 +67,38 @@ def test_tp2_ep2_on_two_gpus(name, tmp_path):
     print(f"{name}: seed {seed}, logits rel err {err:.2e}, tokens equal {got['tokens'].tolist() == ref_tokens}")
     assert err <= 1e-4, f"seed {seed}"
     assert got["tokens"].tolist() == ref_tokens, f"seed {seed}"
+
+
+BF16_POSITIONS = 500
+
+
+def top1_agreement(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean(got.argmax(-1) == want.argmax(-1)))
+
+
+def one_rank_bf16_logits(folder, prompt) -> np.ndarray:
+    return prompt_logits(load_model(folder, create_backend("cuda", "bfloat16"), show_progress=False).model, prompt)
+
+
+def test_pp2_bf16_top1_matches_one_rank(tmp_path):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    folder = save_llama("llama", 4, tmp_path / "llama", seed, spread=0.3)
+    prompt = np.random.default_rng(seed).integers(0, VOCAB, BF16_POSITIONS).tolist()
+    out = tmp_path / "out.npz"
+    mpirun(2, "mpi_pp_run.py", "model", folder, 1, 2, "cost", ",".join(map(str, prompt)), 1, out, "cuda", "bfloat16")
+    agreement = top1_agreement(np.load(out)["logits"], one_rank_bf16_logits(folder, prompt))
+    print(f"pp=2 bf16 llama: seed {seed}, top-1 agreement with one rank {agreement:.4f}")
+    assert agreement >= 0.99, f"seed {seed}"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_ep2_bf16_top1_matches_one_rank(name, tp, tmp_path):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    folder = save_moe(name, tmp_path / name, seed, max_positions=512)
+    prompt = np.random.default_rng(seed).integers(0, 503, BF16_POSITIONS).tolist()
+    out = tmp_path / "out.npz"
+    mpirun(2, "mpi_ep_run.py", "model", folder, ",".join(map(str, prompt)), 1, out, tp, "cuda", "bfloat16")
+    agreement = top1_agreement(np.load(out)["logits"], one_rank_bf16_logits(folder, prompt))
+    print(f"ep=2 tp={tp} bf16 {name}: seed {seed}, top-1 agreement with one rank {agreement:.4f}")
+    assert agreement >= (0.99 if tp == 1 else 0.93), f"seed {seed}"
