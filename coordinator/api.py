@@ -18,6 +18,7 @@ from typing import Callable
 import grpc
 
 from shardline.coordinator.cluster_config import ClusterConfig
+from shardline.coordinator.disagg import Disaggregator
 from shardline.coordinator.metrics import Metrics
 from shardline.coordinator.registry import GroupState, Registry
 from shardline.coordinator.relay import ActiveRequest, Relay, RequestFailed
@@ -43,8 +44,9 @@ class ShardlineServicer:
         self._metrics = metrics
         self._preparer = preparer
         self._clock = clock
+        self.disagg = Disaggregator(config.coordinator.disaggregation, registry, router, metrics)
         self._relay = Relay(registry, router, metrics, stall_check_s=config.coordinator.heartbeat_interval_s,
-                            clock=clock)
+                            disagg=self.disagg, clock=clock)
         self._active: dict[str, ActiveRequest] = {}
         self.requests_total = 0
 
@@ -149,7 +151,8 @@ class ShardlineServicer:
     async def get_stats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         return pb.GetStatsResponse(groups=[group_stats(g) for g in self._registry.groups()],
                                    queue_depth=len(self._active), requests_total=self.requests_total,
-                                   router_prefix_hit_rate=self._router.prefix_hit_rate)
+                                   router_prefix_hit_rate=self._router.prefix_hit_rate,
+                                   disaggregation=self.disagg.stats.to_proto())
 
 
 def group_stats(group: GroupState) -> pb.GroupStats:

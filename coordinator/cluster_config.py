@@ -27,6 +27,14 @@ class RouterConfig(_Frozen):
     busy_threshold: float = Field(0.95, gt=0, le=1)  # skip groups whose KV usage is above this
 
 
+class DisaggregationConfig(_Frozen):
+    # Prefill on a prefill group only when this many prompt tokens are not cached on the decode group.
+    min_remote_prefill_tokens: int = Field(256, ge=1)
+    # A prefill group with this many prefills in flight is busy; all busy: prefill where it decodes.
+    max_prefill_in_flight: int = Field(8, ge=1)
+    prefill_timeout_s: float = Field(60.0, gt=0)   # a remote prefill taking longer falls back to local
+
+
 class LimitsConfig(_Frozen):
     max_in_flight: int = Field(256, ge=1)        # admitted requests; beyond: RESOURCE_EXHAUSTED
     max_tokens: int = Field(4096, ge=1)          # upper bound on a request's max_tokens
@@ -44,6 +52,7 @@ class CoordinatorConfig(_Frozen):
     port: int = Field(50051, ge=0, le=65535)        # 0: pick a free port
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus; None: off
     router: RouterConfig = RouterConfig()
+    disaggregation: DisaggregationConfig = DisaggregationConfig()
     limits: LimitsConfig = LimitsConfig()
     heartbeat_interval_s: float = Field(0.5, gt=0)
     heartbeat_timeout_s: float = Field(3.0, gt=0)
@@ -95,6 +104,13 @@ class GroupConfig(_Frozen):
             raise ValueError(f"pp_layers {self.pp_layers}: every stage needs at least one layer")
         return self
 
+    @model_validator(mode="after")
+    def _handoff_needs_one_stage(self) -> "GroupConfig":
+        if self.role != "mixed" and self.pp != 1:
+            raise ValueError(f"role {self.role!r} needs pp = 1 (KV hand-off between pipeline stages "
+                             f"is not supported), got pp = {self.pp}")
+        return self
+
 
 class GroupSpec(_Frozen):
     """One engine group (one replica) after expanding `replicas`."""
@@ -122,6 +138,12 @@ class ClusterConfig(_Frozen):
         names = [g.name for g in self.groups]
         if len(names) != len(set(names)):
             raise ValueError(f"group names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _someone_decodes(self) -> "ClusterConfig":
+        if all(g.role == "prefill" for g in self.groups):
+            raise ValueError("groups: every group has role 'prefill'; at least one must be 'decode' or 'mixed'")
         return self
 
     def group_specs(self) -> list[GroupSpec]:

@@ -52,6 +52,14 @@ class Metrics:
                                           ["code"], registry=r)
         self.failovers = Counter("shardline_request_failovers", "Requests resumed on another group", registry=r)
         self.tokens_generated = Counter("shardline_generated_tokens", "Tokens streamed to clients", registry=r)
+        self.prefills = Counter("shardline_prefills", "Prompts prefilled on a prefill group (remote) or where "
+                                "they decode (local)", ["where"], registry=r)
+        self.prefill_fallbacks = Counter("shardline_prefill_fallbacks",
+                                         "Remote prefills that failed and ran where the request decodes", registry=r)
+        self.kv_transfer_bytes = Counter("shardline_kv_transfer_bytes", "KV bytes pushed from prefill to decode "
+                                         "groups", registry=r)
+        self.kv_transfer_s = Histogram("shardline_kv_transfer_seconds", "Time of one request's KV push",
+                                       buckets=_LATENCY_BUCKETS_S, registry=r)
 
     def observe_group(self, name: str, healthy: bool, kv_usage: float, prefix_hit_rate: float) -> None:
         self.group_healthy.labels(name).set(1.0 if healthy else 0.0)

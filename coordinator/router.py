@@ -129,14 +129,16 @@ class Router:
             scored.append(Scored(c, len(hashes), self.index.cached_blocks(c.name, hashes)))
         return scored
 
-    def choose(self, candidates: Sequence[Candidate], prompt_token_ids: Sequence[int]) -> Route | None:
-        """None when no candidate is healthy."""
+    def choose(self, candidates: Sequence[Candidate], prompt_token_ids: Sequence[int],
+               record: bool = True) -> Route | None:
+        """None when no candidate is healthy. `record`: count it in the prefix hit rate."""
         eligible = self.eligible(candidates)
         if not eligible:
             return None
         choice = self.policy.pick(self.score(eligible, prompt_token_ids))
-        self.routed_prompt_blocks += choice.prompt_blocks
-        self.predicted_cached_blocks += choice.cached_blocks
+        if record:
+            self.routed_prompt_blocks += choice.prompt_blocks
+            self.predicted_cached_blocks += choice.cached_blocks
         return Route(choice.candidate.name, choice.prompt_blocks, choice.cached_blocks)
 
     @property

@@ -185,13 +185,29 @@ class GroupStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., requests_routed: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("groups", "queue_depth", "requests_total", "router_prefix_hit_rate")
+    __slots__ = ("groups", "queue_depth", "requests_total", "router_prefix_hit_rate", "disaggregation")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ROUTER_PREFIX_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStats]
     queue_depth: int
     requests_total: int
     router_prefix_hit_rate: float
-    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStats, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., requests_total: _Optional[int] = ..., router_prefix_hit_rate: _Optional[float] = ...) -> None: ...
+    disaggregation: DisaggregationStats
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStats, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., requests_total: _Optional[int] = ..., router_prefix_hit_rate: _Optional[float] = ..., disaggregation: _Optional[_Union[DisaggregationStats, _Mapping]] = ...) -> None: ...
+
+class DisaggregationStats(_message.Message):
+    __slots__ = ("remote_prefills", "local_prefills", "fallbacks", "kv_transfer_bytes", "kv_transfer_s")
+    REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    remote_prefills: int
+    local_prefills: int
+    fallbacks: int
+    kv_transfer_bytes: int
+    kv_transfer_s: float
+    def __init__(self, remote_prefills: _Optional[int] = ..., local_prefills: _Optional[int] = ..., fallbacks: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardline.proto import shardline_pb2 as shardline_dot_proto_dot_shardline__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardline/proto/worker.proto\x12\x13shardline.worker.v1\x1a\x1fshardline/proto/shardline.proto\"\xa2\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.shardline.v1.SamplingOptions\x12\x10\n\x08priority\x18\x05 \x01(\x05\"\xf5\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.shardline.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"\x15\n\x13WorkerStatusRequest\"\xff\x01\n\x0cWorkerStatus\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x19\n\x11\x62lock_size_tokens\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\x04\x12\x1a\n\x12num_free_kv_blocks\x18\x08 \x01(\x04\x12\x10\n\x08kv_usage\x18\t \x01(\x02\x12\x17\n\x0fprefix_hit_rate\x18\n \x01(\x02\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\"\x11\n\x0fKVEventsRequest\"\x91\x01\n\x07KVEvent\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.shardline.worker.v1.KVEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_STORED\x10\x01\x12\x10\n\x0cKIND_REMOVED\x10\x02\"\x80\x01\n\x0cKVEventBatch\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.shardline.worker.v1.KVEvent\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x17\n\x0fsnapshot_hashes\x18\x04 \x03(\x04\"f\n\x0fRegisterRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12\n\n\x02pp\x18\x06 \x01(\r\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\"T\n\x10HeartbeatRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0b\x32!.shardline.worker.v1.WorkerStatus\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x32\xe8\x02\n\x06Worker\x12\x65\n\x08Generate\x12*.shardline.worker.v1.WorkerGenerateRequest\x1a+.shardline.worker.v1.WorkerGenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.shardline.v1.AbortRequest\x1a\x1b.shardline.v1.AbortResponse\x12X\n\tGetStatus\x12(.shardline.worker.v1.WorkerStatusRequest\x1a!.shardline.worker.v1.WorkerStatus\x12[\n\x0eStreamKVEvents\x12$.shardline.worker.v1.KVEventsRequest\x1a!.shardline.worker.v1.KVEventBatch0\x01\x32\xc2\x01\n\x0b\x43oordinator\x12W\n\x08Register\x12$.shardline.worker.v1.RegisterRequest\x1a%.shardline.worker.v1.RegisterResponse\x12Z\n\tHeartbeat\x12%.shardline.worker.v1.HeartbeatRequest\x1a&.shardline.worker.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardline/proto/worker.proto\x12\x13shardline.worker.v1\x1a\x1fshardline/proto/shardline.proto\"\xba\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.shardline.v1.SamplingOptions\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x16\n\x0eremote_prefill\x18\x06 \x01(\x08\"<\n\rKVReservation\x12\x10\n\x08reserved\x18\x01 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\"\xae\x02\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.shardline.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x37\n\x0breservation\x18\t \x01(\x0b\x32\".shardline.worker.v1.KVReservation\"\xbb\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.shardline.v1.SamplingOptions\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x19\n\x11\x64\x65\x63ode_request_id\x18\x05 \x01(\t\x12\x17\n\x0fnum_skip_tokens\x18\x06 \x01(\r\"n\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_bytes\x18\x02 \x01(\x04\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\"\x87\x02\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_token\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\t\n\x01k\x18\x07 \x01(\x0c\x12\t\n\x01v\x18\x08 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\t \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\n \x01(\r\x12\x33\n\x0e\x66irst_logprobs\x18\x0b \x01(\x0b\x32\x1b.shardline.v1.TokenLogprobs\x12\x14\n\x0chas_logprobs\x18\x0c \x01(\x08\"#\n\x0ePushKVResponse\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\".\n\x13WorkerStatusRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\"\xae\x02\n\x0cWorkerStatus\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x19\n\x11\x62lock_size_tokens\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\x04\x12\x1a\n\x12num_free_kv_blocks\x18\x08 \x01(\x04\x12\x10\n\x08kv_usage\x18\t \x01(\x02\x12\x17\n\x0fprefix_hit_rate\x18\n \x01(\x02\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x14\n\x0cnum_reserved\x18\x0c \x01(\r\x12\x17\n\x0fintegrity_error\x18\r \x01(\t\"\x11\n\x0fKVEventsRequest\"\x91\x01\n\x07KVEvent\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.shardline.worker.v1.KVEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_STORED\x10\x01\x12\x10\n\x0cKIND_REMOVED\x10\x02\"\x80\x01\n\x0cKVEventBatch\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.shardline.worker.v1.KVEvent\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x17\n\x0fsnapshot_hashes\x18\x04 \x03(\x04\"f\n\x0fRegisterRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\n\n\x02tp\x18\x05 \x01(\r\x12\n\n\x02pp\x18\x06 \x01(\r\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\"T\n\x10HeartbeatRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0b\x32!.shardline.worker.v1.WorkerStatus\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x32\x8d\x04\n\x06Worker\x12\x65\n\x08Generate\x12*.shardline.worker.v1.WorkerGenerateRequest\x1a+.shardline.worker.v1.WorkerGenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.shardline.v1.AbortRequest\x1a\x1b.shardline.v1.AbortResponse\x12X\n\tGetStatus\x12(.shardline.worker.v1.WorkerStatusRequest\x1a!.shardline.worker.v1.WorkerStatus\x12[\n\x0eStreamKVEvents\x12$.shardline.worker.v1.KVEventsRequest\x1a!.shardline.worker.v1.KVEventBatch0\x01\x12T\n\x07Prefill\x12#.shardline.worker.v1.PrefillRequest\x1a$.shardline.worker.v1.PrefillResponse\x12M\n\x06PushKV\x12\x1c.shardline.worker.v1.KVChunk\x1a#.shardline.worker.v1.PushKVResponse(\x01\x32\xc2\x01\n\x0b\x43oordinator\x12W\n\x08Register\x12$.shardline.worker.v1.RegisterRequest\x1a%.shardline.worker.v1.RegisterResponse\x12Z\n\tHeartbeat\x12%.shardline.worker.v1.HeartbeatRequest\x1a&.shardline.worker.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardline.proto.worker_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERGENERATEREQUEST']._serialized_start=87
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=249
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=252
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=497
-  _globals['_WORKERSTATUSREQUEST']._serialized_start=499
-  _globals['_WORKERSTATUSREQUEST']._serialized_end=520
-  _globals['_WORKERSTATUS']._serialized_start=523
-  _globals['_WORKERSTATUS']._serialized_end=778
-  _globals['_KVEVENTSREQUEST']._serialized_start=780
-  _globals['_KVEVENTSREQUEST']._serialized_end=797
-  _globals['_KVEVENT']._serialized_start=800
-  _globals['_KVEVENT']._serialized_end=945
-  _globals['_KVEVENT_KIND']._serialized_start=882
-  _globals['_KVEVENT_KIND']._serialized_end=945
-  _globals['_KVEVENTBATCH']._serialized_start=948
-  _globals['_KVEVENTBATCH']._serialized_end=1076
-  _globals['_REGISTERREQUEST']._serialized_start=1078
-  _globals['_REGISTERREQUEST']._serialized_end=1180
-  _globals['_REGISTERRESPONSE']._serialized_start=1182
-  _globals['_REGISTERRESPONSE']._serialized_end=1230
-  _globals['_HEARTBEATREQUEST']._serialized_start=1232
-  _globals['_HEARTBEATREQUEST']._serialized_end=1316
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1318
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1352
-  _globals['_WORKER']._serialized_start=1355
-  _globals['_WORKER']._serialized_end=1715
-  _globals['_COORDINATOR']._serialized_start=1718
-  _globals['_COORDINATOR']._serialized_end=1912
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=273
+  _globals['_KVRESERVATION']._serialized_start=275
+  _globals['_KVRESERVATION']._serialized_end=335
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=338
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=640
+  _globals['_PREFILLREQUEST']._serialized_start=643
+  _globals['_PREFILLREQUEST']._serialized_end=830
+  _globals['_PREFILLRESPONSE']._serialized_start=832
+  _globals['_PREFILLRESPONSE']._serialized_end=942
+  _globals['_KVCHUNK']._serialized_start=945
+  _globals['_KVCHUNK']._serialized_end=1208
+  _globals['_PUSHKVRESPONSE']._serialized_start=1210
+  _globals['_PUSHKVRESPONSE']._serialized_end=1245
+  _globals['_WORKERSTATUSREQUEST']._serialized_start=1247
+  _globals['_WORKERSTATUSREQUEST']._serialized_end=1293
+  _globals['_WORKERSTATUS']._serialized_start=1296
+  _globals['_WORKERSTATUS']._serialized_end=1598
+  _globals['_KVEVENTSREQUEST']._serialized_start=1600
+  _globals['_KVEVENTSREQUEST']._serialized_end=1617
+  _globals['_KVEVENT']._serialized_start=1620
+  _globals['_KVEVENT']._serialized_end=1765
+  _globals['_KVEVENT_KIND']._serialized_start=1702
+  _globals['_KVEVENT_KIND']._serialized_end=1765
+  _globals['_KVEVENTBATCH']._serialized_start=1768
+  _globals['_KVEVENTBATCH']._serialized_end=1896
+  _globals['_REGISTERREQUEST']._serialized_start=1898
+  _globals['_REGISTERREQUEST']._serialized_end=2000
+  _globals['_REGISTERRESPONSE']._serialized_start=2002
+  _globals['_REGISTERRESPONSE']._serialized_end=2050
+  _globals['_HEARTBEATREQUEST']._serialized_start=2052
+  _globals['_HEARTBEATREQUEST']._serialized_end=2136
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2138
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2172
+  _globals['_WORKER']._serialized_start=2175
+  _globals['_WORKER']._serialized_end=2700
+  _globals['_COORDINATOR']._serialized_start=2703
+  _globals['_COORDINATOR']._serialized_end=2897
 # @@protoc_insertion_point(module_scope)

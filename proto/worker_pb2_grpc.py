@@ -56,6 +56,16 @@ class WorkerStub:
                 request_serializer=shardline_dot_proto_dot_worker__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=shardline_dot_proto_dot_worker__pb2.KVEventBatch.FromString,
                 _registered_method=True)
+        self.Prefill = channel.unary_unary(
+                '/shardline.worker.v1.Worker/Prefill',
+                request_serializer=shardline_dot_proto_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=shardline_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
+                _registered_method=True)
+        self.PushKV = channel.stream_unary(
+                '/shardline.worker.v1.Worker/PushKV',
+                request_serializer=shardline_dot_proto_dot_worker__pb2.KVChunk.SerializeToString,
+                response_deserializer=shardline_dot_proto_dot_worker__pb2.PushKVResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -87,6 +97,22 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefill(self, request, context):
+        """Disaggregated prefill, on a prefill group: compute the prompt, push its
+        KV to the decode group that reserved blocks for it, return the first token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushKV(self, request_iterator, context):
+        """On a decode group: the KV of a request it reserved blocks for, in
+        chunks; the last chunk commits it with the first token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +135,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.StreamKVEvents,
                     request_deserializer=shardline_dot_proto_dot_worker__pb2.KVEventsRequest.FromString,
                     response_serializer=shardline_dot_proto_dot_worker__pb2.KVEventBatch.SerializeToString,
+            ),
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=shardline_dot_proto_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=shardline_dot_proto_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PushKV': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=shardline_dot_proto_dot_worker__pb2.KVChunk.FromString,
+                    response_serializer=shardline_dot_proto_dot_worker__pb2.PushKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class Worker:
             '/shardline.worker.v1.Worker/StreamKVEvents',
             shardline_dot_proto_dot_worker__pb2.KVEventsRequest.SerializeToString,
             shardline_dot_proto_dot_worker__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.worker.v1.Worker/Prefill',
+            shardline_dot_proto_dot_worker__pb2.PrefillRequest.SerializeToString,
+            shardline_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKV(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shardline.worker.v1.Worker/PushKV',
+            shardline_dot_proto_dot_worker__pb2.KVChunk.SerializeToString,
+            shardline_dot_proto_dot_worker__pb2.PushKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

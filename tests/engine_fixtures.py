@@ -7,6 +7,8 @@ and sequential runs must agree exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from shardline.kernels.backend import create_backend
 from shardline.models.loader import load_model
 from shardline.worker.engine import EngineConfig, LLMEngine
 from shardline.worker.offline import LocalModel
+from shardline.worker.sampling_params import SamplingParams
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -50,3 +53,38 @@ def make_engine(local: LocalModel, **overrides) -> LLMEngine:
 
 def random_prompts(rng: np.random.Generator, lengths) -> list[list[int]]:
     return [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+
+
+def export_then_commit(local: LocalModel, rng: np.random.Generator) -> tuple[list[int], list[int], LLMEngine]:
+    """A prompt prefilled on one engine, its KV moved through the PushKV chunk
+    protocol (in shuffled order) into another engine's reservation (whose cache
+    holds the prompt's first two blocks), decoded there. Returns (tokens,
+    tokens of one engine doing it all, the decode engine)."""
+    from shardline.worker.kv_transfer import KVAssembler, kv_chunks
+    prefill, decode, reference = (make_engine(local) for _ in range(3))
+    shared = random_prompts(rng, [37])[0]
+    prompt = shared + random_prompts(rng, [29])[0]
+    params = SamplingParams(max_tokens=9, temperature=0.7, seed=int(rng.integers(1 << 30)), ignore_eos=True)
+    want = reference.generate([prompt], [params])[0].token_ids
+    decode.generate([shared + [5]], [SamplingParams(max_tokens=1)])   # caches two blocks of the prefix
+    skip = decode.reserve_remote_kv("r", prompt, params)
+    assert skip == 32
+    prefill.add_request("p", prompt, dataclasses.replace(params, max_tokens=1), kv_export_from=skip)
+    outputs = []
+    while prefill.has_unfinished():
+        outputs += prefill.step()
+    export = outputs[-1].kv_export
+    assert export is not None and export.k.shape[1] == len(prompt) - skip
+    config = local.model.config
+    assembler = KVAssembler(skip, len(prompt), config.num_layers, config.num_kv_heads, config.head_dim,
+                            export.k.dtype)
+    chunks = list(kv_chunks("r", export, outputs[-1].new_token_ids[0], None, max_chunk_bytes=4096))
+    for chunk in rng.permutation(chunks[:-1]):
+        assembler.add(chunk)
+    assembler.check_complete()
+    decode.commit_remote_kv("r", skip, assembler.k, assembler.v, chunks[-1].first_token_id)
+    got = []
+    while decode.has_unfinished():
+        got += [t for out in decode.step() for t in out.new_token_ids]
+        decode.scheduler.check_integrity()
+    return got, want, decode

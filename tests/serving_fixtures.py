@@ -131,6 +131,17 @@ def served_cluster(folder: Path):
     cert = self_signed_cert(folder)
     path = write_cluster_config(folder, cert)
     os.environ[TOKEN_ENV] = TOKEN
+    try:
+        with running_cluster(path, cert) as served:
+            yield served
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
+
+
+@contextlib.contextmanager
+def running_cluster(path: Path, cert: tuple[Path, Path] | None = None):
+    """The cluster of config `path` served from an event loop on a thread of its own;
+    afterwards no worker process it started is left."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="cluster-loop", daemon=True)
     thread.start()
@@ -138,20 +149,21 @@ def served_cluster(folder: Path):
     def run(coro, timeout_s: float):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
 
-    cluster = run(start_cluster(load_cluster_config(path), path), 300)
-    pids = [p.process.pid for p in cluster.launcher.processes.values()]
     try:
-        channel = run(_open_channel(cluster.address, cert), 10)
-        yield Served(loop, cluster, channel, [s.name for s in cluster.config.group_specs()], cert is not None)
-        run(channel.close(), 10)
+        cluster = run(start_cluster(load_cluster_config(path), path), 300)
+        pids = [p.process.pid for p in cluster.launcher.processes.values()]
+        try:
+            channel = run(_open_channel(cluster.address, cert), 10)
+            yield Served(loop, cluster, channel, [s.name for s in cluster.config.group_specs()], cert is not None)
+            run(channel.close(), 10)
+        finally:
+            run(cluster.stop(), 60)
     finally:
-        run(cluster.stop(), 60)
-        os.environ.pop(TOKEN_ENV, None)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-        for pid in pids:
-            assert not _alive(pid), f"worker {pid} outlived the cluster"
+    for pid in pids:
+        assert not _alive(pid), f"worker {pid} outlived the cluster"
 
 
 async def _open_channel(address: str, cert) -> grpc.aio.Channel:

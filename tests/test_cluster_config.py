@@ -102,3 +102,16 @@ def test_expert_parallel_must_match_tp():
     with pytest.raises(ClusterConfigError, match=r"groups\.0: .*ep \(2\) must be 1 or equal tp \(1\)"):
         parse_cluster_config({"groups": [{"name": "moe", "ep": 2}]})
     assert parse_cluster_config({"groups": [{"name": "moe", "tp": 2, "ep": 2}]}).group_specs()[0].ep == 2
+
+
+def test_disaggregated_layouts():
+    config = parse_cluster_config({"groups": [{"name": "p", "role": "prefill", "tp": 2}, {"name": "d", "role": "decode"}],
+                                   "coordinator": {"disaggregation": {"min_remote_prefill_tokens": 64}}})
+    assert [s.role for s in config.group_specs()] == ["prefill", "decode"]
+    assert config.coordinator.disaggregation.min_remote_prefill_tokens == 64
+    with pytest.raises(ClusterConfigError, match=r"groups\.0: .*role 'prefill' needs pp = 1"):
+        parse_cluster_config({"groups": [{"name": "p", "role": "prefill", "pp": 2}, {"name": "d"}]})
+    with pytest.raises(ClusterConfigError, match="at least one must be 'decode' or 'mixed'"):
+        parse_cluster_config({"groups": [{"name": "p", "role": "prefill"}]})
+    with pytest.raises(ClusterConfigError, match="min_remote_prefill_tokens"):
+        parse_cluster_config({**MINIMAL, "coordinator": {"disaggregation": {"min_remote_prefill_tokens": 0}}})

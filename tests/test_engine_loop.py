@@ -21,8 +21,9 @@ class FakeEngine:
     """Each request emits token 7 once per step until max_tokens; each step stores one block hash."""
 
     def __init__(self, step_s: float = 0.001):
-        self.local = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vocab_size=100),
-                                                           backend=SimpleNamespace(activate=lambda: None)))
+        config = SimpleNamespace(vocab_size=100, num_layers=1, num_kv_heads=1, head_dim=4)
+        self.local = SimpleNamespace(model=SimpleNamespace(config=config, backend=SimpleNamespace(
+            activate=lambda: None, storage_dtype="float32")))
         self.config = SimpleNamespace(block_size_tokens=4)
         self.max_model_len, self.num_kv_blocks, self.num_free_blocks = 64, 8, 8
         self.block_manager = self
@@ -33,7 +34,7 @@ class FakeEngine:
         self._events: list[KVEvent] = []
         self._hashes: set[int] = set()
 
-    def add_request(self, request_id, prompt, params, priority=0, output_token_ids=()):
+    def add_request(self, request_id, prompt, params, priority=0, output_token_ids=(), kv_export_from=None):
         self._left[request_id] = params.max_tokens - len(output_token_ids)
 
     def abort(self, request_id: str) -> bool:

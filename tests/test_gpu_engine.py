@@ -1,6 +1,8 @@
 """Engine core on the GPU: batched equals sequential (float32, where cuBLAS
 rounding cannot flip a greedy choice), prefix reuse computes only the
-suffix, a too-small pool still matches; and bf16 batched agreement."""
+suffix, a too-small pool still matches; and bf16 batched agreement. A
+prompt's KV read from one engine's paged cache on the GPU and written into
+another's reservation decodes to the same tokens as one engine alone."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpu_guard  # noqa: F401  (skips without a GPU)
-from engine_fixtures import make_engine, random_prompts, save_tiny_llama, tiny_local
+from engine_fixtures import export_then_commit, make_engine, random_prompts, save_tiny_llama, tiny_local
 from shardline.worker.sampling_params import SamplingParams
 from test_engine import mixed_workload, run_alone
 
@@ -78,3 +80,9 @@ def test_bf16_batched_mostly_equals_sequential(folder):
     same = sum(a == b for a, b in zip(batched, alone))
     print(f"bf16: {same}/{len(prompts)} requests identical batched vs alone")
     assert same >= 0.9 * len(prompts)
+
+
+def test_kv_export_and_commit_on_gpu(local):
+    got, want, decode = export_then_commit(local, np.random.default_rng())
+    assert got == want
+    assert decode.block_manager.num_free_blocks == decode.num_kv_blocks

@@ -20,6 +20,8 @@ from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.group import BroadcastingRunner, GroupContext, agree_on_blocks
+from shardline.worker.kv_handoff import KVHandoff
+from shardline.worker.kv_transfer import KVExport
 from shardline.worker.model_runner import kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.pipeline_runner import make_runner
@@ -39,6 +41,7 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    kv_export: KVExport | None = None   # the prompt's KV, on the final output of an export request
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,49 @@ class LLMEngine:
         self.eos_token_ids = frozenset(tokenizer_eos) | set(model_config.eos_token_ids)
         self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}  # live requests
         self._ids = itertools.count()
+        self.handoff = KVHandoff(self.scheduler, self.block_manager, self.runner)
+        self._pending_logprobs: dict[str, list] = {}   # first tokens' log-probabilities from prefill groups
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
-                    priority: int = 0, output_token_ids: Sequence[int] = ()) -> None:
+                    priority: int = 0, output_token_ids: Sequence[int] = (),
+                    kv_export_from: int | None = None) -> None:
         """A prompt as text (tokenized here, no chat template) or as token ids.
 
         `output_token_ids`: tokens already streamed by another group (a resumed
         request); generation continues after them and they count toward max_tokens.
+        `kv_export_from`: a prefill group's request; its final output carries the
+        KV of prompt tokens from there on (`EngineOutput.kv_export`).
         """
+        request = self._new_request(request_id, prompt, params, priority, output_token_ids)
+        if kv_export_from is not None:
+            if self.max_plans_in_flight > 1:
+                raise ValueError("kv_export_from: KV export needs a single-stage group (pp = 1)")
+            self.handoff.want_export(request_id, kv_export_from)
+        self._queue(request)
+
+    def reserve_remote_kv(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
+                          priority: int = 0) -> int | None:
+        """A decode group's request whose prompt KV a prefill group will push
+        (`commit_remote_kv`): blocks are reserved now. Returns the leading prompt
+        tokens this engine caches (they are not pushed); None when it could not
+        reserve and added the request as an ordinary one instead."""
+        request = self._new_request(request_id, prompt, params, priority, ())
+        deadline_s = time.monotonic() + self.config.remote_kv_timeout_s
+        if self.max_plans_in_flight == 1 and self.scheduler.reserve_for_remote_kv(request, deadline_s):
+            self._watch(request_id, IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer else None, ())
+            return request.num_computed_tokens
+        self._queue(request)
+        return None
+
+    def commit_remote_kv(self, request_id: str, start_token: int, k, v, first_token_id: int,
+                         first_logprobs: dict[int, float] | None = None) -> None:
+        """The pushed KV of prompt tokens [start_token, end) in storage dtype, all KV heads."""
+        self.handoff.commit(request_id, start_token, k, v, first_token_id)
+        if first_logprobs is not None:
+            self._pending_logprobs[request_id] = [first_logprobs]
+
+    def _new_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
+                     priority: int, output_token_ids: Sequence[int]) -> Request:
         if request_id in self._detokenizers:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
@@ -112,10 +150,15 @@ class LLMEngine:
         for name, tokens in (("prompt", ids), ("output_token_ids", outputs)):
             if any(not 0 <= t < vocab_size for t in tokens):
                 raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
-        self.scheduler.add_request(Request(request_id=request_id, prompt_token_ids=ids, params=params,
-                                           arrival_time=time.monotonic(), priority=priority,
-                                           eos_token_ids=self.eos_token_ids, output_token_ids=outputs))
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer else None
+        return Request(request_id=request_id, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
+                       priority=priority, eos_token_ids=self.eos_token_ids, output_token_ids=outputs)
+
+    def _queue(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop) if self.tokenizer else None
+        self._watch(request.request_id, detok, request.output_token_ids)
+
+    def _watch(self, request_id: str, detok: IncrementalDetokenizer | None, outputs: Sequence[int]) -> None:
         stop = None
         for token in outputs if detok else ():   # the client has this text; later deltas decode after it
             stop = stop or detok.push(token).stop
@@ -153,13 +196,15 @@ class LLMEngine:
     def step(self) -> list[EngineOutput]:
         """Runs one plan to its tokens. With pipeline stages, first fills the
         pipe: up to one plan per stage is in flight, each with other requests."""
-        logprobs: dict[str, list] = {}
+        logprobs, self._pending_logprobs = self._pending_logprobs, {}
+        self.scheduler.expire_reservations(time.monotonic())
         if self.max_plans_in_flight > 1:
             plan, result = self._pipelined_step()
         else:
             plan = self.scheduler.schedule()
             result = self.runner.execute(plan) if plan is not None else None
         if plan is not None:
+            self.handoff.take_exports(plan)
             self.scheduler.update_from_output(plan, result.sampled_token_ids)
             for row, entry in enumerate(result.logprobs):
                 if entry is not None:
@@ -185,11 +230,13 @@ class LLMEngine:
                 finished, reason = True, "stop"
             elif finished and stop is None and detok:
                 text += detok.flush().text
+            export = None
             if finished:
                 del self._detokenizers[out.request_id]
+                export = self.handoff.pop_export(out.request_id)
             results.append(EngineOutput(out.request_id, list(out.new_token_ids), text, finished, reason,
                                         out.error, out.num_prompt_tokens, out.num_cached_tokens,
-                                        logprobs.get(out.request_id, [])))
+                                        _take(logprobs, out.request_id, len(out.new_token_ids)), export))
         return results
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
@@ -213,3 +260,11 @@ class LLMEngine:
 
     def stats(self) -> dict[str, float]:
         return {**self.scheduler.stats(), "num_kv_blocks": self.num_kv_blocks}
+
+
+def _take(logprobs: dict[str, list], request_id: str, num_tokens: int) -> list:
+    """The first `num_tokens` log-probability entries of the request (a committed first
+    token and the next step's token may both arrive in one step)."""
+    entries = logprobs.get(request_id, [])
+    taken, entries[:num_tokens] = entries[:num_tokens], []
+    return taken

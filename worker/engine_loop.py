@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from shardline.worker.engine import LLMEngine
 from shardline.worker.engine_streams import (_END, EngineFailed, EngineLimits, EngineStatus, EngineStopped,
                                              KVEventBatch, KVEventSubscription, RequestIdInUse, RequestStream)
@@ -37,10 +39,13 @@ class _Command:
 class EngineLoop:
     def __init__(self, engine: LLMEngine, max_pending_kv_batches: int = 4096, stall_wait_s: float = 0.005):
         self._engine = engine
-        self.limits = EngineLimits(vocab_size=engine.local.model.config.vocab_size,
-                                   max_model_len=engine.max_model_len,
+        model = engine.local.model
+        self.limits = EngineLimits(vocab_size=model.config.vocab_size, max_model_len=engine.max_model_len,
                                    block_size_tokens=engine.config.block_size_tokens,
-                                   num_kv_blocks=engine.num_kv_blocks)
+                                   num_kv_blocks=engine.num_kv_blocks,
+                                   kv_shape=(model.config.num_layers, model.config.num_kv_heads,
+                                             model.config.head_dim),
+                                   kv_dtype=np.dtype(model.backend.storage_dtype).name)
         self._max_pending_kv_batches = max_pending_kv_batches
         self._stall_wait_s = stall_wait_s      # nap when requests exist but none could be scheduled
         self._cond = threading.Condition()
@@ -76,16 +81,30 @@ class EngineLoop:
         return self._status
 
     async def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
-                          output_token_ids: Sequence[int] = (), priority: int = 0) -> RequestStream:
-        """Raises the engine's ValueError for a bad request, RequestIdInUse, or EngineStopped."""
+                          output_token_ids: Sequence[int] = (), priority: int = 0, remote_prefill: bool = False,
+                          kv_export_from: int | None = None) -> RequestStream:
+        """Raises the engine's ValueError for a bad request, RequestIdInUse, or EngineStopped.
+        `remote_prefill`: reserve blocks for pushed KV (see the stream's
+        `reserved_cached_tokens`); `kv_export_from`: a prefill group's request
+        (LLMEngine.add_request)."""
         stream = RequestStream(self, request_id)
         outputs = tuple(output_token_ids)
         try:
-            await self._call(lambda: self._add(stream, prompt, params, outputs, priority))
+            await self._call(lambda: self._add(stream, prompt, params, outputs, priority, remote_prefill,
+                                               kv_export_from))
         except asyncio.CancelledError:
             self.submit_abort(request_id, only_stream=stream)   # the engine may have taken it already
             raise
         return stream
+
+    async def commit_remote_kv(self, request_id: str, start_token: int, k: np.ndarray, v: np.ndarray,
+                               first_token_id: int, first_logprobs: dict[int, float] | None = None) -> None:
+        """KeyError: no such reservation (aborted, expired); ValueError: the KV does not fit it."""
+        await self._call(lambda: self._commit(request_id, start_token, k, v, first_token_id, first_logprobs))
+
+    async def check_integrity(self) -> str:
+        """The scheduler's and block manager's invariants: '' when they hold, else what broke."""
+        return await self._call(self._integrity_error)
 
     async def abort(self, request_id: str) -> bool:
         """False when no live request has this id."""
@@ -194,11 +213,29 @@ class EngineLoop:
         return self._status_stats["num_steps"] != num_steps_before
 
     def _add(self, stream: RequestStream, prompt: str | Sequence[int], params: SamplingParams,
-             output_token_ids: tuple[int, ...], priority: int) -> None:
+             output_token_ids: tuple[int, ...], priority: int, remote_prefill: bool,
+             kv_export_from: int | None) -> None:
         if stream.request_id in self._streams:
             raise RequestIdInUse(f"request_id {stream.request_id!r} is already in use")
-        self._engine.add_request(stream.request_id, prompt, params, priority, output_token_ids)
+        if remote_prefill and not output_token_ids:
+            stream.reserved_cached_tokens = self._engine.reserve_remote_kv(stream.request_id, prompt, params, priority)
+        else:
+            self._engine.add_request(stream.request_id, prompt, params, priority, output_token_ids,
+                                     kv_export_from=kv_export_from)
         self._streams[stream.request_id] = stream
+
+    def _commit(self, request_id: str, start_token: int, k: np.ndarray, v: np.ndarray, first_token_id: int,
+                first_logprobs: dict[int, float] | None) -> None:
+        if request_id not in self._streams:
+            raise KeyError(f"request_id: {request_id!r} holds no KV reservation here")
+        self._engine.commit_remote_kv(request_id, start_token, k, v, first_token_id, first_logprobs)
+
+    def _integrity_error(self) -> str:
+        try:
+            self._engine.scheduler.check_integrity()
+        except AssertionError as err:
+            return str(err) or "integrity check failed"
+        return ""
 
     def _abort(self, request_id: str, only_stream: RequestStream | None) -> bool:
         stream = self._streams.get(request_id)
@@ -234,7 +271,7 @@ class EngineLoop:
             num_kv_blocks=self._engine.num_kv_blocks,
             num_free_kv_blocks=self._engine.block_manager.num_free_blocks,
             kv_usage=float(stats["kv_usage"]), prefix_hit_rate=float(stats["prefix_hit_rate"]),
-            num_preemptions=int(stats["num_preemptions"]))
+            num_preemptions=int(stats["num_preemptions"]), num_reserved=int(stats.get("num_reserved", 0)))
 
     def _shut_down(self, stopping: bool) -> None:
         """Abort what is left and end every stream and subscription with the closing error."""

@@ -41,6 +41,8 @@ class EngineLimits:
     max_model_len: int
     block_size_tokens: int
     num_kv_blocks: int
+    kv_shape: tuple[int, int, int] = (0, 0, 0)   # per token: (layers, KV heads, head dim), all ranks
+    kv_dtype: str = "float32"                    # the cache's storage dtype
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class EngineStatus:
     kv_usage: float
     prefix_hit_rate: float
     num_preemptions: int
+    num_reserved: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class RequestStream:
 
     def __init__(self, owner: EngineLoop, request_id: str):
         self.request_id = request_id
+        # A remote-prefill request: leading prompt tokens cached here, or None if it prefills here.
+        self.reserved_cached_tokens: int | None = None
         self._owner = owner
         self._queue: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self._done = False

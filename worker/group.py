@@ -5,10 +5,13 @@ r % tp (`ParallelConfig`). The world is split into one tensor-parallel
 communicator per stage and one pipeline link per tp rank (parallel/pipeline.py).
 
 The leader (rank 0) owns the scheduler; every step it broadcasts the
-`StepPlan` as bytes over MPI (a length, then the payload) and runs its own
-shard; followers receive the same plan and run theirs, so the tensor-
-parallel collectives inside the forward pass line up. A zero length ends
-the followers' loop. Followers wait for plans with a non-blocking
+`StepPlan` as bytes over MPI (a header: length and kind, then the payload)
+and runs its own shard; followers receive the same plan and run theirs, so
+the tensor-parallel collectives inside the forward pass line up. Two more
+kinds move a disaggregated request's KV (pp = 1 only): READ_KV gathers
+every rank's head slice at given cache slots on the leader, WRITE_KV hands
+each rank its head slice of the leader's arrays. A zero length ends the
+followers' loop. Followers wait for plans with a non-blocking
 broadcast and a short sleep, so an idle group does not spin the CPU.
 
 This module moves control messages only; tensors travel through the
@@ -18,6 +21,7 @@ group's Communicator (NCCL on GPU, MPI on CPU).
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +33,12 @@ from shardline.parallel.communicator import MPICommunicator
 from shardline.parallel.pipeline import ParallelConfig, StageLinks, StagePlacement
 from shardline.parallel.experts import ExpertParallel
 from shardline.parallel.sharding import TensorParallel
+from shardline.worker.kv_transfer import join_heads, rank_heads
 from shardline.worker.model_runner import StepResult
 from shardline.worker.step_plan import StepPlan
 
 IDLE_POLL_S = 0.0005
+PLAN, READ_KV, WRITE_KV = 1, 2, 3   # message kinds
 
 
 @dataclass(frozen=True)
@@ -126,19 +132,58 @@ class BroadcastingRunner:
     def collect(self, plan: StepPlan) -> StepResult:
         return self.runner.collect(plan)
 
+    def read_kv(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every KV head's K and V at `slots` (the ranks' slices joined)."""
+        self._broadcast_bytes(np.ascontiguousarray(slots, dtype=np.int64).tobytes(), READ_KV)
+        k, v = self.runner.read_kv(slots)
+        return gather_heads(self.group, self.runner.config, k), gather_heads(self.group, self.runner.config, v)
+
+    def write_kv(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """`k`, `v` hold every KV head; each rank writes its own slice."""
+        buffer = io.BytesIO()
+        np.savez(buffer, slots=np.asarray(slots, dtype=np.int64), k=k, v=v)
+        self._broadcast_bytes(buffer.getvalue(), WRITE_KV)
+        write_rank_heads(self.group, self.runner, slots, k, v)
+
     def _broadcast(self, plan: StepPlan) -> None:
-        payload = np.frombuffer(plan.to_bytes(), dtype=np.uint8)
-        _send_header(self.group.mpi_comm, payload.size)
+        self._broadcast_bytes(plan.to_bytes(), PLAN)
+
+    def _broadcast_bytes(self, data: bytes, kind: int) -> None:
+        payload = np.frombuffer(data, dtype=np.uint8)
+        _send_header(self.group.mpi_comm, payload.size, kind)
         self.group.mpi_comm.Bcast(payload, root=0)
 
     def shutdown(self) -> None:
-        _send_header(self.group.mpi_comm, 0)
+        _send_header(self.group.mpi_comm, 0, PLAN)
 
 
-def _send_header(comm: Any, num_bytes: int) -> None:
+def gather_heads(group: GroupContext, config: Any, part: np.ndarray) -> np.ndarray | None:
+    """The tp ranks' [..., their heads, head_dim] joined on the leader (None elsewhere)."""
+    comm = group.mpi_comm
+    sizes = np.zeros(comm.Get_size(), dtype=np.int64) if group.is_leader else None
+    comm.Gather(np.asarray([part.size], dtype=np.int64), sizes, root=0)
+    flat = np.ascontiguousarray(part).reshape(-1)
+    if not group.is_leader:
+        comm.Gatherv(flat, None, root=0)
+        return None
+    sizes = sizes.tolist()
+    received = np.empty(sum(sizes), dtype=part.dtype)
+    comm.Gatherv(flat, (received, sizes), root=0)
+    offsets = np.cumsum([0, *sizes])
+    heads = [received[offsets[r]:offsets[r + 1]].reshape(*part.shape[:-2], -1, part.shape[-1])
+             for r in range(len(sizes))]
+    return join_heads(heads, config)
+
+
+def write_rank_heads(group: GroupContext, runner: Any, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    start, stop = rank_heads(runner.config, group.tp.size, group.tp.rank)
+    runner.write_kv(slots, k[..., start:stop, :], v[..., start:stop, :])
+
+
+def _send_header(comm: Any, num_bytes: int, kind: int) -> None:
     # Non-blocking on both sides: MPI never matches a blocking broadcast
     # with a non-blocking one, and followers must poll (see _wait_bcast).
-    comm.Ibcast(np.asarray([num_bytes], dtype=np.int64), root=0).Wait()
+    comm.Ibcast(np.asarray([num_bytes, kind], dtype=np.int64), root=0).Wait()
 
 
 def _wait_bcast(comm: Any, buffer: np.ndarray) -> None:
@@ -149,11 +194,18 @@ def _wait_bcast(comm: Any, buffer: np.ndarray) -> None:
 
 def follow(group: GroupContext, runner: Any) -> None:
     """A follower's life: run every plan the leader sends until it says stop."""
-    header = np.zeros(1, dtype=np.int64)
+    header = np.zeros(2, dtype=np.int64)
     while True:
         _wait_bcast(group.mpi_comm, header)
         if header[0] == 0:
             return
         payload = np.empty(int(header[0]), dtype=np.uint8)
         group.mpi_comm.Bcast(payload, root=0)
-        runner.execute(StepPlan.from_bytes(payload.tobytes()), sample=False)
+        if header[1] == PLAN:
+            runner.execute(StepPlan.from_bytes(payload.tobytes()), sample=False)
+        elif header[1] == READ_KV:
+            k, v = runner.read_kv(np.frombuffer(payload.tobytes(), dtype=np.int64))
+            gather_heads(group, runner.config, k), gather_heads(group, runner.config, v)
+        else:
+            arrays = np.load(io.BytesIO(payload.tobytes()))
+            write_rank_heads(group, runner, arrays["slots"], arrays["k"], arrays["v"])

@@ -70,6 +70,23 @@ class ModelRunner:
         self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens,
                                model.num_kv_heads_per_rank, len(model.layers))
 
+    def read_kv(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of this rank's K and V at cache `slots` (block * block_size + offset),
+        [num_layers, num_slots, num_kv_heads, head_dim] each, in the storage dtype."""
+        xp, index = self.backend.xp, self.backend.xp.asarray(slots)
+        per_layer = [(k.reshape(-1, *k.shape[2:])[index], v.reshape(-1, *v.shape[2:])[index])
+                     for k, v in zip(self.kv.k, self.kv.v)]
+        k, v = xp.stack([p[0] for p in per_layer]), xp.stack([p[1] for p in per_layer])
+        return (k, v) if self.backend.name == "numpy" else (k.get(), v.get())
+
+    def write_kv(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Writes K and V [num_layers, num_slots, this rank's KV heads, head_dim] (storage dtype) at `slots`."""
+        xp = self.backend.xp
+        index, k, v = xp.asarray(slots), xp.asarray(k), xp.asarray(v)
+        for layer, (k_cache, v_cache) in enumerate(zip(self.kv.k, self.kv.v)):
+            k_cache.reshape(-1, *k_cache.shape[2:])[index] = k[layer]
+            v_cache.reshape(-1, *v_cache.shape[2:])[index] = v[layer]
+
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """Runs the step; `sample=False` (tensor-parallel followers, whose
         tokens nobody reads) skips sampling but not the collectives."""

@@ -61,3 +61,8 @@ def logprobs_to_proto(token_id: int, entry: dict[int, float]) -> pb.TokenLogprob
     top = sorted(entry.items(), key=lambda item: -item[1])
     return pb.TokenLogprobs(token_id=token_id, logprob=entry[token_id],
                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+
+
+def logprobs_from_proto(proto: pb.TokenLogprobs) -> dict[int, float]:
+    """The inverse of logprobs_to_proto."""
+    return {**{t.token_id: t.logprob for t in proto.top}, proto.token_id: proto.logprob}

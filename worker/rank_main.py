@@ -134,7 +134,7 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
     engine_loop.start()
     limits = config.coordinator.limits
     identity = WorkerIdentity(spec.name, config.served_model_name, limits.default_max_tokens, limits.max_tokens)
-    service = WorkerService(engine_loop, identity)
+    service = WorkerService(engine_loop, identity, limits.max_message_bytes)
     try:
         server = await start_worker_server(service, args.host, args.port, limits.max_message_bytes)
     except (OSError, RuntimeError) as err:
@@ -155,6 +155,7 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
     server_stopped = asyncio.create_task(server.stop(grace_s=5.0))   # refuses new calls at once
     await engine_loop.stop()    # in-flight streams end with UNAVAILABLE
     await server_stopped
+    await service.close()
     await asyncio.gather(link_task, watcher, return_exceptions=True)
     log.info("stopped")
     return code

@@ -127,6 +127,8 @@ class Scheduler:
         self._num_steps = 0
         self._num_preemptions = 0
         self._in_flight: deque[tuple[int, frozenset[str]]] = deque()  # (step id, request ids), oldest first
+        # Requests holding blocks for KV a prefill group pushes: request id -> deadline (monotonic s).
+        self._reserved: dict[str, float] = {}
 
     # ---- requests in and out -------------------------------------------
 
@@ -145,6 +147,53 @@ class Scheduler:
             return
         self._requests[request.request_id] = request
         self._queues.add_waiting(request)
+
+    def reserve_for_remote_kv(self, request: Request, deadline_s: float) -> bool:
+        """Blocks for the whole prompt (its cached prefix shared), held until
+        `commit_remote_kv` or the deadline. False, changing nothing, when the
+        blocks or a running slot are not free now or the request cannot be
+        taken at all: the caller adds it as an ordinary request instead."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if (request.status is not RequestStatus.WAITING or request.num_computed_tokens or request.output_token_ids
+                or len(self._running) + len(self._reserved) >= self.config.max_num_seqs
+                or self._why_it_never_fits(request) is not None):
+            return False
+        computed = self.block_manager.get_computed_blocks(request)
+        if computed.rewrites_last_block:   # all cached: nothing to push
+            return False
+        if not self.block_manager.allocate_slots(request, request.num_tokens - computed.num_tokens, computed):
+            return False
+        request.num_cached_tokens = request.num_computed_tokens = computed.num_tokens
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self._requests[request.request_id] = request
+        self._reserved[request.request_id] = deadline_s
+        return True
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request, whatever its status."""
+        return self._requests.get(request_id)
+
+    def reserved_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id) if request_id in self._reserved else None
+
+    def commit_remote_kv(self, request_id: str, first_token_id: int) -> None:
+        """The prompt's KV is in the reserved blocks: the request runs on, its
+        first token (sampled by the prefill group) appended."""
+        request = self.reserved_request(request_id)
+        if request is None:
+            raise KeyError(f"request_id {request_id!r} holds no KV reservation")
+        del self._reserved[request_id]
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.block_manager.cache_full_blocks(request)
+        request.status = RequestStatus.RUNNING
+        self._queues.add_running(self._running, request)
+        self._append_token(request, first_token_id)
+
+    def expire_reservations(self, now_s: float) -> None:
+        for request_id in [rid for rid, deadline in self._reserved.items() if deadline <= now_s]:
+            self.finish_request(request_id, RequestStatus.FINISHED_ERROR,
+                                "remote KV did not arrive before the reservation expired")
 
     def _why_it_never_fits(self, request: Request) -> str | None:
         num_prompt, max_tokens = request.num_prompt_tokens, request.params.max_tokens
@@ -188,6 +237,7 @@ class Scheduler:
     def stats(self) -> dict[str, float]:
         prefix = self.block_manager.prefix_stats()
         return {"num_running": len(self._running), "num_waiting": len(self._queues.waiting),
+                "num_reserved": len(self._reserved),
                 "kv_usage": self.block_manager.usage(), "prefix_hit_rate": prefix.hit_rate,
                 "prefix_query_tokens": prefix.query_tokens, "prefix_hit_tokens": prefix.hit_tokens,
                 "num_preemptions": self._num_preemptions, "num_steps": self._num_steps}
@@ -312,6 +362,7 @@ class Scheduler:
                 error: str | None = None, new_tokens: tuple[int, ...] = ()) -> None:
         if request in self._running:
             self._running.remove(request)
+        self._reserved.pop(request.request_id, None)
         self._queues.discard(request)
         self.block_manager.free(request)
         del self._requests[request.request_id]
@@ -338,8 +389,13 @@ class Scheduler:
         for request in self._queues.waiting:
             if self.block_manager.block_table(request.request_id) or request.num_computed_tokens:
                 raise AssertionError(f"waiting request {request.request_id} holds KV")
-        if len(self._running) + len(self._queues.waiting) != len(self._requests):
-            raise AssertionError("a request is neither running nor waiting")
+        for request_id in self._reserved:
+            request = self._requests[request_id]
+            covered = len(self.block_manager.block_table(request_id)) * self.config.block_size_tokens
+            if request.status is not RequestStatus.WAITING_FOR_REMOTE_KV or covered < request.num_prompt_tokens:
+                raise AssertionError(f"reserved request {request_id}: {request.status}, {covered} slots")
+        if len(self._running) + len(self._queues.waiting) + len(self._reserved) != len(self._requests):
+            raise AssertionError("a request is neither running, waiting nor reserved")
         in_plans = [rid for _, ids in self._in_flight for rid in ids]
         if len(in_plans) != len(set(in_plans)):
             raise AssertionError(f"a request is in two plans in flight: {sorted(in_plans)}")

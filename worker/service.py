@@ -12,6 +12,7 @@ owns the engine thread) nor know how the process starts (rank_main does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -25,7 +26,9 @@ from shardline.worker.engine import EngineOutput
 from shardline.worker.engine_loop import EngineLoop
 from shardline.worker.engine_streams import (EngineFailed, EngineLimits, EngineStatus, EngineStopped, KVEventBatch,
                                              RequestIdInUse, SubscriberLagged)
-from shardline.worker.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_params_from_proto
+from shardline.worker.kv_transfer import KVAssembler, KVPusher, kv_chunks
+from shardline.worker.proto_convert import (finish_reason_to_proto, logprobs_from_proto, logprobs_to_proto,
+                                            sampling_params_from_proto)
 from shardline.worker.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,8 @@ def status_to_proto(status: EngineStatus, limits: EngineLimits, identity: Worker
         block_size_tokens=limits.block_size_tokens, num_running=status.num_running,
         num_waiting=status.num_waiting, num_kv_blocks=status.num_kv_blocks,
         num_free_kv_blocks=status.num_free_kv_blocks, kv_usage=status.kv_usage,
-        prefix_hit_rate=status.prefix_hit_rate, num_preemptions=status.num_preemptions)
+        prefix_hit_rate=status.prefix_hit_rate, num_preemptions=status.num_preemptions,
+        num_reserved=status.num_reserved)
 
 
 def kv_batch_to_proto(batch: KVEventBatch) -> worker_pb2.KVEventBatch:
@@ -93,13 +97,32 @@ def kv_batch_to_proto(batch: KVEventBatch) -> worker_pb2.KVEventBatch:
         events=[worker_pb2.KVEvent(kind=_KV_KINDS[e.kind], block_hashes=e.block_hashes) for e in batch.events])
 
 
+def validate_prefill(request: worker_pb2.PrefillRequest, limits: EngineLimits,
+                     identity: WorkerIdentity) -> SamplingParams:
+    """A one-token version of the request's params; ValueError naming the bad field."""
+    params = validate_generate(worker_pb2.WorkerGenerateRequest(
+        request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling),
+        limits, identity)
+    if not request.decode_address or not request.decode_request_id:
+        raise ValueError("decode_address and decode_request_id must be set")
+    if request.num_skip_tokens >= len(request.prompt_token_ids):
+        raise ValueError(f"num_skip_tokens ({request.num_skip_tokens}) must be below the prompt length "
+                         f"({len(request.prompt_token_ids)})")
+    return dataclasses.replace(params, max_tokens=1)
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine_loop: EngineLoop, identity: WorkerIdentity):
+    def __init__(self, engine_loop: EngineLoop, identity: WorkerIdentity, max_message_bytes: int = 4 << 20):
         self._engine_loop = engine_loop
         self._identity = identity
+        self._reservations: dict[str, tuple[int, int]] = {}   # request id -> (first pushed token, prompt length)
+        self._pusher = KVPusher(max_message_bytes)
 
     def status(self) -> worker_pb2.WorkerStatus:
         return status_to_proto(self._engine_loop.status(), self._engine_loop.limits, self._identity)
+
+    async def close(self) -> None:
+        await self._pusher.close()
 
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
@@ -107,7 +130,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             params = validate_generate(request, self._engine_loop.limits, self._identity)
             stream = await self._engine_loop.add_request(
                 request.request_id, list(request.prompt_token_ids), params,
-                output_token_ids=list(request.output_token_ids), priority=request.priority)
+                output_token_ids=list(request.output_token_ids), priority=request.priority,
+                remote_prefill=request.remote_prefill)
         except RequestIdInUse as err:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
         except ValueError as err:
@@ -117,6 +141,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # Cancellation (the caller went away or its deadline passed) raises
         # CancelledError at the await below; close() then aborts it in the engine.
         try:
+            if request.remote_prefill:
+                cached = stream.reserved_cached_tokens
+                if cached is not None:
+                    self._reservations[request.request_id] = (cached, len(request.prompt_token_ids))
+                yield worker_pb2.WorkerGenerateResponse(reservation=worker_pb2.KVReservation(
+                    reserved=cached is not None, num_cached_tokens=cached or 0))
             async for output in stream:
                 if output.finish_reason == "error":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, output.error or "request failed")
@@ -124,7 +154,74 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except (EngineStopped, EngineFailed) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         finally:
+            self._reservations.pop(request.request_id, None)
             stream.close()
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        try:
+            params = validate_prefill(request, self._engine_loop.limits, self._identity)
+            stream = await self._engine_loop.add_request(request.request_id, list(request.prompt_token_ids), params,
+                                                         kv_export_from=request.num_skip_tokens)
+        except RequestIdInUse as err:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        try:
+            outputs = [output async for output in stream]
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        finally:
+            stream.close()
+        last = outputs[-1]
+        if last.kv_export is None or not last.new_token_ids:
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill ended without KV ({last.finish_reason}: "
+                                                          f"{last.error or 'no detail'})")
+        first = last.new_token_ids[0]
+        first_logprobs = logprobs_to_proto(first, last.logprobs[0]) if last.logprobs else None
+        chunks = kv_chunks(request.decode_request_id, last.kv_export, first, first_logprobs)
+        try:
+            num_bytes, transfer_s = await self._pusher.push(request.decode_address, chunks)
+        except grpc.aio.AioRpcError as err:
+            code = err.code() if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"decode_address {request.decode_address}: {err.code().name}: {err.details()}")
+        return worker_pb2.PrefillResponse(first_token_id=first, num_kv_bytes=num_bytes, transfer_s=transfer_s,
+                                          num_cached_tokens=last.num_cached_tokens)
+
+    async def PushKV(self, request_iterator: AsyncIterator[worker_pb2.KVChunk],
+                     context: grpc.aio.ServicerContext) -> worker_pb2.PushKVResponse:
+        assembler, commit = None, None
+        try:
+            async for chunk in request_iterator:
+                if assembler is None:
+                    assembler = self._assembler(chunk.request_id)
+                if chunk.commit:
+                    commit = chunk
+                    break
+                assembler.add(chunk)
+            if commit is None:
+                raise ValueError("commit: the stream ended without a commit chunk")
+            assembler.check_complete()
+            logprobs = logprobs_from_proto(commit.first_logprobs) if commit.has_logprobs else None
+            await self._engine_loop.commit_remote_kv(commit.request_id, assembler.start_token, assembler.k,
+                                                     assembler.v, commit.first_token_id, logprobs)
+        except KeyError as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, err.args[0])
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (EngineStopped, EngineFailed) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return worker_pb2.PushKVResponse(num_bytes=assembler.num_bytes)
+
+    def _assembler(self, request_id: str) -> KVAssembler:
+        """KeyError when the request holds no reservation here."""
+        if request_id not in self._reservations:
+            raise KeyError(f"request_id: {request_id!r} holds no KV reservation here (aborted or expired)")
+        start, stop = self._reservations[request_id]
+        num_layers, num_kv_heads, head_dim = self._engine_loop.limits.kv_shape
+        return KVAssembler(start, stop, num_layers, num_kv_heads, head_dim, self._engine_loop.limits.kv_dtype)
 
     async def Abort(self, request: shardline_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> shardline_pb2.AbortResponse:
@@ -136,7 +233,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def GetStatus(self, request: worker_pb2.WorkerStatusRequest,
                         context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
-        return self.status()
+        status = self.status()
+        if request.check_integrity:
+            try:
+                status.integrity_error = await self._engine_loop.check_integrity()
+            except (EngineStopped, EngineFailed) as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return status
 
     async def StreamKVEvents(self, request: worker_pb2.KVEventsRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KVEventBatch]:
