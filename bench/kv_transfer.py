@@ -82,11 +82,7 @@ def chunks(num_tokens: int, size: int) -> list[tuple[int, int]]:
 
 def gather_kv(engine, request_id: str, start: int, stop: int):
     """[num_layers, tokens, kv heads, head_dim] K and V of the request's tokens, on the GPU."""
-    xp, kv = engine.runner.backend.xp, engine.runner.kv
-    index = xp.asarray(engine.handoff.slots(request_id, start, stop))
-    k = xp.stack([c.reshape(-1, *c.shape[2:])[index] for c in kv.k])
-    v = xp.stack([c.reshape(-1, *c.shape[2:])[index] for c in kv.v])
-    return k, v
+    return engine.runner.read_kv(engine.handoff.slots(request_id, start, stop), to_host=False)
 
 
 def kv_like(engine, num_tokens: int):

@@ -158,6 +158,35 @@ class CudaOps:
         self._launch("copy_blocks_kernel", _word(k_cache), (copies.shape[0], 2), (_THREADS,),
                      (k_cache, v_cache, copies, np.int64(k_cache.shape[0]), np.int64(math.prod(k_cache.shape[1:]))))
 
+    def gather_cache_rows(self, caches, slots):
+        """caches: C equal [num_blocks, block_size, kv_heads, head_dim] arrays (e.g. every
+        layer's K, then V); slots [S] int64 -> [C, S, kv_heads, head_dim], one launch."""
+        index, table = _index(slots), self._pointer_table(caches)
+        out = cupy.empty((len(caches), index.size, *caches[0].shape[2:]), dtype=caches[0].dtype)
+        self._launch("gather_cache_rows_kernel", _word(out), (index.size, len(caches)), (_THREADS,),
+                     (table, index, out, np.int64(index.size), np.int64(math.prod(caches[0].shape[:2])),
+                      np.int64(math.prod(caches[0].shape[2:]))))
+        return out
+
+    def scatter_cache_rows(self, caches, slots, rows) -> None:
+        """The inverse: rows [C, S, kv_heads, head_dim] into the caches at `slots`, in place."""
+        index, table = _index(slots), self._pointer_table(caches)
+        rows = cupy.ascontiguousarray(rows)
+        if rows.shape != (len(caches), index.size, *caches[0].shape[2:]) or rows.dtype != caches[0].dtype:
+            raise ValueError(f"rows {rows.shape} {rows.dtype} do not fit {len(caches)} caches of "
+                             f"{caches[0].shape} {caches[0].dtype} at {index.size} slots")
+        self._launch("scatter_cache_rows_kernel", _word(rows), (index.size, len(caches)), (_THREADS,),
+                     (table, index, rows, np.int64(index.size), np.int64(math.prod(caches[0].shape[:2])),
+                      np.int64(math.prod(caches[0].shape[2:]))))
+
+    @staticmethod
+    def _pointer_table(caches):
+        first = caches[0]
+        if len(caches) > _MAX_GRID_Y or any(c.shape != first.shape or c.dtype != first.dtype
+                                            or not c.flags.c_contiguous for c in caches):
+            raise ValueError("caches must be at most 65535 contiguous arrays of one shape and dtype")
+        return cupy.asarray(np.array([c.data.ptr for c in caches], dtype=np.uint64))
+
     # -- GEMM and elementwise ---------------------------------------------
 
     def linear(self, x, weight, bias=None):

@@ -116,6 +116,33 @@ __global__ void copy_blocks_kernel(W* k_cache, W* v_cache, const int* copies, lo
 }
 
 template <typename W>
+__global__ void gather_cache_rows_kernel(const unsigned long long* caches, const long long* slots, W* out,
+                                         long long num_slots_out, long long cache_slots, long long row_words) {
+    // blockIdx.x: index into slots; blockIdx.y: cache (all layers' K, then V, in one launch).
+    // out [caches, slots, row]; a slot out of range gives a zero row.
+    const long long slot = slots[blockIdx.x];
+    const bool valid = slot >= 0 && slot < cache_slots;
+    const W* src = reinterpret_cast<const W*>(caches[blockIdx.y]) + slot * row_words;
+    W* dst = out + (blockIdx.y * num_slots_out + blockIdx.x) * row_words;
+    for (long long i = threadIdx.x; i < row_words; i += blockDim.x) {
+        dst[i] = valid ? src[i] : (W)0;
+    }
+}
+
+template <typename W>
+__global__ void scatter_cache_rows_kernel(const unsigned long long* caches, const long long* slots, const W* rows,
+                                          long long num_slots_in, long long cache_slots, long long row_words) {
+    // The inverse of gather_cache_rows_kernel; a slot out of range is skipped.
+    const long long slot = slots[blockIdx.x];
+    if (slot < 0 || slot >= cache_slots) return;
+    W* dst = reinterpret_cast<W*>(caches[blockIdx.y]) + slot * row_words;
+    const W* src = rows + (blockIdx.y * num_slots_in + blockIdx.x) * row_words;
+    for (long long i = threadIdx.x; i < row_words; i += blockDim.x) {
+        dst[i] = src[i];
+    }
+}
+
+template <typename W>
 __global__ void gather_rows_kernel(const W* src, W* out, const long long* rows, long long num_src_rows,
                                    long long row_words) {
     // One block per output row; W is an unsigned word as wide as the

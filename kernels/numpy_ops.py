@@ -225,6 +225,18 @@ def copy_blocks(k_cache, v_cache, block_copies) -> None:
         v_cache[dst] = v_cache[src]
 
 
+def gather_cache_rows(caches, slots):
+    """caches: C equal [num_blocks, block_size, kv_heads, head_dim] arrays; slots [S]
+    -> their rows [C, S, kv_heads, head_dim]."""
+    return np.stack([c.reshape(-1, *c.shape[2:])[np.asarray(slots)] for c in caches])
+
+
+def scatter_cache_rows(caches, slots, rows) -> None:
+    """rows [C, S, kv_heads, head_dim] into the caches at `slots`, in place."""
+    for cache, part in zip(caches, rows):
+        cache.reshape(-1, *cache.shape[2:])[np.asarray(slots)] = part
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
                     sliding_window: int | None = None):
     """Causal attention for a batch of sequences whose K/V live in paged blocks.

@@ -10,6 +10,9 @@ so every rank's logits have the same width for all_gather.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from shardline.parallel.communicator import Communicator, SingleRank
 
@@ -66,3 +69,18 @@ class TensorParallel:
     @property
     def size(self) -> int:
         return self.comm.size
+
+
+def kv_head_range(config: Any, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """[start, stop) of the KV heads a tensor-parallel rank holds."""
+    return split_heads(config.num_heads, config.num_kv_heads, tp_size, tp_rank).kv_heads
+
+
+def join_kv_heads(parts: list[np.ndarray], config: Any) -> np.ndarray:
+    """Every tp rank's [..., heads of the rank, head_dim] -> [..., all KV heads, head_dim]
+    (where ranks replicate a head, any copy: they are equal)."""
+    full = np.empty((*parts[0].shape[:-2], config.num_kv_heads, parts[0].shape[-1]), dtype=parts[0].dtype)
+    for rank, part in enumerate(parts):
+        start, stop = kv_head_range(config, len(parts), rank)
+        full[..., start:stop, :] = part
+    return full

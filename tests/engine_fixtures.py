@@ -55,12 +55,12 @@ def random_prompts(rng: np.random.Generator, lengths) -> list[list[int]]:
     return [rng.integers(0, VOCAB, n).tolist() for n in lengths]
 
 
-def export_then_commit(local: LocalModel, rng: np.random.Generator) -> tuple[list[int], list[int], LLMEngine]:
-    """A prompt prefilled on one engine, its KV moved through the PushKV chunk
-    protocol (in shuffled order) into another engine's reservation (whose cache
-    holds the prompt's first two blocks), decoded there. Returns (tokens,
-    tokens of one engine doing it all, the decode engine)."""
-    from shardline.worker.kv_transfer import KVAssembler, kv_chunks
+def export_then_commit(local: LocalModel, rng: np.random.Generator,
+                       through_chunks: bool = True) -> tuple[list[int], list[int], LLMEngine]:
+    """A prompt prefilled on one engine, its KV moved (through the PushKV chunk
+    protocol in shuffled order, or as it is) into another engine's reservation
+    (whose cache holds the prompt's first two blocks), decoded there. Returns
+    (tokens, tokens of one engine doing it all, the decode engine)."""
     prefill, decode, reference = (make_engine(local) for _ in range(3))
     shared = random_prompts(rng, [37])[0]
     prompt = shared + random_prompts(rng, [29])[0]
@@ -75,16 +75,21 @@ def export_then_commit(local: LocalModel, rng: np.random.Generator) -> tuple[lis
         outputs += prefill.step()
     export = outputs[-1].kv_export
     assert export is not None and export.k.shape[1] == len(prompt) - skip
-    config = local.model.config
-    assembler = KVAssembler(skip, len(prompt), config.num_layers, config.num_kv_heads, config.head_dim,
-                            export.k.dtype)
-    chunks = list(kv_chunks("r", export, outputs[-1].new_token_ids[0], None, max_chunk_bytes=4096))
-    for chunk in rng.permutation(chunks[:-1]):
-        assembler.add(chunk)
-    assembler.check_complete()
-    decode.commit_remote_kv("r", skip, assembler.k, assembler.v, chunks[-1].first_token_id)
+    k, v = _through_chunks(local, export, skip, len(prompt), rng) if through_chunks else (export.k, export.v)
+    decode.commit_remote_kv("r", skip, k, v, outputs[-1].new_token_ids[0])
     got = []
     while decode.has_unfinished():
         got += [t for out in decode.step() for t in out.new_token_ids]
         decode.scheduler.check_integrity()
     return got, want, decode
+
+
+def _through_chunks(local: LocalModel, export, start: int, stop: int, rng: np.random.Generator):
+    from shardline.worker.kv_transfer import KVAssembler, kv_chunks  # protobuf: not on every GPU image
+    config = local.model.config
+    assembler = KVAssembler(start, stop, config.num_layers, config.num_kv_heads, config.head_dim, export.k.dtype)
+    chunks = list(kv_chunks("r", export, 0, None, max_chunk_bytes=4096))
+    for chunk in rng.permutation(chunks[:-1]):
+        assembler.add(chunk)
+    assembler.check_complete()
+    return assembler.k, assembler.v

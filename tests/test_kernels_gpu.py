@@ -272,6 +272,18 @@ def test_kv_cache_writes_and_block_copies(ops, rng, dtype):
     np.testing.assert_array_equal(ops.to_host(k_cache)[[1, 3]], ops.to_host(k_cache)[[5, 0]])
     np.testing.assert_array_equal(ops.to_host(v_cache), vc64.astype(np.float32))
 
+    # gather/scatter of cache rows (the KV hand-off): bit-exact moves, any dtype
+    slots = np.random.default_rng().permutation(k_cache.shape[0] * k_cache.shape[1])[:9].astype(np.int64)
+    rows = ops.gather_cache_rows([k_cache, v_cache], cupy.asarray(slots))
+    want = numpy_ops.gather_cache_rows([k_cache.get(), v_cache.get()], slots)
+    np.testing.assert_array_equal(rows.get(), want)
+    targets = [cupy.zeros_like(k_cache), cupy.zeros_like(v_cache)]
+    ops.scatter_cache_rows(targets, cupy.asarray(slots), rows)
+    expected = [np.zeros_like(want[0], shape=k_cache.shape), np.zeros_like(want[0], shape=v_cache.shape)]
+    numpy_ops.scatter_cache_rows(expected, slots, want)
+    for got, ref in zip(targets, expected):
+        np.testing.assert_array_equal(got.get(), ref)
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_apply_penalties(ops, rng, dtype):

@@ -65,6 +65,24 @@ def test_write_kv_and_copy_blocks():
     np.testing.assert_array_equal(v_cache[3], v_cache[0])
 
 
+def test_gather_and_scatter_cache_rows():
+    rng = np.random.default_rng()
+    caches = [rng.standard_normal((6, 4, 2, 8)) for _ in range(3)]
+    slots = rng.permutation(24)[:7]
+    rows = ops.gather_cache_rows(caches, slots)
+    assert rows.shape == (3, 7, 2, 8)
+    for c, cache in enumerate(caches):
+        for i, slot in enumerate(slots):
+            np.testing.assert_array_equal(rows[c, i], cache[slot // 4, slot % 4])
+    targets = [np.zeros_like(c) for c in caches]
+    ops.scatter_cache_rows(targets, slots, rows)
+    for cache, target in zip(caches, targets):
+        written = np.zeros(24, dtype=bool)
+        written[slots] = True
+        np.testing.assert_array_equal(target.reshape(24, 2, 8)[written], cache.reshape(24, 2, 8)[written])
+        assert not target.reshape(24, 2, 8)[~written].any()
+
+
 def test_penalties_match_hf_processors():
     transformers = pytest.importorskip("transformers")
     rng = np.random.default_rng()

@@ -20,8 +20,7 @@ from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.group import BroadcastingRunner, GroupContext, agree_on_blocks
-from shardline.worker.kv_handoff import KVHandoff
-from shardline.worker.kv_transfer import KVExport
+from shardline.worker.kv_handoff import KVExport, KVHandoff
 from shardline.worker.model_runner import kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.pipeline_runner import make_runner

@@ -32,8 +32,7 @@ from shardline.kernels.backend import Backend, create_backend
 from shardline.parallel.communicator import MPICommunicator
 from shardline.parallel.pipeline import ParallelConfig, StageLinks, StagePlacement
 from shardline.parallel.experts import ExpertParallel
-from shardline.parallel.sharding import TensorParallel
-from shardline.worker.kv_transfer import join_heads, rank_heads
+from shardline.parallel.sharding import TensorParallel, join_kv_heads, kv_head_range
 from shardline.worker.model_runner import StepResult
 from shardline.worker.step_plan import StepPlan
 
@@ -172,11 +171,11 @@ def gather_heads(group: GroupContext, config: Any, part: np.ndarray) -> np.ndarr
     offsets = np.cumsum([0, *sizes])
     heads = [received[offsets[r]:offsets[r + 1]].reshape(*part.shape[:-2], -1, part.shape[-1])
              for r in range(len(sizes))]
-    return join_heads(heads, config)
+    return join_kv_heads(heads, config)
 
 
 def write_rank_heads(group: GroupContext, runner: Any, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-    start, stop = rank_heads(runner.config, group.tp.size, group.tp.rank)
+    start, stop = kv_head_range(runner.config, group.tp.size, group.tp.rank)
     runner.write_kv(slots, k[..., start:stop, :], v[..., start:stop, :])
 
 

@@ -14,14 +14,27 @@ the BlockManager owns the tables, the runner moves the bytes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shardline.worker.block_manager import BlockManager
-from shardline.worker.kv_transfer import KVExport
 from shardline.worker.scheduler import Scheduler
 from shardline.worker.step_plan import StepPlan
+
+
+@dataclass(frozen=True)
+class KVExport:
+    """Prompt tokens [start_token, start_token + k.shape[1]) of one request."""
+
+    start_token: int
+    k: np.ndarray                 # [num_layers, num_tokens, num_kv_heads, head_dim], storage dtype
+    v: np.ndarray
+
+    @property
+    def num_bytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
 
 class KVHandoff:

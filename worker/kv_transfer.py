@@ -6,8 +6,8 @@ host arrays in the storage dtype; `kv_chunks` cuts them into PushKV
 messages layer by layer (at most `max_chunk_bytes` each), the last one
 committing with the first token. The decode leader's `KVAssembler` puts
 the chunks back together and checks they cover exactly what it reserved;
-its ranks take their own head slices (`rank_heads`), so prefill and decode
-groups may differ in tp. `KVPusher` keeps one channel per decode group.
+its ranks take their own head slices (parallel/sharding.kv_head_range), so
+prefill and decode groups may differ in tp. `KVPusher` keeps one channel per decode group.
 
 No GPU code and no engine state here: the engine reads and writes the
 cache (ModelRunner.read_kv / write_kv), the services drive the RPCs.
@@ -16,45 +16,15 @@ cache (ModelRunner.read_kv / write_kv), the services drive the RPCs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
 import grpc
 import numpy as np
 
-from shardline.models.config import ModelConfig
-from shardline.parallel.sharding import split_heads
 from shardline.proto import shardline_pb2, worker_pb2, worker_pb2_grpc
+from shardline.worker.kv_handoff import KVExport
 
 MAX_CHUNK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class KVExport:
-    """Prompt tokens [start_token, start_token + k.shape[1]) of one request."""
-
-    start_token: int
-    k: np.ndarray                 # [num_layers, num_tokens, num_kv_heads, head_dim], storage dtype
-    v: np.ndarray
-
-    @property
-    def num_bytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
-def rank_heads(config: ModelConfig, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """[start, stop) of the KV heads a tensor-parallel rank holds."""
-    return split_heads(config.num_heads, config.num_kv_heads, tp_size, tp_rank).kv_heads
-
-
-def join_heads(parts: list[np.ndarray], config: ModelConfig) -> np.ndarray:
-    """Every rank's [..., heads of the rank, head_dim] -> [..., all KV heads, head_dim]
-    (where ranks replicate a head, the first copy)."""
-    full = np.empty((*parts[0].shape[:-2], config.num_kv_heads, parts[0].shape[-1]), dtype=parts[0].dtype)
-    for rank, part in enumerate(parts):
-        start, stop = rank_heads(config, len(parts), rank)
-        full[..., start:stop, :] = part
-    return full
 
 
 def kv_chunks(request_id: str, export: KVExport, first_token_id: int,

@@ -70,22 +70,20 @@ class ModelRunner:
         self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens,
                                model.num_kv_heads_per_rank, len(model.layers))
 
-    def read_kv(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of this rank's K and V at cache `slots` (block * block_size + offset),
-        [num_layers, num_slots, num_kv_heads, head_dim] each, in the storage dtype."""
-        xp, index = self.backend.xp, self.backend.xp.asarray(slots)
-        per_layer = [(k.reshape(-1, *k.shape[2:])[index], v.reshape(-1, *v.shape[2:])[index])
-                     for k, v in zip(self.kv.k, self.kv.v)]
-        k, v = xp.stack([p[0] for p in per_layer]), xp.stack([p[1] for p in per_layer])
-        return (k, v) if self.backend.name == "numpy" else (k.get(), v.get())
+    def read_kv(self, slots: np.ndarray, to_host: bool = True) -> tuple[Any, Any]:
+        """This rank's K and V at cache `slots` (block * block_size + offset), [num_layers,
+        num_slots, num_kv_heads, head_dim] each, in the storage dtype; one gather for all layers."""
+        rows = self.backend.ops.gather_cache_rows(self.kv.k + self.kv.v, self.backend.xp.asarray(slots))
+        if to_host and self.backend.name != "numpy":
+            rows = rows.get()
+        num_layers = len(self.kv.k)
+        return rows[:num_layers], rows[num_layers:]
 
-    def write_kv(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    def write_kv(self, slots: np.ndarray, k: Any, v: Any) -> None:
         """Writes K and V [num_layers, num_slots, this rank's KV heads, head_dim] (storage dtype) at `slots`."""
         xp = self.backend.xp
-        index, k, v = xp.asarray(slots), xp.asarray(k), xp.asarray(v)
-        for layer, (k_cache, v_cache) in enumerate(zip(self.kv.k, self.kv.v)):
-            k_cache.reshape(-1, *k_cache.shape[2:])[index] = k[layer]
-            v_cache.reshape(-1, *v_cache.shape[2:])[index] = v[layer]
+        rows = xp.concatenate([xp.asarray(k), xp.asarray(v)])
+        self.backend.ops.scatter_cache_rows(self.kv.k + self.kv.v, xp.asarray(slots), rows)
 
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """Runs the step; `sample=False` (tensor-parallel followers, whose
