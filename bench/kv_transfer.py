@@ -10,9 +10,9 @@ an LLMEngine with a paged KV cache. Measured in one run:
   KV bytes of a --transfer-tokens prompt (the plain baseline);
 - the KV transfer of that prompt the way a hand-off moves it: the prompt
   prefilled on rank 0, then per chunk of --chunk tokens every layer's K and V
-  gathered from the paged cache into one buffer, sent, and scattered into
-  the blocks rank 1 reserved (LLMEngine.reserve_remote_kv), timed on rank 1
-  from the start signal to the last block written;
+  rows gathered from the paged cache into one buffer (one kernel), sent, and
+  scattered into the blocks rank 1 reserved (LLMEngine.reserve_remote_kv),
+  timed on rank 1 from the start signal to the last block written;
 - TTFT for each --prompts length: mixed (rank 1 prefills and samples the
   first token itself) against disaggregated (rank 0 prefills in chunks and
   sends each chunk's KV on a second stream while the next chunk computes;
@@ -80,17 +80,6 @@ def chunks(num_tokens: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, num_tokens)) for start in range(0, num_tokens, size)]
 
 
-def gather_kv(engine, request_id: str, start: int, stop: int):
-    """[num_layers, tokens, kv heads, head_dim] K and V of the request's tokens, on the GPU."""
-    return engine.runner.read_kv(engine.handoff.slots(request_id, start, stop), to_host=False)
-
-
-def kv_like(engine, num_tokens: int):
-    import cupy
-    kv = engine.runner.kv
-    return cupy.empty((len(kv.k), num_tokens, *kv.k[0].shape[2:]), dtype=kv.k[0].dtype)
-
-
 def prefill_only(engine, request_id: str, prompt: list[int]) -> int:
     """Runs the prompt through rank 0's engine (kept alive: max_tokens 2); its first token."""
     from shardline.worker.sampling_params import SamplingParams
@@ -128,7 +117,7 @@ def disaggregated(comm, mpi, rank: int, engine, prompt: list[int], chunk: int, o
     mpi.Barrier()
     start = time.perf_counter()
     if rank == 0:
-        send_stream = cupy.cuda.Stream(non_blocking=True)
+        send_stream, keep = cupy.cuda.Stream(non_blocking=True), []
         engine.add_request("p", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         first, sent = None, 0
         while first is None:
@@ -136,10 +125,10 @@ def disaggregated(comm, mpi, rank: int, engine, prompt: list[int], chunk: int, o
                 first = out.new_token_ids[0] if out.new_token_ids else first
             computed = len(prompt) if first is not None else engine.scheduler.get_request("p").num_computed_tokens
             while overlap and sent < len(ranges) and ranges[sent][1] <= computed:
-                _send_chunk(comm, engine, "p", ranges[sent], send_stream)
+                _send_chunk(comm, engine, "p", ranges[sent], send_stream, keep)
                 sent += 1
         for piece in ranges[sent:]:
-            _send_chunk(comm, engine, "p", piece, send_stream)
+            _send_chunk(comm, engine, "p", piece, send_stream, keep)
         with send_stream:
             comm.send(cupy.asarray([first], dtype=cupy.int32), 1)
         send_stream.synchronize()
@@ -155,20 +144,28 @@ def disaggregated(comm, mpi, rank: int, engine, prompt: list[int], chunk: int, o
 
 
 def receive_chunks(comm, engine, request_id: str, ranges: list[tuple[int, int]]) -> None:
-    for lo, hi in ranges:
-        k, v = comm.recv(kv_like(engine, hi - lo), 0), comm.recv(kv_like(engine, hi - lo), 0)
-        engine.runner.write_kv(engine.handoff.slots(request_id, lo, hi), k, v)
-
-
-def _send_chunk(comm, engine, request_id: str, piece: tuple[int, int], stream) -> None:
+    """Every layer's K and V rows of each chunk in one message, scattered into the reservation."""
     import cupy
+    ops, kv = engine.runner.backend.ops, engine.runner.kv
+    caches = kv.k + kv.v
+    # Slot indices go up before the first receive: an upload from pageable memory would wait for it.
+    indices = [cupy.asarray(engine.handoff.slots(request_id, lo, hi)) for lo, hi in ranges]
+    for (lo, hi), index in zip(ranges, indices):
+        rows = comm.recv(cupy.empty((len(caches), hi - lo, *caches[0].shape[2:]), dtype=caches[0].dtype), 0)
+        ops.scatter_cache_rows(caches, index, rows)
+
+
+def _send_chunk(comm, engine, request_id: str, piece: tuple[int, int], stream, keep: list) -> None:
+    """Gathers the chunk's rows of every layer on `stream` once the compute stream has written them."""
+    import cupy
+    ops, kv = engine.runner.backend.ops, engine.runner.kv
+    index = cupy.asarray(engine.handoff.slots(request_id, *piece))   # on the compute stream
+    keep.append(index)                 # alive until the send stream is done with it
     computed = cupy.cuda.Event()
-    computed.record()                  # on the compute stream: the chunk's KV is written
+    computed.record()
     with stream:
         stream.wait_event(computed)
-        k, v = gather_kv(engine, request_id, *piece)
-        comm.send(k, 1)
-        comm.send(v, 1)
+        comm.send(ops.gather_cache_rows(kv.k + kv.v, index), 1)
 
 
 def move_only(comm, mpi, rank: int, engine, prompt: list[int], chunk: int) -> float:
@@ -184,9 +181,9 @@ def move_only(comm, mpi, rank: int, engine, prompt: list[int], chunk: int) -> fl
     mpi.Barrier()
     start = time.perf_counter()
     if rank == 0:
-        stream = cupy.cuda.Stream(non_blocking=True)
+        stream, keep = cupy.cuda.Stream(non_blocking=True), []
         for piece in ranges:
-            _send_chunk(comm, engine, "m", piece, stream)
+            _send_chunk(comm, engine, "m", piece, stream, keep)
         stream.synchronize()
     else:
         receive_chunks(comm, engine, "m", ranges)

@@ -78,6 +78,15 @@ def _word(arr) -> str:
     return _WORDS[int(math.log2(arr.itemsize))]
 
 
+def _row_word(row_bytes: int) -> tuple[str, int]:
+    """The widest word (up to 8 bytes) that tiles a row of `row_bytes`, and the words per row:
+    rows copied as 8-byte words move 4x fewer elements than as bf16."""
+    size = 8
+    while row_bytes % size:
+        size //= 2
+    return _WORDS[int(math.log2(size))], row_bytes // size
+
+
 def _same_dtype(reference, *others) -> None:
     for arr in others:
         if arr.dtype != reference.dtype:

@@ -36,6 +36,7 @@ from shardline.kernels.cuda_common import (
     _in_place,
     _index,
     _row_threads,
+    _row_word,
     _rows,
     _same_dtype,
     _word,
@@ -53,6 +54,7 @@ class CudaOps:
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
+        self._pointer_tables: dict[tuple, cupy.ndarray] = {}
 
     def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0) -> None:
         if 0 in grid:
@@ -163,9 +165,10 @@ class CudaOps:
         layer's K, then V); slots [S] int64 -> [C, S, kv_heads, head_dim], one launch."""
         index, table = _index(slots), self._pointer_table(caches)
         out = cupy.empty((len(caches), index.size, *caches[0].shape[2:]), dtype=caches[0].dtype)
-        self._launch("gather_cache_rows_kernel", _word(out), (index.size, len(caches)), (_THREADS,),
+        word, row_words = _row_word(math.prod(caches[0].shape[2:]) * out.itemsize)
+        self._launch("gather_cache_rows_kernel", word, (index.size, len(caches)), (_THREADS,),
                      (table, index, out, np.int64(index.size), np.int64(math.prod(caches[0].shape[:2])),
-                      np.int64(math.prod(caches[0].shape[2:]))))
+                      np.int64(row_words)))
         return out
 
     def scatter_cache_rows(self, caches, slots, rows) -> None:
@@ -175,17 +178,24 @@ class CudaOps:
         if rows.shape != (len(caches), index.size, *caches[0].shape[2:]) or rows.dtype != caches[0].dtype:
             raise ValueError(f"rows {rows.shape} {rows.dtype} do not fit {len(caches)} caches of "
                              f"{caches[0].shape} {caches[0].dtype} at {index.size} slots")
-        self._launch("scatter_cache_rows_kernel", _word(rows), (index.size, len(caches)), (_THREADS,),
+        word, row_words = _row_word(math.prod(caches[0].shape[2:]) * rows.itemsize)
+        self._launch("scatter_cache_rows_kernel", word, (index.size, len(caches)), (_THREADS,),
                      (table, index, rows, np.int64(index.size), np.int64(math.prod(caches[0].shape[:2])),
-                      np.int64(math.prod(caches[0].shape[2:]))))
+                      np.int64(row_words)))
 
-    @staticmethod
-    def _pointer_table(caches):
-        first = caches[0]
-        if len(caches) > _MAX_GRID_Y or any(c.shape != first.shape or c.dtype != first.dtype
-                                            or not c.flags.c_contiguous for c in caches):
-            raise ValueError("caches must be at most 65535 contiguous arrays of one shape and dtype")
-        return cupy.asarray(np.array([c.data.ptr for c in caches], dtype=np.uint64))
+    def _pointer_table(self, caches):
+        """The caches' device addresses as a device array, kept per set of caches
+        (an engine's KV cache is allocated once, so this uploads once)."""
+        addresses = tuple(c.data.ptr for c in caches)
+        key = (caches[0].shape, caches[0].dtype.str, addresses)
+        table = self._pointer_tables.get(key)
+        if table is None:
+            first = caches[0]
+            if len(caches) > _MAX_GRID_Y or any(c.shape != first.shape or c.dtype != first.dtype
+                                                or not c.flags.c_contiguous for c in caches):
+                raise ValueError("caches must be at most 65535 contiguous arrays of one shape and dtype")
+            table = self._pointer_tables[key] = cupy.asarray(np.array(addresses, dtype=np.uint64))
+        return table
 
     # -- GEMM and elementwise ---------------------------------------------
 
