@@ -31,11 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 16384, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tp_decode import LLAMA3_8B  # noqa: E402  (the same shape)
+
 GIB = 1 << 30
 
 
@@ -49,7 +47,7 @@ def build(rank: int, args):
     from shardline.worker.offline import LocalModel
 
     backend = create_backend("cuda", "bfloat16", device_id=rank)
-    hf = {**LLAMA3_8B, "num_hidden_layers": args.layers}
+    hf = {**LLAMA3_8B, "num_hidden_layers": args.layers, "max_position_embeddings": 16384}
     model = LlamaForCausalLM(backend, parse_llama(hf), WeightReader(RandomCheckpoint(hf), backend, False))
     blocks = 2 * (-(-max(args.prompts + [args.transfer_tokens]) // 16) + 4)
     config = EngineConfig(backend="cuda", dtype="bfloat16", num_kv_blocks=blocks, max_num_batched_tokens=args.chunk,

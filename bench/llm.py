@@ -1,0 +1,237 @@
+"""One-GPU engine benchmark: our engine against the GPU's two ceilings and HF transformers, in one run.
+
+Run:  python -m bench.llm --shapes llama3-8b,smollm2-135m --batch 1,16,64 --out bench/results/llm.json
+
+For each model shape (random weights: RandomCheckpoint for ours, a random
+transformers model for HF, bf16, no files) it measures, on the same GPU and
+in the same run as the ceilings (copy bandwidth, bf16 GEMM rate):
+- decode step time per batch size (whole engine step: plan, forward,
+  sampling, token readback) at --context tokens, against the bandwidth
+  roofline (weights + KV bytes read / measured copy rate);
+- TTFT of a --ttft-tokens prompt against the compute bound (2 x parameters
+  x tokens + causal attention FLOPs / measured GEMM rate);
+- offline throughput of --offline-requests requests of 128 in / 128 out;
+- HF transformers eager (torch bf16, KV cache) batch-1 decode step and TTFT.
+Writes JSON and prints a markdown table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_transfer import mixed_ttft  # noqa: E402  (TTFT through the engine)
+from tp_decode import LLAMA3_8B  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": LLAMA3_8B,
+    "smollm2-135m": {**LLAMA3_8B, "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "rope_theta": 100000.0, "tie_word_embeddings": True},
+}
+GIB = 1 << 30
+
+
+def gpu_seconds(run, reps: int = 10) -> float:
+    import cupy
+    run()
+    begin, end = cupy.cuda.Event(), cupy.cuda.Event()
+    begin.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps
+
+
+def ceilings(backend) -> dict:
+    import cupy
+    src, dst = cupy.ones(GIB // 2, dtype=cupy.uint16), cupy.empty(GIB // 2, dtype=cupy.uint16)
+    copy_s = gpu_seconds(lambda: cupy.copyto(dst, src))
+    n = 8192
+    rng = np.random.default_rng(0)
+    x, w = (backend.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    gemm_s = gpu_seconds(lambda: backend.ops.linear(x, w))
+    return {"copy_GBps": 2 * GIB / copy_s / 1e9, "gemm_TFLOPs": 2 * n ** 3 / gemm_s / 1e12}
+
+
+def param_counts(hf: dict) -> tuple[int, int]:
+    """(every parameter, those read per decoded token: all but the embedding table unless tied)."""
+    h, i, v, layers = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"], hf["num_hidden_layers"]
+    kv = h * hf["num_key_value_heads"] // hf["num_attention_heads"]
+    per_layer = h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h
+    embed, head = v * h, 0 if hf["tie_word_embeddings"] else v * h
+    return embed + head + layers * per_layer + h, head + layers * per_layer + h + (embed if not head else 0)
+
+
+def kv_bytes_per_token(hf: dict) -> int:
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    return 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * 2
+
+
+def build_ours(hf: dict, args):
+    from shardline.kernels.backend import create_backend
+    from shardline.models.config import parse_llama
+    from shardline.models.llama import LlamaForCausalLM
+    from shardline.models.random_checkpoint import RandomCheckpoint
+    from shardline.models.weights import WeightReader
+    from shardline.worker.engine import EngineConfig, LLMEngine
+    from shardline.worker.offline import LocalModel
+    backend = create_backend("cuda", "bfloat16")
+    model = LlamaForCausalLM(backend, parse_llama(hf), WeightReader(RandomCheckpoint(hf), backend, False))
+    config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 4096),
+                          max_num_seqs=max(args.batch + [args.offline_requests]), gpu_memory_fraction=0.5,
+                          enable_prefix_caching=False)
+    return backend, LLMEngine(config, LocalModel(model, None))
+
+
+def decode_step_s(engine, batch: int, context: int, steps: int, rng) -> float:
+    from shardline.worker.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    ids = [f"d{b}" for b in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, rng.integers(0, engine.local.model.config.vocab_size, context).tolist(), params)
+    started: set[str] = set()
+    while len(started) < batch:   # every prompt prefilled and its first token out
+        started |= {out.request_id for out in engine.step() if out.new_token_ids}
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - begin)
+    for rid in ids:
+        engine.abort(rid)
+    engine.step()
+    return float(np.median(times))
+
+
+def offline_tokens_per_s(engine, num_requests: int, rng) -> float:
+    from shardline.worker.sampling_params import SamplingParams
+    vocab = engine.local.model.config.vocab_size
+    prompts = [rng.integers(0, vocab, 128).tolist() for _ in range(num_requests)]
+    begin = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
+    return 128 * num_requests / (time.perf_counter() - begin)
+
+
+def measure_ours(hf: dict, args, rng) -> dict:
+    backend, engine = build_ours(hf, args)
+    result = {"ceilings": ceilings(backend), "decode_s": {}}
+    for batch in args.batch:
+        result["decode_s"][batch] = decode_step_s(engine, batch, args.context, args.steps, rng)
+    prompt = rng.integers(0, hf["vocab_size"], args.ttft_tokens).tolist()
+    mixed_ttft(engine, prompt)
+    result["ttft_s"] = mixed_ttft(engine, prompt)
+    result["offline_tokens_per_s"] = offline_tokens_per_s(engine, args.offline_requests, rng)
+    del engine, backend
+    import cupy
+    cupy.get_default_memory_pool().free_all_blocks()   # room for the HF model
+    return result
+
+
+def measure_hf(hf: dict, args, rng) -> dict:
+    import torch
+    import transformers
+    config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.tensor(rng.integers(0, hf["vocab_size"], (1, args.context)), device="cuda")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(args.steps):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token.item()
+            times.append(time.perf_counter() - begin)
+        prompt = torch.tensor(rng.integers(0, hf["vocab_size"], (1, args.ttft_tokens)), device="cuda")
+        ttfts = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            model(prompt, use_cache=True).logits[:, -1].argmax(-1).item()
+            ttfts.append(time.perf_counter() - begin)
+    del model, cache
+    torch.cuda.empty_cache()
+    return {"decode_s_batch1": float(np.median(times)), "ttft_s": ttfts[-1]}
+
+
+def rooflines(hf: dict, args, ceiling: dict) -> dict:
+    total, read_per_step = param_counts(hf)
+    copy_Bps, gemm_flops = ceiling["copy_GBps"] * 1e9, ceiling["gemm_TFLOPs"] * 1e12
+    decode = {b: (2 * read_per_step + b * args.context * kv_bytes_per_token(hf)) / copy_Bps for b in args.batch}
+    n, layers, h = args.ttft_tokens, hf["num_hidden_layers"], hf["hidden_size"]
+    attention_flops = layers * 2 * n * n * h   # QK^T and PV, causal half of 4 n^2 h
+    return {"decode_s": decode, "ttft_s": (2 * (total - hf["vocab_size"] * h) * n + attention_flops) / gemm_flops,
+            "weights_GB": 2 * total / 1e9}
+
+
+def run(args) -> dict:
+    import cupy
+    rng = np.random.default_rng(0)
+    report = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "context": args.context,
+              "ttft_tokens": args.ttft_tokens, "shapes": {}}
+    for name in args.shapes:
+        hf = SHAPES[name]
+        ours = measure_ours(hf, args, rng)
+        entry = {"ours": ours, "roofline": rooflines(hf, args, ours["ceilings"])}
+        if not args.skip_hf:
+            entry["hf"] = measure_hf(hf, args, rng)
+        report["shapes"][name] = entry
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}, bf16, decode at {report['context']} tokens of context, "
+          f"TTFT of {report['ttft_tokens']} tokens\n")
+    print("| shape | metric | ours | HF eager | roofline | ours / roofline | HF / ours |")
+    print("|---|---|---|---|---|---|---|")
+    for name, e in report["shapes"].items():
+        ours, roof, hf = e["ours"], e["roofline"], e.get("hf", {})
+        c = ours["ceilings"]
+        print(f"| {name} | ceilings | copy {c['copy_GBps']:.0f} GB/s, GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s | | | | |")
+        for batch, step_s in ours["decode_s"].items():
+            hf_s = hf.get("decode_s_batch1") if batch == 1 else None
+            row(name, f"decode step, batch {batch} (ms)", step_s, hf_s, roof["decode_s"][batch])
+        row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
+        print(f"| {name} | offline 128/128 (output tok/s) | {ours['offline_tokens_per_s']:.0f} | | | | |")
+
+
+def row(name: str, metric: str, ours_s: float, hf_s: float | None, roof_s: float) -> None:
+    hf_ms = "" if hf_s is None else f"{1e3 * hf_s:.2f}"
+    hf_ratio = "" if hf_s is None else f"{hf_s / ours_s:.2f}"
+    print(f"| {name} | {metric} | {1e3 * ours_s:.2f} | {hf_ms} | {1e3 * roof_s:.2f} | {ours_s / roof_s:.2f} | "
+          f"{hf_ratio} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=lambda s: s.split(","), default=["llama3-8b", "smollm2-135m"])
+    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ttft-tokens", type=int, default=2048)
+    p.add_argument("--offline-requests", type=int, default=64)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--out", default="bench/results/llm.json")
+    args = p.parse_args()
+    report = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()
