@@ -32,7 +32,9 @@ class DisaggregationConfig(_Frozen):
     min_remote_prefill_tokens: int = Field(256, ge=1)
     # A prefill group with this many prefills in flight is busy; all busy: prefill where it decodes.
     max_prefill_in_flight: int = Field(8, ge=1)
-    prefill_timeout_s: float = Field(60.0, gt=0)   # a remote prefill taking longer falls back to local
+    # A remote prefill taking longer falls back to local; below every decode group's
+    # engine.remote_kv_timeout_s, so the coordinator gives up before the reservation expires.
+    prefill_timeout_s: float = Field(20.0, gt=0)
 
 
 class LimitsConfig(_Frozen):
@@ -144,6 +146,20 @@ class ClusterConfig(_Frozen):
     def _someone_decodes(self) -> "ClusterConfig":
         if all(g.role == "prefill" for g in self.groups):
             raise ValueError("groups: every group has role 'prefill'; at least one must be 'decode' or 'mixed'")
+        return self
+
+    @model_validator(mode="after")
+    def _reservations_outlive_prefills(self) -> "ClusterConfig":
+        prefill_timeout_s = self.coordinator.disaggregation.prefill_timeout_s
+        try:
+            specs = self.group_specs()
+        except ValidationError:
+            return self   # a bad engine override: parse_cluster_config reports it with its key
+        for spec in specs:
+            if spec.role != "prefill" and spec.engine.remote_kv_timeout_s <= prefill_timeout_s:
+                raise ValueError(f"coordinator.disaggregation.prefill_timeout_s ({prefill_timeout_s}) must be "
+                                 f"below group {spec.name}'s engine.remote_kv_timeout_s "
+                                 f"({spec.engine.remote_kv_timeout_s})")
         return self
 
     def group_specs(self) -> list[GroupSpec]:

@@ -113,5 +113,8 @@ def test_disaggregated_layouts():
         parse_cluster_config({"groups": [{"name": "p", "role": "prefill", "pp": 2}, {"name": "d"}]})
     with pytest.raises(ClusterConfigError, match="at least one must be 'decode' or 'mixed'"):
         parse_cluster_config({"groups": [{"name": "p", "role": "prefill"}]})
+    with pytest.raises(ClusterConfigError, match=r"prefill_timeout_s \(40.0\) must be below group d's"):
+        parse_cluster_config({"groups": [{"name": "d", "engine": {"remote_kv_timeout_s": 30}}],
+                              "coordinator": {"disaggregation": {"prefill_timeout_s": 40}}})
     with pytest.raises(ClusterConfigError, match="min_remote_prefill_tokens"):
         parse_cluster_config({**MINIMAL, "coordinator": {"disaggregation": {"min_remote_prefill_tokens": 0}}})

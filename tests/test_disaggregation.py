@@ -61,7 +61,7 @@ def offline(model_folder):
     return LLMEngine(EngineConfig(**ENGINE), load_local(str(model_folder), backend="numpy", show_progress=False))
 
 
-def write_config(folder, model, prefill_tp: int, timeout_s: float = 60.0):
+def write_config(folder, model, prefill_tp: int, timeout_s: float = 20.0):
     data = {"model": str(model), "served_model_name": "tiny", "engine": ENGINE,
             "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25,
                             "heartbeat_timeout_s": 2.0, "startup_timeout_s": 180,
@@ -139,7 +139,7 @@ def test_cancelled_handoffs_leak_nothing_and_a_killed_prefill_group_hangs_nothin
     storm, survivors = long_cases[:200], long_cases[200:248]
     assert len(survivors) == 48
     expected = references(offline, survivors)
-    with running_cluster(write_config(tmp_path, model_folder, prefill_tp=1, timeout_s=20.0)) as served:
+    with running_cluster(write_config(tmp_path, model_folder, prefill_tp=1, timeout_s=10.0)) as served:
         stub = served.stub()
 
         async def cancel_at_random(case: PromptCase):
