@@ -9,7 +9,8 @@ others locally, counted. 200 requests cancelled at random moments of the
 hand-off leave both groups with every block free, nothing reserved and
 every invariant holding; a prefill worker killed mid-run leaves no request
 hung: they fall back to prefill on the decode group, with the same output.
-Plus in-process checks of the engine's export/commit and the chunking."""
+Plus in-process checks of the engine's export/commit, the chunking, and a
+reservation nobody fills expiring with its blocks freed."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from engine_fixtures import export_then_commit, save_tiny_llama, tiny_local
+from engine_fixtures import export_then_commit, make_engine, save_tiny_llama, tiny_local
 from mpi_launch import needs_mpi
 from serving_fixtures import PASSAGE, PromptCase, collect, running_cluster
 from shardline.proto import shardline_pb2 as pb
@@ -32,6 +33,7 @@ from shardline.proto import worker_pb2, worker_pb2_grpc
 from shardline.worker.engine import EngineConfig, LLMEngine
 from shardline.worker.kv_transfer import KVAssembler, KVExport, kv_chunks
 from shardline.worker.offline import load_local
+from shardline.worker.sampling_params import SamplingParams
 from test_serving_tp import tiny_model_with_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -196,3 +198,19 @@ def test_assembler_names_what_does_not_fit():
     with pytest.raises(ValueError, match="never arrived"):
         assembler.check_complete()
     assert chunks[-1].commit and chunks[-1].first_token_id == 1
+
+
+def test_a_reservation_nobody_fills_expires_and_frees_its_blocks(tmp_path):
+    local = tiny_local(save_tiny_llama(tmp_path / "llama", int(np.random.SeedSequence().entropy % 2**31)))
+    engine = make_engine(local, remote_kv_timeout_s=0.05)
+    prompt = np.random.default_rng().integers(0, 100, 40).tolist()
+    assert engine.reserve_remote_kv("r", prompt, SamplingParams(max_tokens=4)) == 0
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks - 3
+    engine.scheduler.check_integrity()
+    time.sleep(0.1)
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("r", "error")]
+    assert "expired" in outputs[0].error
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks and not engine.has_unfinished()
+    with pytest.raises(KeyError, match="no KV reservation"):
+        engine.commit_remote_kv("r", 0, np.zeros((2, 40, 2, 16)), np.zeros((2, 40, 2, 16)), 1)
