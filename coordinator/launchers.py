@@ -18,6 +18,17 @@ from shardline.coordinator.launcher import LocalLauncher
 SLURM_HINT = "slurm leader mode is started by srun, not by serve: srun shardline leader -c FILE"
 
 
+def with_overrides(config: ClusterConfig, launcher: str | None, ray_address: str | None) -> ClusterConfig:
+    """The config with the command line's --launcher and --address applied."""
+    if launcher is not None:
+        config = config.model_copy(update={"launcher": launcher})
+    if ray_address is not None:
+        if config.launcher != "ray":
+            raise ClusterConfigError("--address: only for --launcher ray")
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": ray_address})})
+    return config
+
+
 def check_launchable(config: ClusterConfig) -> None:
     """ClusterConfigError for a mode `shardline serve` cannot start, before anything runs."""
     if config.launcher == "slurm":

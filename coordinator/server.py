@@ -27,7 +27,7 @@ from shardline.coordinator.api import SERVICE_NAME, ShardlineServicer
 from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigError, load_cluster_config
 from shardline.coordinator.control import CoordinatorServicer
 from shardline.coordinator.launcher import LaunchError, LocalLauncher
-from shardline.coordinator.launchers import check_launchable, make_launcher
+from shardline.coordinator.launchers import check_launchable, make_launcher, with_overrides
 from shardline.coordinator.metrics import Metrics, MetricsServer, serve_metrics
 from shardline.coordinator.prefix_index import KVEventFollower, PrefixIndex
 from shardline.coordinator.registry import Registry
@@ -258,11 +258,12 @@ async def _launch(cluster: Cluster, config_path: str | Path, group_names: list[s
     cluster._tasks.append(asyncio.ensure_future(launcher.watch(on_exit)))
 
 
-def serve(config_path: str, ready_file: str | None = None) -> int:
+def serve(config_path: str, ready_file: str | None = None, launcher: str | None = None,
+          ray_address: str | None = None) -> int:
     """Runs the cluster until SIGINT/SIGTERM. 0 after a clean stop, 2 for a bad config or model,
-    1 when a group fails to start."""
+    1 when a group fails to start. `launcher`, `ray_address`: the command line's overrides."""
     try:
-        config = load_cluster_config(config_path)
+        config = with_overrides(load_cluster_config(config_path), launcher, ray_address)
     except ClusterConfigError as err:
         print(f"shardline: error: {err}", file=sys.stderr)
         return 2
