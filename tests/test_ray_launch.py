@@ -21,6 +21,7 @@ from mpi_launch import needs_mpi
 from process_scan import processes_with, wait_until_gone
 from serving_fixtures import collect
 from shardline.coordinator.cluster_config import load_cluster_config
+from shardline.coordinator.launcher import LaunchError
 from shardline.coordinator.server import start_cluster
 from shardline.models.tiny_checkpoint import write_tiny_llama
 from shardline.proto import shardline_pb2 as pb
@@ -31,25 +32,27 @@ pytestmark = needs_mpi
 ENGINE = {"backend": "numpy", "num_kv_blocks": 64, "max_num_seqs": 8, "block_size_tokens": 16}
 
 
-@pytest.fixture
-def local_ray(monkeypatch):
+@pytest.fixture(scope="module")
+def local_ray():
     # Short: Ray puts unix sockets under it (limit ~107 characters), which pytest's tmp_path would exceed.
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=8, num_gpus=4, _temp_dir=temp_dir, include_dashboard=False, namespace="shardline-test")
     try:
         yield
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        os.environ.pop("RAY_AUTH_MODE") if previous is None else os.environ.update(RAY_AUTH_MODE=previous)
 
 
-def write_config(folder, model) -> str:
+def write_config(folder, model, groups=(("solo", 1), ("pair", 2)), startup_timeout_s: float = 180) -> str:
     data = {"model": str(model), "served_model_name": "tiny", "launcher": "ray", "engine": ENGINE,
             "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25,
-                            "heartbeat_timeout_s": 3.0, "startup_timeout_s": 180},
+                            "heartbeat_timeout_s": 3.0, "startup_timeout_s": startup_timeout_s},
             "ray": {"cpus_per_rank": 1, "gpus_per_rank": 1, "max_restarts": 2, "worker_host": "127.0.0.1"},
-            "groups": [{"name": "solo"}, {"name": "pair", "tp": 2}]}
+            "groups": [{"name": name, "tp": tp} for name, tp in groups]}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -118,4 +121,19 @@ def test_ray_serves_two_groups_and_restarts_a_killed_one(tmp_path, local_ray):
 
     marker = asyncio.run(asyncio.wait_for(scenario(), 300))
     assert wait_until_gone("shardline.worker", marker) == []
+    assert all(state == "REMOVED" for state in placement_states())
+
+
+def test_ray_group_not_registering_in_time_is_named(tmp_path, local_ray):
+    # The embedded model takes seconds to load: longer than this startup timeout.
+    config_path = write_config(tmp_path, "default", groups=(("slow", 1),), startup_timeout_s=1.0)
+
+    async def scenario():
+        with pytest.raises(LaunchError) as err:
+            await start_cluster(load_cluster_config(config_path), config_path)
+        return str(err.value)
+
+    message = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert "group(s) slow did not register within 1 s" in message and "--- slow stderr ---" in message
+    assert wait_until_gone("shardline.worker", "--group slow") == []
     assert all(state == "REMOVED" for state in placement_states())

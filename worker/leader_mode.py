@@ -141,7 +141,8 @@ async def _wait_ready(cluster, slots: list[GroupSlot], worker: asyncio.Future, t
             _abort(world, f"group {slots[0].spec.name} ({describe_ranks(slots[0])}) stopped before the cluster "
                           f"was ready (exit code {worker.result()})")
         if time.monotonic() > deadline_s:
-            missing = [f"{s.spec.name} ({describe_ranks(s)})" for s in slots if not cluster.registry.is_ready([s.spec.name])]
+            missing = [f"{s.spec.name} ({describe_ranks(s)})" for s in slots
+                       if not cluster.registry.is_ready([s.spec.name])]
             _abort(world, f"group(s) {', '.join(missing)} did not register within {timeout_s:g} s "
                           f"(coordinator.startup_timeout_s); see those ranks' log lines above")
         await cluster.registry.wait_changed(0.1)
