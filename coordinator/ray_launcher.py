@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -63,6 +65,7 @@ class RayLauncher:
         self.actors: dict[str, object] = {}     # group name -> ray ActorHandle
         self._owns_ray = False
         self._atexit_registered = False
+        self._started_s = 0.0
 
     # -- start ------------------------------------------------------------------
 
@@ -71,22 +74,31 @@ class RayLauncher:
         address = self._reachable_control_address()
         atexit.register(self.kill_all)
         self._atexit_registered = True
-        for spec in self.specs:
-            self.placement_groups[spec.name] = self._reserve(spec)
-        for spec in self.specs:
+        self._started_s = time.monotonic()
+        for spec in self.specs:  # neither call blocks: the actor waits for its placement group
+            self.placement_groups[spec.name] = placement_group([self._bundle(spec)], strategy="STRICT_PACK",
+                                                               name=f"shardline-{spec.name}")
             self.actors[spec.name] = self._spawn(spec, address)
-            log.info("group %s: Ray actor started in placement group %s", spec.name,
+            log.info("group %s: placement group %s, actor created", spec.name,
                      self.placement_groups[spec.name].id.hex())
 
     def _connect(self) -> None:
         if ray.is_initialized():  # the caller (a test, a notebook) set Ray up: use its cluster
             return
         address = self.settings.address
+        # ray.init replaces SIGTERM's handler with its crash reporter, which would skip our clean stop
+        # (placement groups left behind): the handlers from before (serve's asyncio loop) are put back.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
         try:
             ray.init(address=address, namespace=self.settings.namespace)
         except (ConnectionError, RuntimeError, ValueError) as err:
             hint = " (start one with `ray start --head`, or use --address local)" if address == "auto" else ""
             raise LaunchError(f"ray.address {address!r}: cannot connect to a Ray cluster{hint}: {err}") from None
+        finally:
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         self._owns_ray = True
 
     def _reachable_control_address(self) -> str:
@@ -100,16 +112,11 @@ class RayLauncher:
         bundle = {"CPU": self.settings.cpus_per_rank * num_ranks, "GPU": self.settings.gpus_per_rank * num_ranks}
         return {key: amount for key, amount in bundle.items() if amount > 0}
 
-    def _reserve(self, spec: GroupSpec) -> PlacementGroup:
-        bundle = self._bundle(spec)
-        group = placement_group([bundle], strategy="STRICT_PACK", name=f"shardline-{spec.name}")
-        ready, _ = ray.wait([group.ready()], timeout=self.settings.placement_timeout_s)
-        if not ready:
-            remove_placement_group(group)
-            raise LaunchError(f"group {spec.name}: Ray could not reserve {bundle} on one node within "
-                              f"{self.settings.placement_timeout_s:g} s (ray.placement_timeout_s); "
-                              f"the cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
-        return group
+    def _unplaced(self) -> list[str]:
+        """Groups whose placement group Ray has not reserved yet."""
+        table = ray.util.placement_group_table()
+        return [name for name, group in self.placement_groups.items()
+                if table.get(group.id.hex(), {}).get("state") != "CREATED"]
 
     def _spawn(self, spec: GroupSpec, coordinator_address: str):
         from shardline.coordinator.ray_actor import GroupActor
@@ -141,7 +148,9 @@ class RayLauncher:
         next_probe_s = time.monotonic()
         while not registry.is_ready(self.group_names):
             if time.monotonic() >= next_probe_s:
-                await self._fail_on_dead_actor(registry)
+                unplaced = await self._fail_on_unplaced_group()
+                await self._fail_on_dead_actor([n for n in self.group_names
+                                                if n not in unplaced and not registry.is_ready([n])])
                 next_probe_s = time.monotonic() + WATCH_INTERVAL_S
             if time.monotonic() > deadline_s:
                 missing = [n for n in self.group_names if not registry.is_ready([n])]
@@ -151,11 +160,22 @@ class RayLauncher:
                                   f"(coordinator.startup_timeout_s) on Ray\n{tails}")
             await registry.wait_changed(POLL_INTERVAL_S)
 
-    async def _fail_on_dead_actor(self, registry: Registry) -> None:
-        for name in self.group_names:
-            if registry.is_ready([name]):
-                continue
-            why = await asyncio.to_thread(self.probe, name)
+    async def _fail_on_unplaced_group(self) -> list[str]:
+        """The groups still waiting for their resources; LaunchError once they waited too long."""
+        unplaced = await asyncio.to_thread(self._unplaced)
+        if unplaced and time.monotonic() - self._started_s > self.settings.placement_timeout_s:
+            wanted = {name: self._bundle(spec) for spec in self.specs if (name := spec.name) in unplaced}
+            free = {key: amount for key, amount in (await asyncio.to_thread(ray.available_resources)).items()
+                    if key in ("CPU", "GPU")}
+            await self.stop()
+            raise LaunchError(f"group(s) {', '.join(unplaced)}: Ray could not reserve {wanted} (each on one node) "
+                              f"within {self.settings.placement_timeout_s:g} s (ray.placement_timeout_s); "
+                              f"free in the cluster: {free}")
+        return unplaced
+
+    async def _fail_on_dead_actor(self, names: list[str]) -> None:
+        whys = await asyncio.gather(*(asyncio.to_thread(self.probe, name) for name in names))
+        for name, why in zip(names, whys):
             if why is not None and "dead" in why:
                 await self.stop()
                 raise LaunchError(f"group {name} did not come up: {why}")
