@@ -25,6 +25,7 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,17 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 5.0
 WATCH_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class ActorCheck:
+    answered: bool
+    reason: str = ""             # why not, when it did not answer
+    dead_for_good: bool = False  # Ray will not restart it
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def require_ray() -> None:
@@ -131,16 +143,17 @@ class RayLauncher:
 
     # -- readiness and health ----------------------------------------------------
 
-    def probe(self, name: str) -> str | None:
-        """None while the group's actor answers, else why it does not (blocking: run in a thread)."""
+    def probe(self, name: str) -> ActorCheck:
+        """Whether the group's actor answers a ping (blocking: run it in a thread)."""
         try:
             ray.get(self.actors[name].ping.remote(), timeout=PING_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            return f"its Ray actor did not answer within {PING_TIMEOUT_S:g} s"
-        except ray.exceptions.RayActorError as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            return f"its Ray actor is dead or restarting ({type(err).__name__}: {first_line})"
-        return None
+            return ActorCheck(False, f"its Ray actor did not answer within {PING_TIMEOUT_S:g} s")
+        except ray.exceptions.ActorDiedError as err:   # no restart left (or killed for good)
+            return ActorCheck(False, f"its Ray actor died and will not restart ({_first_line(err)})", True)
+        except ray.exceptions.RayActorError as err:    # ActorUnavailableError: restarting
+            return ActorCheck(False, f"its Ray actor is restarting ({type(err).__name__}: {_first_line(err)})")
+        return ActorCheck(True)
 
     async def wait_ready(self, registry: Registry, timeout_s: float) -> None:
         """Returns once every group registered; else stops them all and raises LaunchError naming the groups."""
@@ -174,11 +187,12 @@ class RayLauncher:
         return unplaced
 
     async def _fail_on_dead_actor(self, names: list[str]) -> None:
-        whys = await asyncio.gather(*(asyncio.to_thread(self.probe, name) for name in names))
-        for name, why in zip(names, whys):
-            if why is not None and "dead" in why:
+        checks = await asyncio.gather(*(asyncio.to_thread(self.probe, name) for name in names))
+        for name, check in zip(names, checks):
+            if check.dead_for_good:
                 await self.stop()
-                raise LaunchError(f"group {name} did not come up: {why}")
+                raise LaunchError(f"group {name} did not come up: {check.reason}; its actor's log lines "
+                                  f"(ray-group[{name}]) above show the group's stderr")
 
     async def _stderr_tail(self, name: str) -> str:
         try:
@@ -190,13 +204,13 @@ class RayLauncher:
         """Runs until cancelled: `on_exit(group, reason)` each time a group's actor stops answering."""
         failing: set[str] = set()
         while True:
-            whys = await asyncio.gather(*(asyncio.to_thread(self.probe, n) for n in self.group_names))
-            for name, why in zip(self.group_names, whys):
-                if why is None:
+            checks = await asyncio.gather(*(asyncio.to_thread(self.probe, n) for n in self.group_names))
+            for name, check in zip(self.group_names, checks):
+                if check.answered:
                     failing.discard(name)
                 elif name not in failing:
                     failing.add(name)
-                    on_exit(name, why)
+                    on_exit(name, check.reason)
             await asyncio.sleep(interval_s)
 
     # -- stop ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ leaves no rank behind."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -47,12 +48,14 @@ def local_ray():
         os.environ.pop("RAY_AUTH_MODE") if previous is None else os.environ.update(RAY_AUTH_MODE=previous)
 
 
-def write_config(folder, model, groups=(("solo", 1), ("pair", 2)), startup_timeout_s: float = 180) -> str:
+def write_config(folder, model, groups=(("solo", 1), ("pair", 2)), startup_timeout_s: float = 180,
+                 max_restarts: int = 2, group_engine: dict | None = None) -> str:
     data = {"model": str(model), "served_model_name": "tiny", "launcher": "ray", "engine": ENGINE,
             "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25,
                             "heartbeat_timeout_s": 3.0, "startup_timeout_s": startup_timeout_s},
-            "ray": {"cpus_per_rank": 1, "gpus_per_rank": 1, "max_restarts": 2, "worker_host": "127.0.0.1"},
-            "groups": [{"name": name, "tp": tp} for name, tp in groups]}
+            "ray": {"cpus_per_rank": 1, "gpus_per_rank": 1, "max_restarts": max_restarts,
+                    "worker_host": "127.0.0.1"},
+            "groups": [{"name": name, "tp": tp, "engine": group_engine or {}} for name, tp in groups]}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -124,16 +127,29 @@ def test_ray_serves_two_groups_and_restarts_a_killed_one(tmp_path, local_ray):
     assert all(state == "REMOVED" for state in placement_states())
 
 
-def test_ray_group_not_registering_in_time_is_named(tmp_path, local_ray):
-    # The embedded model takes seconds to load: longer than this startup timeout.
-    config_path = write_config(tmp_path, "default", groups=(("slow", 1),), startup_timeout_s=1.0)
-
+def start_failing(config_path: str) -> str:
     async def scenario():
         with pytest.raises(LaunchError) as err:
             await start_cluster(load_cluster_config(config_path), config_path)
         return str(err.value)
+    return asyncio.run(asyncio.wait_for(scenario(), 120))
 
-    message = asyncio.run(asyncio.wait_for(scenario(), 120))
+
+def test_ray_group_not_registering_in_time_is_named(tmp_path, local_ray):
+    # The embedded model takes seconds to load: longer than this startup timeout.
+    config_path = write_config(tmp_path, "default", groups=(("slow", 1),), startup_timeout_s=1.0)
+    message = start_failing(config_path)
     assert "group(s) slow did not register within 1 s" in message and "--- slow stderr ---" in message
     assert wait_until_gone("shardline.worker", "--group slow") == []
+    assert all(state == "REMOVED" for state in placement_states())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="needs a machine without cupy")
+def test_ray_group_failing_past_its_restarts_is_named(tmp_path, local_ray):
+    # No cupy here: the group's worker exits at start, its actor with it, and Ray gives up.
+    config_path = write_config(tmp_path, write_tiny_llama(tmp_path / "tiny"), groups=(("broken", 1),),
+                               max_restarts=0, group_engine={"backend": "cuda"})
+    message = start_failing(config_path)
+    assert "group broken did not come up: its Ray actor died and will not restart" in message
+    assert wait_until_gone("shardline.worker", "--group broken") == []
     assert all(state == "REMOVED" for state in placement_states())
