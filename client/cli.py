@@ -3,7 +3,10 @@
 - `shardline generate "prompt"` streams a continuation to stdout (the prompt
   is not echoed): in this process from a local model, or with `--url` from a
   running cluster over gRPC.
-- `shardline serve -c cluster.yaml` runs a coordinator and its engine groups.
+- `shardline serve -c cluster.yaml [--launcher ray]` runs a coordinator and
+  its engine groups (on this machine, or on a Ray cluster).
+- `srun shardline leader -c cluster.yaml` runs Slurm leader mode: every
+  rank of the job, global rank 0 with the coordinator.
 - `shardline status --url HOST:PORT` prints the cluster's stats.
 - `shardline demo` starts a local cluster, asks it one question, stops it.
 
@@ -62,6 +65,18 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run a coordinator and its engine groups from a cluster config")
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="cluster config YAML")
     p.add_argument("--ready-file", metavar="PATH", help='write "host:port" here once every group is ready')
+    p.add_argument("--launcher", choices=["local", "ray"], default=None,
+                   help="how to start the groups (default: the config's `launcher`)")
+    p.add_argument("--address", metavar="RAY_ADDRESS", default=None,
+                   help="with --launcher ray: 'auto' (a running cluster), 'local' (start one here), "
+                        "or host:port (default: the config's ray.address)")
+
+
+def _add_leader(sub) -> None:
+    p = sub.add_parser("leader", help="Slurm leader mode: run as every rank of `srun shardline leader`")
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="cluster config YAML")
+    p.add_argument("--address-file", metavar="PATH",
+                   help='global rank 0 writes the coordinator\'s "host:port" here once every group is ready')
 
 
 def _add_status(sub) -> None:
@@ -142,7 +157,12 @@ def cmd_serve(args) -> int:
         if err.name != "shardline.coordinator.server":
             raise
         return _error("this installation has no coordinator (shardline.coordinator.server is missing)")
-    return serve(args.config, args.ready_file)
+    return serve(args.config, args.ready_file, launcher=args.launcher, ray_address=args.address)
+
+
+def cmd_leader(args) -> int:
+    from shardline.worker.leader_mode import main as leader_main
+    return leader_main(args.config, args.address_file)
 
 
 def _stats_rows(stats) -> tuple[list[str], list[list[str]]]:
@@ -254,13 +274,14 @@ def _run_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo}
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "status": cmd_status, "demo": cmd_demo,
+            "leader": cmd_leader}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardline", description="shardline LLM inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_serve, _add_status, _add_demo):
+    for add in (_add_generate, _add_serve, _add_status, _add_demo, _add_leader):
         add(sub)
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args)

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shardline.coordinator.launch_config import RayLaunchConfig, SlurmLaunchConfig
 from shardline.worker.engine_config import EngineConfig
 
 
@@ -131,6 +132,8 @@ class ClusterConfig(_Frozen):
     model: str = "default"                 # path, or "default" for the embedded model
     served_model_name: str = "default"     # the name clients pass as `model`
     launcher: Literal["local", "ray", "slurm"] = "local"
+    ray: RayLaunchConfig = RayLaunchConfig()        # used with launcher: ray
+    slurm: SlurmLaunchConfig = SlurmLaunchConfig()  # used by `shardline leader` (Slurm leader mode)
     coordinator: CoordinatorConfig = CoordinatorConfig()
     engine: EngineConfig = EngineConfig()
     groups: list[GroupConfig] = Field(min_length=1)

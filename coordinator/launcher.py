@@ -70,7 +70,11 @@ class WorkerProcess:
 class LocalLauncher:
     def __init__(self, config_path: str | Path, group_names: Sequence[str], coordinator_address: str,
                  log_dir: str | Path | None = None, extra_env: dict[str, str] | None = None,
-                 ranks_by_group: dict[str, int] | None = None):
+                 ranks_by_group: dict[str, int] | None = None, worker_args: Sequence[str] = (),
+                 die_with_parent: bool = False):
+        self.worker_args = list(worker_args)  # appended to each worker's command line (e.g. --host)
+        # SIGTERM each group when this process dies, however it dies (a Ray actor is SIGKILLed).
+        self._preexec = _term_on_parent_death if die_with_parent else None
         self.config_path = Path(config_path).resolve()
         self.group_names = list(group_names)
         self.ranks_by_group = dict(ranks_by_group or {})  # groups not named have one rank
@@ -90,11 +94,11 @@ class LocalLauncher:
         for name in self.group_names:
             command = self._rank_launcher(name) + [
                 "-m", "shardline.worker", "--config", str(self.config_path), "--group", name,
-                "--coordinator", self.coordinator_address]
+                "--coordinator", self.coordinator_address, *self.worker_args]
             stdout_path, stderr_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
             with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                           env=env, start_new_session=True)
+                                           env=env, start_new_session=True, preexec_fn=self._preexec)
             self.processes[name] = WorkerProcess(name, process, stdout_path, stderr_path)
             log.info("started group %s (pid %d), logs in %s", name, process.pid, self.log_dir)
         if not self._atexit_registered:
@@ -139,15 +143,15 @@ class LocalLauncher:
         """(group, exit code) of every process that has exited."""
         return [(name, code) for name, p in self.processes.items() if (code := p.process.poll()) is not None]
 
-    async def watch(self, on_exit: Callable[[str, int], None], interval_s: float = 0.2) -> None:
-        """Runs until cancelled: calls `on_exit(group, code)` once for each process that exits."""
+    async def watch(self, on_exit: Callable[[str, str], None], interval_s: float = 0.2) -> None:
+        """Runs until cancelled: calls `on_exit(group, reason)` once for each process that exits."""
         reported: set[str] = set()
         while True:
             for name, code in self.exited():
                 if name not in reported:
                     reported.add(name)
                     _kill_groups([self.processes[name]])  # ranks its leader left behind
-                    on_exit(name, code)
+                    on_exit(name, f"worker process exited with code {code}")
             await asyncio.sleep(interval_s)
 
     async def stop(self, grace_s: float = STOP_GRACE_S, keep_logs: bool = False) -> None:
@@ -177,6 +181,13 @@ class LocalLauncher:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         return (f"group {name} {how} before it registered; logs in {self.log_dir}\n"
                 f"--- {name} stderr (last lines) ---\n{self.processes[name].stderr_tail()}")
+
+
+def _term_on_parent_death() -> None:
+    """Runs in the child between fork and exec: ask Linux for SIGTERM when the parent dies."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _kill_groups(workers: Sequence[WorkerProcess]) -> None:

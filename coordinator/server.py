@@ -27,6 +27,7 @@ from shardline.coordinator.api import SERVICE_NAME, ShardlineServicer
 from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigError, load_cluster_config
 from shardline.coordinator.control import CoordinatorServicer
 from shardline.coordinator.launcher import LaunchError, LocalLauncher
+from shardline.coordinator.launchers import check_launchable, make_launcher, with_overrides
 from shardline.coordinator.metrics import Metrics, MetricsServer, serve_metrics
 from shardline.coordinator.prefix_index import KVEventFollower, PrefixIndex
 from shardline.coordinator.registry import Registry
@@ -204,8 +205,8 @@ async def start_cluster(config: ClusterConfig, config_path: str | Path, *, launc
     `tokenizer`: the model's, when the caller has it loaded already.
     Raises ClusterConfigError for settings that cannot work, LaunchError when a group fails to start.
     """
-    if launch and config.launcher != "local":
-        raise ClusterConfigError(f"launcher: {config.launcher!r} is not implemented yet; use 'local'")
+    if launch:
+        check_launchable(config)
     metrics = Metrics()
     registry, index, followers, router = _wire_state(config, metrics)
     tokenizer = tokenizer or await asyncio.to_thread(load_tokenizer, config.model)
@@ -249,20 +250,20 @@ def _track_health(cluster: Cluster) -> None:
 
 
 async def _launch(cluster: Cluster, config_path: str | Path, group_names: list[str]) -> None:
-    ranks = {spec.name: spec.tp * spec.pp for spec in cluster.config.group_specs()}
-    launcher = LocalLauncher(config_path, group_names, cluster.control_address, ranks_by_group=ranks)
+    launcher = make_launcher(cluster.config, config_path, group_names, cluster.control_address)
     cluster._launcher = launcher
     launcher.start()
     await launcher.wait_ready(cluster.registry, cluster.config.coordinator.startup_timeout_s)
-    on_exit = lambda name, code: cluster.registry.mark_unhealthy(name, f"worker process exited with code {code}")
+    on_exit = lambda name, reason: cluster.registry.mark_unhealthy(name, reason)
     cluster._tasks.append(asyncio.ensure_future(launcher.watch(on_exit)))
 
 
-def serve(config_path: str, ready_file: str | None = None) -> int:
+def serve(config_path: str, ready_file: str | None = None, launcher: str | None = None,
+          ray_address: str | None = None) -> int:
     """Runs the cluster until SIGINT/SIGTERM. 0 after a clean stop, 2 for a bad config or model,
-    1 when a group fails to start."""
+    1 when a group fails to start. `launcher`, `ray_address`: the command line's overrides."""
     try:
-        config = load_cluster_config(config_path)
+        config = with_overrides(load_cluster_config(config_path), launcher, ray_address)
     except ClusterConfigError as err:
         print(f"shardline: error: {err}", file=sys.stderr)
         return 2

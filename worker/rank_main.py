@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="address of the coordinator's control-plane service")
     parser.add_argument("--host", default="127.0.0.1", help="interface the Worker service listens on")
     parser.add_argument("--port", type=int, default=0, help="port of the Worker service; 0 picks a free one")
+    parser.add_argument("--advertise-host", default=None,
+                        help="host the coordinator dials for the Worker service (default: --host)")
     parser.add_argument("--parent-poll-s", type=float, default=0.5, help="how often to check the parent is alive")
     return parser.parse_args(argv)
 
@@ -141,7 +143,7 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
         log.error("cannot serve on %s: %s", format_address(args.host, args.port), err)
         await engine_loop.stop()
         return EXIT_FAILED
-    address = format_address(args.host, server.port)
+    address = format_address(args.advertise_host or args.host, server.port)
     log.info("serving %s on %s (%d KV blocks)", config.served_model_name, address, engine.num_kv_blocks)
     registration = worker_pb2.RegisterRequest(group=spec.name, address=address, role=spec.role,
                                               model=config.served_model_name, tp=spec.tp, pp=spec.pp)
