@@ -6,8 +6,9 @@ For each model shape (random weights: RandomCheckpoint for ours, a random
 transformers model for HF, bf16, no files) it measures, on the same GPU and
 in the same run as the ceilings (copy bandwidth, bf16 GEMM rate):
 - decode step time per batch size (whole engine step: plan, forward,
-  sampling, token readback) at --context tokens, against the bandwidth
-  roofline (weights + KV bytes read / measured copy rate);
+  sampling, token readback; CUDA graphs, and batch 1 eager too) at
+  --context tokens, against the bandwidth roofline (weights + KV bytes
+  read / measured copy rate);
 - TTFT of a --ttft-tokens prompt against the compute bound (2 x parameters
   x tokens + causal attention FLOPs / measured GEMM rate);
 - offline throughput of --offline-requests requests of 128 in / 128 out;
@@ -123,6 +124,9 @@ def offline_tokens_per_s(engine, num_requests: int, rng) -> float:
 def measure_ours(hf: dict, args, rng) -> dict:
     backend, engine = build_ours(hf, args)
     result = {"ceilings": ceilings(backend), "decode_s": {}}
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    result["decode_eager_s_batch1"] = decode_step_s(engine, 1, args.context, args.steps, rng)
+    engine.runner.graphs = graphs
     for batch in args.batch:
         result["decode_s"][batch] = decode_step_s(engine, batch, args.context, args.steps, rng)
     prompt = rng.integers(0, hf["vocab_size"], args.ttft_tokens).tolist()
@@ -202,9 +206,11 @@ def print_table(report: dict) -> None:
         ours, roof, hf = e["ours"], e["roofline"], e.get("hf", {})
         c = ours["ceilings"]
         print(f"| {name} | ceilings | copy {c['copy_GBps']:.0f} GB/s, GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s | | | | |")
+        row(name, "decode step, batch 1, eager (ms)", ours["decode_eager_s_batch1"], hf.get("decode_s_batch1"),
+            roof["decode_s"][1])
         for batch, step_s in ours["decode_s"].items():
             hf_s = hf.get("decode_s_batch1") if batch == 1 else None
-            row(name, f"decode step, batch {batch} (ms)", step_s, hf_s, roof["decode_s"][batch])
+            row(name, f"decode step, batch {batch}, CUDA graphs (ms)", step_s, hf_s, roof["decode_s"][batch])
         row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
         print(f"| {name} | offline 128/128 (output tok/s) | {ours['offline_tokens_per_s']:.0f} | | | | |")
 

@@ -90,6 +90,8 @@ class LLMEngine:
                                   group.links if group is not None else StageLinks())
         if group is not None:
             self.runner = BroadcastingRunner(group, self.runner)
+        elif config.cuda_graphs and self.local.model.backend.name == "cuda" and self.max_plans_in_flight == 1:
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.eos_token_ids = frozenset(tokenizer_eos) | set(model_config.eos_token_ids)
         self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}  # live requests

@@ -27,5 +27,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1)  # None: the model's context
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # Replay decode steps from CUDA graphs (single-rank CUDA engines); False: always eager.
+    cuda_graphs: bool = True
     # A decode group holds blocks reserved for a prefill group's KV this long at most.
     remote_kv_timeout_s: float = Field(30.0, gt=0)

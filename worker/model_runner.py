@@ -40,11 +40,22 @@ class PagedAttentionContext:
 
     def __init__(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, plan: StepPlan):
         xp = backend.xp
+        self._set(backend, config, kv, xp.asarray(plan.slot_mapping), xp.asarray(plan.block_tables),
+                  xp.asarray(plan.seq_lens), xp.asarray(plan.query_start_loc))
+
+    @classmethod
+    def on_device(cls, backend: Backend, config: ModelConfig, kv: PagedKVCache, slot_mapping: Any,
+                  block_tables: Any, seq_lens: Any, query_start_loc: Any) -> "PagedAttentionContext":
+        """Over arrays already on the device (a CUDA graph's static buffers)."""
+        ctx = cls.__new__(cls)
+        ctx._set(backend, config, kv, slot_mapping, block_tables, seq_lens, query_start_loc)
+        return ctx
+
+    def _set(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, slot_mapping: Any, block_tables: Any,
+             seq_lens: Any, query_start_loc: Any) -> None:
         self.ops, self.kv = backend.ops, kv
-        self.slot_mapping = xp.asarray(plan.slot_mapping)
-        self.block_tables = xp.asarray(plan.block_tables)
-        self.seq_lens = xp.asarray(plan.seq_lens)
-        self.query_start_loc = xp.asarray(plan.query_start_loc)
+        self.slot_mapping, self.block_tables = slot_mapping, block_tables
+        self.seq_lens, self.query_start_loc = seq_lens, query_start_loc
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.sliding_window = config.sliding_window
 
@@ -69,6 +80,11 @@ class ModelRunner:
         self.model, self.backend, self.config = model, model.backend, model.config
         self.kv = PagedKVCache(self.backend, self.config, num_blocks, block_size_tokens,
                                model.num_kv_heads_per_rank, len(model.layers))
+        self.graphs = None   # DecodeGraphs (worker/cuda_graphs.py) on a single-rank CUDA engine
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        from shardline.worker.cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(self, max_batch, -(-max_model_len // self.kv.block_size_tokens))
 
     def read_kv(self, slots: np.ndarray, to_host: bool = True) -> tuple[Any, Any]:
         """This rank's K and V at cache `slots` (block * block_size + offset), [num_layers,
@@ -88,6 +104,10 @@ class ModelRunner:
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """Runs the step; `sample=False` (tensor-parallel followers, whose
         tokens nobody reads) skips sampling but not the collectives."""
+        if self.graphs is not None and sample and self.graphs.accepts(plan):
+            result = self.graphs.run(plan)
+            if result is not None:
+                return result
         ctx = self.begin_step(plan)
         xp = self.backend.xp
         hidden = self.model.forward(xp.asarray(plan.token_ids), xp.asarray(plan.positions), ctx)

@@ -1,0 +1,134 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A pure decode plan (every request one new token, all of them sampling, no
+block copies, penalties or log-probabilities) on a single-rank CUDA engine
+runs as: the plan's arrays copied into the bucket's static device buffers
+(padded rows write no KV: slot -1), one graph launch (embedding, every
+layer, final norm, LM head, sampling: hundreds of kernels, one launch), one
+readback of the tokens. A bucket's graph is captured the first time a plan
+of its size comes: one eager warm-up on the padded buffers (nothing is
+written to the cache), then the capture, both drawing from a memory pool of
+the graphs' own so the intermediates keep their addresses for replays.
+cuBLAS runs through nvmath on a handle with its own workspace, which is
+capturable (cupy's own matmul is not).
+
+If a capture fails (an op that syncs or copies from the host), graphs are
+switched off for the engine with a warning and every plan runs eagerly.
+Must not schedule or decide what is graphable beyond the plan's shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardline.worker.model_runner import PagedAttentionContext, StepResult
+from shardline.worker.step_plan import StepPlan
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def is_pure_decode(plan: StepPlan) -> bool:
+    num_requests, s = len(plan.request_ids), plan.sampling
+    return (plan.num_tokens == num_requests == plan.sample_rows.size and not plan.block_copies.size
+            and not s.prompt_ids.shape[1] and not s.output_ids.shape[1] and not s.num_logprobs.any()
+            and np.array_equal(plan.sample_rows, np.arange(num_requests)))
+
+
+@dataclass
+class _Bucket:
+    """Static device buffers of one batch size; the captured graph reads and writes only these."""
+
+    size: int
+    arrays: dict[str, Any]            # name -> device array, [size] (block_tables [size, max_blocks])
+    graph: Any = None
+    tokens: Any = None                # [size] int32, the graph's output
+
+
+class DecodeGraphs:
+    def __init__(self, runner: Any, max_batch: int, max_blocks_per_seq: int):
+        import cupy
+        self.runner, self.max_blocks_per_seq = runner, max_blocks_per_seq
+        self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (min(max_batch, BUCKETS[-1]),)
+        self._cupy = cupy
+        self._pool = cupy.cuda.MemoryPool()
+        self._stream = cupy.cuda.Stream()   # blocking: ordered with the eager steps on the default stream
+        self._captured: dict[int, _Bucket] = {}
+        self.disabled: str | None = None
+        self.num_replays = 0
+
+    def accepts(self, plan: StepPlan) -> bool:
+        return (self.disabled is None and len(plan.request_ids) <= self.buckets[-1]
+                and plan.block_tables.shape[1] <= self.max_blocks_per_seq and is_pure_decode(plan))
+
+    def run(self, plan: StepPlan) -> StepResult | None:
+        """The plan's tokens from a graph replay; None when graphs are (now) off."""
+        size = next(b for b in self.buckets if b >= len(plan.request_ids))
+        bucket = self._captured.get(size) or self._capture(size)
+        if bucket is None:
+            return None
+        for name, host in _padded_inputs(plan, size, self.max_blocks_per_seq).items():
+            bucket.arrays[name].set(host, stream=self._stream)
+        bucket.graph.launch(stream=self._stream)
+        self.num_replays += 1
+        tokens = bucket.tokens[:len(plan.request_ids)].get(stream=self._stream)
+        return StepResult(tokens.astype(np.int32))
+
+    def _capture(self, size: int) -> _Bucket | None:
+        cupy = self._cupy
+        idle = _padded_inputs(None, size, self.max_blocks_per_seq)
+        bucket = _Bucket(size, {name: cupy.asarray(host) for name, host in idle.items()})
+        try:
+            with cupy.cuda.using_allocator(self._pool.malloc), self._stream:
+                self._forward(bucket)                 # warm-up: the pool then holds every block the capture needs
+                self._stream.begin_capture()
+                try:
+                    bucket.tokens = self._forward(bucket)
+                finally:
+                    bucket.graph = self._stream.end_capture()
+            self._stream.synchronize()
+        except Exception as err:   # an op that cannot be captured: run eagerly from now on
+            self.disabled = f"{type(err).__name__}: {err}"
+            log.warning("CUDA graph capture of batch %d failed, decoding eagerly: %s", size, self.disabled)
+            return None
+        self._captured[size] = bucket
+        return bucket
+
+    def _forward(self, bucket: _Bucket):
+        """Tokens [size] int32 of one decode step over the bucket's buffers."""
+        a, runner = bucket.arrays, self.runner
+        ctx = PagedAttentionContext.on_device(runner.backend, runner.config, runner.kv, a["slot_mapping"],
+                                              a["block_tables"], a["seq_lens"], a["query_start_loc"])
+        hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
+        logits = runner.model.compute_logits(hidden)
+        return runner.backend.ops.sample(logits, a["temperature"], a["top_k"], a["top_p"], a["seeds"],
+                                         a["offsets"], min_p=a["min_p"])
+
+
+def _padded_inputs(plan: StepPlan | None, size: int, max_blocks: int) -> dict[str, np.ndarray]:
+    """The plan's decode inputs padded to `size` rows (None: all padding). A padding
+    row is a one-token sequence over block 0 whose K/V go nowhere (slot -1)."""
+    n = 0 if plan is None else len(plan.request_ids)
+    arrays = {
+        "token_ids": np.zeros(size, np.int32), "positions": np.zeros(size, np.int32),
+        "slot_mapping": np.full(size, -1, np.int64), "seq_lens": np.ones(size, np.int32),
+        "query_start_loc": np.arange(size + 1, dtype=np.int32),
+        "block_tables": np.zeros((size, max_blocks), np.int32),
+        "temperature": np.zeros(size, np.float32), "top_k": np.zeros(size, np.int32),
+        "top_p": np.ones(size, np.float32), "min_p": np.zeros(size, np.float32),
+        "seeds": np.zeros(size, np.uint64), "offsets": np.zeros(size, np.int64),
+    }
+    if plan is None:
+        return arrays
+    for name in ("token_ids", "positions", "slot_mapping", "seq_lens"):
+        arrays[name][:n] = getattr(plan, name)
+    arrays["block_tables"][:n, :plan.block_tables.shape[1]] = plan.block_tables
+    s = plan.sampling
+    for name in ("temperature", "top_k", "top_p", "min_p", "seeds", "offsets"):
+        arrays[name][:n] = getattr(s, name)
+    return arrays
