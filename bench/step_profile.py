@@ -1,0 +1,101 @@
+"""Where one decode step's time goes on the GPU: host phases of LLMEngine.step
+(schedule, execute, update) in wall time, and the GPU time of the forward
+pass alone (CUDA events), eager and replayed from the CUDA graph.
+
+Run:  python -m bench.step_profile --shape smollm2-135m --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm import SHAPES, build_ours  # noqa: E402
+
+
+def phases(engine, steps: int) -> dict[str, float]:
+    """Median wall seconds of each phase of the engine's step, over `steps` decode steps."""
+    import cupy
+    times: dict[str, list[float]] = {"schedule": [], "execute": [], "update": [], "whole": []}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        plan = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        result = engine.runner.execute(plan)
+        cupy.cuda.Device().synchronize()
+        t2 = time.perf_counter()
+        engine.scheduler.update_from_output(plan, result.sampled_token_ids)
+        engine.scheduler.take_outputs()
+        t3 = time.perf_counter()
+        for name, value in (("schedule", t1 - t0), ("execute", t2 - t1), ("update", t3 - t2), ("whole", t3 - t0)):
+            times[name].append(value)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20) -> tuple[float, float]:
+    """(GPU seconds of one step's forward as CUDA events see it, host seconds to issue it)."""
+    import cupy
+    runner = engine.runner
+    if graphed:
+        bucket = runner.graphs._captured[next(b for b in runner.graphs.buckets if b >= len(plan.request_ids))]
+        stream = runner.graphs._stream
+
+        def once():
+            bucket.graph.launch(stream=stream)
+    else:
+        stream = cupy.cuda.get_current_stream()
+
+        def once():
+            ctx = runner.begin_step(plan)
+            xp = runner.backend.xp
+            runner.model.compute_logits(runner.model.forward(xp.asarray(plan.token_ids), xp.asarray(plan.positions),
+                                                             ctx))
+    once()
+    begin, end = cupy.cuda.Event(), cupy.cuda.Event()
+    begin.record(stream)
+    host_begin = time.perf_counter()
+    for _ in range(reps):
+        once()
+    host_s = (time.perf_counter() - host_begin) / reps
+    end.record(stream)
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps, host_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    batch = args.batch
+    args.ttft_tokens, args.offline_requests, args.batch = 2048, batch, [batch]   # what build_ours reads
+    hf = SHAPES[args.shape]
+    _, engine = build_ours(hf, args)
+    from shardline.worker.sampling_params import SamplingParams
+    rng = np.random.default_rng(0)
+    for b in range(batch):
+        engine.add_request(f"r{b}", rng.integers(0, hf["vocab_size"], args.context).tolist(),
+                           SamplingParams(max_tokens=4 * args.steps + 8, temperature=0.0, ignore_eos=True))
+    started: set[str] = set()
+    while len(started) < batch:   # every prompt prefilled: the steps from here are pure decodes
+        started |= {out.request_id for out in engine.step() if out.new_token_ids}
+    report = {"shape": args.shape, "batch": batch, "graphed_phases_s": phases(engine, args.steps)}
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    report["eager_phases_s"] = phases(engine, args.steps)
+    engine.runner.graphs = graphs
+    plan = engine.scheduler.schedule()
+    report["gpu_eager_forward_s"], report["host_eager_forward_s"] = gpu_forward_s(engine, plan, graphed=False)
+    report["gpu_graph_replay_s"], report["host_graph_launch_s"] = gpu_forward_s(engine, plan, graphed=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
