@@ -23,7 +23,7 @@ _KERNELS = {
                     "scatter_cache_rows_kernel": _WORDS},
     "norms": {"rms_norm_kernel": _STORAGE, "layer_norm_kernel": _STORAGE, "softmax_kernel": _STORAGE,
               "topk_softmax_kernel": _STORAGE},
-    "attention": {"attention_kernel": _STORAGE},
+    "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -35,6 +35,10 @@ _SAMPLE_THREADS = 1024
 _MAX_HEAD_DIM = 256
 _MAX_EXPERTS = 8192  # their probabilities fill at most 32 KiB of shared memory
 _MAX_GRID_Y = 65535
+# Attention splits each row's keys over more blocks while the launch has fewer
+# (head, query) blocks than this: decode batches fill the GPU, prefill needs no split.
+_ATTENTION_TARGET_BLOCKS = 8192
+_MAX_ATTENTION_SPLITS = 32
 
 
 def _include_options() -> tuple[str, ...]:

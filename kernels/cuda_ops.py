@@ -22,7 +22,9 @@ import cupy
 import numpy as np
 
 from shardline.kernels.cuda_common import (
+    _ATTENTION_TARGET_BLOCKS,
     _ATTENTION_THREADS,
+    _MAX_ATTENTION_SPLITS,
     _MAX_EXPERTS,
     _MAX_GRID_Y,
     _MAX_HEAD_DIM,
@@ -349,11 +351,20 @@ class CudaOps:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         num_q, seq_len = single or (0, 0)
         out = cupy.empty_like(q)
-        self._launch("attention_kernel", ctype, (num_heads, q.shape[0]), (_ATTENTION_THREADS,),
+        rows = num_heads * q.shape[0]
+        num_splits = max(1, min(_MAX_ATTENTION_SPLITS, _ATTENTION_TARGET_BLOCKS // max(rows, 1)))
+        partial = cupy.empty((q.shape[0], num_heads, num_splits, head_dim + 2) if num_splits > 1 else 1,
+                             dtype=cupy.float32)
+        self._launch("attention_kernel", ctype, (num_heads, q.shape[0], num_splits), (_ATTENTION_THREADS,),
                      (q, k_cache, v_cache, out, tables, np.int32(tables.shape[-1]), np.int32(k_cache.shape[1]),
                       np.int32(single is None), seq_lens, query_start_loc, np.int32(seq_lens.size),
                       np.int32(num_q), np.int32(seq_len), np.int32(num_heads), np.int32(num_kv_heads),
-                      np.int32(head_dim), np.float32(scale), np.int32(sliding_window or 0)))
+                      np.int32(head_dim), np.float32(scale), np.int32(sliding_window or 0),
+                      np.int32(num_splits), partial))
+        if num_splits > 1:
+            self._launch("attention_combine_kernel", ctype, (num_heads, q.shape[0]), (_ATTENTION_THREADS,),
+                         (partial, out, query_start_loc, np.int32(seq_lens.size), np.int32(single is None),
+                          np.int32(num_heads), np.int32(head_dim), np.int32(num_splits)))
         return out
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):
