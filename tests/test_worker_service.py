@@ -377,3 +377,44 @@ def test_worker_exits_when_its_parent_dies(doomed):
     while not process_gone(doomed.orphan_pid):
         assert time.monotonic() < deadline_s, "the worker outlived its parent"
         time.sleep(0.05)
+
+
+def test_handoff_rpcs_refuse_bad_input_naming_the_field(worker):
+    """Prefill and PushKV: bad fields are INVALID_ARGUMENT naming them, an unknown
+    reservation NOT_FOUND, an unreachable decode group UNAVAILABLE; a reservation
+    holds its blocks until its caller goes away, and nothing leaks."""
+    _, stub, _ = worker
+    greedy = sampling_params_to_proto(SamplingParams(max_tokens=4, temperature=0.0))
+    good = dict(request_id="p", prompt_token_ids=[1, 2, 3], sampling=greedy, decode_address="127.0.0.1:1",
+                decode_request_id="d")
+    for changes, field in [({"decode_address": ""}, "decode_address"), ({"num_skip_tokens": 3}, "num_skip_tokens"),
+                           ({"prompt_token_ids": []}, "prompt_token_ids")]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prefill(worker_pb2.PrefillRequest(**{**good, **changes}), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:   # computed, then nobody to push to
+        stub.Prefill(worker_pb2.PrefillRequest(**good), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "decode_address" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushKV(iter([worker_pb2.KVChunk(request_id="nobody", commit=True)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "request_id" in err.value.details()
+
+    prompt = np.random.default_rng().integers(0, 49152, 40).tolist()
+    call = stub.Generate(worker_pb2.WorkerGenerateRequest(request_id="r", prompt_token_ids=prompt, sampling=greedy,
+                                                          remote_prefill=True), timeout=60)
+    first = next(call)
+    assert first.reservation.reserved and first.reservation.num_cached_tokens == 0
+    bad_chunks = [
+        ([worker_pb2.KVChunk(request_id="r", num_tokens=1, num_layers=1, dtype="float64")], "dtype"),
+        ([worker_pb2.KVChunk(request_id="r", commit=True)], "commit"),
+        ([worker_pb2.KVChunk(request_id="r", num_tokens=0, num_layers=1, dtype="float32"),
+          worker_pb2.KVChunk(request_id="other", commit=True)], "request_id"),
+    ]
+    for chunks, field in bad_chunks:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushKV(iter(chunks), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details(), field
+    status = stub.GetStatus(worker_pb2.WorkerStatusRequest(check_integrity=True), timeout=10)
+    assert status.num_reserved == 1 and status.integrity_error == ""
+    call.cancel()
+    assert wait_idle(stub).num_reserved == 0

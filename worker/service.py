@@ -196,13 +196,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             async for chunk in request_iterator:
                 if assembler is None:
-                    assembler = self._assembler(chunk.request_id)
+                    request_id, assembler = chunk.request_id, self._assembler(chunk.request_id)
+                elif chunk.request_id != request_id:
+                    raise ValueError(f"request_id: chunk for {chunk.request_id!r} in the stream of {request_id!r}")
                 if chunk.commit:
                     commit = chunk
                     break
                 assembler.add(chunk)
             if commit is None:
                 raise ValueError("commit: the stream ended without a commit chunk")
+            if commit.first_token_id >= self._engine_loop.limits.vocab_size:
+                raise ValueError(f"first_token_id: {commit.first_token_id} is not below the vocabulary size "
+                                 f"{self._engine_loop.limits.vocab_size}")
             assembler.check_complete()
             logprobs = logprobs_from_proto(commit.first_logprobs) if commit.has_logprobs else None
             await self._engine_loop.commit_remote_kv(commit.request_id, assembler.start_token, assembler.k,
