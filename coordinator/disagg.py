@@ -62,6 +62,11 @@ class Disaggregator:
         choice = self._router.choose(candidates, prompt_token_ids, record=False) if candidates else None
         return None if choice is None else self._registry.get(choice.group)
 
+    def _fallback(self, reason: str) -> RemotePrefillFailed:
+        self.stats.fallbacks += 1
+        self._metrics.prefill_fallbacks.inc()
+        return RemotePrefillFailed(reason)
+
     def count_local(self) -> None:
         self.stats.local_prefills += 1
         self._metrics.prefills.labels("local").inc()
@@ -77,11 +82,13 @@ class Disaggregator:
                 decode_address=decode.address, decode_request_id=request_id, num_skip_tokens=num_skip_tokens),
                 timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as err:
+            # UNAVAILABLE is the prefill group itself (down, or its engine stopped); a decode
+            # group that failed the push answers FAILED_PRECONDITION and leaves it healthy.
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 self._registry.mark_unhealthy(group.name, f"Prefill: {err.details()}")
-            self.stats.fallbacks += 1
-            self._metrics.prefill_fallbacks.inc()
-            raise RemotePrefillFailed(f"group {group.name}: {err.code().name}: {err.details()}") from None
+            raise self._fallback(f"group {group.name}: {err.code().name}: {err.details()}") from None
+        except Exception as err:   # e.g. a channel that closed under us
+            raise self._fallback(f"group {group.name}: {type(err).__name__}: {err}") from None
         finally:
             self._registry.remove_request(group.name, request_id)
         self.stats.remote_prefills += 1

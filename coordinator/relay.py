@@ -206,6 +206,8 @@ class Relay:
                 raise RequestFailed(code, err.details() or code.name) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise RequestFailed(code, "deadline exceeded") from None
+            if code == grpc.StatusCode.ABORTED:   # its KV reservation expired: prefill it locally
+                raise RemotePrefillFailed(f"group {group.name}: {err.details()}") from None
             raise GroupLost(f"{code.name}: {err.details()}") from None
         if message is grpc.aio.EOF:
             raise GroupLost("stream ended before the request finished")

@@ -214,3 +214,23 @@ def test_a_reservation_nobody_fills_expires_and_frees_its_blocks(tmp_path):
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks and not engine.has_unfinished()
     with pytest.raises(KeyError, match="no KV reservation"):
         engine.commit_remote_kv("r", 0, np.zeros((2, 40, 2, 16)), np.zeros((2, 40, 2, 16)), 1)
+
+
+def test_reserved_requests_hold_running_seats(tmp_path):
+    """Waiting requests are not admitted into seats that reservations will take."""
+    local = tiny_local(save_tiny_llama(tmp_path / "llama", int(np.random.SeedSequence().entropy % 2**31)))
+    engine = make_engine(local, max_num_seqs=4)
+    rng = np.random.default_rng()
+    for rid in ("r0", "r1"):
+        assert engine.reserve_remote_kv(rid, rng.integers(0, 100, 20).tolist(), SamplingParams(max_tokens=3)) == 0
+    for i in range(4):
+        engine.add_request(f"w{i}", rng.integers(0, 100, 10).tolist(), SamplingParams(max_tokens=3))
+    engine.step()
+    assert engine.scheduler.stats()["num_running"] == 2
+    kv = np.zeros((local.model.config.num_layers, 20, local.model.config.num_kv_heads, local.model.config.head_dim))
+    for rid in ("r0", "r1"):
+        engine.commit_remote_kv(rid, 0, kv, kv, 1)
+    while engine.has_unfinished():
+        engine.step()
+        engine.scheduler.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks

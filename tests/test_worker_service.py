@@ -40,9 +40,11 @@ START_TIMEOUT_S = 60.0
 CONFIG = f"""
 model: default
 served_model_name: test-model
-coordinator: {{heartbeat_interval_s: {HEARTBEAT_INTERVAL_S}, heartbeat_timeout_s: 2.0}}
+coordinator: {{heartbeat_interval_s: {HEARTBEAT_INTERVAL_S}, heartbeat_timeout_s: 2.0,
+              disaggregation: {{prefill_timeout_s: 0.1}}}}
 engine: {{backend: numpy, num_kv_blocks: {NUM_KV_BLOCKS}, block_size_tokens: {BLOCK_SIZE_TOKENS}}}
-groups: [{{name: g0}}, {{name: g-term}}, {{name: g-orphan}}, {{name: g-tp, tp: 2}}]
+groups: [{{name: g0}}, {{name: g-term}}, {{name: g-orphan}}, {{name: g-tp, tp: 2}},
+         {{name: g-short, engine: {{remote_kv_timeout_s: 0.3}}}}]
 """
 PROMPT = "The three primary colors are"
 
@@ -381,7 +383,8 @@ def test_worker_exits_when_its_parent_dies(doomed):
 
 def test_handoff_rpcs_refuse_bad_input_naming_the_field(worker):
     """Prefill and PushKV: bad fields are INVALID_ARGUMENT naming them, an unknown
-    reservation NOT_FOUND, an unreachable decode group UNAVAILABLE; a reservation
+    reservation NOT_FOUND, an unreachable decode group FAILED_PRECONDITION (not the
+    prefill group's fault); a reservation
     holds its blocks until its caller goes away, and nothing leaks."""
     _, stub, _ = worker
     greedy = sampling_params_to_proto(SamplingParams(max_tokens=4, temperature=0.0))
@@ -394,7 +397,7 @@ def test_handoff_rpcs_refuse_bad_input_naming_the_field(worker):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
     with pytest.raises(grpc.RpcError) as err:   # computed, then nobody to push to
         stub.Prefill(worker_pb2.PrefillRequest(**good), timeout=30)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "decode_address" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "decode_address" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.PushKV(iter([worker_pb2.KVChunk(request_id="nobody", commit=True)]), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "request_id" in err.value.details()
@@ -418,3 +421,19 @@ def test_handoff_rpcs_refuse_bad_input_naming_the_field(worker):
     assert status.num_reserved == 1 and status.integrity_error == ""
     call.cancel()
     assert wait_idle(stub).num_reserved == 0
+
+
+def test_an_expired_reservation_ends_the_stream_aborted(request, config_path, control):
+    """ABORTED (not INVALID_ARGUMENT): the coordinator then prefills it locally."""
+    launch_worker(request, config_path, "g-short", control)
+    address = wait_registered(control, "g-short", config_path.parent / "g-short.err")
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        greedy = sampling_params_to_proto(SamplingParams(max_tokens=4, temperature=0.0))
+        call = stub.Generate(worker_pb2.WorkerGenerateRequest(
+            request_id="late", prompt_token_ids=list(range(1, 41)), sampling=greedy, remote_prefill=True), timeout=30)
+        assert next(call).reservation.reserved
+        with pytest.raises(grpc.RpcError) as err:
+            next(call)
+        assert err.value.code() == grpc.StatusCode.ABORTED and "reservation" in err.value.details()
+        assert wait_idle(stub).num_reserved == 0

@@ -93,6 +93,8 @@ class DecodeGraphs:
                     bucket.graph = self._stream.end_capture()
             self._stream.synchronize()
         except Exception as err:   # an op that cannot be captured: run eagerly from now on
+            self._captured.clear()
+            self._pool.free_all_blocks()   # the eager steps may need that memory
             self.disabled = f"{type(err).__name__}: {err}"
             log.warning("CUDA graph capture of batch %d failed, decoding eagerly: %s", size, self.disabled)
             return None

@@ -114,6 +114,9 @@ class _PriorityQueues:
         self._tiebreak.pop(request.request_id, None)
 
 
+RESERVATION_EXPIRED = "reservation: the remote KV did not arrive before the reservation expired"
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         if block_manager.block_size_tokens != config.block_size_tokens:
@@ -192,8 +195,7 @@ class Scheduler:
 
     def expire_reservations(self, now_s: float) -> None:
         for request_id in [rid for rid, deadline in self._reserved.items() if deadline <= now_s]:
-            self.finish_request(request_id, RequestStatus.FINISHED_ERROR,
-                                "remote KV did not arrive before the reservation expired")
+            self.finish_request(request_id, RequestStatus.FINISHED_ERROR, RESERVATION_EXPIRED)
 
     def _why_it_never_fits(self, request: Request) -> str | None:
         num_prompt, max_tokens = request.num_prompt_tokens, request.params.max_tokens
@@ -305,7 +307,8 @@ class Scheduler:
 
     def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget_tokens: int) -> None:
         waiting, manager = self._queues.waiting, self.block_manager
-        while waiting and budget_tokens > 0 and len(self._running) < self.config.max_num_seqs:
+        # Reserved requests join the running ones when their KV arrives: they hold seats already.
+        while waiting and budget_tokens > 0 and len(self._running) + len(self._reserved) < self.config.max_num_seqs:
             request = waiting[0]
             computed = manager.get_computed_blocks(request)
             num_new_tokens = min(request.num_tokens - computed.num_tokens, budget_tokens)

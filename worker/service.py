@@ -30,6 +30,7 @@ from shardline.worker.kv_transfer import KVAssembler, KVPusher, kv_chunks
 from shardline.worker.proto_convert import (finish_reason_to_proto, logprobs_from_proto, logprobs_to_proto,
                                             sampling_params_from_proto)
 from shardline.worker.sampling_params import SamplingParams
+from shardline.worker.scheduler import RESERVATION_EXPIRED
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     reserved=cached is not None, num_cached_tokens=cached or 0))
             async for output in stream:
                 if output.finish_reason == "error":
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, output.error or "request failed")
+                    # An expired reservation is not the request's fault: ABORTED tells the
+                    # coordinator to prefill it where it decodes instead.
+                    code = grpc.StatusCode.ABORTED if output.error == RESERVATION_EXPIRED \
+                        else grpc.StatusCode.INVALID_ARGUMENT
+                    await context.abort(code, output.error or "request failed")
                 yield response_from_output(output)
         except (EngineStopped, EngineFailed) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
@@ -184,9 +189,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         chunks = kv_chunks(request.decode_request_id, last.kv_export, first, first_logprobs)
         try:
             num_bytes, transfer_s = await self._pusher.push(request.decode_address, chunks)
-        except grpc.aio.AioRpcError as err:
-            code = err.code() if err.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"decode_address {request.decode_address}: {err.code().name}: {err.details()}")
+        except grpc.aio.AioRpcError as err:   # the decode group's failure, not ours: we stay healthy
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"decode_address {request.decode_address}: {err.code().name}: {err.details()}")
         return worker_pb2.PrefillResponse(first_token_id=first, num_kv_bytes=num_bytes, transfer_s=transfer_s,
                                           num_cached_tokens=last.num_cached_tokens)
 
