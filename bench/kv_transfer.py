@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tp_decode import LLAMA3_8B  # noqa: E402  (the same shape)
+from tp_decode import LLAMA3_8B, gpu_seconds  # noqa: E402  (the same shape and timer)
 
 GIB = 1 << 30
 
@@ -55,23 +55,11 @@ def build(rank: int, args):
     return backend, LLMEngine(config, LocalModel(model, None))
 
 
-def gpu_seconds(run, reps: int = 5) -> float:
-    import cupy
-    run()
-    begin, end = cupy.cuda.Event(), cupy.cuda.Event()
-    begin.record()
-    for _ in range(reps):
-        run()
-    end.record()
-    end.synchronize()
-    return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps
-
-
 def link_seconds(comm, rank: int, num_bytes: int) -> float:
     """One-way NCCL send of num_bytes, 0 -> 1 (both ranks time the same loop)."""
     import cupy
     buffer = cupy.zeros(num_bytes // 2, dtype=cupy.uint16)
-    return gpu_seconds(lambda: comm.send(buffer, 1) if rank == 0 else comm.recv(buffer, 0))
+    return gpu_seconds(lambda: comm.send(buffer, 1) if rank == 0 else comm.recv(buffer, 0), reps=5)
 
 
 def chunks(num_tokens: int, size: int) -> list[tuple[int, int]]:

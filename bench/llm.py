@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_transfer import mixed_ttft  # noqa: E402  (TTFT through the engine)
-from tp_decode import LLAMA3_8B  # noqa: E402
+from tp_decode import LLAMA3_8B, gpu_seconds  # noqa: E402
 
 SHAPES = {
     "llama3-8b": LLAMA3_8B,
@@ -37,18 +37,6 @@ SHAPES = {
                      "rope_theta": 100000.0, "tie_word_embeddings": True},
 }
 GIB = 1 << 30
-
-
-def gpu_seconds(run, reps: int = 10) -> float:
-    import cupy
-    run()
-    begin, end = cupy.cuda.Event(), cupy.cuda.Event()
-    begin.record()
-    for _ in range(reps):
-        run()
-    end.record()
-    end.synchronize()
-    return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps
 
 
 def ceilings(backend) -> dict:

@@ -86,11 +86,17 @@ def time_collectives(args, group, reps=50):
             group.tp.comm.all_reduce(hidden)
         group.tp.comm.all_gather(logits, axis=-1)
 
-    one_step()
+    return gpu_seconds(one_step, reps)
+
+
+def gpu_seconds(run, reps: int = 10) -> float:
+    """Seconds of GPU time per call of `run` (after one warm-up call), by CUDA events."""
+    import cupy
+    run()
     begin, end = cupy.cuda.Event(), cupy.cuda.Event()
     begin.record()
     for _ in range(reps):
-        one_step()
+        run()
     end.record()
     end.synchronize()
     return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps

@@ -28,8 +28,7 @@ import yaml
 from engine_fixtures import export_then_commit, make_engine, save_tiny_llama, tiny_local
 from mpi_launch import needs_mpi
 from serving_fixtures import PASSAGE, PromptCase, collect, running_cluster
-from shardline.proto import shardline_pb2 as pb
-from shardline.proto import worker_pb2, worker_pb2_grpc
+from shardline.proto import worker_pb2
 from shardline.worker.engine import EngineConfig, LLMEngine
 from shardline.worker.kv_transfer import KVAssembler, KVExport, kv_chunks
 from shardline.worker.offline import load_local

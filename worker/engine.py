@@ -125,7 +125,7 @@ class LLMEngine:
         request = self._new_request(request_id, prompt, params, priority, ())
         deadline_s = time.monotonic() + self.config.remote_kv_timeout_s
         if self.max_plans_in_flight == 1 and self.scheduler.reserve_for_remote_kv(request, deadline_s):
-            self._watch(request_id, IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer else None, ())
+            self._watch(request)
             return request.num_computed_tokens
         self._queue(request)
         return None
@@ -156,12 +156,14 @@ class LLMEngine:
 
     def _queue(self, request: Request) -> None:
         self.scheduler.add_request(request)
-        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop) if self.tokenizer else None
-        self._watch(request.request_id, detok, request.output_token_ids)
+        self._watch(request)
 
-    def _watch(self, request_id: str, detok: IncrementalDetokenizer | None, outputs: Sequence[int]) -> None:
-        stop = None
-        for token in outputs if detok else ():   # the client has this text; later deltas decode after it
+    def _watch(self, request: Request) -> None:
+        """Its detokenizer, fed the output tokens it already has."""
+        request_id = request.request_id
+        detok = IncrementalDetokenizer(self.tokenizer, request.params.stop) if self.tokenizer else None
+        stop = None   # the client has the output tokens' text; later deltas decode after it
+        for token in request.output_token_ids if detok else ():
             stop = stop or detok.push(token).stop
         self._detokenizers[request_id] = detok
         if stop is not None:   # the streamed text already holds a stop string: nothing more to say

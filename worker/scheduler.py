@@ -14,8 +14,6 @@ must not import GPU or model code, touch KV tensors, or write block tables
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from shardline.worker.block_manager import BlockManager
+from shardline.worker.request_queues import FcfsQueues, PriorityQueues
 from shardline.worker.request import Request, RequestStatus
 from shardline.worker.plan_builder import build_step_plan
 from shardline.worker.step_plan import StepPlan
@@ -61,59 +60,6 @@ class RequestOutput:
     stop_reason: str | int | None = None   # the stop string or stop token id that ended it
 
 
-class _FcfsQueues:
-    """Arrival order; a preempted request goes back to the front."""
-
-    def __init__(self) -> None:
-        self.waiting: deque[Request] = deque()
-
-    def add_waiting(self, request: Request) -> None:
-        self.waiting.append(request)
-
-    def add_preempted(self, request: Request) -> None:
-        self.waiting.appendleft(request)
-
-    def add_running(self, running: list[Request], request: Request) -> None:
-        running.append(request)   # the newest runs last, so it is preempted first
-
-    def pop_waiting(self) -> Request:
-        return self.waiting.popleft()
-
-    def discard(self, request: Request) -> None:
-        if request in self.waiting:
-            self.waiting.remove(request)
-
-
-class _PriorityQueues:
-    """(priority, arrival) order for both queues: the lowest priority runs last and is preempted first."""
-
-    def __init__(self) -> None:
-        self.waiting: list[Request] = []
-        self._admission = itertools.count()
-        self._tiebreak: dict[str, int] = {}
-
-    def _key(self, request: Request) -> tuple[int, float, int]:
-        order = self._tiebreak.setdefault(request.request_id, next(self._admission))
-        return request.priority, request.arrival_time, order
-
-    def add_waiting(self, request: Request) -> None:
-        bisect.insort(self.waiting, request, key=self._key)
-
-    def add_preempted(self, request: Request) -> None:
-        self.add_waiting(request)   # its key already puts it ahead of later arrivals
-
-    def add_running(self, running: list[Request], request: Request) -> None:
-        bisect.insort(running, request, key=self._key)
-
-    def pop_waiting(self) -> Request:
-        return self.waiting.pop(0)
-
-    def discard(self, request: Request) -> None:
-        if request in self.waiting:
-            self.waiting.remove(request)
-        self._tiebreak.pop(request.request_id, None)
-
-
 RESERVATION_EXPIRED = "reservation: the remote KV did not arrive before the reservation expired"
 
 
@@ -123,7 +69,7 @@ class Scheduler:
             raise ValueError(f"block_size_tokens: config says {config.block_size_tokens}, "
                              f"block manager has {block_manager.block_size_tokens}")
         self.config, self.block_manager = config, block_manager
-        self._queues = _PriorityQueues() if config.policy == "priority" else _FcfsQueues()
+        self._queues = PriorityQueues() if config.policy == "priority" else FcfsQueues()
         self._requests: dict[str, Request] = {}   # every unfinished request
         self._running: list[Request] = []         # in scheduling order; the last is preempted first
         self._outputs: list[RequestOutput] = []
@@ -152,26 +98,29 @@ class Scheduler:
         self._queues.add_waiting(request)
 
     def reserve_for_remote_kv(self, request: Request, deadline_s: float) -> bool:
-        """Blocks for the whole prompt (its cached prefix shared), held until
-        `commit_remote_kv` or the deadline. False, changing nothing, when the
-        blocks or a running slot are not free now or the request cannot be
-        taken at all: the caller adds it as an ordinary request instead."""
+        """Blocks for the whole prompt (cached prefix shared) until `commit_remote_kv` or the deadline.
+        False, changing nothing, when blocks or a running seat are not free now or the request
+        cannot be taken at all: the caller adds it as an ordinary request instead."""
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         if (request.status is not RequestStatus.WAITING or request.num_computed_tokens or request.output_token_ids
-                or len(self._running) + len(self._reserved) >= self.config.max_num_seqs
+                or self._seats_taken >= self.config.max_num_seqs
                 or self._why_it_never_fits(request) is not None):
             return False
         computed = self.block_manager.get_computed_blocks(request)
-        if computed.rewrites_last_block:   # all cached: nothing to push
-            return False
-        if not self.block_manager.allocate_slots(request, request.num_tokens - computed.num_tokens, computed):
+        if computed.rewrites_last_block or not self.block_manager.allocate_slots(   # all cached: nothing to push
+                request, request.num_tokens - computed.num_tokens, computed):
             return False
         request.num_cached_tokens = request.num_computed_tokens = computed.num_tokens
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self._requests[request.request_id] = request
         self._reserved[request.request_id] = deadline_s
         return True
+
+    @property
+    def _seats_taken(self) -> int:
+        """Running requests plus reserved ones, which run as soon as their KV arrives."""
+        return len(self._running) + len(self._reserved)
 
     def get_request(self, request_id: str) -> Request | None:
         """An unfinished request, whatever its status."""
@@ -307,8 +256,7 @@ class Scheduler:
 
     def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget_tokens: int) -> None:
         waiting, manager = self._queues.waiting, self.block_manager
-        # Reserved requests join the running ones when their KV arrives: they hold seats already.
-        while waiting and budget_tokens > 0 and len(self._running) + len(self._reserved) < self.config.max_num_seqs:
+        while waiting and budget_tokens > 0 and self._seats_taken < self.config.max_num_seqs:
             request = waiting[0]
             computed = manager.get_computed_blocks(request)
             num_new_tokens = min(request.num_tokens - computed.num_tokens, budget_tokens)

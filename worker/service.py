@@ -25,7 +25,7 @@ from shardline.proto import shardline_pb2, worker_pb2, worker_pb2_grpc
 from shardline.worker.engine import EngineOutput
 from shardline.worker.engine_loop import EngineLoop
 from shardline.worker.engine_streams import (EngineFailed, EngineLimits, EngineStatus, EngineStopped, KVEventBatch,
-                                             RequestIdInUse, SubscriberLagged)
+                                             RequestIdInUse, RequestStream, SubscriberLagged)
 from shardline.worker.kv_transfer import KVAssembler, KVPusher, kv_chunks
 from shardline.worker.proto_convert import (finish_reason_to_proto, logprobs_from_proto, logprobs_to_proto,
                                             sampling_params_from_proto)
@@ -125,20 +125,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def close(self) -> None:
         await self._pusher.close()
 
-    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+    async def _start(self, context: grpc.aio.ServicerContext, request, validate, **options) -> RequestStream:
+        """The engine's stream of a validated new request; a refused one aborts the call
+        with its status (INVALID_ARGUMENT naming the field, ALREADY_EXISTS, UNAVAILABLE)."""
         try:
-            params = validate_generate(request, self._engine_loop.limits, self._identity)
-            stream = await self._engine_loop.add_request(
-                request.request_id, list(request.prompt_token_ids), params,
-                output_token_ids=list(request.output_token_ids), priority=request.priority,
-                remote_prefill=request.remote_prefill)
+            params = validate(request, self._engine_loop.limits, self._identity)
+            return await self._engine_loop.add_request(request.request_id, list(request.prompt_token_ids), params,
+                                                       **options)
         except RequestIdInUse as err:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except (EngineStopped, EngineFailed) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        stream = await self._start(context, request, validate_generate,
+                                   output_token_ids=list(request.output_token_ids), priority=request.priority,
+                                   remote_prefill=request.remote_prefill)
         # Cancellation (the caller went away or its deadline passed) raises
         # CancelledError at the await below; close() then aborts it in the engine.
         try:
@@ -164,16 +169,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
-        try:
-            params = validate_prefill(request, self._engine_loop.limits, self._identity)
-            stream = await self._engine_loop.add_request(request.request_id, list(request.prompt_token_ids), params,
-                                                         kv_export_from=request.num_skip_tokens)
-        except RequestIdInUse as err:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except (EngineStopped, EngineFailed) as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        stream = await self._start(context, request, validate_prefill, kv_export_from=request.num_skip_tokens)
         try:
             outputs = [output async for output in stream]
         except (EngineStopped, EngineFailed) as err:
