@@ -26,6 +26,7 @@ class RouterConfig(_Frozen):
     overlap_weight: float = Field(1.0, ge=0)      # cost per uncached prompt block
     temperature: float = Field(0.0, ge=0)         # 0: argmin; > 0: softmax over -cost / T
     busy_threshold: float = Field(0.95, gt=0, le=1)  # skip groups whose KV usage is above this
+    recent_load_half_life_s: float = Field(5.0, gt=0)  # argmin ties go to the group routed least lately
 
 
 class DisaggregationConfig(_Frozen):

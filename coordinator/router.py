@@ -9,9 +9,13 @@ policy object:
 - `least_loaded`: fewest requests the coordinator has in flight there;
 - `kv_aware`: DESIGN.md's cost
   `overlap_weight * max(prompt_blocks - cached_blocks, 0) + active_blocks`,
-  argmin (ties broken at random), or with `temperature` > 0 a draw from
+  argmin, or with `temperature` > 0 a draw from
   softmax(-(cost - min cost) / temperature), which spreads a single hot
-  prefix over several groups.
+  prefix over several groups. Argmin ties go to the group routed the least
+  work lately (`RecentLoad`, decayed with a half-life), then at random: a
+  new prefix, costing the same everywhere, lands where traffic has been
+  lightest, so the prefixes (and the users behind them) are spread evenly
+  even when the cluster is too idle for `active_blocks` to differ.
 
 It returns the group and the predicted cached blocks, and keeps the
 predicted prefix hit rate. It must not touch channels, streams or the
@@ -22,8 +26,9 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from shardline.coordinator.cluster_config import RouterConfig
 from shardline.coordinator.prefix_index import PrefixIndex
@@ -78,11 +83,29 @@ class LeastLoadedPolicy:
         return min(scored, key=lambda s: (s.candidate.num_in_flight, s.candidate.active_blocks, s.candidate.name))
 
 
+class RecentLoad:
+    """Prompt blocks routed to each group, decayed with a half-life."""
+
+    def __init__(self, half_life_s: float, clock: Callable[[], float] = time.monotonic):
+        self.half_life_s = half_life_s
+        self._clock = clock
+        self._load: dict[str, tuple[float, float]] = {}   # group -> (load, at time)
+
+    def __call__(self, name: str) -> float:
+        load, at = self._load.get(name, (0.0, 0.0))
+        return load * 0.5 ** ((self._clock() - at) / self.half_life_s)
+
+    def add(self, name: str, blocks: int) -> None:
+        self._load[name] = (self(name) + max(blocks, 1), self._clock())
+
+
 class KVAwarePolicy:
-    def __init__(self, overlap_weight: float, temperature: float, rng: random.Random):
+    def __init__(self, overlap_weight: float, temperature: float, rng: random.Random,
+                 recent_load: RecentLoad | None = None):
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self._rng = rng
+        self._recent_load = recent_load
 
     def cost(self, scored: Scored) -> float:
         return self.overlap_weight * scored.uncached_blocks + scored.candidate.active_blocks
@@ -94,22 +117,27 @@ class KVAwarePolicy:
             weights = [math.exp(-(c - best) / self.temperature) for c in costs]
             return self._rng.choices(list(scored), weights=weights)[0]
         ties = [s for s, c in zip(scored, costs) if c == best]
+        if len(ties) > 1 and self._recent_load is not None:
+            lightest = min(self._recent_load(s.candidate.name) for s in ties)
+            ties = [s for s in ties if self._recent_load(s.candidate.name) <= lightest]
         return ties[0] if len(ties) == 1 else self._rng.choice(ties)
 
 
-def make_policy(config: RouterConfig, rng: random.Random) -> Policy:
+def make_policy(config: RouterConfig, rng: random.Random, recent_load: RecentLoad) -> Policy:
     if config.policy == "round_robin":
         return RoundRobinPolicy()
     if config.policy == "least_loaded":
         return LeastLoadedPolicy()
-    return KVAwarePolicy(config.overlap_weight, config.temperature, rng)
+    return KVAwarePolicy(config.overlap_weight, config.temperature, rng, recent_load)
 
 
 class Router:
-    def __init__(self, config: RouterConfig, index: PrefixIndex, rng: random.Random | None = None):
+    def __init__(self, config: RouterConfig, index: PrefixIndex, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.index = index
-        self.policy = make_policy(config, rng or random.Random())
+        self.recent_load = RecentLoad(config.recent_load_half_life_s, clock)
+        self.policy = make_policy(config, rng or random.Random(), self.recent_load)
         self.routed_prompt_blocks = 0
         self.predicted_cached_blocks = 0
 
@@ -136,6 +164,7 @@ class Router:
         if not eligible:
             return None
         choice = self.policy.pick(self.score(eligible, prompt_token_ids))
+        self.recent_load.add(choice.candidate.name, choice.prompt_blocks)
         if record:
             self.routed_prompt_blocks += choice.prompt_blocks
             self.predicted_cached_blocks += choice.cached_blocks

@@ -98,6 +98,21 @@ def test_argmin_ties_are_spread():
     assert set(picks) == {"a", "b", "c"} and min(picks.values()) > 60
 
 
+def test_argmin_ties_go_to_the_group_routed_least_lately():
+    now = [0.0]
+    r = Router(RouterConfig(recent_load_half_life_s=2.0), index_with(a=PROMPT), random.Random(0), clock=lambda: now[0])
+    groups = [cand("a"), cand("b"), cand("c")]
+    assert r.choose(groups, PROMPT).group == "a"            # cached on a: no tie
+    other = list(range(900, 900 + 3 * BLOCK))                # cached nowhere: a tie of a, b and c
+    second = r.choose(groups, other).group                   # a took 10 blocks lately
+    assert second in {"b", "c"}
+    third = r.choose(groups, other[:2 * BLOCK]).group         # second took 3
+    assert {second, third} == {"b", "c"} and r.recent_load(third) == 2
+    assert r.recent_load("a") == 10
+    now[0] = 4.0                                             # two half-lives later
+    assert r.recent_load("a") == pytest.approx(2.5)
+
+
 def test_softmax_spreads_a_single_hot_prefix():
     index = index_with(a=PROMPT)  # the hot prefix lives on a only
     groups = [cand("a"), cand("b")]
