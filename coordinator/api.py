@@ -152,7 +152,7 @@ class ShardlineServicer:
         return pb.GetStatsResponse(groups=[group_stats(g) for g in self._registry.groups()],
                                    queue_depth=len(self._active), requests_total=self.requests_total,
                                    router_prefix_hit_rate=self._router.prefix_hit_rate,
-                                   disaggregation=self.disagg.stats.to_proto())
+                                   disaggregation=self.disagg.stats.to_proto(self.disagg.links.num_opened))
 
 
 def group_stats(group: GroupState) -> pb.GroupStats:

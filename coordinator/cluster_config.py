@@ -37,6 +37,9 @@ class DisaggregationConfig(_Frozen):
     # A remote prefill taking longer falls back to local; below every decode group's
     # engine.remote_kv_timeout_s, so the coordinator gives up before the reservation expires.
     prefill_timeout_s: float = Field(20.0, gt=0)
+    # How the KV travels (coordinator/kv_links.py): auto = an NCCL pair link where both leaders
+    # are on GPUs, else the PushKV stream; nccl / tcp ask for that link; grpc never opens one.
+    transport: Literal["auto", "grpc", "nccl", "tcp"] = "auto"
 
 
 class LimitsConfig(_Frozen):

@@ -7,7 +7,8 @@ and some healthy prefill group has fewer than `max_prefill_in_flight`
 prefills in flight; among those the router's KV-aware policy picks one.
 Everything else is prefilled where it decodes. The decode group reserves
 blocks first (the relay's Generate with remote_prefill); the prefill group
-pushes the KV straight to it and returns the first token's statistics.
+pushes the KV straight to it, over the pair's link where it has one
+(kv_links.py), and returns the first token's statistics.
 
 Must not stream to clients or decide failover: a failed prefill leaves as
 `RemotePrefillFailed` and the relay falls back to local prefill.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from shardline.coordinator.cluster_config import DisaggregationConfig
+from shardline.coordinator.kv_links import KVLinkBroker
 from shardline.coordinator.metrics import Metrics
 from shardline.coordinator.registry import GroupState, Registry
 from shardline.coordinator.router import Candidate, Route, Router
@@ -38,17 +40,20 @@ class HandoffStats:
     fallbacks: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_s: float = 0.0
+    kv_link_transfers: int = 0
 
-    def to_proto(self) -> pb.DisaggregationStats:
+    def to_proto(self, kv_links_opened: int) -> pb.DisaggregationStats:
         return pb.DisaggregationStats(remote_prefills=self.remote_prefills, local_prefills=self.local_prefills,
                                       fallbacks=self.fallbacks, kv_transfer_bytes=self.kv_transfer_bytes,
-                                      kv_transfer_s=self.kv_transfer_s)
+                                      kv_transfer_s=self.kv_transfer_s, kv_link_transfers=self.kv_link_transfers,
+                                      kv_links_opened=kv_links_opened)
 
 
 class Disaggregator:
     def __init__(self, config: DisaggregationConfig, registry: Registry, router: Router, metrics: Metrics):
         self.config, self._registry, self._router, self._metrics = config, registry, router, metrics
         self.stats = HandoffStats()
+        self.links = KVLinkBroker(config.transport, registry)
 
     def prefill_group_for(self, prompt_token_ids: list[int], decode: GroupState, route: Route) -> GroupState | None:
         """The prefill group for a new request routed to `decode`, or None: prefill there."""
@@ -76,22 +81,28 @@ class Disaggregator:
         """Runs the Prefill call; RemotePrefillFailed (the group marked unhealthy if it is gone)."""
         blocks = -(-len(prompt_token_ids) // group.block_size_tokens)
         self._registry.add_request(group.name, request_id, blocks)
+        link_id = ""
         try:
+            link_id = await self.links.link_for(group, decode)
             response = await group.stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
-                decode_address=decode.address, decode_request_id=request_id, num_skip_tokens=num_skip_tokens),
-                timeout=self.config.prefill_timeout_s)
+                decode_address=decode.address, decode_request_id=request_id, num_skip_tokens=num_skip_tokens,
+                kv_link_id=link_id), timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as err:
             # UNAVAILABLE is the prefill group itself (down, or its engine stopped); a decode
-            # group that failed the push answers FAILED_PRECONDITION and leaves it healthy.
+            # group that failed the push answers FAILED_PRECONDITION and leaves it healthy;
+            # ABORTED: the pair's link broke (the prefill leader closed its end).
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 self._registry.mark_unhealthy(group.name, f"Prefill: {err.details()}")
+            if err.code() == grpc.StatusCode.ABORTED and link_id:
+                self.links.drop(link_id)
             raise self._fallback(f"group {group.name}: {err.code().name}: {err.details()}") from None
         except Exception as err:   # e.g. a channel that closed under us
             raise self._fallback(f"group {group.name}: {type(err).__name__}: {err}") from None
         finally:
             self._registry.remove_request(group.name, request_id)
         self.stats.remote_prefills += 1
+        self.stats.kv_link_transfers += bool(link_id)
         self.stats.kv_transfer_bytes += response.num_kv_bytes
         self.stats.kv_transfer_s += response.transfer_s
         self._metrics.prefills.labels("remote").inc()

@@ -42,19 +42,29 @@ def _nccl_type(x) -> int:
         raise ValueError(f"NCCL: unsupported dtype {x.dtype}") from None
 
 
+def unique_id_to_bytes(uid) -> bytes:
+    """CuPy hands the unique id out as bytes (recent versions) or as a tuple
+    of ints (older ones) and wants the same type back: one flag byte (1:
+    bytes) and the 128 raw bytes."""
+    raw = np.frombuffer(uid, dtype=np.uint8) if isinstance(uid, bytes) else \
+        np.asarray(uid, dtype=np.int64).astype(np.uint8)
+    return bytes([int(isinstance(uid, bytes))]) + raw.tobytes()
+
+
+def unique_id_from_bytes(data: bytes):
+    if len(data) != 1 + _UNIQUE_ID_BYTES:
+        raise ValueError(f"unique_id: {len(data)} bytes, expected {1 + _UNIQUE_ID_BYTES}")
+    raw = np.frombuffer(data[1:], dtype=np.uint8)
+    return raw.tobytes() if data[0] else tuple(int(b) for b in raw.astype(np.int8))
+
+
 def _shared_unique_id(mpi_comm: Any):
-    """Rank 0's NCCL unique id on every rank. CuPy hands it out as bytes
-    (recent versions) or as a tuple of ints (older ones) and wants the same
-    type back; the first broadcast byte says which."""
+    """Rank 0's NCCL unique id on every rank, by an MPI broadcast."""
     message = np.zeros(1 + _UNIQUE_ID_BYTES, dtype=np.uint8)
     if mpi_comm.Get_rank() == 0:
-        uid = nccl.get_unique_id()
-        message[0] = isinstance(uid, bytes)
-        message[1:] = np.frombuffer(uid, dtype=np.uint8) if isinstance(uid, bytes) else \
-            np.asarray(uid, dtype=np.int64).astype(np.uint8)
+        message[:] = np.frombuffer(unique_id_to_bytes(nccl.get_unique_id()), dtype=np.uint8)
     mpi_comm.Bcast(message, root=0)
-    raw = message[1:]
-    return raw.tobytes() if message[0] else tuple(int(b) for b in raw.astype(np.int8))
+    return unique_id_from_bytes(message.tobytes())
 
 
 class NCCLCommunicator:

@@ -199,15 +199,19 @@ class GetStatsResponse(_message.Message):
     def __init__(self, groups: _Optional[_Iterable[_Union[GroupStats, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., requests_total: _Optional[int] = ..., router_prefix_hit_rate: _Optional[float] = ..., disaggregation: _Optional[_Union[DisaggregationStats, _Mapping]] = ...) -> None: ...
 
 class DisaggregationStats(_message.Message):
-    __slots__ = ("remote_prefills", "local_prefills", "fallbacks", "kv_transfer_bytes", "kv_transfer_s")
+    __slots__ = ("remote_prefills", "local_prefills", "fallbacks", "kv_transfer_bytes", "kv_transfer_s", "kv_link_transfers", "kv_links_opened")
     REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_LINK_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    KV_LINKS_OPENED_FIELD_NUMBER: _ClassVar[int]
     remote_prefills: int
     local_prefills: int
     fallbacks: int
     kv_transfer_bytes: int
     kv_transfer_s: float
-    def __init__(self, remote_prefills: _Optional[int] = ..., local_prefills: _Optional[int] = ..., fallbacks: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ...) -> None: ...
+    kv_link_transfers: int
+    kv_links_opened: int
+    def __init__(self, remote_prefills: _Optional[int] = ..., local_prefills: _Optional[int] = ..., fallbacks: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., kv_link_transfers: _Optional[int] = ..., kv_links_opened: _Optional[int] = ...) -> None: ...

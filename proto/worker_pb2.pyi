@@ -55,20 +55,22 @@ class WorkerGenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_shardline_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[_shardline_pb2.FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., reservation: _Optional[_Union[KVReservation, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "decode_request_id", "num_skip_tokens")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "decode_request_id", "num_skip_tokens", "kv_link_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DECODE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_LINK_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _shardline_pb2.SamplingOptions
     decode_address: str
     decode_request_id: str
     num_skip_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_shardline_pb2.SamplingOptions, _Mapping]] = ..., decode_address: _Optional[str] = ..., decode_request_id: _Optional[str] = ..., num_skip_tokens: _Optional[int] = ...) -> None: ...
+    kv_link_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_shardline_pb2.SamplingOptions, _Mapping]] = ..., decode_address: _Optional[str] = ..., decode_request_id: _Optional[str] = ..., num_skip_tokens: _Optional[int] = ..., kv_link_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "num_kv_bytes", "transfer_s", "num_cached_tokens")
@@ -83,7 +85,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., num_kv_bytes: _Optional[int] = ..., transfer_s: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "start_token", "num_tokens", "layer_start", "num_layers", "dtype", "k", "v", "commit", "first_token_id", "first_logprobs", "has_logprobs")
+    __slots__ = ("request_id", "start_token", "num_tokens", "layer_start", "num_layers", "dtype", "k", "v", "commit", "first_token_id", "first_logprobs", "has_logprobs", "link_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class KVChunk(_message.Message):
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     HAS_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start_token: int
     num_tokens: int
@@ -108,7 +111,38 @@ class KVChunk(_message.Message):
     first_token_id: int
     first_logprobs: _shardline_pb2.TokenLogprobs
     has_logprobs: bool
-    def __init__(self, request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., commit: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_shardline_pb2.TokenLogprobs, _Mapping]] = ..., has_logprobs: _Optional[bool] = ...) -> None: ...
+    link_id: str
+    def __init__(self, request_id: _Optional[str] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., commit: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_shardline_pb2.TokenLogprobs, _Mapping]] = ..., has_logprobs: _Optional[bool] = ..., link_id: _Optional[str] = ...) -> None: ...
+
+class OpenKVLinkRequest(_message.Message):
+    __slots__ = ("link_id", "transport", "rank", "unique_id")
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
+    link_id: str
+    transport: str
+    rank: int
+    unique_id: bytes
+    def __init__(self, link_id: _Optional[str] = ..., transport: _Optional[str] = ..., rank: _Optional[int] = ..., unique_id: _Optional[bytes] = ...) -> None: ...
+
+class OpenKVLinkResponse(_message.Message):
+    __slots__ = ("unique_id",)
+    UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
+    unique_id: bytes
+    def __init__(self, unique_id: _Optional[bytes] = ...) -> None: ...
+
+class CloseKVLinkRequest(_message.Message):
+    __slots__ = ("link_id",)
+    LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    link_id: str
+    def __init__(self, link_id: _Optional[str] = ...) -> None: ...
+
+class CloseKVLinkResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class PushKVResponse(_message.Message):
     __slots__ = ("num_bytes",)
@@ -123,7 +157,7 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("group", "model", "max_model_len", "block_size_tokens", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "kv_usage", "prefix_hit_rate", "num_preemptions", "num_reserved", "integrity_error")
+    __slots__ = ("group", "model", "max_model_len", "block_size_tokens", "num_running", "num_waiting", "num_kv_blocks", "num_free_kv_blocks", "kv_usage", "prefix_hit_rate", "num_preemptions", "num_reserved", "integrity_error", "kv_transports")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +171,7 @@ class WorkerStatus(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_RESERVED_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     group: str
     model: str
     max_model_len: int
@@ -150,7 +185,8 @@ class WorkerStatus(_message.Message):
     num_preemptions: int
     num_reserved: int
     integrity_error: str
-    def __init__(self, group: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_reserved: _Optional[int] = ..., integrity_error: _Optional[str] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefix_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_reserved: _Optional[int] = ..., integrity_error: _Optional[str] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ()

@@ -66,6 +66,16 @@ class WorkerStub:
                 request_serializer=shardline_dot_proto_dot_worker__pb2.KVChunk.SerializeToString,
                 response_deserializer=shardline_dot_proto_dot_worker__pb2.PushKVResponse.FromString,
                 _registered_method=True)
+        self.OpenKVLink = channel.unary_unary(
+                '/shardline.worker.v1.Worker/OpenKVLink',
+                request_serializer=shardline_dot_proto_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+                response_deserializer=shardline_dot_proto_dot_worker__pb2.OpenKVLinkResponse.FromString,
+                _registered_method=True)
+        self.CloseKVLink = channel.unary_unary(
+                '/shardline.worker.v1.Worker/CloseKVLink',
+                request_serializer=shardline_dot_proto_dot_worker__pb2.CloseKVLinkRequest.SerializeToString,
+                response_deserializer=shardline_dot_proto_dot_worker__pb2.CloseKVLinkResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -113,6 +123,22 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenKVLink(self, request, context):
+        """A pair link between this leader and another group's leader for KV
+        hand-off (kv_link.py): the decode side (rank 1) makes the unique id, the
+        coordinator hands it to the prefill side (rank 0). Closed by the
+        coordinator when either group leaves, or after a failed transfer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseKVLink(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +171,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PushKV,
                     request_deserializer=shardline_dot_proto_dot_worker__pb2.KVChunk.FromString,
                     response_serializer=shardline_dot_proto_dot_worker__pb2.PushKVResponse.SerializeToString,
+            ),
+            'OpenKVLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenKVLink,
+                    request_deserializer=shardline_dot_proto_dot_worker__pb2.OpenKVLinkRequest.FromString,
+                    response_serializer=shardline_dot_proto_dot_worker__pb2.OpenKVLinkResponse.SerializeToString,
+            ),
+            'CloseKVLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseKVLink,
+                    request_deserializer=shardline_dot_proto_dot_worker__pb2.CloseKVLinkRequest.FromString,
+                    response_serializer=shardline_dot_proto_dot_worker__pb2.CloseKVLinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +346,60 @@ class Worker:
             '/shardline.worker.v1.Worker/PushKV',
             shardline_dot_proto_dot_worker__pb2.KVChunk.SerializeToString,
             shardline_dot_proto_dot_worker__pb2.PushKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenKVLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.worker.v1.Worker/OpenKVLink',
+            shardline_dot_proto_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+            shardline_dot_proto_dot_worker__pb2.OpenKVLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseKVLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.worker.v1.Worker/CloseKVLink',
+            shardline_dot_proto_dot_worker__pb2.CloseKVLinkRequest.SerializeToString,
+            shardline_dot_proto_dot_worker__pb2.CloseKVLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,6 @@
 """Prefill/decode disaggregation over real worker processes (CPU backend,
-KV pushed over gRPC): a cluster of one prefill and one decode group (and
+KV pushed over gRPC, or over the coordinator-brokered pair link, here its
+tcp transport, the protocol NCCL links run on GPUs): a cluster of one prefill and one decode group (and
 one whose prefill group is tp=2 over MPI, the decode group tp=1, so KV
 heads are gathered and re-sharded) streams, for 64 concurrent mixed
 requests, exactly the completions of offline single-rank generation (what
@@ -62,13 +63,14 @@ def offline(model_folder):
     return LLMEngine(EngineConfig(**ENGINE), load_local(str(model_folder), backend="numpy", show_progress=False))
 
 
-def write_config(folder, model, prefill_tp: int, timeout_s: float = 20.0):
+def write_config(folder, model, prefill_tp: int, timeout_s: float = 20.0, transport: str = "grpc"):
     data = {"model": str(model), "served_model_name": "tiny", "engine": ENGINE,
             "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25,
                             "heartbeat_timeout_s": 2.0, "startup_timeout_s": 180,
                             "limits": {"max_in_flight": 256},
                             "disaggregation": {"min_remote_prefill_tokens": MIN_REMOTE_TOKENS,
-                                               "max_prefill_in_flight": 64, "prefill_timeout_s": timeout_s}},
+                                               "max_prefill_in_flight": 64, "prefill_timeout_s": timeout_s,
+                                               "transport": transport}},
             "groups": [{"name": "prefill", "role": "prefill", "tp": prefill_tp},
                        {"name": "decode", "role": "decode"}]}
     path = folder / "cluster.yaml"
@@ -105,13 +107,14 @@ def assert_clean(statuses: dict) -> None:
 
 
 @needs_mpi
-@pytest.mark.parametrize("prefill_tp", [1, 2])
-def test_disaggregated_equals_offline_and_counts_remote_prefills(prefill_tp, model_folder, offline, tmp_path):
+@pytest.mark.parametrize("prefill_tp,transport", [(1, "grpc"), (2, "grpc"), (1, "tcp"), (2, "tcp")])
+def test_disaggregated_equals_offline_and_counts_remote_prefills(prefill_tp, transport, model_folder, offline,
+                                                                  tmp_path):
     batch = cases(64, seed=100 * prefill_tp)
     expected = references(offline, batch)
     tokenizer = offline.tokenizer
     num_long = sum(len(tokenizer.encode(c.text)) >= MIN_REMOTE_TOKENS for c in batch)
-    with running_cluster(write_config(tmp_path, model_folder, prefill_tp)) as served:
+    with running_cluster(write_config(tmp_path, model_folder, prefill_tp, transport=transport)) as served:
         stub = served.stub()
 
         async def run_all():
@@ -125,22 +128,27 @@ def test_disaggregated_equals_offline_and_counts_remote_prefills(prefill_tp, mod
         got = [t for r in responses for t in r.token_ids]
         assert got == want, f"{case.text!r}"
         assert {r.group for r in responses if r.group} == {"decode"}
-    print(f"prefill tp={prefill_tp}: {stats.remote_prefills} remote, {stats.local_prefills} local of {len(batch)}, "
-          f"{stats.kv_transfer_bytes} KV bytes in {stats.kv_transfer_s:.3f} s")
+    print(f"prefill tp={prefill_tp} over {transport}: {stats.remote_prefills} remote, {stats.local_prefills} local "
+          f"of {len(batch)}, {stats.kv_transfer_bytes} KV bytes in {stats.kv_transfer_s:.3f} s")
     assert (stats.remote_prefills, stats.local_prefills, stats.fallbacks) == (num_long, len(batch) - num_long, 0)
+    linked = transport != "grpc"
+    assert (stats.kv_link_transfers, stats.kv_links_opened) == (num_long if linked else 0, int(linked))
     assert 0 < num_long < len(batch)
     assert stats.kv_transfer_bytes > 0
     assert_clean(statuses)
 
 
 @needs_mpi
-def test_cancelled_handoffs_leak_nothing_and_a_killed_prefill_group_hangs_nothing(model_folder, offline, tmp_path):
+@pytest.mark.parametrize("transport", ["grpc", "tcp"])
+def test_cancelled_handoffs_leak_nothing_and_a_killed_prefill_group_hangs_nothing(transport, model_folder, offline,
+                                                                                   tmp_path):
     rng = random.Random(int(np.random.SeedSequence().entropy % 2**31))
     long_cases = [c for c in cases(400, seed=7) if len(offline.tokenizer.encode(c.text)) >= MIN_REMOTE_TOKENS]
     storm, survivors = long_cases[:200], long_cases[200:248]
     assert len(survivors) == 48
     expected = references(offline, survivors)
-    with running_cluster(write_config(tmp_path, model_folder, prefill_tp=1, timeout_s=10.0)) as served:
+    with running_cluster(write_config(tmp_path, model_folder, prefill_tp=1, timeout_s=10.0,
+                                      transport=transport)) as served:
         stub = served.stub()
 
         async def cancel_at_random(case: PromptCase):
@@ -156,6 +164,7 @@ def test_cancelled_handoffs_leak_nothing_and_a_killed_prefill_group_hangs_nothin
         after_storm = served.run(served.stats()).disaggregation
         assert_clean(statuses)
         assert after_storm.remote_prefills + after_storm.local_prefills > 0
+        assert after_storm.kv_link_transfers == (after_storm.remote_prefills if transport != "grpc" else 0)
 
         prefill_pid = served.cluster.launcher.processes["prefill"].process.pid
 
@@ -168,6 +177,7 @@ def test_cancelled_handoffs_leak_nothing_and_a_killed_prefill_group_hangs_nothin
 
         results = served.run(kill_prefill_midway(), 180)
         stats = served.run(served.stats()).disaggregation
+        assert served.cluster.api.disagg.links.open_links() == {}   # dropped with the dead group
         decode_status = served.run(wait_idle(served, ["decode"]))
     for case, want, (responses, code, details) in zip(survivors, expected, results):
         assert code == grpc.StatusCode.OK, details

@@ -40,6 +40,7 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, max_pending_kv_batches: int = 4096, stall_wait_s: float = 0.005):
         self._engine = engine
         model = engine.local.model
+        self.backend = model.backend
         self.limits = EngineLimits(vocab_size=model.config.vocab_size, max_model_len=engine.max_model_len,
                                    block_size_tokens=engine.config.block_size_tokens,
                                    num_kv_blocks=engine.num_kv_blocks,

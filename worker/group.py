@@ -131,14 +131,16 @@ class BroadcastingRunner:
     def collect(self, plan: StepPlan) -> StepResult:
         return self.runner.collect(plan)
 
-    def read_kv(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every KV head's K and V at `slots` (the ranks' slices joined)."""
+    def read_kv(self, slots: np.ndarray, to_host: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every KV head's K and V at `slots` (the ranks' slices joined over MPI: on the host
+        whatever `to_host` says)."""
         self._broadcast_bytes(np.ascontiguousarray(slots, dtype=np.int64).tobytes(), READ_KV)
         k, v = self.runner.read_kv(slots)
         return gather_heads(self.group, self.runner.config, k), gather_heads(self.group, self.runner.config, v)
 
     def write_kv(self, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """`k`, `v` hold every KV head; each rank writes its own slice."""
+        k, v = (x.get() if hasattr(x, "get") else x for x in (k, v))   # raw storage bits from a KV link
         buffer = io.BytesIO()
         np.savez(buffer, slots=np.asarray(slots, dtype=np.int64), k=k, v=v)
         self._broadcast_bytes(buffer.getvalue(), WRITE_KV)

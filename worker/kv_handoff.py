@@ -56,7 +56,7 @@ class KVHandoff:
                 continue
             if request.num_computed_tokens + int(num_tokens) >= request.num_prompt_tokens:
                 slots = self.slots(request_id, start, request.num_prompt_tokens)
-                k, v = self.runner.read_kv(slots)
+                k, v = self.runner.read_kv(slots, to_host=False)   # a KV link sends from the GPU
                 self._exports[request_id] = KVExport(start, k, v)
                 del self._export_from[request_id]
 

@@ -88,10 +88,13 @@ class ModelRunner:
 
     def read_kv(self, slots: np.ndarray, to_host: bool = True) -> tuple[Any, Any]:
         """This rank's K and V at cache `slots` (block * block_size + offset), [num_layers,
-        num_slots, num_kv_heads, head_dim] each, in the storage dtype; one gather for all layers."""
+        num_slots, num_kv_heads, head_dim] each, in the storage dtype; one gather for all layers.
+        `to_host=False` leaves them on the GPU (a KV link sends them from there)."""
         rows = self.backend.ops.gather_cache_rows(self.kv.k + self.kv.v, self.backend.xp.asarray(slots))
-        if to_host and self.backend.name != "numpy":
-            rows = rows.get()
+        if self.backend.name != "numpy":
+            # On the GPU the rows are complete before another thread (a KV link's) reads them.
+            rows = rows.get() if to_host else rows
+            self.backend.xp.cuda.get_current_stream().synchronize()
         num_layers = len(self.kv.k)
         return rows[:num_layers], rows[num_layers:]
 

@@ -136,7 +136,8 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
     engine_loop.start()
     limits = config.coordinator.limits
     identity = WorkerIdentity(spec.name, config.served_model_name, limits.default_max_tokens, limits.max_tokens)
-    service = WorkerService(engine_loop, identity, limits.max_message_bytes)
+    service = WorkerService(engine_loop, identity, limits.max_message_bytes,
+                            link_host=args.advertise_host or args.host, link_timeout_s=spec.engine.remote_kv_timeout_s)
     try:
         server = await start_worker_server(service, args.host, args.port, limits.max_message_bytes)
     except (OSError, RuntimeError) as err:

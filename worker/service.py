@@ -26,7 +26,9 @@ from shardline.worker.engine import EngineOutput
 from shardline.worker.engine_loop import EngineLoop
 from shardline.worker.engine_streams import (EngineFailed, EngineLimits, EngineStatus, EngineStopped, KVEventBatch,
                                              RequestIdInUse, RequestStream, SubscriberLagged)
-from shardline.worker.kv_transfer import KVAssembler, KVPusher, kv_chunks
+from shardline.worker.kv_link import KVLinks, LinkBroken
+from shardline.worker.kv_transfer import (KVAssembler, KVPusher, commit_chunk, kv_chunks, link_header,
+                                          receive_over_link)
 from shardline.worker.proto_convert import (finish_reason_to_proto, logprobs_from_proto, logprobs_to_proto,
                                             sampling_params_from_proto)
 from shardline.worker.sampling_params import SamplingParams
@@ -113,16 +115,21 @@ def validate_prefill(request: worker_pb2.PrefillRequest, limits: EngineLimits,
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine_loop: EngineLoop, identity: WorkerIdentity, max_message_bytes: int = 4 << 20):
+    def __init__(self, engine_loop: EngineLoop, identity: WorkerIdentity, max_message_bytes: int = 4 << 20,
+                 link_host: str = "127.0.0.1", link_timeout_s: float = 30.0):
         self._engine_loop = engine_loop
         self._identity = identity
         self._reservations: dict[str, tuple[int, int]] = {}   # request id -> (first pushed token, prompt length)
         self._pusher = KVPusher(max_message_bytes)
+        self._links = KVLinks(engine_loop.backend, link_host, link_timeout_s)
 
     def status(self) -> worker_pb2.WorkerStatus:
-        return status_to_proto(self._engine_loop.status(), self._engine_loop.limits, self._identity)
+        status = status_to_proto(self._engine_loop.status(), self._engine_loop.limits, self._identity)
+        status.kv_transports.extend(self._links.transports())
+        return status
 
     async def close(self) -> None:
+        self._links.close_all()
         await self._pusher.close()
 
     async def _start(self, context: grpc.aio.ServicerContext, request, validate, **options) -> RequestStream:
@@ -182,44 +189,89 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                                           f"{last.error or 'no detail'})")
         first = last.new_token_ids[0]
         first_logprobs = logprobs_to_proto(first, last.logprobs[0]) if last.logprobs else None
-        chunks = kv_chunks(request.decode_request_id, last.kv_export, first, first_logprobs)
+        # A failed push is the decode group's or the link's, not ours: FAILED_PRECONDITION keeps us healthy.
         try:
-            num_bytes, transfer_s = await self._pusher.push(request.decode_address, chunks)
-        except grpc.aio.AioRpcError as err:   # the decode group's failure, not ours: we stay healthy
+            if request.kv_link_id:
+                export, link = last.kv_export, self._links.get(request.kv_link_id)
+                num_bytes, transfer_s = await self._pusher.push_over_link(
+                    request.decode_address, self._links, link,
+                    link_header(request.decode_request_id, export, request.kv_link_id), [export.k, export.v],
+                    commit_chunk(request.decode_request_id, first, first_logprobs))
+            else:
+                chunks = kv_chunks(request.decode_request_id, last.kv_export, first, first_logprobs)
+                num_bytes, transfer_s = await self._pusher.push(request.decode_address, chunks)
+        except grpc.aio.AioRpcError as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"decode_address {request.decode_address}: {err.code().name}: {err.details()}")
+        except (KeyError, LinkBroken) as err:   # ABORTED: the coordinator drops the link and opens a new one
+            await context.abort(grpc.StatusCode.ABORTED, f"kv_link_id: {err.args[0]}")
         return worker_pb2.PrefillResponse(first_token_id=first, num_kv_bytes=num_bytes, transfer_s=transfer_s,
                                           num_cached_tokens=last.num_cached_tokens)
 
     async def PushKV(self, request_iterator: AsyncIterator[worker_pb2.KVChunk],
                      context: grpc.aio.ServicerContext) -> worker_pb2.PushKVResponse:
-        assembler, commit = None, None
+        chunks = aiter(request_iterator)
         try:
-            async for chunk in request_iterator:
-                if assembler is None:
-                    request_id, assembler = chunk.request_id, self._assembler(chunk.request_id)
-                elif chunk.request_id != request_id:
-                    raise ValueError(f"request_id: chunk for {chunk.request_id!r} in the stream of {request_id!r}")
-                if chunk.commit:
-                    commit = chunk
-                    break
-                assembler.add(chunk)
-            if commit is None:
+            header = await anext(chunks, None)
+            if header is None:
                 raise ValueError("commit: the stream ended without a commit chunk")
+            if header.link_id:
+                start_token, k, v, commit = await self._receive_over_link(header, chunks)
+            else:
+                start_token, k, v, commit = await self._receive_chunks(header, chunks)
             if commit.first_token_id >= self._engine_loop.limits.vocab_size:
                 raise ValueError(f"first_token_id: {commit.first_token_id} is not below the vocabulary size "
                                  f"{self._engine_loop.limits.vocab_size}")
-            assembler.check_complete()
             logprobs = logprobs_from_proto(commit.first_logprobs) if commit.has_logprobs else None
-            await self._engine_loop.commit_remote_kv(commit.request_id, assembler.start_token, assembler.k,
-                                                     assembler.v, commit.first_token_id, logprobs)
+            await self._engine_loop.commit_remote_kv(commit.request_id, start_token, k, v, commit.first_token_id,
+                                                     logprobs)
         except KeyError as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, err.args[0])
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except LinkBroken as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"link_id: {err}")
         except (EngineStopped, EngineFailed) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        return worker_pb2.PushKVResponse(num_bytes=assembler.num_bytes)
+        return worker_pb2.PushKVResponse(num_bytes=k.nbytes + v.nbytes)
+
+    async def _receive_chunks(self, first: worker_pb2.KVChunk, chunks: AsyncIterator[worker_pb2.KVChunk]):
+        """(start token, k, v, commit chunk) of a stream that carries the bytes itself."""
+        request_id, chunk = first.request_id, first
+        assembler = self._assembler(request_id)
+        while not chunk.commit:
+            assembler.add(chunk)
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                raise ValueError("commit: the stream ended without a commit chunk")
+            if chunk.request_id != request_id:
+                raise ValueError(f"request_id: chunk for {chunk.request_id!r} in the stream of {request_id!r}")
+        assembler.check_complete()
+        return assembler.start_token, assembler.k, assembler.v, chunk
+
+    async def _receive_over_link(self, header: worker_pb2.KVChunk, chunks: AsyncIterator[worker_pb2.KVChunk]):
+        """(start token, k, v, commit chunk) of a stream whose bytes come over a pair link."""
+        limits = self._engine_loop.limits
+        k, v = await receive_over_link(self._links, header, self._reservations.get(header.request_id),
+                                       limits.kv_shape, limits.kv_dtype, limits.max_model_len)
+        commit = await anext(chunks, None)
+        if commit is None or not commit.commit or commit.request_id != header.request_id:
+            raise ValueError(f"commit: the link's transfer of {header.request_id!r} was not followed by its commit")
+        return header.start_token, k, v, commit
+
+    async def OpenKVLink(self, request: worker_pb2.OpenKVLinkRequest,
+                         context: grpc.aio.ServicerContext) -> worker_pb2.OpenKVLinkResponse:
+        try:
+            unique_id = await self._links.open(request.link_id, request.transport, request.rank, request.unique_id)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except LinkBroken as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return worker_pb2.OpenKVLinkResponse(unique_id=unique_id)
+
+    async def CloseKVLink(self, request: worker_pb2.CloseKVLinkRequest,
+                          context: grpc.aio.ServicerContext) -> worker_pb2.CloseKVLinkResponse:
+        return worker_pb2.CloseKVLinkResponse(found=self._links.close(request.link_id))
 
     def _assembler(self, request_id: str) -> KVAssembler:
         """KeyError when the request holds no reservation here."""

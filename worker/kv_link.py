@@ -1,0 +1,289 @@
+"""Pair links for the KV hand-off between two engine groups' leaders.
+
+A link joins a prefill group's leader (rank 0, sends) and a decode group's
+leader (rank 1, receives). It carries a request's prompt K and V as raw
+arrays, k then v, while the control messages (a header naming the request,
+its tokens and layers, then the commit with the first token) stay on the
+PushKV stream. Transports:
+
+- `nccl`: a two-rank NCCL communicator on the leaders' GPUs. Rank 1 makes
+  the unique id; the coordinator hands it to rank 0. Arrays are cupy arrays,
+  moved as bytes on the link's own stream.
+- `tcp`: one TCP connection; rank 1 listens, and its address is the unique
+  id. Host arrays. For CPU backends, and to run the protocol in CI.
+
+One transfer at a time per link: the sender holds `Link.lock` from header
+to commit, so both sides agree whose bytes are on the wire. Every wait has
+a deadline. A link that misses one, or breaks, raises `LinkBroken` and is
+closed, and both sides forget it; the coordinator opens a fresh one at the
+next hand-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+import numpy as np
+
+from shardline.kernels.backend import Backend
+
+TRANSPORTS = ("nccl", "tcp")
+POLL_S = 1e-4
+
+
+class LinkBroken(RuntimeError):
+    pass
+
+
+def _deadline_left(deadline: float, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise LinkBroken(f"{what}: no progress before the deadline")
+    return left
+
+
+class TcpLink:
+    """Rank 1 listens on `host` (port chosen by the OS) and accepts once, in the background."""
+
+    def __init__(self, conn_future: Future, listener: socket.socket | None = None):
+        self._conn_future, self._listener = conn_future, listener
+
+    @classmethod
+    def listen(cls, host: str, accept_timeout_s: float) -> tuple[bytes, TcpLink]:
+        listener = socket.create_server((host, 0))
+        listener.settimeout(accept_timeout_s)
+        future: Future = Future()
+
+        def accept() -> None:
+            try:
+                conn, _ = listener.accept()
+                future.set_result(conn)
+            except OSError as err:
+                future.set_exception(LinkBroken(f"tcp link: no peer connected ({err})"))
+            finally:
+                listener.close()
+
+        threading.Thread(target=accept, name="kv-link-accept", daemon=True).start()
+        address = f"{host}:{listener.getsockname()[1]}"
+        return address.encode(), cls(future, listener)
+
+    @classmethod
+    def connect(cls, unique_id: bytes, timeout_s: float) -> TcpLink:
+        host, _, port = unique_id.decode().rpartition(":")
+        future: Future = Future()
+        future.set_result(socket.create_connection((host, int(port)), timeout=timeout_s))
+        return cls(future)
+
+    def _conn(self, deadline: float) -> socket.socket:
+        try:
+            conn = self._conn_future.result(timeout=_deadline_left(deadline, "tcp link: connect"))
+        except TimeoutError:
+            raise LinkBroken("tcp link: the peer never connected") from None
+        conn.settimeout(_deadline_left(deadline, "tcp link"))
+        return conn
+
+    def send(self, arrays: Sequence[Any], timeout_s: float) -> None:
+        conn = self._conn(time.monotonic() + timeout_s)
+        try:
+            for array in arrays:
+                host = array.get() if hasattr(array, "get") else array   # a GPU export over tcp
+                conn.sendall(memoryview(np.ascontiguousarray(host)).cast("B"))
+        except OSError as err:
+            raise LinkBroken(f"tcp link: send failed ({err})") from None
+
+    def recv(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype, timeout_s: float) -> list[np.ndarray]:
+        conn = self._conn(time.monotonic() + timeout_s)
+        arrays = [np.empty(shape, dtype) for shape in shapes]
+        try:
+            for array in arrays:
+                view, got = memoryview(array).cast("B"), 0
+                while got < len(view):
+                    n = conn.recv_into(view[got:])
+                    if n == 0:
+                        raise LinkBroken("tcp link: the peer closed the connection")
+                    got += n
+        except OSError as err:
+            raise LinkBroken(f"tcp link: recv failed ({err})") from None
+        return arrays
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self._conn_future.done() and self._conn_future.exception() is None:
+            conn = self._conn_future.result()
+            try:
+                conn.shutdown(socket.SHUT_RDWR)   # wakes a thread blocked in recv or send (close alone does not)
+            except OSError:
+                pass
+            conn.close()
+
+
+class NcclLink:
+    """A two-rank NCCL communicator on `backend`'s GPU; construction blocks until both ranks join."""
+
+    def __init__(self, backend: Backend, rank: int, unique_id: bytes):
+        from cupy.cuda import nccl
+
+        from shardline.parallel.nccl_communicator import unique_id_from_bytes
+        self._backend, self._nccl, self.rank = backend, nccl, rank
+        backend.activate()
+        self._comm = nccl.NcclCommunicator(2, unique_id_from_bytes(unique_id), rank)
+        self._stream = backend.xp.cuda.Stream(non_blocking=True)
+
+    @staticmethod
+    def make_unique_id() -> bytes:
+        from cupy.cuda import nccl
+
+        from shardline.parallel.nccl_communicator import unique_id_to_bytes
+        return unique_id_to_bytes(nccl.get_unique_id())
+
+    def _bytes(self, array: Any) -> Any:
+        return self._backend.xp.ascontiguousarray(self._backend.xp.asarray(array)).view(self._backend.xp.uint8)
+
+    def send(self, arrays: Sequence[Any], timeout_s: float) -> None:
+        self._backend.activate()
+        with self._stream:
+            for array in arrays:
+                data = self._bytes(array)
+                self._comm.send(data.data.ptr, data.size, self._nccl.NCCL_UINT8, 1 - self.rank, self._stream.ptr)
+        self._wait(time.monotonic() + timeout_s, "nccl link: send")
+
+    def recv(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype, timeout_s: float) -> list[Any]:
+        self._backend.activate()
+        xp = self._backend.xp
+        with self._stream:
+            arrays = [xp.empty(shape, dtype) for shape in shapes]
+            for array in arrays:
+                data = array.view(xp.uint8)
+                self._comm.recv(data.data.ptr, data.size, self._nccl.NCCL_UINT8, 1 - self.rank, self._stream.ptr)
+        self._wait(time.monotonic() + timeout_s, "nccl link: recv")
+        return arrays
+
+    def _wait(self, deadline: float, what: str) -> None:
+        done = self._stream.record()
+        while not done.done:
+            if time.monotonic() > deadline:
+                self._comm.abort()   # unblocks the stuck send/recv; the link is gone
+                raise LinkBroken(f"{what}: the peer did not match it before the deadline")
+            time.sleep(POLL_S)
+
+    def close(self) -> None:
+        try:
+            self._comm.abort()   # never blocks, unlike destroy, on a peer that is gone
+        except Exception:  # already aborted or broken: nothing left to free
+            pass
+
+
+class Link:
+    """One link and its transfer lock; `ready` resolves to the transport object once both ranks joined."""
+
+    def __init__(self, link_id: str, transport: str, rank: int):
+        self.link_id, self.transport, self.rank = link_id, transport, rank
+        self.ready: Future = Future()
+        self.lock = asyncio.Lock()
+
+    def _endpoint(self, timeout_s: float) -> Any:
+        try:
+            return self.ready.result(timeout=timeout_s)
+        except TimeoutError:
+            raise LinkBroken(f"link {self.link_id}: the peer never joined") from None
+        except LinkBroken:
+            raise
+        except Exception as err:
+            raise LinkBroken(f"link {self.link_id}: {type(err).__name__}: {err}") from None
+
+    def send(self, arrays: Sequence[Any], timeout_s: float) -> None:
+        self._endpoint(timeout_s).send(arrays, timeout_s)
+
+    def recv(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype, timeout_s: float) -> list[Any]:
+        return self._endpoint(timeout_s).recv(shapes, dtype, timeout_s)
+
+    def close(self) -> None:
+        if self.ready.done() and self.ready.exception() is None:
+            self.ready.result().close()
+        else:
+            self.ready.add_done_callback(lambda f: f.exception() is None and f.result().close())
+
+
+class KVLinks:
+    """A leader's open links by id. `host`: the address a tcp link listens on."""
+
+    def __init__(self, backend: Backend, host: str, timeout_s: float):
+        self._backend, self._host, self.timeout_s = backend, host, timeout_s
+        self._links: dict[str, Link] = {}
+
+    def transports(self) -> list[str]:
+        return ["nccl", "tcp"] if self._backend.name == "cuda" else ["tcp"]
+
+    async def open(self, link_id: str, transport: str, rank: int, unique_id: bytes) -> bytes:
+        """Rank 1 returns the unique id at once and joins in the background; rank 0 returns
+        once joined. ValueError names the bad field; LinkBroken when joining fails."""
+        if not link_id:
+            raise ValueError("link_id must be set")
+        if transport not in self.transports():
+            raise ValueError(f"transport {transport!r} is not one this leader opens ({', '.join(self.transports())})")
+        if rank not in (0, 1):
+            raise ValueError(f"rank must be 0 (sender) or 1 (receiver), got {rank}")
+        if rank == 0 and not unique_id:
+            raise ValueError("unique_id must be set on rank 0")
+        self.close(link_id)
+        link = self._links[link_id] = Link(link_id, transport, rank)
+        if rank == 1:
+            unique_id = self._listen(link, transport)
+        else:
+            try:
+                endpoint = await asyncio.to_thread(self._join, transport, unique_id)
+            except Exception as err:
+                self._links.pop(link_id, None)
+                raise LinkBroken(f"link {link_id}: joining failed: {type(err).__name__}: {err}") from None
+            link.ready.set_result(endpoint)
+        return unique_id
+
+    def _listen(self, link: Link, transport: str) -> bytes:
+        if transport == "tcp":
+            unique_id, endpoint = TcpLink.listen(self._host, self.timeout_s)
+            link.ready.set_result(endpoint)
+            return unique_id
+        unique_id = NcclLink.make_unique_id()
+
+        def join() -> None:
+            try:
+                link.ready.set_result(NcclLink(self._backend, 1, unique_id))
+            except Exception as err:
+                link.ready.set_exception(err)
+
+        threading.Thread(target=join, name=f"kv-link-{link.link_id}", daemon=True).start()
+        return unique_id
+
+    def _join(self, transport: str, unique_id: bytes) -> Any:
+        if transport == "tcp":
+            return TcpLink.connect(unique_id, self.timeout_s)
+        return NcclLink(self._backend, 0, unique_id)
+
+    def get(self, link_id: str) -> Link:
+        """KeyError naming the field when no such link is open here."""
+        link = self._links.get(link_id)
+        if link is None:
+            raise KeyError(f"link_id: no KV link {link_id!r} is open here")
+        return link
+
+    def close(self, link_id: str) -> bool:
+        link = self._links.pop(link_id, None)
+        if link is not None:
+            link.close()
+        return link is not None
+
+    def has(self, link_id: str) -> bool:
+        return link_id in self._links
+
+    def close_all(self) -> None:
+        for link_id in list(self._links):
+            self.close(link_id)
+
+    def __len__(self) -> int:
+        return len(self._links)
