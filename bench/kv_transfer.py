@@ -13,6 +13,11 @@ an LLMEngine with a paged KV cache. Measured in one run:
   rows gathered from the paged cache into one buffer (one kernel), sent, and
   scattered into the blocks rank 1 reserved (LLMEngine.reserve_remote_kv),
   timed on rank 1 from the start signal to the last block written;
+- the served transport's data path (worker/kv_link.py): the prompt's K and V
+  read from rank 0's paged cache for all layers at once (ModelRunner.read_kv,
+  left on the GPU), sent k then v over an NcclLink (the two-rank pair
+  communicator the coordinator brokers between groups), received into fresh
+  buffers and committed into rank 1's reservation (LLMEngine.commit_remote_kv);
 - TTFT for each --prompts length: mixed (rank 1 prefills and samples the
   first token itself) against disaggregated (rank 0 prefills in chunks and
   sends each chunk's KV on a second stream while the next chunk computes;
@@ -179,6 +184,39 @@ def move_only(comm, mpi, rank: int, engine, prompt: list[int], chunk: int) -> fl
     return elapsed
 
 
+def served_link_only(link, mpi, rank: int, engine, prompt: list[int]) -> float:
+    """What a served hand-off over an NCCL pair link moves, timed on rank 1 to the commit."""
+    import cupy
+    from shardline.worker.sampling_params import SamplingParams
+    config = engine.local.model.config
+    shape = (config.num_layers, len(prompt), config.num_kv_heads, config.head_dim)
+    if rank == 0:
+        first = prefill_only(engine, "s", prompt)
+    else:
+        engine.reserve_remote_kv("s", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    cupy.cuda.Device().synchronize()
+    mpi.Barrier()
+    start = time.perf_counter()
+    if rank == 0:
+        k, v = engine.runner.read_kv(engine.handoff.slots("s", 0, len(prompt)), to_host=False)
+        link.send([k, v], 60.0)
+        mpi.send(first, dest=1)
+    else:
+        k, v = link.recv([shape, shape], np.dtype(engine.local.model.backend.storage_dtype), 60.0)
+        engine.commit_remote_kv("s", 0, k, v, mpi.recv(source=0))
+        cupy.cuda.Device().synchronize()
+    elapsed = time.perf_counter() - start
+    drop(engine, "s")
+    return elapsed
+
+
+def open_nccl_link(mpi, rank: int, backend):
+    """The pair link of worker/kv_link.py, its unique id passed over MPI instead of the coordinator."""
+    from shardline.worker.kv_link import NcclLink
+    unique_id = mpi.bcast(NcclLink.make_unique_id() if rank == 1 else None, root=1)
+    return NcclLink(backend, rank, unique_id)
+
+
 def run(args) -> None:
     import cupy
     from mpi4py import MPI
@@ -195,6 +233,8 @@ def run(args) -> None:
     disaggregated(comm, mpi, rank, engine, prompt, args.chunk, overlap=True)   # warm-up
     move_only(comm, mpi, rank, engine, prompt, args.chunk)
     move_s = min(move_only(comm, mpi, rank, engine, prompt, args.chunk) for _ in range(3))
+    link = open_nccl_link(mpi, rank, backend)
+    served_s = min(served_link_only(link, mpi, rank, engine, prompt) for _ in range(4))
     rows = []
     for length in args.prompts:
         prompt = rng.integers(0, 128256, length).tolist()
@@ -211,6 +251,7 @@ def run(args) -> None:
               "chunk_tokens": args.chunk, "transfer_tokens": args.transfer_tokens, "kv_bytes": transfer_bytes,
               "link_peak_GBps": GIB / peak_s / 1e9, "plain_send_GBps": transfer_bytes / plain_s / 1e9,
               "plain_send_s": plain_s, "handoff_move_s": move_s, "handoff_move_GBps": transfer_bytes / move_s / 1e9,
+              "served_link_s": served_s, "served_link_GBps": transfer_bytes / served_s / 1e9,
               "ttft": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -229,6 +270,10 @@ def print_table(r: dict) -> None:
     print(f"| hand-off: gather from paged cache, send per {r['chunk_tokens']}-token chunk, scatter into "
           f"reserved blocks | {1e3 * r['handoff_move_s']:.2f} | {r['handoff_move_GBps']:.1f} | "
           f"{r['handoff_move_GBps'] / peak:.2f} |")
+    if "served_link_s" in r:
+        print(f"| served pair link: read all layers from the cache, NcclLink send k and v, commit into the "
+              f"reservation | {1e3 * r['served_link_s']:.2f} | {r['served_link_GBps']:.1f} | "
+              f"{r['served_link_GBps'] / peak:.2f} |")
     print("\n| prompt tokens | TTFT mixed ms | TTFT disaggregated ms | prefill on rank 0 ms | disagg / mixed |")
     print("|---|---|---|---|---|")
     for row in r["ttft"]:
