@@ -4,6 +4,7 @@ NVRTC, and host-side dtype and shape checks. No kernel launches here.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import cupy
 import numpy as np
 
+log = logging.getLogger(__name__)
 _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
 _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
@@ -24,6 +26,7 @@ _KERNELS = {
     "norms": {"rms_norm_kernel": _STORAGE, "layer_norm_kernel": _STORAGE, "softmax_kernel": _STORAGE,
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
+    "flash_attention": {"flash_prefill_kernel": ("__half", "__nv_bfloat16")},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -39,6 +42,19 @@ _MAX_GRID_Y = 65535
 # (head, query) blocks than this: decode batches fill the GPU, prefill needs no split.
 _ATTENTION_TARGET_BLOCKS = 8192
 _MAX_ATTENTION_SPLITS = 32
+# Tensor-core prefill attention (flash_attention.cu): bf16/fp16 paged launches whose
+# rows average at least this many queries per sequence, head_dim a multiple of 16 up to 128.
+_FLASH_MIN_QUERIES_PER_SEQ = 16
+_FLASH_BQ, _FLASH_BK, _FLASH_THREADS, _FLASH_MAX_HEAD_DIM = 64, 64, 128, 128
+# Modules whose failure to compile only turns their kernels off (with a warning).
+_OPTIONAL_MODULES = frozenset({"flash_attention"})
+
+
+def flash_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of flash_prefill_kernel: Q, K, V and P tiles in the
+    storage type, the scores and the output rows in float32."""
+    return (_FLASH_BQ * head_dim + 2 * _FLASH_BK * head_dim + _FLASH_BQ * _FLASH_BK) * 2 \
+        + (_FLASH_BQ * _FLASH_BK + _FLASH_BQ * head_dim) * 4
 
 
 def _include_options() -> tuple[str, ...]:
@@ -66,8 +82,13 @@ def _compile_kernels() -> dict:
         names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}
         source = common + "\n" + (_KERNEL_DIR / f"{module_name}.cu").read_text()
         module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
-        for key, expression in names.items():
-            functions[key] = module.get_function(expression)
+        try:
+            for key, expression in names.items():
+                functions[key] = module.get_function(expression)   # compiles the module
+        except cupy.cuda.compiler.CompileException as err:
+            if module_name not in _OPTIONAL_MODULES:
+                raise
+            log.warning("%s.cu did not compile; its kernels are off: %s", module_name, str(err)[:2000])
     return functions
 
 

@@ -236,6 +236,30 @@ def test_paged_attention(ops, rng, dtype, block_size, window):
     assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 16, None), (80, 5, None),
+                                                        (64, 16, 37), (128, 1, 100)])
+def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window):
+    """The tensor-core prefill kernel (chunks of long prefills, one decode row and an
+    idle sequence in the launch, one padding row) against the float64 reference."""
+    heads, kv_heads = 8, 2
+    seq_lens = np.array([300, 64, 130, 90, 12], dtype=np.int32)
+    new_tokens = np.array([130, 64, 1, 77, 0], dtype=np.int32)
+    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
+    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
+    num_tokens = int(qsl[-1])
+    q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
+    assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
+    scale = 1 / math.sqrt(head_dim)
+    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                              cupy.asarray(qsl), scale, window)
+    ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
+    assert_close(ops, out[:num_tokens], ref, dtype, "flash prefill")
+    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kv_cache_writes_and_block_copies(ops, rng, dtype):
     num_blocks, block_size, kv_heads, heads, head_dim, tokens = 7, 4, 2, 6, 64, 9
