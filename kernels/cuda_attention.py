@@ -67,30 +67,39 @@ class AttentionOps:
                           np.int32(num_heads), np.int32(head_dim), np.int32(num_splits)))
         return out
 
+    def _allow_flash_shared_memory(self) -> None:
+        """The flash kernel's shared memory is above the default 48 KiB: opt in once, up
+        front (never during a CUDA-graph capture)."""
+        for ctype in ("__half", "__nv_bfloat16"):
+            kernel = self._functions.get(("flash_prefill_kernel", ctype))
+            if kernel is not None:
+                kernel.max_dynamic_shared_size_bytes = flash_smem_bytes(_FLASH_MAX_HEAD_DIM)
+
     def flash_applies(self, q, k_cache, v_cache, num_seqs: int) -> bool:
-        """Whether a paged launch runs the tensor-core prefill kernel: bf16 or fp16, head_dim
-        a multiple of 16 up to 128, 16-byte aligned rows, prefill-like (many queries a sequence)."""
-        head_dim = q.shape[2]
+        """Whether a paged launch runs the tensor-core kernel: bf16 or fp16, head_dim a multiple
+        of 16 up to 128, 16-byte aligned rows, and either prefill-like (the G heads of a KV head
+        times the queries average a warp's 16 rows a sequence) or a decode batch with at
+        least two blocks (sequence, KV head) per multiprocessor. The thresholds are first
+        guesses, to be tuned with bench/llm.py."""
+        head_dim, num_kv_heads = q.shape[2], k_cache.shape[2]
+        group = q.shape[1] // max(num_kv_heads, 1)
+        prefill_like = q.shape[0] * group >= _FLASH_MIN_QUERIES_PER_SEQ * max(num_seqs, 1)
+        wide_decode = num_seqs * num_kv_heads >= 2 * self._multiprocessors
         return (self.use_flash and ("flash_prefill_kernel", _ctype(q, "q")) in self._functions
-                and head_dim % 16 == 0 and head_dim <= _FLASH_MAX_HEAD_DIM
-                and q.shape[0] >= _FLASH_MIN_QUERIES_PER_SEQ * max(num_seqs, 1)
+                and head_dim % 16 == 0 and head_dim <= _FLASH_MAX_HEAD_DIM and (prefill_like or wide_decode)
                 and all(a.data.ptr % 16 == 0 for a in (q, k_cache, v_cache)))
 
     def _flash_prefill(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
-        ctype, (num_heads, head_dim) = _ctype(q, "q"), q.shape[1:]
-        smem = flash_smem_bytes(head_dim)
-        if (ctype, smem) not in self._flash_smem_set:   # above the default 48 KiB: opt in once
-            kernel = self._functions["flash_prefill_kernel", ctype]
-            kernel.max_dynamic_shared_size_bytes = max(kernel.max_dynamic_shared_size_bytes, smem)
-            self._flash_smem_set.add((ctype, smem))
+        ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
         out = cupy.zeros_like(q)   # rows past the last sequence stay zero
-        # An upper bound on the query tiles: blocks past the last one exit.
-        grid = (-(-q.shape[0] // _FLASH_BQ) + seq_lens.size, num_heads)
+        # An upper bound on the tiles of packed (query, head of the group) rows: blocks past the last exit.
+        group = num_heads // num_kv_heads
+        grid = (-(-q.shape[0] * group // _FLASH_BQ) + seq_lens.size, num_kv_heads)
         self._launch("flash_prefill_kernel", ctype, grid, (_FLASH_THREADS,),
                      (q, k_cache, v_cache, out, tables, np.int32(tables.shape[-1]), np.int32(k_cache.shape[1]),
                       seq_lens, query_start_loc, np.int32(seq_lens.size), np.int32(num_heads),
-                      np.int32(k_cache.shape[2]), np.int32(head_dim), np.float32(scale),
-                      np.int32(sliding_window or 0)), shared_mem=smem)
+                      np.int32(num_kv_heads), np.int32(head_dim), np.float32(scale),
+                      np.int32(sliding_window or 0)), shared_mem=flash_smem_bytes(head_dim))
         return out
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):

@@ -53,8 +53,9 @@ class CudaOps(AttentionOps, SamplingOps):
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
+            self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+            self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
-        self._flash_smem_set: set[tuple[str, int]] = set()   # (ctype, bytes) opted in above 48 KiB
 
     def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0) -> None:
         if 0 in grid:

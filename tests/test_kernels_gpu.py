@@ -260,6 +260,26 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window):
     assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paged_flash_decode_batch(ops, rng, dtype):
+    """A decode batch wide enough for the tensor-core kernel (the 4 heads of each KV head
+    packed into one tile's rows), Llama-3-8B's head layout, ragged contexts."""
+    heads, kv_heads, head_dim, block_size, batch = 32, 8, 128, 16, 48
+    seq_lens = rng.integers(1, 700, batch).astype(np.int32)
+    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
+    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    qsl = np.arange(batch + 1, dtype=np.int32)
+    q, q64 = random_input(ops, rng, (batch + 1, heads, head_dim), dtype)
+    assert ops.flash_applies(q, k_cache, v_cache, batch)
+    scale = 1 / math.sqrt(head_dim)
+    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                              cupy.asarray(qsl), scale)
+    ref = numpy_ops.paged_attention(q64[:batch], k64, v64, tables, seq_lens, qsl, scale)
+    assert_close(ops, out[:batch], ref, dtype, "flash decode")
+    assert not ops.to_host(out[batch]).any(), "the padding row must come back zero"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kv_cache_writes_and_block_copies(ops, rng, dtype):
     num_blocks, block_size, kv_heads, heads, head_dim, tokens = 7, 4, 2, 6, 64, 9
