@@ -8,8 +8,6 @@ the launch has few rows. Same meaning as numpy_ops; no host sync.
 
 from __future__ import annotations
 
-import os
-
 import cupy
 import numpy as np
 
@@ -28,11 +26,12 @@ from shardline.kernels.cuda_common import (
     _in_place,
     _same_dtype,
     flash_smem_bytes,
+    kernels_off,
 )
 
 
 class AttentionOps:
-    use_flash = not os.environ.get("SHARDLINE_NO_FLASH")   # a switch for A/B runs
+    use_flash = "flash" not in kernels_off()
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
         # single: (num_q, seq_len) of one contiguous sequence, else None (paged)

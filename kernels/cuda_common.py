@@ -27,6 +27,8 @@ _KERNELS = {
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_prefill_kernel": ("__half", "__nv_bfloat16")},
+    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
+                                                for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -47,7 +49,14 @@ _MAX_ATTENTION_SPLITS = 32
 _FLASH_MIN_QUERIES_PER_SEQ = 16
 _FLASH_BQ, _FLASH_BK, _FLASH_THREADS, _FLASH_MAX_HEAD_DIM = 64, 64, 128, 128
 # Modules whose failure to compile only turns their kernels off (with a warning).
-_OPTIONAL_MODULES = frozenset({"flash_attention"})
+_OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
+# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
+_SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 16, 256
+
+
+def kernels_off() -> frozenset[str]:
+    """Kernels switched off for A/B runs: SHARDLINE_KERNELS_OFF=flash,skinny_gemm."""
+    return frozenset(filter(None, os.environ.get("SHARDLINE_KERNELS_OFF", "").replace(" ", "").split(",")))
 
 
 def flash_smem_bytes(head_dim: int) -> int:

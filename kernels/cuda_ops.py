@@ -35,9 +35,13 @@ from shardline.kernels.cuda_common import (
     _row_threads,
     _row_word,
     _rows,
+    _SKINNY_MAX_ROWS,
+    _SKINNY_ROWS_PER_BLOCK,
+    _SKINNY_THREADS,
     _same_dtype,
     _word,
     bf16_bits,
+    kernels_off,
 )
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_sampling import SamplingOps
@@ -46,6 +50,7 @@ from shardline.kernels.gemm import CublasGemm
 
 class CudaOps(AttentionOps, SamplingOps):
     name = "cuda"
+    use_skinny_gemm = "skinny_gemm" not in kernels_off()
 
     def __init__(self, device_id: int = 0):
         self.device_id = device_id
@@ -217,11 +222,21 @@ class CudaOps(AttentionOps, SamplingOps):
                 raise ValueError(f"linear: bias {bias.shape} must be ({num_out},)")
             self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
                          (bias, out, np.int64(x2.shape[0]), np.int32(num_out)))
-        if out.size and x2.shape[1]:
+        if out.size and x2.shape[1] and self._skinny_applies(x2, weight):
+            self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}", (-(-num_out // _SKINNY_ROWS_PER_BLOCK),),
+                         (_SKINNY_THREADS,), (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]),
+                                              np.int32(bias is not None)))
+        elif out.size and x2.shape[1]:
             self._gemm.matmul_nt(x2, weight, out, accumulate=bias is not None)
         elif bias is None:
             out.fill(0)  # an empty sum
         return out.reshape(x.shape[:-1] + (num_out,))
+
+    def _skinny_applies(self, x2, weight) -> bool:
+        """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""
+        return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
+                and ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}") in self._functions
+                and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
     def add(self, a, b):
         # b may repeat along a's leading dimensions (e.g. a bias row)

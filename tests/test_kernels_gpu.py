@@ -114,6 +114,19 @@ def test_linear(ops, rng, dtype, tokens, k, n):
     assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "linear+bias")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("tokens,k,n", [(1, 4096, 6144), (2, 576, 37), (3, 8, 1), (4, 14336, 4096), (1, 72, 129)])
+def test_skinny_gemm(ops, rng, dtype, tokens, k, n):
+    """Decode-sized GEMMs run skinny_gemm.cu (not cuBLAS): odd feature counts, the shortest
+    K, a bias added through `accumulate`."""
+    x, x64 = random_input(ops, rng, (tokens, k), dtype)
+    w, w64 = random_input(ops, rng, (n, k), dtype, scale=1 / math.sqrt(k))
+    b, b64 = random_input(ops, rng, (n,), dtype)
+    assert ops._skinny_applies(x, w)
+    assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, "skinny")
+    assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "skinny+bias")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_silu_gelu(ops, rng, dtype):
     a, a64 = random_input(ops, rng, (7, 3, 80), dtype)

@@ -1,0 +1,65 @@
+// Decode-sized GEMMs: y[m, n] = sum_k x[m, k] w[n, k] (+ y[m, n] when
+// accumulate, which adds a bias the caller filled in) for M <= 4 rows of x,
+// bf16 or fp16 in, fp32 accumulate. Such a GEMM is one pass over the weight,
+// so it should run at the memory's read rate: one warp per SG_ROWS output
+// features, lanes striding over k in 16-byte vectors (a warp reads 512
+// contiguous bytes of a weight row per step, streamed past L1 with
+// __ldcs), x re-read through the read-only cache (it is small). Loops are
+// unrolled so several loads are in flight per lane.
+//
+// Requires K % 8 == 0 and 16-byte aligned x, w rows (checked on the host).
+// blockDim.x == SG_WARPS * 32.
+
+#define SG_ROWS 2
+#define SG_WARPS 8
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& packed, float* f) {
+    const T* e = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = to_f(e[i]);
+}
+
+template <typename T, int M>
+__global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate) {
+    const int lane = threadIdx.x & 31;
+    const int n0 = (blockIdx.x * SG_WARPS + (threadIdx.x >> 5)) * SG_ROWS;
+    if (n0 >= N) return;  // the whole warp
+    const int rows = min(SG_ROWS, N - n0), vecs = K / 8;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)n0 * K);
+    float acc[SG_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < SG_ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+
+#pragma unroll 4
+    for (int v = lane; v < vecs; v += 32) {
+        float xf[M][8];
+#pragma unroll
+        for (int m = 0; m < M; ++m) unpack8<T>(__ldg(xv + (long long)m * vecs + v), xf[m]);
+#pragma unroll
+        for (int r = 0; r < SG_ROWS; ++r) {
+            if (r < rows) {
+                float wf[8];
+                unpack8<T>(__ldcs(wv + (long long)r * vecs + v), wf);
+#pragma unroll
+                for (int m = 0; m < M; ++m)
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[i], xf[m][i], acc[r][m]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SG_ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+    if (lane == 0) {
+        for (int r = 0; r < rows; ++r)
+            for (int m = 0; m < M; ++m) {
+                T* out = y + (long long)m * N + n0 + r;
+                *out = from_f<T>(acc[r][m] + (accumulate ? to_f(*out) : 0.0f));
+            }
+    }
+}
