@@ -67,12 +67,22 @@ class AttentionOps:
         return out
 
     def _allow_flash_shared_memory(self) -> None:
-        """The flash kernel's shared memory is above the default 48 KiB: opt in once, up
-        front (never during a CUDA-graph capture)."""
+        """The flash kernel needs more shared memory than the default 48 KiB: opt in once,
+        up front (never during a CUDA-graph capture), as far as this GPU allows (227 KiB on
+        H100, 99 KiB on sm_86/89); head sizes needing more skip the kernel."""
+        optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
+        self._flash_smem_limit = 0
         for ctype in ("__half", "__nv_bfloat16"):
             kernel = self._functions.get(("flash_prefill_kernel", ctype))
-            if kernel is not None:
-                kernel.max_dynamic_shared_size_bytes = flash_smem_bytes(_FLASH_MAX_HEAD_DIM)
+            if kernel is None:
+                continue
+            # 1 KiB kept for the kernel's static shared memory (640 bytes: its tile scan)
+            allowed = min(flash_smem_bytes(_FLASH_MAX_HEAD_DIM), optin - 1024)
+            try:
+                kernel.max_dynamic_shared_size_bytes = allowed
+                self._flash_smem_limit = allowed
+            except cupy.cuda.driver.CUDADriverError:   # this GPU refuses: no flash here
+                del self._functions["flash_prefill_kernel", ctype]
 
     def flash_applies(self, q, k_cache, v_cache, num_seqs: int) -> bool:
         """Whether a paged launch runs the tensor-core kernel: bf16 or fp16, head_dim a multiple
@@ -86,6 +96,7 @@ class AttentionOps:
         wide_decode = num_seqs * num_kv_heads >= 2 * self._multiprocessors
         return (self.use_flash and ("flash_prefill_kernel", _ctype(q, "q")) in self._functions
                 and head_dim % 16 == 0 and head_dim <= _FLASH_MAX_HEAD_DIM and (prefill_like or wide_decode)
+                and flash_smem_bytes(head_dim) <= self._flash_smem_limit
                 and all(a.data.ptr % 16 == 0 for a in (q, k_cache, v_cache)))
 
     def _flash_prefill(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):

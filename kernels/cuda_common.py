@@ -67,20 +67,21 @@ def flash_smem_bytes(head_dim: int) -> int:
 
 
 def _include_options() -> tuple[str, ...]:
-    """-I for the first CUDA include folder holding cuda_bf16.h (NVRTC does
-    not ship it built in): the toolkit's, else the nvidia-cuda-runtime wheel's."""
+    """-I for each CUDA include folder holding cuda_bf16.h or crt/mma.h (NVRTC
+    ships neither built in): the toolkit's first, then the nvidia wheels'
+    (cudart's has cuda_bf16.h; mma.h needs crt/mma.h, which may sit elsewhere)."""
     get_cuda_path = getattr(cupy.cuda, "get_cuda_path", lambda: None)
     candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), get_cuda_path(), "/usr/local/cuda"]
     dirs = [os.path.join(root, "include") for root in candidates if root]
-    try:
-        from cuda import pathfinder
-        dirs.append(pathfinder.find_nvidia_header_directory("cudart"))
-    except Exception:  # an older cuda-pathfinder, or no wheel headers: the toolkit's may do
-        pass
-    for d in dirs:
-        if d and os.path.isfile(os.path.join(d, "cuda_bf16.h")):
-            return (f"-I{d}",)
-    return ()
+    for library in ("cudart", "crt"):
+        try:
+            from cuda import pathfinder
+            dirs.append(pathfinder.find_nvidia_header_directory(library))
+        except Exception:  # an older cuda-pathfinder, or no such wheel: the toolkit's may do
+            pass
+    found = [d for d in dict.fromkeys(dirs) if d and (os.path.isfile(os.path.join(d, "cuda_bf16.h"))
+                                                       or os.path.isfile(os.path.join(d, "crt", "mma.h")))]
+    return tuple(f"-I{d}" for d in found)
 
 
 def _compile_kernels() -> dict:

@@ -156,10 +156,12 @@ __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_ca
         // Online softmax of row r over this key tile (two lanes per row).
         float* s_row = s_s + r * FP_BK;
         T* p_row = p_s + r * FP_BK;
+        // Columns visited from a lane-dependent start, so the lanes' accesses fall in
+        // different shared-memory banks (rows are FP_BK floats apart: same bank otherwise).
         const int c0 = half * (FP_BK / 2);
         float tile_max = -SHARDLINE_INF;
-        for (int c = c0; c < c0 + FP_BK / 2; ++c) {
-            const int j = kb + c;
+        for (int i = 0; i < FP_BK / 2; ++i) {
+            const int c = c0 + ((i + lane) & (FP_BK / 2 - 1)), j = kb + c;
             const bool visible = row_valid && j < k_hi && j <= pos && (window <= 0 || j > pos - window);
             const float s = visible ? s_row[c] * scale : -SHARDLINE_INF;
             s_row[c] = s;
@@ -170,7 +172,8 @@ __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_ca
         const bool none_yet = new_m == -SHARDLINE_INF;             // no visible key so far
         const float alpha = none_yet ? 1.0f : expf(m - new_m);      // 0 when m was -inf
         float sum = 0.0f;
-        for (int c = c0; c < c0 + FP_BK / 2; ++c) {
+        for (int i = 0; i < FP_BK / 2; ++i) {
+            const int c = c0 + ((i + lane) & (FP_BK / 2 - 1));
             const float p = none_yet ? 0.0f : expf(s_row[c] - new_m);
             p_row[c] = from_f<T>(p);
             sum += p;
@@ -178,7 +181,7 @@ __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_ca
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         l = l * alpha + sum;
         m = new_m;
-        for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) o_s[r * D + d] *= alpha;
+        for (int i = 0; i < D / 2; ++i) o_s[r * D + half * (D / 2) + (i + lane) % (D / 2)] *= alpha;
         __syncwarp();
 
         // O += P V for this warp's rows.
@@ -201,6 +204,9 @@ __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_ca
         const long long token = q_first + (row0 + r) / group, head = (long long)kv_head * group + (row0 + r) % group;
         T* out_row = out + (token * num_heads + head) * D;
         const float inv = 1.0f / l;
-        for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) out_row[d] = from_f<T>(o_s[r * D + d] * inv);
+        for (int i = 0; i < D / 2; ++i) {
+            const int d = half * (D / 2) + (i + lane) % (D / 2);
+            out_row[d] = from_f<T>(o_s[r * D + d] * inv);
+        }
     }
 }
