@@ -110,18 +110,46 @@ def offline_tokens_per_s(engine, num_requests: int, rng) -> float:
     return 128 * num_requests / (time.perf_counter() - begin)
 
 
+class DeviceMemory:
+    """Peak device memory of an engine: free memory read before it is built and after
+    each phase (pools only grow while it lives), so weights, KV cache, graph pools,
+    cuBLAS workspace and activations all count."""
+
+    def __init__(self):
+        import cupy
+        self._free = lambda: int(cupy.cuda.runtime.memGetInfo()[0])
+        self.before, self.lowest = self._free(), None
+
+    def sample(self) -> None:
+        free = self._free()
+        self.lowest = free if self.lowest is None else min(self.lowest, free)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.before - (self.lowest if self.lowest is not None else self.before)
+
+
 def measure_ours(hf: dict, args, rng) -> dict:
+    from shardline.worker.model_runner import kv_bytes_per_block
+    memory = DeviceMemory()
     backend, engine = build_ours(hf, args)
-    result = {"ceilings": ceilings(backend), "decode_s": {}}
+    memory.sample()
+    result = {"ceilings": ceilings(backend), "decode_s": {},
+              "kv_cache_bytes": engine.num_kv_blocks * kv_bytes_per_block(engine.local.model,
+                                                                          engine.config.block_size_tokens)}
     graphs, engine.runner.graphs = engine.runner.graphs, None
     result["decode_eager_s_batch1"] = decode_step_s(engine, 1, args.context, args.steps, rng)
     engine.runner.graphs = graphs
     for batch in args.batch:
         result["decode_s"][batch] = decode_step_s(engine, batch, args.context, args.steps, rng)
+        memory.sample()
     prompt = rng.integers(0, hf["vocab_size"], args.ttft_tokens).tolist()
     mixed_ttft(engine, prompt)
     result["ttft_s"] = mixed_ttft(engine, prompt)
+    memory.sample()
     result["offline_tokens_per_s"] = offline_tokens_per_s(engine, args.offline_requests, rng)
+    memory.sample()
+    result["peak_device_bytes"] = memory.peak_bytes
     del engine, backend
     import cupy
     cupy.get_default_memory_pool().free_all_blocks()   # room for the HF model
@@ -203,6 +231,8 @@ def print_table(report: dict) -> None:
             row(name, f"decode step, batch {batch}, CUDA graphs (ms)", step_s, hf_s, roof["decode_s"][batch])
         row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
         print(f"| {name} | offline 128/128 (output tok/s) | {ours['offline_tokens_per_s']:.0f} | | | | |")
+        print(f"| {name} | peak device memory (GB): weights {roof['weights_GB']:.2f}, KV cache "
+              f"{ours['kv_cache_bytes'] / 1e9:.2f} | {ours['peak_device_bytes'] / 1e9:.2f} | | | | |")
 
 
 def row(name: str, metric: str, ours_s: float, hf_s: float | None, roof_s: float) -> None:
