@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tp_decode import LLAMA3_8B, gpu_seconds  # noqa: E402  (the same shape and timer)
+from shapes import LLAMA3_8B  # noqa: E402
+from tp_decode import gpu_seconds  # noqa: E402  (the same timer)
 
 GIB = 1 << 30
 

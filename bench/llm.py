@@ -2,9 +2,11 @@
 
 Run:  python -m bench.llm --shapes llama3-8b,smollm2-135m --batch 1,16,64 --out bench/results/llm.json
 
-For each model shape (random weights: RandomCheckpoint for ours, a random
-transformers model for HF, bf16, no files) it measures, on the same GPU and
-in the same run as the ceilings (copy bandwidth, bf16 GEMM rate):
+For each model shape of bench/shapes.py (Llama-3-8B, Llama-3-70B and
+Mixtral-8x7B cut to fewer layers, SmolLM2-135M; random weights:
+RandomCheckpoint for ours, a random transformers model for HF, bf16, no
+files) it measures, on the same GPU and in the same run as the ceilings
+(copy bandwidth, bf16 GEMM rate):
 - decode step time per batch size (whole engine step: plan, forward,
   sampling, token readback; CUDA graphs, and batch 1 eager too) at
   --context tokens, against the bandwidth roofline (weights + KV bytes
@@ -12,7 +14,9 @@ in the same run as the ceilings (copy bandwidth, bf16 GEMM rate):
 - TTFT of a --ttft-tokens prompt against the compute bound (2 x parameters
   x tokens + causal attention FLOPs / measured GEMM rate);
 - offline throughput of --offline-requests requests of 128 in / 128 out;
-- HF transformers eager (torch bf16, KV cache) batch-1 decode step and TTFT.
+- HF transformers eager (torch bf16, KV cache) batch-1 decode step and TTFT;
+- the engine's peak device memory beside its weight and KV cache sizes.
+MoE rooflines count the experts a batch's tokens are expected to touch.
 Writes JSON and prints a markdown table with the ratios.
 """
 
@@ -29,14 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_transfer import mixed_ttft  # noqa: E402  (TTFT through the engine)
-from tp_decode import LLAMA3_8B, gpu_seconds  # noqa: E402
+from shapes import SHAPES, rooflines  # noqa: E402
+from tp_decode import gpu_seconds  # noqa: E402
 
-SHAPES = {
-    "llama3-8b": LLAMA3_8B,
-    "smollm2-135m": {**LLAMA3_8B, "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                     "rope_theta": 100000.0, "tie_word_embeddings": True},
-}
 GIB = 1 << 30
 
 
@@ -51,30 +50,17 @@ def ceilings(backend) -> dict:
     return {"copy_GBps": 2 * GIB / copy_s / 1e9, "gemm_TFLOPs": 2 * n ** 3 / gemm_s / 1e12}
 
 
-def param_counts(hf: dict) -> tuple[int, int]:
-    """(every parameter, those read per decoded token: all but the embedding table unless tied)."""
-    h, i, v, layers = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"], hf["num_hidden_layers"]
-    kv = h * hf["num_key_value_heads"] // hf["num_attention_heads"]
-    per_layer = h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h
-    embed, head = v * h, 0 if hf["tie_word_embeddings"] else v * h
-    return embed + head + layers * per_layer + h, head + layers * per_layer + h + (embed if not head else 0)
-
-
-def kv_bytes_per_token(hf: dict) -> int:
-    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    return 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * 2
-
-
 def build_ours(hf: dict, args):
     from shardline.kernels.backend import create_backend
-    from shardline.models.config import parse_llama
-    from shardline.models.llama import LlamaForCausalLM
     from shardline.models.random_checkpoint import RandomCheckpoint
+    from shardline.models.registry import lookup
     from shardline.models.weights import WeightReader
     from shardline.worker.engine import EngineConfig, LLMEngine
     from shardline.worker.offline import LocalModel
     backend = create_backend("cuda", "bfloat16")
-    model = LlamaForCausalLM(backend, parse_llama(hf), WeightReader(RandomCheckpoint(hf), backend, False))
+    architecture = lookup(hf, "bench")
+    model = architecture.model_class(backend, architecture.parse(hf),
+                                     WeightReader(RandomCheckpoint(hf), backend, False))
     config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 4096),
                           max_num_seqs=max(args.batch + [args.offline_requests]), gpu_memory_fraction=0.5,
                           enable_prefix_caching=False)
@@ -159,10 +145,10 @@ def measure_ours(hf: dict, args, rng) -> dict:
 def measure_hf(hf: dict, args, rng) -> dict:
     import torch
     import transformers
-    config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    config = transformers.AutoConfig.for_model(**hf)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).eval()
+        model = getattr(transformers, hf["architectures"][0])(config).eval()
     torch.set_default_dtype(torch.float32)
     ids = torch.tensor(rng.integers(0, hf["vocab_size"], (1, args.context)), device="cuda")
     with torch.no_grad():
@@ -188,16 +174,6 @@ def measure_hf(hf: dict, args, rng) -> dict:
     return {"decode_s_batch1": float(np.median(times)), "ttft_s": ttfts[-1]}
 
 
-def rooflines(hf: dict, args, ceiling: dict) -> dict:
-    total, read_per_step = param_counts(hf)
-    copy_Bps, gemm_flops = ceiling["copy_GBps"] * 1e9, ceiling["gemm_TFLOPs"] * 1e12
-    decode = {b: (2 * read_per_step + b * args.context * kv_bytes_per_token(hf)) / copy_Bps for b in args.batch}
-    n, layers, h = args.ttft_tokens, hf["num_hidden_layers"], hf["hidden_size"]
-    attention_flops = layers * 2 * n * n * h   # QK^T and PV, causal half of 4 n^2 h
-    return {"decode_s": decode, "ttft_s": (2 * (total - hf["vocab_size"] * h) * n + attention_flops) / gemm_flops,
-            "weights_GB": 2 * total / 1e9}
-
-
 def run(args) -> dict:
     import cupy
     rng = np.random.default_rng(0)
@@ -206,7 +182,9 @@ def run(args) -> dict:
     for name in args.shapes:
         hf = SHAPES[name]
         ours = measure_ours(hf, args, rng)
-        entry = {"ours": ours, "roofline": rooflines(hf, args, ours["ceilings"])}
+        c = ours["ceilings"]
+        entry = {"ours": ours, "roofline": rooflines(hf, args.batch, args.context, args.ttft_tokens,
+                                                     c["copy_GBps"] * 1e9, c["gemm_TFLOPs"] * 1e12)}
         if not args.skip_hf:
             entry["hf"] = measure_hf(hf, args, rng)
         report["shapes"][name] = entry
@@ -244,7 +222,7 @@ def row(name: str, metric: str, ours_s: float, hf_s: float | None, roof_s: float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=lambda s: s.split(","), default=["llama3-8b", "smollm2-135m"])
+    p.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
     p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)

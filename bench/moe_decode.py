@@ -27,14 +27,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import MIXTRAL_8X7B  # noqa: E402
 from tp_decode import time_decode  # noqa: E402  (same step loop)
 
-MIXTRAL = {
-    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 8192, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_local_experts": 8,
-    "num_experts_per_tok": 2, "tie_word_embeddings": False,
-}
+MIXTRAL = MIXTRAL_8X7B
 
 
 def build(args):

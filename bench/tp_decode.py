@@ -24,11 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import LLAMA3_8B  # noqa: E402
 
 
 def build(args):

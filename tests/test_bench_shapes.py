@@ -1,0 +1,60 @@
+"""The benchmarks' roofline arithmetic (bench/shapes.py) against transformers
+models of the same configs, shrunk: parameter counts equal the models' own,
+a decode step's weight bytes count exactly the tensors it reads (top-k
+experts at batch 1, every expert for a large batch), and the prefill FLOPs
+count the layers a token goes through."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.shapes import (LLAMA3_8B, MIXTRAL_8X7B, SHAPES, SMOLLM2_135M, active_layer_params,  # noqa: E402
+                          experts_touched, param_count, rooflines, weight_bytes_per_step)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 8, "num_key_value_heads": 2,
+         "vocab_size": 500, "num_hidden_layers": 3}
+
+
+def hf_params(hf: dict) -> dict[str, int]:
+    model = getattr(transformers, hf["architectures"][0])(transformers.AutoConfig.for_model(**hf))
+    return {name: p.numel() for name, p in model.named_parameters()}   # tied weights appear once
+
+
+@pytest.mark.parametrize("base", [LLAMA3_8B, SMOLLM2_135M, MIXTRAL_8X7B], ids=["llama", "tied", "mixtral"])
+def test_counts_match_transformers(base):
+    hf = {**base, **SMALL}
+    params = hf_params(hf)
+    assert param_count(hf) == sum(params.values())
+    experts = hf.get("num_local_experts", 1)
+    # transformers keeps each layer's experts stacked: [experts, ...] tensors under mlp.experts.
+    expert_params = sum(n for name, n in params.items() if ".mlp.experts." in name) // experts if experts > 1 else 0
+    embed = params["model.embed_tokens.weight"]   # the head's size, tied or not
+    layers = sum(n for name, n in params.items() if name.startswith("model.layers."))
+    dense = layers - expert_params * experts   # attention, norms, routers
+    for batch, touched in [(1, hf.get("num_experts_per_tok", 1)), (10_000, experts)]:
+        want = dense + expert_params * touched + embed + params["model.norm.weight"] if experts > 1 else \
+            layers + embed + params["model.norm.weight"]
+        assert weight_bytes_per_step(hf, batch) == pytest.approx(2 * want, rel=1e-6), batch
+    active = dense + expert_params * hf["num_experts_per_tok"] if experts > 1 else layers
+    assert active_layer_params(hf) == active
+
+
+def test_experts_touched_grows_to_all_of_them():
+    hf = {**MIXTRAL_8X7B, **SMALL}
+    assert experts_touched(hf, 1) == pytest.approx(2.0)
+    assert 2.0 < experts_touched(hf, 4) < experts_touched(hf, 16) < 8.0
+    assert experts_touched(LLAMA3_8B, 64) == 1.0
+
+
+def test_rooflines_of_every_shape_are_positive_and_ordered():
+    for name, hf in SHAPES.items():
+        r = rooflines(hf, [1, 64], 512, 2048, 3.0e12, 800e12)
+        assert 0 < r["decode_s"][1] < r["decode_s"][64], name
+        assert r["ttft_s"] > 0 and r["weights_GB"] > 0, name
+    assert rooflines(LLAMA3_8B, [1], 512, 2048, 3.0e12, 800e12)["decode_s"][1] == pytest.approx(5.0e-3, rel=0.1)
