@@ -17,6 +17,7 @@ import pytest
 from shardline.kernels.backend import create_backend
 from shardline.models.loader import load_model
 from shardline.worker.engine import EngineConfig, LLMEngine
+from shardline.worker.kv_handoff import KVExport
 from shardline.worker.offline import LocalModel
 from shardline.worker.sampling_params import SamplingParams
 
@@ -61,7 +62,8 @@ def export_then_commit(local: LocalModel, rng: np.random.Generator,
     protocol in shuffled order, or as it is) into another engine's reservation
     (whose cache holds the prompt's first two blocks), decoded there. Returns
     (tokens, tokens of one engine doing it all, the decode engine)."""
-    prefill, decode, reference = (make_engine(local) for _ in range(3))
+    # The prefill engine computes 16 tokens a step: the prompt's KV leaves in several pieces.
+    prefill, decode, reference = make_engine(local, max_num_batched_tokens=16), make_engine(local), make_engine(local)
     shared = random_prompts(rng, [37])[0]
     prompt = shared + random_prompts(rng, [29])[0]
     params = SamplingParams(max_tokens=9, temperature=0.7, seed=int(rng.integers(1 << 30)), ignore_eos=True)
@@ -73,8 +75,9 @@ def export_then_commit(local: LocalModel, rng: np.random.Generator,
     outputs = []
     while prefill.has_unfinished():
         outputs += prefill.step()
-    export = outputs[-1].kv_export
-    assert export is not None and export.k.shape[1] == len(prompt) - skip
+    pieces = [out.kv_export for out in outputs if out.kv_export is not None]
+    export = join_pieces(pieces)
+    assert export.start_token == skip and export.k.shape[1] == len(prompt) - skip and len(pieces) >= 2
     k, v = _through_chunks(local, export, skip, len(prompt), rng) if through_chunks else (export.k, export.v)
     decode.commit_remote_kv("r", skip, k, v, outputs[-1].new_token_ids[0])
     got = []
@@ -82,6 +85,18 @@ def export_then_commit(local: LocalModel, rng: np.random.Generator,
         got += [t for out in decode.step() for t in out.new_token_ids]
         decode.scheduler.check_integrity()
     return got, want, decode
+
+
+def join_pieces(pieces: list) -> KVExport:
+    """An export request's pieces (one per step that computed some of its prompt), joined
+    (on the GPU when they are cupy arrays)."""
+    for before, after in zip(pieces, pieces[1:]):
+        assert after.start_token == before.start_token + before.k.shape[1], "pieces must follow each other"
+    xp = np
+    if hasattr(pieces[0].k, "get"):
+        import cupy as xp
+    return KVExport(pieces[0].start_token, xp.concatenate([p.k for p in pieces], axis=1),
+                    xp.concatenate([p.v for p in pieces], axis=1))
 
 
 def _through_chunks(local: LocalModel, export, start: int, stop: int, rng: np.random.Generator):

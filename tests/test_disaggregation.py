@@ -71,7 +71,10 @@ def write_config(folder, model, prefill_tp: int, timeout_s: float = 20.0, transp
                             "disaggregation": {"min_remote_prefill_tokens": MIN_REMOTE_TOKENS,
                                                "max_prefill_in_flight": 64, "prefill_timeout_s": timeout_s,
                                                "transport": transport}},
-            "groups": [{"name": "prefill", "role": "prefill", "tp": prefill_tp},
+            # The prefill group computes 32 tokens a step: long prompts leave in pieces, each
+            # pushed while the next computes.
+            "groups": [{"name": "prefill", "role": "prefill", "tp": prefill_tp,
+                        "engine": {"max_num_batched_tokens": 32}},
                        {"name": "decode", "role": "decode"}]}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -153,7 +156,7 @@ def test_cancelled_handoffs_leak_nothing_and_a_killed_prefill_group_hangs_nothin
 
         async def cancel_at_random(case: PromptCase):
             call = stub.Generate(case.request())
-            await asyncio.sleep(rng.uniform(0.0, 0.4))
+            await asyncio.sleep(rng.uniform(0.0, 1.0))   # before, during or after its hand-off
             call.cancel()
 
         async def storm_then_settle():

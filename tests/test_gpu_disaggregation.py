@@ -2,9 +2,10 @@
 prefill group on GPU 0 and a decode group on GPU 1 (CUDA, fp32, the tiny
 random Llama whose logits are far apart) stream, for 48 concurrent
 requests, the completions of offline generation on one GPU: greedy ones
-exactly, seeded sampled ones at least 90%. Long prompts go remote, each
-over the one link the coordinator opened (stats count them), and both
-groups end with every block free and no reservation left."""
+exactly, seeded sampled ones at least 90%. Long prompts go remote, in
+pieces of 32 tokens each pushed while the next computes, over the one
+link the coordinator opened (stats count them), and both groups end with
+every block free and no reservation left."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def write_config(folder, model) -> str:
             "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25, "startup_timeout_s": 300,
                             "disaggregation": {"min_remote_prefill_tokens": MIN_REMOTE_TOKENS,
                                                "max_prefill_in_flight": 64, "transport": "nccl"}},
-            "groups": [{"name": "prefill", "role": "prefill", "devices": [0]},
+            # 32 prompt tokens a step on the prefill group: long prompts cross the link in pieces.
+            "groups": [{"name": "prefill", "role": "prefill", "devices": [0],
+                        "engine": {"max_num_batched_tokens": 32}},
                        {"name": "decode", "role": "decode", "devices": [1]}]}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
+from engine_fixtures import join_pieces
 from shardline.kernels.backend import create_backend
 from shardline.proto import worker_pb2
 from shardline.worker.kv_link import KVLinks, LinkBroken, TcpLink
@@ -43,17 +44,22 @@ def open_pair(timeout_s: float) -> tuple[KVLinks, KVLinks]:
     return receiver, sender
 
 
-def test_arrays_round_trip_and_a_stuck_receive_breaks_the_link():
+def test_arrays_round_trip_and_a_stuck_transfer_breaks_the_link():
     receiver, sender = open_pair(timeout_s=0.5)
     rng = np.random.default_rng()
     arrays = [rng.standard_normal((3, 17, 2, 8)).astype(np.float32), rng.integers(0, 1 << 16, (5, 4), np.uint16)]
-    sender.get("L").send(arrays, 5.0)
+    sending = threading.Thread(target=lambda: [sender.get("L").send([a], 5.0) for a in arrays])
+    sending.start()   # each send returns once the receiver acknowledged it
     got = [receiver.get("L").recv([(3, 17, 2, 8)], np.float32, 5.0)[0],
            receiver.get("L").recv([(5, 4)], np.uint16, 5.0)[0]]
+    sending.join(5.0)
+    assert not sending.is_alive()
     assert all(np.array_equal(a, b) for a, b in zip(arrays, got))
     started = time.monotonic()
-    with pytest.raises(LinkBroken):
+    with pytest.raises(LinkBroken):   # nothing sent
         receiver.get("L").recv([(4,)], np.float32, 0.3)
+    with pytest.raises(LinkBroken):   # nobody receives: no acknowledgement before the deadline
+        sender.get("L").send([arrays[1]], 0.3)
     assert time.monotonic() - started < 3.0
     receiver.close_all(), sender.close_all()
 
@@ -115,7 +121,8 @@ def test_a_real_worker_receives_over_a_link(worker, reference):  # noqa: F811
     outputs = []
     while reference.has_unfinished():
         outputs += reference.step()
-    export, first = outputs[-1].kv_export, outputs[-1].new_token_ids[0]
+    export = join_pieces([out.kv_export for out in outputs if out.kv_export is not None])
+    first = outputs[-1].new_token_ids[0]
 
     unique_id = stub.OpenKVLink(worker_pb2.OpenKVLinkRequest(link_id="L", transport="tcp", rank=1),
                                 timeout=10).unique_id

@@ -40,7 +40,7 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    kv_export: KVExport | None = None   # the prompt's KV, on the final output of an export request
+    kv_export: KVExport | None = None   # export requests: the prompt KV this step made ready
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,9 @@ class LLMEngine:
 
         `output_token_ids`: tokens already streamed by another group (a resumed
         request); generation continues after them and they count toward max_tokens.
-        `kv_export_from`: a prefill group's request; its final output carries the
-        KV of prompt tokens from there on (`EngineOutput.kv_export`).
+        `kv_export_from`: a prefill group's request; its outputs carry the KV of
+        prompt tokens from there on, a piece per step that computed some
+        (`EngineOutput.kv_export`; steps with no token give outputs with none).
         """
         request = self._new_request(request_id, prompt, params, priority, output_token_ids)
         if kv_export_from is not None:
@@ -191,6 +192,7 @@ class LLMEngine:
             self.runner.shutdown()
 
     def abort(self, request_id: str) -> bool:
+        self.handoff.forget(request_id)
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished(self) -> bool:
@@ -213,7 +215,9 @@ class LLMEngine:
                 if entry is not None:
                     rid = plan.request_ids[int(plan.sample_request_index[row])]
                     logprobs.setdefault(rid, []).append(entry)
-        return self._stream(self.scheduler.take_outputs(), logprobs)
+        results = self._stream(self.scheduler.take_outputs(), logprobs)
+        return results + [EngineOutput(rid, [], "", False, kv_export=self.handoff.pop_piece(rid))
+                          for rid in self.handoff.waiting_pieces()]   # pieces of prompts still computing
 
     def _stream(self, outputs: list[RequestOutput], logprobs: dict[str, list]) -> list[EngineOutput]:
         results = []
@@ -233,10 +237,10 @@ class LLMEngine:
                 finished, reason = True, "stop"
             elif finished and stop is None and detok:
                 text += detok.flush().text
-            export = None
+            export = self.handoff.pop_piece(out.request_id)
             if finished:
                 del self._detokenizers[out.request_id]
-                export = self.handoff.pop_export(out.request_id)
+                self.handoff.forget(out.request_id)
             results.append(EngineOutput(out.request_id, list(out.new_token_ids), text, finished, reason,
                                         out.error, out.num_prompt_tokens, out.num_cached_tokens,
                                         _take(logprobs, out.request_id, len(out.new_token_ids)), export))

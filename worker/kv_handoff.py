@@ -1,10 +1,12 @@
 """The engine's side of disaggregated prefill (one engine, both roles).
 
 On a prefill group, a request added with an export start token runs as an
-ordinary one-token request; in the step that completes its prompt, before
-its blocks can be freed, `take_exports` reads the prompt's KV from those
-blocks (every rank's heads) into a `KVExport` that leaves with the
-request's final output. On a decode group, `commit` writes pushed KV into
+ordinary one-token request. After every step that computes part of its
+prompt (chunked prefill cuts a long one over several steps), before its
+blocks can be freed, `take_exports` reads the KV of the prompt tokens that
+became ready (every rank's heads, from the export start on, prefix-cache
+hits included) into a `KVExport` piece that leaves with that step's output,
+so the service sends piece i while the engine computes piece i + 1. On a decode group, `commit` writes pushed KV into
 the blocks the Scheduler reserved and lets the request run on with the
 first token the prefill group sampled.
 
@@ -40,30 +42,40 @@ class KVExport:
 class KVHandoff:
     def __init__(self, scheduler: Scheduler, block_manager: BlockManager, runner: Any):
         self.scheduler, self.block_manager, self.runner = scheduler, block_manager, runner
-        self._export_from: dict[str, int] = {}     # request id -> first prompt token to export
-        self._exports: dict[str, KVExport] = {}    # read, waiting for the request's final output
+        self._export_from: dict[str, int] = {}     # request id -> next prompt token to export
+        self._pieces: dict[str, KVExport] = {}     # read this step, leaving with its output
 
     def want_export(self, request_id: str, start_token: int) -> None:
         self._export_from[request_id] = start_token
 
     def take_exports(self, plan: StepPlan) -> None:
-        """Reads the KV of flagged requests whose prompt this plan completes (call before
-        the scheduler sees the plan's output, which frees finished requests' blocks)."""
+        """Reads the KV of the prompt tokens this plan makes ready for flagged requests
+        (call before the scheduler sees the plan's output, which frees finished requests' blocks)."""
         for request_id, num_tokens in zip(plan.request_ids, plan.num_scheduled_tokens):
             start = self._export_from.get(request_id)
             request = self.scheduler.get_request(request_id)
             if start is None or request is None:
                 continue
-            if request.num_computed_tokens + int(num_tokens) >= request.num_prompt_tokens:
-                slots = self.slots(request_id, start, request.num_prompt_tokens)
-                k, v = self.runner.read_kv(slots, to_host=False)   # a KV link sends from the GPU
-                self._exports[request_id] = KVExport(start, k, v)
+            end = min(request.num_computed_tokens + int(num_tokens), request.num_prompt_tokens)
+            if end <= start:
+                continue
+            k, v = self.runner.read_kv(self.slots(request_id, start, end), to_host=False)  # a link sends from the GPU
+            self._pieces[request_id] = KVExport(start, k, v)
+            if end == request.num_prompt_tokens:
                 del self._export_from[request_id]
+            else:
+                self._export_from[request_id] = end
 
-    def pop_export(self, request_id: str) -> KVExport | None:
-        """The request's export once it has finished (forgets the request either way)."""
+    def pop_piece(self, request_id: str) -> KVExport | None:
+        return self._pieces.pop(request_id, None)
+
+    def waiting_pieces(self) -> list[str]:
+        """Requests with a piece read this step."""
+        return list(self._pieces)
+
+    def forget(self, request_id: str) -> None:
         self._export_from.pop(request_id, None)
-        return self._exports.pop(request_id, None)
+        self._pieces.pop(request_id, None)
 
     def commit(self, request_id: str, start_token: int, k: np.ndarray, v: np.ndarray, first_token_id: int) -> None:
         """Writes prompt tokens [start_token, prompt end) of a reserved request, then runs it on.

@@ -12,11 +12,14 @@ PushKV stream. Transports:
 - `tcp`: one TCP connection; rank 1 listens, and its address is the unique
   id. Host arrays. For CPU backends, and to run the protocol in CI.
 
-One transfer at a time per link: the sender holds `Link.lock` from header
-to commit, so both sides agree whose bytes are on the wire. Every wait has
-a deadline. A link that misses one, or breaks, raises `LinkBroken` and is
-closed, and both sides forget it; the coordinator opens a fresh one at the
-next hand-off.
+One transfer at a time per link: the sender holds `Link.lock` from a
+piece's header until the receiver acknowledges its bytes (one byte back over
+the link once they are in place), so the decode side never has two receives
+outstanding on a link and takes each piece's bytes for the header that
+announced it, whatever order the requests' streams deliver headers in.
+Every wait has a deadline. A link that misses one, or breaks, raises
+`LinkBroken` and is closed, and both sides forget it; the coordinator opens
+a fresh one at the next hand-off.
 """
 
 from __future__ import annotations
@@ -88,11 +91,13 @@ class TcpLink:
         return conn
 
     def send(self, arrays: Sequence[Any], timeout_s: float) -> None:
+        """Returns once the receiver acknowledged the bytes."""
         conn = self._conn(time.monotonic() + timeout_s)
         try:
             for array in arrays:
                 host = array.get() if hasattr(array, "get") else array   # a GPU export over tcp
                 conn.sendall(memoryview(np.ascontiguousarray(host)).cast("B"))
+            self._read_into(conn, memoryview(bytearray(1)))
         except OSError as err:
             raise LinkBroken(f"tcp link: send failed ({err})") from None
 
@@ -101,15 +106,20 @@ class TcpLink:
         arrays = [np.empty(shape, dtype) for shape in shapes]
         try:
             for array in arrays:
-                view, got = memoryview(array).cast("B"), 0
-                while got < len(view):
-                    n = conn.recv_into(view[got:])
-                    if n == 0:
-                        raise LinkBroken("tcp link: the peer closed the connection")
-                    got += n
+                self._read_into(conn, memoryview(array).cast("B"))
+            conn.sendall(b"\x01")   # the acknowledgement
         except OSError as err:
             raise LinkBroken(f"tcp link: recv failed ({err})") from None
         return arrays
+
+    @staticmethod
+    def _read_into(conn: socket.socket, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = conn.recv_into(view[got:])
+            if n == 0:
+                raise LinkBroken("tcp link: the peer closed the connection")
+            got += n
 
     def close(self) -> None:
         if self._listener is not None:
@@ -134,6 +144,7 @@ class NcclLink:
         backend.activate()
         self._comm = nccl.NcclCommunicator(2, unique_id_from_bytes(unique_id), rank)
         self._stream = backend.xp.cuda.Stream(non_blocking=True)
+        self._ack = backend.xp.zeros(1, dtype=backend.xp.uint8)   # the receiver's acknowledgement
 
     @staticmethod
     def make_unique_id() -> bytes:
@@ -146,11 +157,13 @@ class NcclLink:
         return self._backend.xp.ascontiguousarray(self._backend.xp.asarray(array)).view(self._backend.xp.uint8)
 
     def send(self, arrays: Sequence[Any], timeout_s: float) -> None:
+        """Returns once the receiver acknowledged the bytes (one byte back, same stream)."""
         self._backend.activate()
         with self._stream:
             for array in arrays:
                 data = self._bytes(array)
                 self._comm.send(data.data.ptr, data.size, self._nccl.NCCL_UINT8, 1 - self.rank, self._stream.ptr)
+            self._comm.recv(self._ack.data.ptr, 1, self._nccl.NCCL_UINT8, 1 - self.rank, self._stream.ptr)
         self._wait(time.monotonic() + timeout_s, "nccl link: send")
 
     def recv(self, shapes: Sequence[tuple[int, ...]], dtype: np.dtype, timeout_s: float) -> list[Any]:
@@ -161,6 +174,7 @@ class NcclLink:
             for array in arrays:
                 data = array.view(xp.uint8)
                 self._comm.recv(data.data.ptr, data.size, self._nccl.NCCL_UINT8, 1 - self.rank, self._stream.ptr)
+            self._comm.send(self._ack.data.ptr, 1, self._nccl.NCCL_UINT8, 1 - self.rank, self._stream.ptr)
         self._wait(time.monotonic() + timeout_s, "nccl link: recv")
         return arrays
 

@@ -1,35 +1,34 @@
-"""Moving one request's prompt KV from a prefill group to a decode group.
+"""The messages that move a request's prompt KV from a prefill group to a
+decode group, and their reassembly on the decode side.
 
 The exporting leader holds the prompt's K and V for every layer and every
-KV head (its tensor-parallel ranks' head slices gathered, `join_heads`) as
-host arrays in the storage dtype; `kv_chunks` cuts them into PushKV
-messages layer by layer (at most `max_chunk_bytes` each), the last one
-committing with the first token. The decode leader's `KVAssembler` puts
-the chunks back together and checks they cover exactly what it reserved;
-its ranks take their own head slices (parallel/sharding.kv_head_range), so
-prefill and decode groups may differ in tp. `KVPusher` keeps one channel per decode group.
+KV head (its tensor-parallel ranks' head slices gathered, `join_heads`) in
+the storage dtype, in pieces: one per engine step that computed part of the
+prompt (kv_handoff.py). Over the PushKV stream alone, `piece_chunks` cuts a
+piece into messages layer by layer (at most `max_chunk_bytes` each) and
+`commit_chunk` ends the stream with the first token; the decode leader's
+`KVAssembler` puts the chunks back together and checks they cover exactly
+what it reserved. Over a pair link (kv_link.py) the stream carries a header
+per piece (`link_header`, whose `link_id` says the bytes follow on the
+link) and the commit; `receive_over_link` takes one piece's bytes and
+`PieceAssembly` joins the pieces. The decode group's ranks take their own
+head slices (parallel/sharding.kv_head_range), so prefill and decode
+groups may differ in tp. kv_push.py sends.
 
-Over a pair link (kv_link.py) the same stream carries only a header, whose
-`link_id` says the bytes follow on the link, and the commit; `push_over_link`
-and `receive_over_link` are the two ends. Any failure closes the link on
-the side that saw it (the coordinator closes the other end).
-
-No GPU code and no engine state here: the engine reads and writes the
-cache (ModelRunner.read_kv / write_kv), the services drive the RPCs.
+No engine state here: the engine reads and writes the cache
+(ModelRunner.read_kv / write_kv), the services drive the RPCs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import AsyncIterator, Iterator
+from typing import Iterator
 
-import grpc
 import numpy as np
 
-from shardline.proto import shardline_pb2, worker_pb2, worker_pb2_grpc
+from shardline.proto import shardline_pb2, worker_pb2
 from shardline.worker.kv_handoff import KVExport
-from shardline.worker.kv_link import KVLinks, Link, LinkBroken
+from shardline.worker.kv_link import KVLinks
 
 MAX_CHUNK_BYTES = 1 << 20
 
@@ -47,12 +46,12 @@ def commit_chunk(request_id: str, first_token_id: int,
     return commit
 
 
-def kv_chunks(request_id: str, export: KVExport, first_token_id: int,
-              first_logprobs: shardline_pb2.TokenLogprobs | None,
-              max_chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[worker_pb2.KVChunk]:
+def piece_chunks(request_id: str, export: KVExport,
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[worker_pb2.KVChunk]:
+    """One piece's bytes as PushKV messages, layer by layer."""
     k, v = _host(export.k), _host(export.v)
     num_layers, num_tokens = k.shape[:2]
-    per_token = 2 * k[0, 0].nbytes
+    per_token = 2 * k[0, 0].nbytes if num_tokens else 1
     tokens_per_chunk = max(1, max_chunk_bytes // max(per_token, 1))
     for layer in range(num_layers):
         for start in range(0, num_tokens, tokens_per_chunk):
@@ -61,6 +60,13 @@ def kv_chunks(request_id: str, export: KVExport, first_token_id: int,
                 request_id=request_id, start_token=export.start_token + start, num_tokens=stop - start,
                 layer_start=layer, num_layers=1, dtype=str(k.dtype), k=k[layer:layer + 1, start:stop].tobytes(),
                 v=v[layer:layer + 1, start:stop].tobytes())
+
+
+def kv_chunks(request_id: str, export: KVExport, first_token_id: int,
+              first_logprobs: shardline_pb2.TokenLogprobs | None,
+              max_chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[worker_pb2.KVChunk]:
+    """A whole export's messages, the commit last."""
+    yield from piece_chunks(request_id, export, max_chunk_bytes)
     yield commit_chunk(request_id, first_token_id, first_logprobs)
 
 
@@ -71,15 +77,12 @@ def link_header(request_id: str, export: KVExport, link_id: str) -> worker_pb2.K
                               link_id=link_id)
 
 
-async def receive_over_link(links: KVLinks, header: worker_pb2.KVChunk, reserved: tuple[int, int] | None,
-                            kv_shape: tuple[int, int, int], kv_dtype: str, max_model_len: int):
-    """K and V of a header's request, received over its link into arrays of
-    [num_layers, num_tokens, heads, head_dim]. KeyError / ValueError name the field.
-
-    A well-formed header whose request holds no reservation here (aborted,
-    expired) is drained into scratch first, keeping the link in step for the
-    next transfer. A header that does not fit the model closes the link (its
-    sender is sending already), as does any failure while receiving."""
+async def receive_over_link(links: KVLinks, header: worker_pb2.KVChunk, kv_shape: tuple[int, int, int],
+                            kv_dtype: str, max_model_len: int):
+    """K and V of the piece a header announces, received over its link into arrays of
+    [num_layers, num_tokens, heads, head_dim]. KeyError / ValueError name the field. A
+    header that does not fit the model closes the link (its sender is sending already),
+    as does any failure while receiving."""
     link = links.get(header.link_id)
     num_layers, num_kv_heads, head_dim = kv_shape
     try:
@@ -92,17 +95,47 @@ async def receive_over_link(links: KVLinks, header: worker_pb2.KVChunk, reserved
             raise ValueError(f"num_tokens: tokens [{header.start_token}, {header.start_token + header.num_tokens})"
                              f" do not fit max_model_len {max_model_len}")
         shape = (num_layers, header.num_tokens, num_kv_heads, head_dim)
-        k, v = await asyncio.to_thread(link.recv, [shape, shape], np.dtype(kv_dtype), links.timeout_s)
+        return await asyncio.to_thread(link.recv, [shape, shape], np.dtype(kv_dtype), links.timeout_s)
     except BaseException:   # cancelled too: closing unblocks the receiving thread
         links.close(header.link_id)
         raise
-    if reserved is None:
-        raise KeyError(f"request_id: {header.request_id!r} holds no KV reservation here (aborted or expired)")
-    start, stop = reserved
-    if header.start_token != start or header.num_tokens != stop - start:
-        raise ValueError(f"start_token: the reservation expects prompt tokens [{start}, {stop}), the header "
-                         f"announces [{header.start_token}, {header.start_token + header.num_tokens})")
-    return k, v
+
+
+class PieceAssembly:
+    """A link transfer's pieces, in order, covering the reserved prompt tokens
+    [start, stop). With no reservation (`reserved` None) the pieces are drained:
+    received, so the link stays in step, and dropped."""
+
+    def __init__(self, reserved: tuple[int, int] | None):
+        self.reserved = reserved
+        self._k: list = []
+        self._v: list = []
+        self.num_bytes = 0
+
+    def add(self, start_token: int, k, v) -> None:
+        self.num_bytes += k.nbytes + v.nbytes
+        if self.reserved is None:
+            return
+        start, stop = self.reserved
+        expected = start + sum(piece.shape[1] for piece in self._k)
+        if start_token != expected or start_token + k.shape[1] > stop:
+            raise ValueError(f"start_token: a piece of tokens [{start_token}, {start_token + k.shape[1]}) where "
+                             f"the reservation [{start}, {stop}) expects the next to start at {expected}")
+        self._k.append(k)
+        self._v.append(v)
+
+    def result(self):
+        """(start token, k, v) of the whole reservation; ValueError when some never arrived."""
+        start, stop = self.reserved
+        received = sum(piece.shape[1] for piece in self._k)
+        if start + received != stop:
+            raise ValueError(f"commit: the KV of prompt tokens [{start + received}, {stop}) never arrived")
+        if len(self._k) == 1:
+            return start, self._k[0], self._v[0]
+        xp = np
+        if hasattr(self._k[0], "get"):   # pieces received on the GPU are joined there
+            import cupy as xp
+        return start, xp.concatenate(self._k, axis=1), xp.concatenate(self._v, axis=1)
 
 
 class KVAssembler:
@@ -142,81 +175,3 @@ class KVAssembler:
         if not self._filled.all():
             layer, row = np.argwhere(~self._filled)[0]
             raise ValueError(f"commit: KV of token {self.start_token + int(row)} of layer {int(layer)} never arrived")
-
-
-class KVPusher:
-    """Pushes exports to decode groups, one channel per address."""
-
-    def __init__(self, max_message_bytes: int):
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._background: set[asyncio.Task] = set()   # link transfers whose caller went away
-        self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]
-
-    async def push(self, address: str, chunks: Iterator[worker_pb2.KVChunk]) -> tuple[int, float]:
-        """(bytes the decode group took, seconds until it acknowledged the commit)."""
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
-        started_s = time.perf_counter()
-        response = await worker_pb2_grpc.WorkerStub(channel).PushKV(_aiter(chunks))
-        return response.num_bytes, time.perf_counter() - started_s
-
-    async def push_over_link(self, address: str, links: KVLinks, link: Link, header: worker_pb2.KVChunk,
-                             arrays: list, commit: worker_pb2.KVChunk) -> tuple[int, float]:
-        """The header on the PushKV stream, the arrays over `link`, then the commit.
-
-        Once this holds the link, cancelling it no longer stops the transfer (the
-        receiver is already waiting for the bytes; stopping halfway would break the
-        link): it finishes in the background. LinkBroken: the link failed and is
-        closed here. grpc.aio.AioRpcError: the decode group refused the transfer
-        after taking the bytes (the link is still good)."""
-        holding = asyncio.Event()
-
-        async def transfer() -> tuple[int, float]:
-            async with link.lock:
-                holding.set()
-                started_s = time.perf_counter()
-                send = asyncio.ensure_future(asyncio.to_thread(link.send, arrays, links.timeout_s))
-
-                async def messages():
-                    yield header
-                    await asyncio.shield(send)   # the bytes are across before the commit goes
-                    yield commit
-
-                try:
-                    num_bytes, _ = await self.push(address, messages())
-                except BaseException:
-                    if not send.done():
-                        links.close(link.link_id)   # the receiver gave up: unblock our send
-                    await asyncio.gather(send, return_exceptions=True)
-                    if send.cancelled() or send.exception() is not None or not links.has(link.link_id):
-                        links.close(link.link_id)
-                        raise LinkBroken(f"link {link.link_id}: the transfer did not complete") from None
-                    raise
-                return num_bytes, time.perf_counter() - started_s
-
-        task = asyncio.ensure_future(transfer())
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not holding.is_set():
-                task.cancel()          # still waiting for the link: nothing sent
-            else:
-                self._background.add(task)
-                task.add_done_callback(lambda t: (self._background.discard(t), t.cancelled() or t.exception()))
-            raise
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-
-
-async def _aiter(items: Iterator | AsyncIterator) -> AsyncIterator:
-    if hasattr(items, "__aiter__"):
-        async for item in items:
-            yield item
-        return
-    for item in items:
-        yield item

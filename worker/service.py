@@ -27,8 +27,8 @@ from shardline.worker.engine_loop import EngineLoop
 from shardline.worker.engine_streams import (EngineFailed, EngineLimits, EngineStatus, EngineStopped, KVEventBatch,
                                              RequestIdInUse, RequestStream, SubscriberLagged)
 from shardline.worker.kv_link import KVLinks, LinkBroken
-from shardline.worker.kv_transfer import (KVAssembler, KVPusher, commit_chunk, kv_chunks, link_header,
-                                          receive_over_link)
+from shardline.worker.kv_push import KVPusher
+from shardline.worker.kv_transfer import KVAssembler, PieceAssembly, commit_chunk, receive_over_link
 from shardline.worker.proto_convert import (finish_reason_to_proto, logprobs_from_proto, logprobs_to_proto,
                                             sampling_params_from_proto)
 from shardline.worker.sampling_params import SamplingParams
@@ -176,35 +176,38 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        """Computes the prompt and pushes its KV piece by piece as the engine makes it ready
+        (kv_push.py); a failed push is the decode group's or the link's, not ours:
+        FAILED_PRECONDITION (ABORTED for a broken link) keeps this group healthy."""
         stream = await self._start(context, request, validate_prefill, kv_export_from=request.num_skip_tokens)
+        session, last = None, None
         try:
-            outputs = [output async for output in stream]
+            link = self._links.get(request.kv_link_id) if request.kv_link_id else None
+            async for output in stream:
+                if output.kv_export is not None:
+                    session = session or self._pusher.session(request.decode_address, request.decode_request_id,
+                                                              self._links, link)
+                    await session.send(output.kv_export)
+                last = output
+            if session is None or last is None or not last.new_token_ids:
+                detail = f"{last.finish_reason}: {last.error or 'no detail'}" if last else "no output"
+                await context.abort(grpc.StatusCode.INTERNAL, f"prefill ended without KV ({detail})")
+            first = last.new_token_ids[0]
+            first_logprobs = logprobs_to_proto(first, last.logprobs[0]) if last.logprobs else None
+            num_bytes, transfer_s = await session.commit(commit_chunk(request.decode_request_id, first,
+                                                                      first_logprobs))
+            session = None
         except (EngineStopped, EngineFailed) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        finally:
-            stream.close()
-        last = outputs[-1]
-        if last.kv_export is None or not last.new_token_ids:
-            await context.abort(grpc.StatusCode.INTERNAL, f"prefill ended without KV ({last.finish_reason}: "
-                                                          f"{last.error or 'no detail'})")
-        first = last.new_token_ids[0]
-        first_logprobs = logprobs_to_proto(first, last.logprobs[0]) if last.logprobs else None
-        # A failed push is the decode group's or the link's, not ours: FAILED_PRECONDITION keeps us healthy.
-        try:
-            if request.kv_link_id:
-                export, link = last.kv_export, self._links.get(request.kv_link_id)
-                num_bytes, transfer_s = await self._pusher.push_over_link(
-                    request.decode_address, self._links, link,
-                    link_header(request.decode_request_id, export, request.kv_link_id), [export.k, export.v],
-                    commit_chunk(request.decode_request_id, first, first_logprobs))
-            else:
-                chunks = kv_chunks(request.decode_request_id, last.kv_export, first, first_logprobs)
-                num_bytes, transfer_s = await self._pusher.push(request.decode_address, chunks)
         except grpc.aio.AioRpcError as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"decode_address {request.decode_address}: {err.code().name}: {err.details()}")
         except (KeyError, LinkBroken) as err:   # ABORTED: the coordinator drops the link and opens a new one
             await context.abort(grpc.StatusCode.ABORTED, f"kv_link_id: {err.args[0]}")
+        finally:
+            stream.close()
+            if session is not None:
+                session.abort()
         return worker_pb2.PrefillResponse(first_token_id=first, num_kv_bytes=num_bytes, transfer_s=transfer_s,
                                           num_cached_tokens=last.num_cached_tokens)
 
@@ -250,14 +253,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return assembler.start_token, assembler.k, assembler.v, chunk
 
     async def _receive_over_link(self, header: worker_pb2.KVChunk, chunks: AsyncIterator[worker_pb2.KVChunk]):
-        """(start token, k, v, commit chunk) of a stream whose bytes come over a pair link."""
+        """(start token, k, v, commit chunk) of a stream whose pieces' bytes come over a pair
+        link: a header per piece, then the commit. With no reservation here the pieces
+        are drained (the link stays in step) and the answer is NOT_FOUND."""
         limits = self._engine_loop.limits
-        k, v = await receive_over_link(self._links, header, self._reservations.get(header.request_id),
-                                       limits.kv_shape, limits.kv_dtype, limits.max_model_len)
-        commit = await anext(chunks, None)
-        if commit is None or not commit.commit or commit.request_id != header.request_id:
-            raise ValueError(f"commit: the link's transfer of {header.request_id!r} was not followed by its commit")
-        return header.start_token, k, v, commit
+        assembly = PieceAssembly(self._reservations.get(header.request_id))
+        message = header
+        while not message.commit:
+            if not message.link_id or message.request_id != header.request_id:
+                self._links.close(header.link_id)   # its sender may be sending already
+                raise ValueError(f"link_id: message for {message.request_id!r} without a link or out of place in "
+                                 f"the transfer of {header.request_id!r}")
+            k, v = await receive_over_link(self._links, message, limits.kv_shape, limits.kv_dtype,
+                                           limits.max_model_len)
+            assembly.add(message.start_token, k, v)
+            message = await anext(chunks, None)
+            if message is None:
+                raise ValueError("commit: the stream ended without a commit chunk")
+        if assembly.reserved is None:
+            raise KeyError(f"request_id: {header.request_id!r} holds no KV reservation here (aborted or expired)")
+        start, k, v = assembly.result()
+        return start, k, v, message
 
     async def OpenKVLink(self, request: worker_pb2.OpenKVLinkRequest,
                          context: grpc.aio.ServicerContext) -> worker_pb2.OpenKVLinkResponse:
