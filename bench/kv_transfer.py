@@ -215,7 +215,7 @@ def open_nccl_link(mpi, rank: int, backend):
     """The pair link of worker/kv_link.py, its unique id passed over MPI instead of the coordinator."""
     from shardline.worker.kv_link import NcclLink
     unique_id = mpi.bcast(NcclLink.make_unique_id() if rank == 1 else None, root=1)
-    return NcclLink(backend, rank, unique_id)
+    return NcclLink(backend, rank, unique_id, 60.0)
 
 
 def run(args) -> None:

@@ -94,8 +94,8 @@ class Disaggregator:
             # ABORTED: the pair's link broke (the prefill leader closed its end).
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 self._registry.mark_unhealthy(group.name, f"Prefill: {err.details()}")
-            if err.code() == grpc.StatusCode.ABORTED and link_id:
-                self.links.drop(link_id)
+            if err.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED) and link_id:
+                self.links.drop(link_id)   # broken, or maybe stuck: a fresh one next time
             raise self._fallback(f"group {group.name}: {err.code().name}: {err.details()}") from None
         except Exception as err:   # e.g. a channel that closed under us
             raise self._fallback(f"group {group.name}: {type(err).__name__}: {err}") from None

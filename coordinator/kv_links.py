@@ -8,8 +8,9 @@ leader cannot open it; `grpc` never opens links.
 A link serves one (prefill group, decode group) pair, opened on first use:
 the decode leader (rank 1) makes the unique id, this broker hands it to the
 prefill leader (rank 0). Links are cached, dropped on both sides after a
-failed transfer, and dropped when either group turns unhealthy or
-registers anew (a restarted leader has none).
+failed or timed-out transfer, and dropped when either group turns
+unhealthy or registers anew (a restarted leader has none). A pair whose
+link fails to open pushes over gRPC for RETRY_AFTER_S before the next try.
 
 Must not route or count hand-offs (the Disaggregator does).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import grpc
@@ -28,6 +30,7 @@ from shardline.proto import worker_pb2
 log = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 60.0     # NCCL setup of a fresh pair takes seconds
 CLOSE_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 30.0      # a pair whose link failed to open pushes over gRPC this long before trying again
 
 
 class KVLinkBroker:
@@ -36,6 +39,7 @@ class KVLinkBroker:
         self._registry = registry
         self._links: dict[tuple[str, str], str] = {}          # (prefill, decode) -> link id
         self._opening: dict[tuple[str, str], asyncio.Future] = {}
+        self._retry_at: dict[tuple[str, str], float] = {}     # pairs whose last open failed
         self._background: set[asyncio.Task] = set()
         self.num_opened = 0
         registry.on_unhealthy.append(self.forget_group)
@@ -58,6 +62,8 @@ class KVLinkBroker:
         key = (prefill.name, decode.name)
         if key in self._links:
             return self._links[key]
+        if time.monotonic() < self._retry_at.get(key, 0.0):
+            return ""
         if key not in self._opening:
             self._opening[key] = asyncio.ensure_future(self._open(key, prefill, decode, transport))
         return await asyncio.shield(self._opening[key])
@@ -70,9 +76,10 @@ class KVLinkBroker:
             await prefill.stub.OpenKVLink(worker_pb2.OpenKVLinkRequest(
                 link_id=link_id, transport=transport, rank=0, unique_id=opened.unique_id), timeout=OPEN_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
-            log.warning("KV link %s (%s) did not open: %s %s; pushing over gRPC", link_id, transport,
-                        err.code().name, err.details())
+            log.warning("KV link %s (%s) did not open: %s %s; pushing over gRPC for %.0f s", link_id, transport,
+                        err.code().name, err.details(), RETRY_AFTER_S)
             self._close_ends(link_id, prefill.name, decode.name)
+            self._retry_at[key] = time.monotonic() + RETRY_AFTER_S
             return ""
         finally:
             self._opening.pop(key, None)
@@ -93,6 +100,8 @@ class KVLinkBroker:
                 self._close_ends(link_id, *key)
 
     def forget_group(self, group: GroupState) -> None:
+        for key in [key for key in self._retry_at if group.name in key]:
+            del self._retry_at[key]   # a group that came back gets a fresh try
         for key, link_id in list(self._links.items()):
             if group.name in key:
                 del self._links[key]

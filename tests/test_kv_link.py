@@ -48,29 +48,45 @@ def test_arrays_round_trip_and_a_stuck_transfer_breaks_the_link():
     receiver, sender = open_pair(timeout_s=0.5)
     rng = np.random.default_rng()
     arrays = [rng.standard_normal((3, 17, 2, 8)).astype(np.float32), rng.integers(0, 1 << 16, (5, 4), np.uint16)]
-    sending = threading.Thread(target=lambda: [sender.get("L").send([a], 5.0) for a in arrays])
+    send_end, recv_end = sender.get("L").ready.result(), receiver.get("L").ready.result()
+    sending = threading.Thread(target=lambda: [send_end.send([a], 5.0) for a in arrays])
     sending.start()   # each send returns once the receiver acknowledged it
-    got = [receiver.get("L").recv([(3, 17, 2, 8)], np.float32, 5.0)[0],
-           receiver.get("L").recv([(5, 4)], np.uint16, 5.0)[0]]
+    got = [recv_end.recv([(3, 17, 2, 8)], np.float32, 5.0)[0], recv_end.recv([(5, 4)], np.uint16, 5.0)[0]]
     sending.join(5.0)
     assert not sending.is_alive()
     assert all(np.array_equal(a, b) for a, b in zip(arrays, got))
     started = time.monotonic()
     with pytest.raises(LinkBroken):   # nothing sent
-        receiver.get("L").recv([(4,)], np.float32, 0.3)
+        recv_end.recv([(4,)], np.float32, 0.3)
     with pytest.raises(LinkBroken):   # nobody receives: no acknowledgement before the deadline
-        sender.get("L").send([arrays[1]], 0.3)
+        send_end.send([arrays[1]], 0.3)
     assert time.monotonic() - started < 3.0
     receiver.close_all(), sender.close_all()
 
 
+def test_async_transfers_run_on_the_link_thread_and_fail_as_link_broken():
+    receiver, sender = open_pair(timeout_s=2.0)
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    async def both():
+        got, _ = await asyncio.gather(receiver.get("L").recv([(3, 4)], np.float32, 2.0),
+                                      sender.get("L").send([data], 2.0))
+        assert np.array_equal(got[0], data)
+        sender.close("L")   # a closed link refuses work with LinkBroken, not another error
+        with pytest.raises(LinkBroken):
+            await receiver.get("L").recv([(3, 4)], np.float32, 2.0)
+
+    asyncio.run(both())
+    receiver.close_all()
+
+
 def test_closing_a_link_unblocks_its_receive():
     receiver, sender = open_pair(timeout_s=30.0)
-    link, failure = receiver.get("L"), []
+    endpoint, failure = receiver.get("L").ready.result(), []
 
     def wait() -> None:
         try:
-            link.recv([(1 << 20,)], np.float32, 30.0)
+            endpoint.recv([(1 << 20,)], np.float32, 30.0)
         except LinkBroken as err:
             failure.append(err)
 
@@ -148,7 +164,7 @@ def test_a_real_worker_receives_over_a_link(worker, reference):  # noqa: F811
         stub.PushKV(iter([link_header("r", bad, "L"), commit_chunk("r", first, None)]), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_layers" in err.value.details()
     assert not stub.CloseKVLink(worker_pb2.CloseKVLinkRequest(link_id="L"), timeout=10).found   # closed there
-    link.close()
+    link.abort()
     status = wait_idle(stub)
     assert (status.num_reserved, status.num_running) == (0, 0)
     assert stub.GetStatus(worker_pb2.WorkerStatusRequest(check_integrity=True), timeout=10).integrity_error == ""

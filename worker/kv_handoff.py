@@ -77,16 +77,23 @@ class KVHandoff:
         self._export_from.pop(request_id, None)
         self._pieces.pop(request_id, None)
 
-    def commit(self, request_id: str, start_token: int, k: np.ndarray, v: np.ndarray, first_token_id: int) -> None:
+    def commit(self, request_id: str, start_token: int, k, v, first_token_id: int) -> None:
         """Writes prompt tokens [start_token, prompt end) of a reserved request, then runs it on.
-        ValueError naming the field when they do not match the reservation."""
+        `k`, `v`: arrays [layers, tokens, heads, head_dim], or lists of such pieces in token
+        order. ValueError naming the field when they do not match the reservation."""
         request = self.scheduler.reserved_request(request_id)
         if request is None:
             raise KeyError(f"request_id: {request_id!r} holds no KV reservation (aborted or expired)")
-        if start_token != request.num_computed_tokens or k.shape[1] != request.num_prompt_tokens - start_token:
+        k_pieces, v_pieces = (k, v) if isinstance(k, list) else ([k], [v])
+        num_tokens = sum(piece.shape[1] for piece in k_pieces)
+        if start_token != request.num_computed_tokens or num_tokens != request.num_prompt_tokens - start_token:
             raise ValueError(f"start_token: the reservation expects prompt tokens [{request.num_computed_tokens}, "
-                             f"{request.num_prompt_tokens}), got [{start_token}, {start_token + k.shape[1]})")
-        self.runner.write_kv(self.slots(request_id, start_token, request.num_prompt_tokens), k, v)
+                             f"{request.num_prompt_tokens}), got [{start_token}, {start_token + num_tokens})")
+        at = start_token
+        for k_piece, v_piece in zip(k_pieces, v_pieces):
+            stop = at + k_piece.shape[1]
+            self.runner.write_kv(self.slots(request_id, at, stop), k_piece, v_piece)
+            at = stop
         self.scheduler.commit_remote_kv(request_id, first_token_id)
 
     def slots(self, request_id: str, start: int, stop: int) -> np.ndarray:

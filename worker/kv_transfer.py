@@ -21,7 +21,6 @@ No engine state here: the engine reads and writes the cache
 
 from __future__ import annotations
 
-import asyncio
 from typing import Iterator
 
 import numpy as np
@@ -95,7 +94,7 @@ async def receive_over_link(links: KVLinks, header: worker_pb2.KVChunk, kv_shape
             raise ValueError(f"num_tokens: tokens [{header.start_token}, {header.start_token + header.num_tokens})"
                              f" do not fit max_model_len {max_model_len}")
         shape = (num_layers, header.num_tokens, num_kv_heads, head_dim)
-        return await asyncio.to_thread(link.recv, [shape, shape], np.dtype(kv_dtype), links.timeout_s)
+        return await link.recv([shape, shape], np.dtype(kv_dtype), links.timeout_s)
     except BaseException:   # cancelled too: closing unblocks the receiving thread
         links.close(header.link_id)
         raise
@@ -124,18 +123,15 @@ class PieceAssembly:
         self._k.append(k)
         self._v.append(v)
 
-    def result(self):
-        """(start token, k, v) of the whole reservation; ValueError when some never arrived."""
+    def result(self) -> tuple[int, list, list]:
+        """(start token, k pieces, v pieces) covering the reservation; ValueError when some
+        never arrived. The pieces stay separate: the engine writes each where it belongs and
+        is done with them before they are dropped (kv_link.NcclLink.recv says why)."""
         start, stop = self.reserved
         received = sum(piece.shape[1] for piece in self._k)
         if start + received != stop:
             raise ValueError(f"commit: the KV of prompt tokens [{start + received}, {stop}) never arrived")
-        if len(self._k) == 1:
-            return start, self._k[0], self._v[0]
-        xp = np
-        if hasattr(self._k[0], "get"):   # pieces received on the GPU are joined there
-            import cupy as xp
-        return start, xp.concatenate(self._k, axis=1), xp.concatenate(self._v, axis=1)
+        return start, self._k, self._v
 
 
 class KVAssembler:

@@ -103,6 +103,10 @@ class ModelRunner:
         xp = self.backend.xp
         rows = xp.concatenate([xp.asarray(k), xp.asarray(v)])
         self.backend.ops.scatter_cache_rows(self.kv.k + self.kv.v, xp.asarray(slots), rows)
+        if self.backend.name != "numpy":
+            # Done with k and v before the caller drops them: received over a KV link, their
+            # memory belongs to the link's stream, whose next receive may reuse it at once.
+            xp.cuda.get_current_stream().synchronize()
 
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """Runs the step; `sample=False` (tensor-parallel followers, whose

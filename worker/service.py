@@ -12,6 +12,7 @@ owns the engine thread) nor know how the process starts (rank_main does).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -185,8 +186,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             link = self._links.get(request.kv_link_id) if request.kv_link_id else None
             async for output in stream:
                 if output.kv_export is not None:
-                    session = session or self._pusher.session(request.decode_address, request.decode_request_id,
-                                                              self._links, link)
+                    remaining_s = context.time_remaining()
+                    session = session or self._pusher.session(
+                        request.decode_address, request.decode_request_id, self._links, link,
+                        None if remaining_s is None else remaining_s + self._links.timeout_s)
                     await session.send(output.kv_export)
                 last = output
             if session is None or last is None or not last.new_token_ids:
@@ -204,6 +207,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                 f"decode_address {request.decode_address}: {err.code().name}: {err.details()}")
         except (KeyError, LinkBroken) as err:   # ABORTED: the coordinator drops the link and opens a new one
             await context.abort(grpc.StatusCode.ABORTED, f"kv_link_id: {err.args[0]}")
+        except RuntimeError as err:   # the decode group ended the push early
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode_address {request.decode_address}: {err}")
         finally:
             stream.close()
             if session is not None:
@@ -236,7 +241,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"link_id: {err}")
         except (EngineStopped, EngineFailed) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        return worker_pb2.PushKVResponse(num_bytes=k.nbytes + v.nbytes)
+        pieces = k + v if isinstance(k, list) else [k, v]
+        return worker_pb2.PushKVResponse(num_bytes=sum(piece.nbytes for piece in pieces))
 
     async def _receive_chunks(self, first: worker_pb2.KVChunk, chunks: AsyncIterator[worker_pb2.KVChunk]):
         """(start token, k, v, commit chunk) of a stream that carries the bytes itself."""
@@ -267,9 +273,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             k, v = await receive_over_link(self._links, message, limits.kv_shape, limits.kv_dtype,
                                            limits.max_model_len)
             assembly.add(message.start_token, k, v)
-            message = await anext(chunks, None)
+            try:   # the next piece comes once the prefill group computed it
+                message = await asyncio.wait_for(anext(chunks, None), self._links.timeout_s)
+            except asyncio.TimeoutError:
+                raise ValueError(f"commit: nothing came for {self._links.timeout_s:.0f} s") from None
             if message is None:
                 raise ValueError("commit: the stream ended without a commit chunk")
+        if message.request_id != header.request_id:
+            raise ValueError(f"request_id: the commit for {message.request_id!r} ends the transfer of "
+                             f"{header.request_id!r}")
         if assembly.reserved is None:
             raise KeyError(f"request_id: {header.request_id!r} holds no KV reservation here (aborted or expired)")
         start, k, v = assembly.result()
