@@ -106,6 +106,7 @@ class Disaggregator:
         self.stats.kv_transfer_bytes += response.num_kv_bytes
         self.stats.kv_transfer_s += response.transfer_s
         self._metrics.prefills.labels("remote").inc()
-        self._metrics.kv_transfer_bytes.inc(response.num_kv_bytes)
-        self._metrics.kv_transfer_s.observe(response.transfer_s)
+        path = "link" if link_id else "stream"
+        self._metrics.kv_transfer_bytes.labels(path).inc(response.num_kv_bytes)
+        self._metrics.kv_transfer_s.labels(path).observe(response.transfer_s)
         return response

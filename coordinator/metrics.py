@@ -57,8 +57,10 @@ class Metrics:
         self.prefill_fallbacks = Counter("shardline_prefill_fallbacks",
                                          "Remote prefills that failed and ran where the request decodes", registry=r)
         self.kv_transfer_bytes = Counter("shardline_kv_transfer_bytes", "KV bytes pushed from prefill to decode "
-                                         "groups", registry=r)
-        self.kv_transfer_s = Histogram("shardline_kv_transfer_seconds", "Time of one request's KV push",
+                                         "groups, by path (link: a pair link, stream: inside PushKV)", ["path"],
+                                         registry=r)
+        self.kv_transfer_s = Histogram("shardline_kv_transfer_seconds", "Time one request's KV push added "
+                                       "(pieces on the link and the commit)", ["path"],
                                        buckets=_LATENCY_BUCKETS_S, registry=r)
 
     def observe_group(self, name: str, healthy: bool, kv_usage: float, prefix_hit_rate: float) -> None:

@@ -126,6 +126,8 @@ def test_disaggregated_equals_offline_and_counts_remote_prefills(prefill_tp, tra
         results = served.run(run_all(), 300)
         stats = served.run(served.stats()).disaggregation
         statuses = served.run(wait_idle(served, ["prefill", "decode"]))
+        metric_bytes = {path: served.cluster.metrics.registry.get_sample_value(
+            "shardline_kv_transfer_bytes_total", {"path": path}) or 0 for path in ("link", "stream")}
     for case, want, (responses, code, details) in zip(batch, expected, results):
         assert code == grpc.StatusCode.OK, details
         got = [t for r in responses for t in r.token_ids]
@@ -136,6 +138,8 @@ def test_disaggregated_equals_offline_and_counts_remote_prefills(prefill_tp, tra
     assert (stats.remote_prefills, stats.local_prefills, stats.fallbacks) == (num_long, len(batch) - num_long, 0)
     linked = transport != "grpc"
     assert (stats.kv_link_transfers, stats.kv_links_opened) == (num_long if linked else 0, int(linked))
+    assert metric_bytes == {"link": stats.kv_transfer_bytes if linked else 0,
+                            "stream": 0 if linked else stats.kv_transfer_bytes}
     assert 0 < num_long < len(batch)
     assert stats.kv_transfer_bytes > 0
     assert_clean(statuses)
