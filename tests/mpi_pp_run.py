@@ -23,7 +23,7 @@ from mpi4py import MPI
 from mpi_tp_run import resident_bytes
 from shardline.models.loader import load_model
 from shardline.parallel.pipeline import ParallelConfig
-from shardline.worker.engine import EngineConfig, LLMEngine, num_blocks_for
+from shardline.worker.engine import EngineConfig, LLMEngine, graphs_apply, max_model_len_for, num_blocks_for
 from shardline.worker.group import agree_on_blocks, create_group, follow
 from shardline.worker.offline import LocalModel
 from shardline.worker.pipeline_runner import make_runner
@@ -120,12 +120,17 @@ def run_engine(path, tp, pp, split, jobs_path, out) -> None:
     config = EngineConfig(backend=backend, dtype=spec.get("dtype"), **spec["engine"])
     if not group.is_leader:
         num_blocks = agree_on_blocks(group, num_blocks_for(config, LocalModel(model, None)))
-        follow(group, make_runner(model, num_blocks, config.block_size_tokens, group.links))
+        runner = make_runner(model, num_blocks, config.block_size_tokens, group.links)
+        if graphs_apply(config, runner):   # as rank_main.run_follower: the leader captures the same steps
+            runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, model.config))
+        follow(group, runner)
         return
     engine = LLMEngine(config, LocalModel(model, None), group)
     results = {"jobs": {job["name"]: run_job(engine, job) for job in spec["jobs"]}}
     engine.block_manager.check_integrity()
-    results.update(stats=engine.stats(), num_free_blocks=engine.block_manager.num_free_blocks)
+    graphs = getattr(getattr(engine.runner, "runner", engine.runner), "graphs", None)
+    results.update(stats=engine.stats(), num_free_blocks=engine.block_manager.num_free_blocks,
+                   graph_replays=graphs.num_replays if graphs is not None else 0)
     engine.shutdown()
     with open(out, "w") as f:
         json.dump(results, f)

@@ -52,6 +52,29 @@ def test_pp2_engine_on_two_gpus(tmp_path):
     assert got["jobs"]["sequential"]["tokens"] == expected, f"seed {seed}"
 
 
+def test_tp2_engine_replays_cuda_graphs_on_two_gpus(tmp_path):
+    """A tp=2 engine group (leader and follower each capture the decode steps, the NCCL
+    all-reduces and the logits gather inside the graphs) gives one GPU's greedy tokens."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    folder = save_llama("llama", 4, tmp_path / "llama", seed, spread=0.3)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in [1, 40, 17, 64, 9]]
+    max_tokens = rng.integers(4, 20, len(prompts)).tolist()
+    engine = {"block_size_tokens": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 256}
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps({"backend": "cuda", "dtype": "float32", "engine": engine, "jobs": [
+        dict(name="batched", mode="batched", prompts=prompts, max_tokens=max_tokens)]}))
+    mpirun(2, "mpi_pp_run.py", "engine", folder, 2, 1, "cost", spec, tmp_path / "out.json")
+    got = json.loads((tmp_path / "out.json").read_text())
+    single = LocalModel(load_model(folder, create_backend("cuda", "float32"), show_progress=False).model, None)
+    expected = [c.token_ids for c in LLMEngine(EngineConfig(backend="cuda", dtype="float32", cuda_graphs=False,
+                                                            **engine), single)
+                .generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    print(f"seed {seed}: {got['graph_replays']} graph replays on the leader")
+    assert got["graph_replays"] > 0
+    assert got["jobs"]["batched"]["tokens"] == expected, f"seed {seed}"
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_tp2_ep2_on_two_gpus(name, tmp_path):
     seed = int(np.random.SeedSequence().entropy % 2**31)

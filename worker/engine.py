@@ -13,7 +13,7 @@ import collections
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from shardline.parallel.pipeline import StageLinks
 from shardline.worker.block_manager import BlockManager
@@ -21,7 +21,7 @@ from shardline.worker.detokenizer import IncrementalDetokenizer
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.group import BroadcastingRunner, GroupContext, agree_on_blocks
 from shardline.worker.kv_handoff import KVExport, KVHandoff
-from shardline.worker.model_runner import kv_bytes_per_block
+from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.request import Request, RequestStatus
@@ -52,6 +52,17 @@ class Completion:
     error: str | None = None
 
 
+def max_model_len_for(config: EngineConfig, model_config: Any) -> int:
+    return min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+
+
+def graphs_apply(config: EngineConfig, runner: Any) -> bool:
+    """CUDA graphs for decode steps: a CUDA rank whose runner is a single stage's
+    ModelRunner (every rank of a tensor-parallel group captures the same steps, their
+    NCCL collectives inside the graphs; pipeline stages run eagerly)."""
+    return config.cuda_graphs and isinstance(runner, ModelRunner) and runner.backend.name == "cuda"
+
+
 def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
     if config.num_kv_blocks:
         return config.num_kv_blocks
@@ -72,8 +83,7 @@ class LLMEngine:
         self.local = local or load_local(config.model, config.backend, config.dtype)
         self.tokenizer = self.local.tokenizer
         model_config = self.local.model.config
-        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
+        self.max_model_len = max_model_len_for(config, model_config)
         self.num_kv_blocks = num_blocks_for(config, self.local)
         if group is not None:
             self.num_kv_blocks = agree_on_blocks(group, self.num_kv_blocks)
@@ -88,10 +98,10 @@ class LLMEngine:
             policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight), self.block_manager)
         self.runner = make_runner(self.local.model, self.num_kv_blocks, config.block_size_tokens,
                                   group.links if group is not None else StageLinks())
+        if graphs_apply(config, self.runner):   # followers of a group do the same (rank_main.run_follower)
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         if group is not None:
             self.runner = BroadcastingRunner(group, self.runner)
-        elif config.cuda_graphs and self.local.model.backend.name == "cuda" and self.max_plans_in_flight == 1:
-            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.eos_token_ids = frozenset(tokenizer_eos) | set(model_config.eos_token_ids)
         self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}  # live requests

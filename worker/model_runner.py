@@ -110,8 +110,9 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan, sample: bool = True) -> StepResult:
         """Runs the step; `sample=False` (tensor-parallel followers, whose
-        tokens nobody reads) skips sampling but not the collectives."""
-        if self.graphs is not None and sample and self.graphs.accepts(plan):
+        tokens nobody reads) skips sampling but not the collectives. A
+        graphed step samples on every rank (the graph is the whole step)."""
+        if self.graphs is not None and self.graphs.accepts(plan):
             result = self.graphs.run(plan)
             if result is not None:
                 return result

@@ -28,7 +28,7 @@ import grpc
 from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigError, GroupSpec, load_cluster_config
 from shardline.parallel.pipeline import ParallelConfig
 from shardline.proto import worker_pb2, worker_pb2_grpc
-from shardline.worker.engine import LLMEngine, num_blocks_for
+from shardline.worker.engine import LLMEngine, graphs_apply, max_model_len_for, num_blocks_for
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.engine_loop import EngineLoop
 from shardline.worker.group import GroupContext, agree_on_blocks, create_group, follow
@@ -113,7 +113,10 @@ def run_follower(spec: GroupSpec, group: GroupContext) -> int:
                        ep=group.ep)
     num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
     log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, num_blocks)
-    follow(group, make_runner(local.model, num_blocks, config.block_size_tokens, group.links))
+    runner = make_runner(local.model, num_blocks, config.block_size_tokens, group.links)
+    if graphs_apply(config, runner):   # the leader's engine captures the same steps
+        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, local.model.config))
+    follow(group, runner)
     return EXIT_OK
 
 
