@@ -61,7 +61,12 @@ def main(config_path: str, address_file: str | None = None) -> int:
         log.error("%s", err)
         return EXIT_USAGE
     try:
-        return _run_rank(config, config_path, place, slots, world, address_file)
+        code = _run_rank(config, config_path, place, slots, world, address_file)
+        # Done: a SIGTERM still on its way (scancel signals every task at about the same
+        # time) must not kill this rank inside MPI_Finalize, after Python has put the default
+        # handlers back, and turn a clean stop into a failed job. SIG_IGN outlives that reset.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return code
     except Exception:
         log.exception("rank %d failed; aborting the job", place.world_rank)
         world.Abort(EXIT_FAILED)   # the other ranks may wait in a collective for this one
