@@ -160,17 +160,26 @@ def _send_chunk(comm, engine, request_id: str, piece: tuple[int, int], stream, k
         comm.send(ops.gather_cache_rows(kv.k + kv.v, index), 1)
 
 
+def stage_handoff(mpi, rank: int, engine, request_id: str, prompt: list[int]) -> int | None:
+    """Rank 0's cache holds the prompt (its first token returned), rank 1 reserved blocks
+    for it; both GPUs idle and the ranks in step when this returns."""
+    import cupy
+    from shardline.worker.sampling_params import SamplingParams
+    first = None
+    if rank == 0:
+        first = prefill_only(engine, request_id, prompt)
+    else:
+        engine.reserve_remote_kv(request_id, prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    cupy.cuda.Device().synchronize()
+    mpi.Barrier()
+    return first
+
+
 def move_only(comm, mpi, rank: int, engine, prompt: list[int], chunk: int) -> float:
     """The hand-off's data path alone: rank 0's cache already holds the prompt."""
     import cupy
-    from shardline.worker.sampling_params import SamplingParams
     ranges = chunks(len(prompt), chunk)
-    if rank == 0:
-        prefill_only(engine, "m", prompt)
-    else:
-        engine.reserve_remote_kv("m", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    cupy.cuda.Device().synchronize()
-    mpi.Barrier()
+    stage_handoff(mpi, rank, engine, "m", prompt)
     start = time.perf_counter()
     if rank == 0:
         stream, keep = cupy.cuda.Stream(non_blocking=True), []
@@ -188,15 +197,9 @@ def move_only(comm, mpi, rank: int, engine, prompt: list[int], chunk: int) -> fl
 def served_link_only(link, mpi, rank: int, engine, prompt: list[int]) -> float:
     """What a served hand-off over an NCCL pair link moves, timed on rank 1 to the commit."""
     import cupy
-    from shardline.worker.sampling_params import SamplingParams
     config = engine.local.model.config
     shape = (config.num_layers, len(prompt), config.num_kv_heads, config.head_dim)
-    if rank == 0:
-        first = prefill_only(engine, "s", prompt)
-    else:
-        engine.reserve_remote_kv("s", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    cupy.cuda.Device().synchronize()
-    mpi.Barrier()
+    first = stage_handoff(mpi, rank, engine, "s", prompt)
     start = time.perf_counter()
     if rank == 0:
         k, v = engine.runner.read_kv(engine.handoff.slots("s", 0, len(prompt)), to_host=False)

@@ -75,6 +75,23 @@ __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int gr
     return found;
 }
 
+using FlashAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc += A B for one warp: A is 16 rows x 16 * k_tiles (row-major, lda), B is
+// 16 * k_tiles x 16 in layout BLayout (ldb), its k-th 16-slice `b_step` elements on.
+template <typename T, typename BLayout>
+__device__ __forceinline__ void mma_rows(FlashAcc& acc, const T* a, int lda, const T* b, int ldb, int b_step,
+                                         int k_tiles) {
+    using namespace nvcuda;
+    for (int k = 0; k < k_tiles; ++k) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b_frag;
+        wmma::load_matrix_sync(a_frag, a + k * 16, lda);
+        wmma::load_matrix_sync(b_frag, b + k * b_step, ldb);
+        wmma::mma_sync(acc, a_frag, b_frag, acc);
+    }
+}
+
 template <typename T>
 __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_cache, T* out,
                                      const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
@@ -138,17 +155,11 @@ __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_ca
         __syncthreads();
         if (!warp_busy) continue;  // uniform across the warp; it still meets every __syncthreads
 
-        // S = Q K^T for this warp's 16 rows.
+        // S = Q K^T for this warp's 16 rows (K^T: K's rows read column-major).
         for (int n = 0; n < FP_BK / 16; ++n) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            FlashAcc acc;
             wmma::fill_fragment(acc, 0.0f);
-            for (int kd = 0; kd < D / 16; ++kd) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-                wmma::load_matrix_sync(a, q_s + warp * 16 * D + kd * 16, D);
-                wmma::load_matrix_sync(bk, k_s + n * 16 * D + kd * 16, D);
-                wmma::mma_sync(acc, a, bk, acc);
-            }
+            mma_rows<T, wmma::col_major>(acc, q_s + warp * 16 * D, D, k_s + n * 16 * D, D, 16, D / 16);
             wmma::store_matrix_sync(s_s + warp * 16 * FP_BK + n * 16, acc, FP_BK, wmma::mem_row_major);
         }
         __syncwarp();
@@ -186,15 +197,9 @@ __global__ void flash_prefill_kernel(const T* q, const T* k_cache, const T* v_ca
 
         // O += P V for this warp's rows.
         for (int cd = 0; cd < D / 16; ++cd) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            FlashAcc acc;
             wmma::load_matrix_sync(acc, o_s + warp * 16 * D + cd * 16, D, wmma::mem_row_major);
-            for (int kk = 0; kk < FP_BK / 16; ++kk) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-                wmma::load_matrix_sync(a, p_s + warp * 16 * FP_BK + kk * 16, FP_BK);
-                wmma::load_matrix_sync(bv, v_s + kk * 16 * D + cd * 16, D);
-                wmma::mma_sync(acc, a, bv, acc);
-            }
+            mma_rows<T, wmma::row_major>(acc, p_s + warp * 16 * FP_BK, FP_BK, v_s + cd * 16, D, 16 * D, FP_BK / 16);
             wmma::store_matrix_sync(o_s + warp * 16 * D + cd * 16, acc, D, wmma::mem_row_major);
         }
         __syncwarp();

@@ -63,19 +63,21 @@ def offline(model_folder):
     return LLMEngine(EngineConfig(**ENGINE), load_local(str(model_folder), backend="numpy", show_progress=False))
 
 
-def write_config(folder, model, prefill_tp: int, timeout_s: float = 20.0, transport: str = "grpc"):
-    data = {"model": str(model), "served_model_name": "tiny", "engine": ENGINE,
+def write_config(folder, model, prefill_tp: int = 1, timeout_s: float = 20.0, transport: str = "grpc",
+                 engine: dict = ENGINE, devices: tuple[list[int], list[int]] = ([], [])):
+    """One prefill and one decode group (`devices`: their GPUs, for CUDA engines)."""
+    data = {"model": str(model), "served_model_name": "tiny", "engine": engine,
             "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25,
-                            "heartbeat_timeout_s": 2.0, "startup_timeout_s": 180,
+                            "heartbeat_timeout_s": 2.0, "startup_timeout_s": 300,
                             "limits": {"max_in_flight": 256},
                             "disaggregation": {"min_remote_prefill_tokens": MIN_REMOTE_TOKENS,
                                                "max_prefill_in_flight": 64, "prefill_timeout_s": timeout_s,
                                                "transport": transport}},
             # The prefill group computes 32 tokens a step: long prompts leave in pieces, each
             # pushed while the next computes.
-            "groups": [{"name": "prefill", "role": "prefill", "tp": prefill_tp,
+            "groups": [{"name": "prefill", "role": "prefill", "tp": prefill_tp, "devices": devices[0],
                         "engine": {"max_num_batched_tokens": 32}},
-                       {"name": "decode", "role": "decode"}]}
+                       {"name": "decode", "role": "decode", "devices": devices[1]}]}
     path = folder / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

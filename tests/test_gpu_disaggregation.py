@@ -17,7 +17,6 @@ import random
 import grpc
 import numpy as np
 import pytest
-import yaml
 
 from gpu_guard import NUM_GPUS
 from shardline.worker.engine import EngineConfig, LLMEngine
@@ -26,24 +25,10 @@ from shardline.worker.offline import load_local
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs two GPUs")]
 pytest.importorskip("torch")
 from serving_fixtures import collect, running_cluster  # noqa: E402
-from test_disaggregation import MIN_REMOTE_TOKENS, assert_clean, cases, wait_idle  # noqa: E402
+from test_disaggregation import MIN_REMOTE_TOKENS, assert_clean, cases, wait_idle, write_config  # noqa: E402
 from test_serving_tp import tiny_model_with_tokenizer  # noqa: E402
 
 ENGINE = {"backend": "cuda", "dtype": "float32", "num_kv_blocks": 384, "max_num_seqs": 64, "block_size_tokens": 16}
-
-
-def write_config(folder, model) -> str:
-    data = {"model": str(model), "served_model_name": "tiny", "engine": ENGINE,
-            "coordinator": {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.25, "startup_timeout_s": 300,
-                            "disaggregation": {"min_remote_prefill_tokens": MIN_REMOTE_TOKENS,
-                                               "max_prefill_in_flight": 64, "transport": "nccl"}},
-            # 32 prompt tokens a step on the prefill group: long prompts cross the link in pieces.
-            "groups": [{"name": "prefill", "role": "prefill", "devices": [0],
-                        "engine": {"max_num_batched_tokens": 32}},
-                       {"name": "decode", "role": "decode", "devices": [1]}]}
-    path = folder / "cluster.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +44,9 @@ def offline(model):
 
 @pytest.fixture(scope="module")
 def served(model, tmp_path_factory):
-    with running_cluster(write_config(tmp_path_factory.mktemp("cluster"), model)) as served:
+    config = write_config(tmp_path_factory.mktemp("cluster"), model, transport="nccl", engine=ENGINE,
+                          devices=([0], [1]))
+    with running_cluster(config) as served:
         yield served
 
 

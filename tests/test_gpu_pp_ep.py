@@ -32,22 +32,30 @@ from test_pipeline_parallel import VOCAB, save as save_llama
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs two GPUs")]
 
 
-def test_pp2_engine_on_two_gpus(tmp_path):
+def run_engine_group(tmp_path, tp: int, pp: int, lengths: list[int], token_range: tuple[int, int],
+                     modes: tuple[str, ...]) -> tuple[dict, list[list[int]], int]:
+    """A random fp32 Llama served by an engine group of tp x pp ranks on two GPUs under MPI
+    (greedy, each of `modes`), and the same prompts through one GPU's eager engine:
+    (the group's results, the one-GPU tokens, the seed)."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     folder = save_llama("llama", 4, tmp_path / "llama", seed, spread=0.3)
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, VOCAB, n).tolist() for n in [1, 300, 17, 64, 120]]
-    max_tokens = rng.integers(1, 16, len(prompts)).tolist()
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+    max_tokens = rng.integers(*token_range, len(prompts)).tolist()
     engine = {"block_size_tokens": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 256}
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps({"backend": "cuda", "dtype": "float32", "engine": engine, "jobs": [
-        dict(name="batched", mode="batched", prompts=prompts, max_tokens=max_tokens),
-        dict(name="sequential", mode="sequential", prompts=prompts, max_tokens=max_tokens)]}))
-    mpirun(2, "mpi_pp_run.py", "engine", folder, 1, 2, "cost", spec, tmp_path / "out.json")
-    got = json.loads((tmp_path / "out.json").read_text())
+        dict(name=mode, mode=mode, prompts=prompts, max_tokens=max_tokens) for mode in modes]}))
+    mpirun(2, "mpi_pp_run.py", "engine", folder, tp, pp, "cost", spec, tmp_path / "out.json")
     single = LocalModel(load_model(folder, create_backend("cuda", "float32"), show_progress=False).model, None)
-    expected = [c.token_ids for c in LLMEngine(EngineConfig(backend="cuda", dtype="float32", **engine), single)
+    expected = [c.token_ids for c in LLMEngine(EngineConfig(backend="cuda", dtype="float32", cuda_graphs=False,
+                                                            **engine), single)
                 .generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    return json.loads((tmp_path / "out.json").read_text()), expected, seed
+
+
+def test_pp2_engine_on_two_gpus(tmp_path):
+    got, expected, seed = run_engine_group(tmp_path, 1, 2, [1, 300, 17, 64, 120], (1, 16), ("batched", "sequential"))
     assert got["jobs"]["batched"]["tokens"] == expected, f"seed {seed}"
     assert got["jobs"]["sequential"]["tokens"] == expected, f"seed {seed}"
 
@@ -55,21 +63,7 @@ def test_pp2_engine_on_two_gpus(tmp_path):
 def test_tp2_engine_replays_cuda_graphs_on_two_gpus(tmp_path):
     """A tp=2 engine group (leader and follower each capture the decode steps, the NCCL
     all-reduces and the logits gather inside the graphs) gives one GPU's greedy tokens."""
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    folder = save_llama("llama", 4, tmp_path / "llama", seed, spread=0.3)
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, VOCAB, n).tolist() for n in [1, 40, 17, 64, 9]]
-    max_tokens = rng.integers(4, 20, len(prompts)).tolist()
-    engine = {"block_size_tokens": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 256}
-    spec = tmp_path / "jobs.json"
-    spec.write_text(json.dumps({"backend": "cuda", "dtype": "float32", "engine": engine, "jobs": [
-        dict(name="batched", mode="batched", prompts=prompts, max_tokens=max_tokens)]}))
-    mpirun(2, "mpi_pp_run.py", "engine", folder, 2, 1, "cost", spec, tmp_path / "out.json")
-    got = json.loads((tmp_path / "out.json").read_text())
-    single = LocalModel(load_model(folder, create_backend("cuda", "float32"), show_progress=False).model, None)
-    expected = [c.token_ids for c in LLMEngine(EngineConfig(backend="cuda", dtype="float32", cuda_graphs=False,
-                                                            **engine), single)
-                .generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    got, expected, seed = run_engine_group(tmp_path, 2, 1, [1, 40, 17, 64, 9], (4, 20), ("batched",))
     print(f"seed {seed}: {got['graph_replays']} graph replays on the leader")
     assert got["graph_replays"] > 0
     assert got["jobs"]["batched"]["tokens"] == expected, f"seed {seed}"

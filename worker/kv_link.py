@@ -337,9 +337,6 @@ class KVLinks:
             raise KeyError(f"link_id: no KV link {link_id!r} is open here")
         return link
 
-    def has(self, link_id: str) -> bool:
-        return link_id in self._links
-
     def close(self, link_id: str) -> bool:
         link = self._links.pop(link_id, None)
         if link is not None:
