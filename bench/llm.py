@@ -193,7 +193,7 @@ def run(args) -> dict:
 
 
 def print_table(report: dict) -> None:
-    off = f", kernels off: {report['kernels_off']}" if report.get("kernels_off") else ""
+    off = f", experimental: {report['experimental']}" if report.get("experimental") else ""
     print(f"\n{report['device']}, bf16, decode at {report['context']} tokens of context, "
           f"TTFT of {report['ttft_tokens']} tokens{off}\n")
     print("| shape | metric | ours | HF eager | roofline | ours / roofline | HF / ours |")
@@ -229,14 +229,15 @@ def main() -> None:
     p.add_argument("--ttft-tokens", type=int, default=2048)
     p.add_argument("--offline-requests", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--kernels-off", default="",
-                   help="A/B runs: kernels to switch off, e.g. flash,skinny_gemm (SHARDLINE_KERNELS_OFF)")
+    p.add_argument("--experimental", default="",
+                   help="A/B runs: not yet validated GPU paths to switch on, e.g. flash,skinny_gemm "
+                        "(SHARDLINE_EXPERIMENTAL)")
     p.add_argument("--out", default="bench/results/llm.json")
     args = p.parse_args()
-    if args.kernels_off:
-        os.environ["SHARDLINE_KERNELS_OFF"] = args.kernels_off   # read when the kernels module loads
+    if args.experimental:
+        os.environ["SHARDLINE_EXPERIMENTAL"] = args.experimental   # read when the kernels module loads
     report = run(args)
-    report["kernels_off"] = args.kernels_off
+    report["experimental"] = args.experimental
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print_table(report)

@@ -12,6 +12,8 @@ no bfloat16 dtype), fp16, or fp32 (for kernel tests).
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -64,6 +66,20 @@ class Backend:
         if self.name == "numpy":
             return arr
         return self.ops.to_host(arr)
+
+
+EXPERIMENTAL = ("flash", "skinny_gemm", "tp_graphs")
+
+
+def experimental() -> frozenset[str]:
+    """GPU paths written but not yet validated on a GPU, off unless named in
+    SHARDLINE_EXPERIMENTAL (e.g. flash,skinny_gemm,tp_graphs): the flash attention
+    kernel, the skinny GEMM and CUDA graphs in tensor-parallel groups."""
+    names = frozenset(filter(None, os.environ.get("SHARDLINE_EXPERIMENTAL", "").replace(" ", "").split(",")))
+    unknown = names - set(EXPERIMENTAL)
+    if unknown:
+        raise ValueError(f"SHARDLINE_EXPERIMENTAL: unknown {sorted(unknown)}; known: {', '.join(EXPERIMENTAL)}")
+    return names
 
 
 def cuda_available() -> bool:

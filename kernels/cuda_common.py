@@ -54,11 +54,6 @@ _OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 16, 256
 
 
-def kernels_off() -> frozenset[str]:
-    """Kernels switched off for A/B runs: SHARDLINE_KERNELS_OFF=flash,skinny_gemm."""
-    return frozenset(filter(None, os.environ.get("SHARDLINE_KERNELS_OFF", "").replace(" ", "").split(",")))
-
-
 def flash_smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of flash_prefill_kernel: Q, K, V and P tiles in the
     storage type, the scores and the output rows in float32."""

@@ -41,8 +41,8 @@ from shardline.kernels.cuda_common import (
     _same_dtype,
     _word,
     bf16_bits,
-    kernels_off,
 )
+from shardline.kernels.backend import experimental
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.gemm import CublasGemm
@@ -50,7 +50,7 @@ from shardline.kernels.gemm import CublasGemm
 
 class CudaOps(AttentionOps, SamplingOps):
     name = "cuda"
-    use_skinny_gemm = "skinny_gemm" not in kernels_off()
+    use_skinny_gemm = "skinny_gemm" in experimental()   # not yet run on a GPU: opt in
 
     def __init__(self, device_id: int = 0):
         self.device_id = device_id

@@ -121,7 +121,7 @@ def run_engine(path, tp, pp, split, jobs_path, out) -> None:
     if not group.is_leader:
         num_blocks = agree_on_blocks(group, num_blocks_for(config, LocalModel(model, None)))
         runner = make_runner(model, num_blocks, config.block_size_tokens, group.links)
-        if graphs_apply(config, runner):   # as rank_main.run_follower: the leader captures the same steps
+        if graphs_apply(config, runner, grouped=True):   # as rank_main.run_follower: the leader captures the same steps
             runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, model.config))
         follow(group, runner)
         return

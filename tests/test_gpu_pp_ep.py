@@ -60,9 +60,10 @@ def test_pp2_engine_on_two_gpus(tmp_path):
     assert got["jobs"]["sequential"]["tokens"] == expected, f"seed {seed}"
 
 
-def test_tp2_engine_replays_cuda_graphs_on_two_gpus(tmp_path):
+def test_tp2_engine_replays_cuda_graphs_on_two_gpus(tmp_path, monkeypatch):
     """A tp=2 engine group (leader and follower each capture the decode steps, the NCCL
     all-reduces and the logits gather inside the graphs) gives one GPU's greedy tokens."""
+    monkeypatch.setenv("SHARDLINE_EXPERIMENTAL", "tp_graphs")   # the MPI ranks inherit it
     got, expected, seed = run_engine_group(tmp_path, 2, 1, [1, 40, 17, 64, 9], (4, 20), ("batched",))
     print(f"seed {seed}: {got['graph_replays']} graph replays on the leader")
     assert got["graph_replays"] > 0

@@ -224,3 +224,14 @@ def test_filtered_tokens_never_win():
     params = sampling_params(1, top_k=1, seed=_SEED, offsets=np.array([_OFFSET], np.int64))
     with np.errstate(invalid="raise"):
         assert numpy_ops.sample(logits, **params)[0] == 0
+
+
+def test_experimental_gpu_paths_are_opt_in_and_named(monkeypatch):
+    from shardline.kernels.backend import experimental
+    monkeypatch.delenv("SHARDLINE_EXPERIMENTAL", raising=False)
+    assert experimental() == frozenset()
+    monkeypatch.setenv("SHARDLINE_EXPERIMENTAL", "flash, tp_graphs")
+    assert experimental() == {"flash", "tp_graphs"}
+    monkeypatch.setenv("SHARDLINE_EXPERIMENTAL", "flash,bogus")
+    with pytest.raises(ValueError, match="SHARDLINE_EXPERIMENTAL: unknown \\['bogus'\\]"):
+        experimental()

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from shardline.kernels.backend import experimental
 from shardline.parallel.pipeline import StageLinks
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
@@ -56,11 +57,13 @@ def max_model_len_for(config: EngineConfig, model_config: Any) -> int:
     return min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
 
 
-def graphs_apply(config: EngineConfig, runner: Any) -> bool:
+def graphs_apply(config: EngineConfig, runner: Any, grouped: bool) -> bool:
     """CUDA graphs for decode steps: a CUDA rank whose runner is a single stage's
-    ModelRunner (every rank of a tensor-parallel group captures the same steps, their
-    NCCL collectives inside the graphs; pipeline stages run eagerly)."""
-    return config.cuda_graphs and isinstance(runner, ModelRunner) and runner.backend.name == "cuda"
+    ModelRunner; in a tensor-parallel group (`grouped`) every rank captures the same
+    steps, their NCCL collectives inside the graphs, only with SHARDLINE_EXPERIMENTAL
+    naming tp_graphs (not yet run on GPUs); pipeline stages run eagerly."""
+    return (config.cuda_graphs and isinstance(runner, ModelRunner) and runner.backend.name == "cuda"
+            and (not grouped or "tp_graphs" in experimental()))
 
 
 def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
@@ -98,7 +101,7 @@ class LLMEngine:
             policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight), self.block_manager)
         self.runner = make_runner(self.local.model, self.num_kv_blocks, config.block_size_tokens,
                                   group.links if group is not None else StageLinks())
-        if graphs_apply(config, self.runner):   # followers of a group do the same (rank_main.run_follower)
+        if graphs_apply(config, self.runner, group is not None):   # followers of a group do the same (rank_main.run_follower)
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         if group is not None:
             self.runner = BroadcastingRunner(group, self.runner)

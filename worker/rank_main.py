@@ -114,7 +114,7 @@ def run_follower(spec: GroupSpec, group: GroupContext) -> int:
     num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
     log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, num_blocks)
     runner = make_runner(local.model, num_blocks, config.block_size_tokens, group.links)
-    if graphs_apply(config, runner):   # the leader's engine captures the same steps
+    if graphs_apply(config, runner, grouped=True):   # the leader's engine captures the same steps
         runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, local.model.config))
     follow(group, runner)
     return EXIT_OK
