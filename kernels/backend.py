@@ -68,13 +68,14 @@ class Backend:
         return self.ops.to_host(arr)
 
 
-EXPERIMENTAL = ("flash", "skinny_gemm", "tp_graphs")
+EXPERIMENTAL = ("flash", "skinny_gemm", "tp_graphs", "nccl_links")
 
 
 def experimental() -> frozenset[str]:
     """GPU paths written but not yet validated on a GPU, off unless named in
     SHARDLINE_EXPERIMENTAL (e.g. flash,skinny_gemm,tp_graphs): the flash attention
-    kernel, the skinny GEMM and CUDA graphs in tensor-parallel groups."""
+    kernel, the skinny GEMM, CUDA graphs in tensor-parallel groups and NCCL pair links
+    for the KV hand-off (without them the hand-off between GPU groups goes over gRPC)."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_EXPERIMENTAL", "").replace(" ", "").split(",")))
     unknown = names - set(EXPERIMENTAL)
     if unknown:

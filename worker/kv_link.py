@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from shardline.kernels.backend import Backend
+from shardline.kernels.backend import Backend, experimental
 
 TRANSPORTS = ("nccl", "tcp")
 POLL_S = 1e-4
@@ -282,7 +282,9 @@ class KVLinks:
         self._links: dict[str, Link] = {}
 
     def transports(self) -> list[str]:
-        return ["nccl", "tcp"] if self._backend.name == "cuda" else ["tcp"]
+        """nccl on GPUs, while it is experimental only when SHARDLINE_EXPERIMENTAL names nccl_links."""
+        nccl = self._backend.name == "cuda" and "nccl_links" in experimental()
+        return ["nccl", "tcp"] if nccl else ["tcp"]
 
     async def open(self, link_id: str, transport: str, rank: int, unique_id: bytes) -> bytes:
         """Rank 1 returns the unique id at once and joins in the background; rank 0 returns
