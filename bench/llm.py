@@ -193,7 +193,7 @@ def run(args) -> dict:
 
 
 def print_table(report: dict) -> None:
-    off = f", experimental: {report['experimental']}" if report.get("experimental") else ""
+    off = f", off: {report['gpu_off']}" if report.get("gpu_off") else ""
     print(f"\n{report['device']}, bf16, decode at {report['context']} tokens of context, "
           f"TTFT of {report['ttft_tokens']} tokens{off}\n")
     print("| shape | metric | ours | HF eager | roofline | ours / roofline | HF / ours |")
@@ -229,15 +229,14 @@ def main() -> None:
     p.add_argument("--ttft-tokens", type=int, default=2048)
     p.add_argument("--offline-requests", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--experimental", default="",
-                   help="A/B runs: not yet validated GPU paths to switch on, e.g. flash,skinny_gemm "
-                        "(SHARDLINE_EXPERIMENTAL)")
+    p.add_argument("--off", default="", help="A/B runs: GPU fast paths to switch off, e.g. flash,skinny_gemm "
+                                             "(SHARDLINE_GPU_OFF)")
     p.add_argument("--out", default="bench/results/llm.json")
     args = p.parse_args()
-    if args.experimental:
-        os.environ["SHARDLINE_EXPERIMENTAL"] = args.experimental   # read when the kernels module loads
+    if args.off:
+        os.environ["SHARDLINE_GPU_OFF"] = args.off   # read when the kernels module loads
     report = run(args)
-    report["experimental"] = args.experimental
+    report["gpu_off"] = args.off
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print_table(report)

@@ -3,6 +3,9 @@
 pass alone (CUDA events), eager and replayed from the CUDA graph.
 
 Run:  python -m bench.step_profile --shape smollm2-135m --batch 1
+With --kernels it also lists the GPU time of every kernel name (CUPTI through
+torch.profiler, which sees cupy's launches too) in one eager decode forward and in
+the prefill of a --prefill-tokens prompt.
 """
 
 from __future__ import annotations
@@ -68,12 +71,45 @@ def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20) -> tuple[float, f
     return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps, host_s
 
 
+def kernel_times(run, reps: int = 3, top: int = 20) -> list[dict]:
+    """GPU microseconds per call of run, by kernel name, largest first (first call unprofiled)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:90], "us": e.self_device_time_total / reps, "calls": e.count // reps}
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows)
+    return [{"kernel": "(all)", "us": total, "calls": sum(r["calls"] for r in rows)}] + rows[:top]
+
+
+def prefill_once(engine, tokens: int, rng):
+    """A run() that prefills a fresh `tokens`-token prompt in one engine step, then drops it."""
+    from shardline.worker.sampling_params import SamplingParams
+    vocab = engine.local.model.config.vocab_size
+
+    def run():
+        engine.add_request("prefill", rng.integers(0, vocab, tokens).tolist(),
+                           SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        engine.step()
+        engine.abort("prefill")
+        engine.step()
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--kernels", action="store_true", help="also list GPU time by kernel name")
+    p.add_argument("--prefill-tokens", type=int, default=2048)
     args = p.parse_args()
     batch = args.batch
     args.ttft_tokens, args.offline_requests, args.batch = 2048, batch, [batch]   # what build_ours reads
@@ -94,7 +130,16 @@ def main() -> None:
     plan = engine.scheduler.schedule()
     report["gpu_eager_forward_s"], report["host_eager_forward_s"] = gpu_forward_s(engine, plan, graphed=False)
     report["gpu_graph_replay_s"], report["host_graph_launch_s"] = gpu_forward_s(engine, plan, graphed=True)
-    print(json.dumps(report, indent=1))
+    try:
+        if args.kernels:
+            report["decode_kernels"] = kernel_times(lambda: gpu_forward_s(engine, plan, graphed=False, reps=1))
+            engine.scheduler.update_from_output(plan, engine.runner.execute(plan).sampled_token_ids)
+            for b in range(batch):
+                engine.abort(f"r{b}")
+            engine.step()
+            report["prefill_kernels"] = kernel_times(prefill_once(engine, args.prefill_tokens, rng), reps=2)
+    finally:
+        print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Which transport a KV hand-off takes, and the pair links the coordinator brokers.
 
 `disaggregation.transport`: `auto` takes an NCCL link when both leaders
-can open one (both on GPUs, with SHARDLINE_EXPERIMENTAL naming nccl_links
-while those links are unvalidated), else the PushKV stream itself (`grpc`);
+can open one (both on GPUs, unless SHARDLINE_GPU_OFF names nccl_links on a
+worker), else the PushKV stream itself (`grpc`);
 `nccl` or `tcp` ask for that link kind, falling back to `grpc` where a
 leader cannot open it; `grpc` never opens links.
 

@@ -68,18 +68,18 @@ class Backend:
         return self.ops.to_host(arr)
 
 
-EXPERIMENTAL = ("flash", "skinny_gemm", "tp_graphs", "nccl_links")
+GPU_PATHS = ("flash", "skinny_gemm", "nccl_links")
 
 
-def experimental() -> frozenset[str]:
-    """GPU paths written but not yet validated on a GPU, off unless named in
-    SHARDLINE_EXPERIMENTAL (e.g. flash,skinny_gemm,tp_graphs): the flash attention
-    kernel, the skinny GEMM, CUDA graphs in tensor-parallel groups and NCCL pair links
-    for the KV hand-off (without them the hand-off between GPU groups goes over gRPC)."""
-    names = frozenset(filter(None, os.environ.get("SHARDLINE_EXPERIMENTAL", "").replace(" ", "").split(",")))
-    unknown = names - set(EXPERIMENTAL)
+def gpu_paths_off() -> frozenset[str]:
+    """GPU fast paths switched off by SHARDLINE_GPU_OFF (e.g. flash,skinny_gemm), for A/B
+    runs and as an escape hatch: the flash attention kernel (off: attention.cu's kernel),
+    the skinny GEMM (off: cuBLAS) and NCCL pair links for the KV hand-off (off: over
+    gRPC). All are on by default."""
+    names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
+    unknown = names - set(GPU_PATHS)
     if unknown:
-        raise ValueError(f"SHARDLINE_EXPERIMENTAL: unknown {sorted(unknown)}; known: {', '.join(EXPERIMENTAL)}")
+        raise ValueError(f"SHARDLINE_GPU_OFF: unknown {sorted(unknown)}; known: {', '.join(GPU_PATHS)}")
     return names
 
 

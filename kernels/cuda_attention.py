@@ -1,9 +1,10 @@
 """The attention ops of CudaOps, mixed into it (they launch through
 CudaOps._launch): causal GQA attention over one contiguous sequence or the
-paged cache. Paged launches of bf16/fp16 prefill rows run the tensor-core
-kernel of flash_attention.cu; the rest (decode, fp32, odd head sizes) run
-attention.cu's kernel, splitting each row's keys over several blocks when
-the launch has few rows. Same meaning as numpy_ops; no host sync.
+paged cache. Paged bf16/fp16 launches (prefill, decode or both) of the head
+sizes flash_attention.cu is built for run that tensor-core kernel; the rest
+(fp32, other head sizes, one contiguous sequence) run attention.cu's kernel.
+Both split each row's keys over several blocks when the launch has few rows.
+Same meaning as numpy_ops; no host sync.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import numpy as np
 from shardline.kernels.cuda_common import (
     _ATTENTION_TARGET_BLOCKS,
     _ATTENTION_THREADS,
-    _FLASH_BQ,
-    _FLASH_MAX_HEAD_DIM,
-    _FLASH_MIN_QUERIES_PER_SEQ,
+    _FLASH_HEAD_DIMS,
+    _FLASH_MAX_SPLITS,
+    _FLASH_PREFILL_ROWS,
     _FLASH_THREADS,
     _MAX_ATTENTION_SPLITS,
     _MAX_GRID_Y,
@@ -27,11 +28,11 @@ from shardline.kernels.cuda_common import (
     _same_dtype,
     flash_smem_bytes,
 )
-from shardline.kernels.backend import experimental
+from shardline.kernels.backend import gpu_paths_off
 
 
 class AttentionOps:
-    use_flash = "flash" in experimental()   # not yet run on a GPU: opt in
+    use_flash = "flash" not in gpu_paths_off()
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
         # single: (num_q, seq_len) of one contiguous sequence, else None (paged)
@@ -47,7 +48,7 @@ class AttentionOps:
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         if single is None and self.flash_applies(q, k_cache, v_cache, seq_lens.size):
-            return self._flash_prefill(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window)
+            return self._flash(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window)
         num_q, seq_len = single or (0, 0)
         out = cupy.empty_like(q)
         rows = num_heads * q.shape[0]
@@ -67,49 +68,49 @@ class AttentionOps:
         return out
 
     def _allow_flash_shared_memory(self) -> None:
-        """The flash kernel needs more shared memory than the default 48 KiB: opt in once,
-        up front (never during a CUDA-graph capture), as far as this GPU allows (227 KiB on
-        H100, 99 KiB on sm_86/89); head sizes needing more skip the kernel."""
+        """The flash kernels need more shared memory than the default 48 KiB: opt in once,
+        up front (never during a CUDA-graph capture); an instantiation needing more than
+        this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
         optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
-        self._flash_smem_limit = 0
-        for ctype in ("__half", "__nv_bfloat16"):
-            kernel = self._functions.get(("flash_prefill_kernel", ctype))
-            if kernel is None:
-                continue
-            # 1 KiB kept for the kernel's static shared memory (640 bytes: its tile scan)
-            allowed = min(flash_smem_bytes(_FLASH_MAX_HEAD_DIM), optin - 1024)
-            try:
-                kernel.max_dynamic_shared_size_bytes = allowed
-                self._flash_smem_limit = allowed
-            except cupy.cuda.driver.CUDADriverError:   # this GPU refuses: no flash here
-                del self._functions["flash_prefill_kernel", ctype]
+        for key in [key for key in self._functions if key[0] == "flash_attention_kernel"]:
+            _, head_dim, key_warps = (part.strip() for part in key[1].split(","))
+            need = flash_smem_bytes(int(head_dim), int(key_warps))
+            try:   # 1 KiB kept for the kernel's static shared memory (640 bytes: its tile scan)
+                if need > optin - 1024:
+                    raise ValueError(need)
+                self._functions[key].max_dynamic_shared_size_bytes = need
+            except (ValueError, cupy.cuda.driver.CUDADriverError):   # this GPU refuses: not this shape
+                del self._functions[key]
 
     def flash_applies(self, q, k_cache, v_cache, num_seqs: int) -> bool:
-        """Whether a paged launch runs the tensor-core kernel: bf16 or fp16, head_dim a multiple
-        of 16 up to 128, 16-byte aligned rows, and either prefill-like (the G heads of a KV head
-        times the queries average a warp's 16 rows a sequence) or a decode batch with at
-        least two blocks (sequence, KV head) per multiprocessor. The thresholds are first
-        guesses, to be tuned with bench/llm.py."""
-        head_dim, num_kv_heads = q.shape[2], k_cache.shape[2]
-        group = q.shape[1] // max(num_kv_heads, 1)
-        prefill_like = q.shape[0] * group >= _FLASH_MIN_QUERIES_PER_SEQ * max(num_seqs, 1)
-        wide_decode = num_seqs * num_kv_heads >= 2 * self._multiprocessors
-        return (self.use_flash and ("flash_prefill_kernel", _ctype(q, "q")) in self._functions
-                and head_dim % 16 == 0 and head_dim <= _FLASH_MAX_HEAD_DIM and (prefill_like or wide_decode)
-                and flash_smem_bytes(head_dim) <= self._flash_smem_limit
-                and all(a.data.ptr % 16 == 0 for a in (q, k_cache, v_cache)))
+        """Whether a paged launch runs the tensor-core kernel: bf16 or fp16, a head size it is
+        built for, 16-byte aligned caches."""
+        head_dim = q.shape[2]
+        return (self.use_flash and head_dim in _FLASH_HEAD_DIMS
+                and ("flash_attention_kernel", f"{_ctype(q, 'q')}, {head_dim}, 4") in self._functions
+                and ("flash_attention_kernel", f"{_ctype(q, 'q')}, {head_dim}, 1") in self._functions
+                and all(a.data.ptr % 16 == 0 for a in (k_cache, v_cache)))
 
-    def _flash_prefill(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
+    def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
         ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
-        out = cupy.zeros_like(q)   # rows past the last sequence stay zero
+        num_seqs, rows = seq_lens.size, q.shape[0] * (num_heads // num_kv_heads)
+        key_warps = 1 if rows >= _FLASH_PREFILL_ROWS * max(num_seqs, 1) else 4
         # An upper bound on the tiles of packed (query, head of the group) rows: blocks past the last exit.
-        group = num_heads // num_kv_heads
-        grid = (-(-q.shape[0] * group // _FLASH_BQ) + seq_lens.size, num_kv_heads)
-        self._launch("flash_prefill_kernel", ctype, grid, (_FLASH_THREADS,),
-                     (q, k_cache, v_cache, out, tables, np.int32(tables.shape[-1]), np.int32(k_cache.shape[1]),
-                      seq_lens, query_start_loc, np.int32(seq_lens.size), np.int32(num_heads),
-                      np.int32(num_kv_heads), np.int32(head_dim), np.float32(scale),
-                      np.int32(sliding_window or 0)), shared_mem=flash_smem_bytes(head_dim))
+        tiles = -(-rows // (64 // key_warps)) + num_seqs
+        splits = max(1, min(_FLASH_MAX_SPLITS, -(-2 * self._multiprocessors // (tiles * num_kv_heads))))
+        out = cupy.zeros_like(q)   # rows past the last sequence stay zero
+        partial = cupy.empty((q.shape[0], num_heads, splits, head_dim + 2) if splits > 1 else 1, dtype=cupy.float32)
+        self._launch("flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", (tiles, num_kv_heads, splits),
+                     (_FLASH_THREADS,),
+                     (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]),
+                      np.int32(k_cache.shape[1]), seq_lens, query_start_loc, np.int32(num_seqs),
+                      np.int32(num_heads), np.int32(num_kv_heads), np.float32(scale),
+                      np.int32(sliding_window or 0), np.int32(splits)),
+                     shared_mem=flash_smem_bytes(head_dim, key_warps))
+        if splits > 1:
+            self._launch("attention_combine_kernel", ctype, (num_heads, q.shape[0]), (_ATTENTION_THREADS,),
+                         (partial, out, query_start_loc, np.int32(num_seqs), np.int32(1), np.int32(num_heads),
+                          np.int32(head_dim), np.int32(splits)))
         return out
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
 _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
+_FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's instantiations
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -26,7 +27,8 @@ _KERNELS = {
     "norms": {"rms_norm_kernel": _STORAGE, "layer_norm_kernel": _STORAGE, "softmax_kernel": _STORAGE,
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
-    "flash_attention": {"flash_prefill_kernel": ("__half", "__nv_bfloat16")},
+    "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
+                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
@@ -44,21 +46,24 @@ _MAX_GRID_Y = 65535
 # (head, query) blocks than this: decode batches fill the GPU, prefill needs no split.
 _ATTENTION_TARGET_BLOCKS = 8192
 _MAX_ATTENTION_SPLITS = 32
-# Tensor-core prefill attention (flash_attention.cu): bf16/fp16 paged launches whose
-# rows average at least this many queries per sequence, head_dim a multiple of 16 up to 128.
-_FLASH_MIN_QUERIES_PER_SEQ = 16
-_FLASH_BQ, _FLASH_BK, _FLASH_THREADS, _FLASH_MAX_HEAD_DIM = 64, 64, 128, 128
+# Tensor-core attention (flash_attention.cu) for bf16/fp16 paged launches of these head sizes.
+# Launches averaging at least _FLASH_PREFILL_ROWS packed (query, head) rows a sequence run
+# the prefill shape (4 warps over 64 rows); fewer, the decode shape (4 warps over the keys
+# of 16 rows). Launches of fewer blocks than twice the multiprocessors also split each
+# row's keys over up to _FLASH_MAX_SPLITS blocks.
+_FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
 # Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 16, 256
 
 
-def flash_smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of flash_prefill_kernel: Q, K, V and P tiles in the
-    storage type, the scores and the output rows in float32."""
-    return (_FLASH_BQ * head_dim + 2 * _FLASH_BK * head_dim + _FLASH_BQ * _FLASH_BK) * 2 \
-        + (_FLASH_BQ * _FLASH_BK + _FLASH_BQ * head_dim) * 4
+def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
+    """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: two stages
+    of K and V tiles per key-warp group (rows padded by 8), reused at the end for the
+    groups' merge (float32 max, sum and output rows)."""
+    keys = 64 if key_warps == 1 else 32
+    return max(key_warps * 2 * 2 * keys * (head_dim + 8) * 2, (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 
 
 def _include_options() -> tuple[str, ...]:

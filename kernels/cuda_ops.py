@@ -42,7 +42,7 @@ from shardline.kernels.cuda_common import (
     _word,
     bf16_bits,
 )
-from shardline.kernels.backend import experimental
+from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.gemm import CublasGemm
@@ -50,7 +50,7 @@ from shardline.kernels.gemm import CublasGemm
 
 class CudaOps(AttentionOps, SamplingOps):
     name = "cuda"
-    use_skinny_gemm = "skinny_gemm" in experimental()   # not yet run on a GPU: opt in
+    use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
 
     def __init__(self, device_id: int = 0):
         self.device_id = device_id

@@ -12,7 +12,6 @@ still serving."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 
 import grpc
@@ -45,14 +44,10 @@ def offline(model):
 
 @pytest.fixture(scope="module")
 def served(model, tmp_path_factory):
-    os.environ["SHARDLINE_EXPERIMENTAL"] = "nccl_links"   # the workers inherit it
     config = write_config(tmp_path_factory.mktemp("cluster"), model, transport="nccl", engine=ENGINE,
                           devices=([0], [1]))
-    try:
-        with running_cluster(config) as served:
-            yield served
-    finally:
-        del os.environ["SHARDLINE_EXPERIMENTAL"]
+    with running_cluster(config) as served:
+        yield served
 
 
 def run_batch(served, batch):

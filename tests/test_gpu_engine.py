@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import gpu_guard  # noqa: F401  (skips without a GPU)
-from engine_fixtures import export_then_commit, make_engine, random_prompts, save_tiny_llama, tiny_local
+from engine_fixtures import VOCAB, export_then_commit, make_engine, random_prompts, save_tiny_llama, tiny_local
 from shardline.worker.sampling_params import SamplingParams
 from test_engine import mixed_workload, run_alone
+from test_gpu_models import train_bigram_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -72,13 +73,22 @@ def test_seeded_sampling_batch_independent_on_gpu(local):
     assert together == run_alone(local, prompts, params)
 
 
-def test_bf16_batched_mostly_equals_sequential(folder):
+def test_bf16_batched_mostly_equals_sequential(tmp_path):
+    """bf16, batched against one request at a time, on a trained (confident) model. Batch
+    shapes change the attention kernel's key splits and so its bf16 rounding of the
+    probabilities, which can flip a near-tie; a random-weight model's logits are almost
+    all near-ties (there flash attention gave 26-29 of 32 identical on an H100)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    folder, _, _ = train_bigram_llama(tmp_path / "trained", seed, vocab=VOCAB)
     local = tiny_local(folder, backend="cuda", dtype="bfloat16")
-    prompts, params = mixed_workload(np.random.default_rng())
+    rng = np.random.default_rng(seed)
+    lengths = [1, 480, 2, 300, 17, 400, 64, 333] + rng.integers(1, 480, 24).tolist()
+    prompts = random_prompts(rng, lengths)
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 24)), temperature=0.0) for _ in lengths]
     batched = [c.token_ids for c in make_engine(local).generate(prompts, params)]
     alone = run_alone(local, prompts, params)
     same = sum(a == b for a, b in zip(batched, alone))
-    print(f"bf16: {same}/{len(prompts)} requests identical batched vs alone")
+    print(f"bf16 (seed {seed}): {same}/{len(prompts)} requests identical batched vs alone")
     assert same >= 0.9 * len(prompts)
 
 

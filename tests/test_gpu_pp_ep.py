@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs tw
 
 
 def run_engine_group(tmp_path, tp: int, pp: int, lengths: list[int], token_range: tuple[int, int],
-                     modes: tuple[str, ...]) -> tuple[dict, list[list[int]], int]:
+                     modes: tuple[str, ...], **engine_options) -> tuple[dict, list[list[int]], int]:
     """A random fp32 Llama served by an engine group of tp x pp ranks on two GPUs under MPI
     (greedy, each of `modes`), and the same prompts through one GPU's eager engine:
     (the group's results, the one-GPU tokens, the seed)."""
@@ -42,7 +42,7 @@ def run_engine_group(tmp_path, tp: int, pp: int, lengths: list[int], token_range
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in lengths]
     max_tokens = rng.integers(*token_range, len(prompts)).tolist()
-    engine = {"block_size_tokens": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 256}
+    engine = {"block_size_tokens": 16, "num_kv_blocks": 256, "max_num_batched_tokens": 256, **engine_options}
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps({"backend": "cuda", "dtype": "float32", "engine": engine, "jobs": [
         dict(name=mode, mode=mode, prompts=prompts, max_tokens=max_tokens) for mode in modes]}))
@@ -60,11 +60,11 @@ def test_pp2_engine_on_two_gpus(tmp_path):
     assert got["jobs"]["sequential"]["tokens"] == expected, f"seed {seed}"
 
 
-def test_tp2_engine_replays_cuda_graphs_on_two_gpus(tmp_path, monkeypatch):
+def test_tp2_engine_replays_cuda_graphs_on_two_gpus(tmp_path):
     """A tp=2 engine group (leader and follower each capture the decode steps, the NCCL
     all-reduces and the logits gather inside the graphs) gives one GPU's greedy tokens."""
-    monkeypatch.setenv("SHARDLINE_EXPERIMENTAL", "tp_graphs")   # the MPI ranks inherit it
-    got, expected, seed = run_engine_group(tmp_path, 2, 1, [1, 40, 17, 64, 9], (4, 20), ("batched",))
+    got, expected, seed = run_engine_group(tmp_path, 2, 1, [1, 40, 17, 64, 9], (4, 20), ("batched",),
+                                           tp_cuda_graphs=True)
     print(f"seed {seed}: {got['graph_replays']} graph replays on the leader")
     assert got["graph_replays"] > 0
     assert got["jobs"]["batched"]["tokens"] == expected, f"seed {seed}"

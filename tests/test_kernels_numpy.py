@@ -226,12 +226,12 @@ def test_filtered_tokens_never_win():
         assert numpy_ops.sample(logits, **params)[0] == 0
 
 
-def test_experimental_gpu_paths_are_opt_in_and_named(monkeypatch):
-    from shardline.kernels.backend import experimental
-    monkeypatch.delenv("SHARDLINE_EXPERIMENTAL", raising=False)
-    assert experimental() == frozenset()
-    monkeypatch.setenv("SHARDLINE_EXPERIMENTAL", "flash, tp_graphs")
-    assert experimental() == {"flash", "tp_graphs"}
-    monkeypatch.setenv("SHARDLINE_EXPERIMENTAL", "flash,bogus")
-    with pytest.raises(ValueError, match="SHARDLINE_EXPERIMENTAL: unknown \\['bogus'\\]"):
-        experimental()
+def test_gpu_fast_paths_are_on_unless_named_off(monkeypatch):
+    from shardline.kernels.backend import gpu_paths_off
+    monkeypatch.delenv("SHARDLINE_GPU_OFF", raising=False)
+    assert gpu_paths_off() == frozenset()
+    monkeypatch.setenv("SHARDLINE_GPU_OFF", "flash, nccl_links")
+    assert gpu_paths_off() == {"flash", "nccl_links"}
+    monkeypatch.setenv("SHARDLINE_GPU_OFF", "flash,bogus")
+    with pytest.raises(ValueError, match="SHARDLINE_GPU_OFF: unknown \\['bogus'\\]"):
+        gpu_paths_off()

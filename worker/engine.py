@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from shardline.kernels.backend import experimental
 from shardline.parallel.pipeline import StageLinks
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.detokenizer import IncrementalDetokenizer
@@ -59,11 +58,11 @@ def max_model_len_for(config: EngineConfig, model_config: Any) -> int:
 
 def graphs_apply(config: EngineConfig, runner: Any, grouped: bool) -> bool:
     """CUDA graphs for decode steps: a CUDA rank whose runner is a single stage's
-    ModelRunner; in a tensor-parallel group (`grouped`) every rank captures the same
-    steps, their NCCL collectives inside the graphs, only with SHARDLINE_EXPERIMENTAL
-    naming tp_graphs (not yet run on GPUs); pipeline stages run eagerly."""
+    ModelRunner; in a tensor-parallel group (`grouped`) only with tp_cuda_graphs, every
+    rank then capturing the same steps, their NCCL collectives inside the graphs;
+    pipeline stages run eagerly."""
     return (config.cuda_graphs and isinstance(runner, ModelRunner) and runner.backend.name == "cuda"
-            and (not grouped or "tp_graphs" in experimental()))
+            and (not grouped or config.tp_cuda_graphs))
 
 
 def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:

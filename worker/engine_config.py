@@ -29,5 +29,8 @@ class EngineConfig(BaseModel):
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # Replay decode steps from CUDA graphs (single-rank CUDA engines); False: always eager.
     cuda_graphs: bool = True
+    # Graphs in tensor-parallel groups too (NCCL inside): off by default, since on 2x H100
+    # (2026-11-27) their test failed and a tp=2 engine's capture hung.
+    tp_cuda_graphs: bool = False
     # A decode group holds blocks reserved for a prefill group's KV this long at most.
     remote_kv_timeout_s: float = Field(30.0, gt=0)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from shardline.kernels.backend import Backend, experimental
+from shardline.kernels.backend import Backend, gpu_paths_off
 
 TRANSPORTS = ("nccl", "tcp")
 POLL_S = 1e-4
@@ -282,8 +282,8 @@ class KVLinks:
         self._links: dict[str, Link] = {}
 
     def transports(self) -> list[str]:
-        """nccl on GPUs, while it is experimental only when SHARDLINE_EXPERIMENTAL names nccl_links."""
-        nccl = self._backend.name == "cuda" and "nccl_links" in experimental()
+        """nccl on GPUs (unless SHARDLINE_GPU_OFF names nccl_links), and tcp."""
+        nccl = self._backend.name == "cuda" and "nccl_links" not in gpu_paths_off()
         return ["nccl", "tcp"] if nccl else ["tcp"]
 
     async def open(self, link_id: str, transport: str, rank: int, unique_id: bytes) -> bytes:
