@@ -168,8 +168,12 @@ class BlockManager:
         blocks) the cached prefix is shared first. Returns False, changing
         nothing, when the free list is too short.
         """
+        table = self._tables.get(request.request_id)
+        if computed is None and table is not None \
+                and self.num_blocks_for(request.num_computed_tokens + num_new_tokens) <= len(table):
+            return True   # the common decode step: the table already covers it
         computed = computed or NO_PREFIX_HIT
-        table = self._tables.get(request.request_id, [])
+        table = [] if table is None else table
         if computed.block_ids and table:
             raise ValueError(f"request {request.request_id} already holds blocks")
         start = computed.num_tokens if computed.block_ids else request.num_computed_tokens
