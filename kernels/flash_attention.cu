@@ -162,120 +162,6 @@ struct FlashSink {
     }
 };
 
-// KW > 1: the warps hold partial softmax states of the same 16 rows over different keys;
-// merge them through shared memory (the stages, free once every group is done) and hand
-// each row to the sink.
-template <typename T, int D, int KW>
-__device__ __forceinline__ void flash_merge_warps(unsigned char* smem, const float (&o)[D / 8][4], const float (&m)[2],
-                                                  const float (&l)[2], int kw, int lane, int rows_here, int row0,
-                                                  int q_first, int num_heads, int kv_head, int group,
-                                                  const FlashSink<T, D>& sink) {
-    constexpr int DT = D / 8;
-    const int tid = threadIdx.x, g = lane >> 2, t4 = lane & 3;
-    __syncthreads();  // every group is done with its stages
-    float* ms = reinterpret_cast<float*>(smem);  // [KW][16]
-    float* ls = ms + KW * 16;                    // [KW][16]
-    float* os = ls + KW * 16;                    // [KW][16][D]
-    for (int i = 0; i < 2; ++i) {
-        const int r = g + 8 * i;
-        if (t4 == 0) {
-            ms[kw * 16 + r] = m[i];
-            ls[kw * 16 + r] = l[i];
-        }
-        for (int d = 0; d < DT; ++d) {
-            os[(kw * 16 + r) * D + d * 8 + 2 * t4] = o[d][2 * i];
-            os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
-        }
-    }
-    __syncthreads();
-    for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
-        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
-        if (r >= rows_here) continue;
-        float big = -SHARDLINE_INF;
-        for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
-        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-        for (int w = 0; w < KW; ++w) {
-            const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
-            sum += f * ls[w * 16 + r];
-            acc0 += f * os[(w * 16 + r) * D + d];
-            acc1 += f * os[(w * 16 + r) * D + d + 1];
-        }
-        const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
-                               + packed % group;
-        sink.put2(orow, d, acc0, acc1, sum);
-        if (d == 0) sink.put_stats(orow, big, sum);
-    }
-}
-
-// One warp's 16 rows against one K/V tile in shared memory (rows D + 8 apart): scores by
-// mma, the causal and window mask, the online softmax update of m and l, then O += P V.
-template <typename T, int D, int BK>
-__device__ __forceinline__ void flash_tile(const unsigned (&qf)[D / 16][4], float (&o)[D / 8][4], float (&m)[2],
-                                           float (&l)[2], const T* ks, const T* vs, int kb, int k_hi,
-                                           const int (&pos)[2], const bool (&valid)[2], int window, float scale2,
-                                           int lane) {
-    constexpr int LD = D + 8, NT = BK / 8, DT = D / 8;
-    const T* tag = nullptr;  // picks the mma and pack overloads
-    const int t4 = lane & 3, mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
-    float s[NT][4];
-    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-            unsigned kf[4];  // keys (2np + mi/2) * 8 + mr, dims kk * 16 + (mi % 2) * 8
-            ldmatrix_x4(kf, ks + ((2 * np + (mi >> 1)) * 8 + mr) * LD + kk * 16 + (mi & 1) * 8);
-            mma16816(s[2 * np], qf[kk], kf[0], kf[1], tag);
-            mma16816(s[2 * np + 1], qf[kk], kf[2], kf[3], tag);
-        }
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1, j = kb + n * 8 + 2 * t4 + (e & 1);
-            const bool seen = valid[i] && j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window);
-            s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
-            mx[i] = fmaxf(mx[i], s[n][e]);
-        }
-    float alpha[2];
-    for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : exp2f(m[i] - mx[i]);  // 0 while m was -inf
-        m[i] = mx[i];
-        l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1;
-            s[n][e] = m[i] == -SHARDLINE_INF ? 0.0f : exp2f(s[n][e] - m[i]);
-            l[i] += s[n][e];
-        }
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-        o[d][0] *= alpha[0];
-        o[d][1] *= alpha[0];
-        o[d][2] *= alpha[1];
-        o[d][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-        const unsigned pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1], tag), pack2(s[2 * kk][2], s[2 * kk][3], tag),
-                                pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag),
-                                pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag)};
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-            unsigned vf[4];  // keys kk * 16 + (mi % 2) * 8 + mr, dims dp * 16 + (mi / 2) * 8
-            ldmatrix_x4_trans(vf, vs + (kk * 16 + (mi & 1) * 8 + mr) * LD + dp * 16 + (mi >> 1) * 8);
-            mma16816(o[2 * dp], pa, vf[0], vf[1], tag);
-            mma16816(o[2 * dp + 1], pa, vf[2], vf[3], tag);
-        }
-    }
-}
-
 template <typename T, int D, int KW>
 __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
@@ -286,7 +172,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     constexpr int BQ = 16 * RW;            // packed rows per block
     constexpr int BK = KW == 1 ? 64 : 32;  // keys per tile
     constexpr int LD = D + 8;              // shared row stride, elements
-    constexpr int DT = D / 8, VECS = D / 8;
+    constexpr int NT = BK / 8, DT = D / 8, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
 
     const int group = num_heads / num_kv_heads;
@@ -304,6 +190,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int t_begin = split * per_split, t_end = min(tiles, t_begin + per_split);
     const int* table = block_tables + (long long)b * max_blocks;
     const long long kv_stride = (long long)num_kv_heads * D;
+    const T* tag = nullptr;  // picks the mma and pack overloads
 
     // This thread's two rows (g and g + 8 of the warp's 16) and what they see.
     const int wrow = rw * 16;
@@ -355,6 +242,7 @@ __global__ void __launch_bounds__(FA_THREADS)
         else asm volatile("bar.sync %0, %1;\n" ::"r"(kw + 1), "n"(RW * 32));
     };
 
+    const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     int t = t_begin + kw;
     if (t < t_end) load(t, 0);
     for (int it = 0; t < t_end; ++it, t += KW) {
@@ -368,7 +256,64 @@ __global__ void __launch_bounds__(FA_THREADS)
         const int kb = k_lo + t * BK;
         if (warp_busy && kb < warp_k_hi && kb + BK > warp_k_lo) {
             const T* ks = stages + (it & 1) * 2 * BK * LD;
-            flash_tile<T, D, BK>(qf, o, m, l, ks, ks + BK * LD, kb, k_hi, pos, valid, window, scale2, lane);
+            const T* vs = ks + BK * LD;
+            float s[NT][4];
+            for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    unsigned kf[4];  // keys (2np + mi/2) * 8 + mr, dims kk * 16 + (mi % 2) * 8
+                    ldmatrix_x4(kf, ks + ((2 * np + (mi >> 1)) * 8 + mr) * LD + kk * 16 + (mi & 1) * 8);
+                    mma16816(s[2 * np], qf[kk], kf[0], kf[1], tag);
+                    mma16816(s[2 * np + 1], qf[kk], kf[2], kf[3], tag);
+                }
+            float mx[2] = {m[0], m[1]};
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1, j = kb + n * 8 + 2 * t4 + (e & 1);
+                    const bool seen = valid[i] && j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window);
+                    s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
+                    mx[i] = fmaxf(mx[i], s[n][e]);
+                }
+            float alpha[2];
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : exp2f(m[i] - mx[i]);  // 0 while m was -inf
+                m[i] = mx[i];
+                l[i] *= alpha[i];
+            }
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1;
+                    s[n][e] = m[i] == -SHARDLINE_INF ? 0.0f : exp2f(s[n][e] - m[i]);
+                    l[i] += s[n][e];
+                }
+#pragma unroll
+            for (int d = 0; d < DT; ++d) {
+                o[d][0] *= alpha[0];
+                o[d][1] *= alpha[0];
+                o[d][2] *= alpha[1];
+                o[d][3] *= alpha[1];
+            }
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                const unsigned pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1], tag), pack2(s[2 * kk][2], s[2 * kk][3], tag),
+                                        pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag),
+                                        pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag)};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    unsigned vf[4];  // keys kk * 16 + (mi % 2) * 8 + mr, dims dp * 16 + (mi / 2) * 8
+                    ldmatrix_x4_trans(vf, vs + (kk * 16 + (mi & 1) * 8 + mr) * LD + dp * 16 + (mi >> 1) * 8);
+                    mma16816(o[2 * dp], pa, vf[0], vf[1], tag);
+                    mma16816(o[2 * dp + 1], pa, vf[2], vf[3], tag);
+                }
+            }
         }
         group_sync();  // the stage is free for the load two tiles on
     }
@@ -386,5 +331,38 @@ __global__ void __launch_bounds__(FA_THREADS)
         }
         return;
     }
-    flash_merge_warps<T, D, KW>(smem, o, m, l, kw, lane, rows_here, row0, q_first, num_heads, kv_head, group, sink);
+    // KW > 1: the warps hold the same 16 rows over different keys; merge through shared memory.
+    __syncthreads();  // every group is done with its stages
+    float* ms = reinterpret_cast<float*>(smem);  // [KW][16]
+    float* ls = ms + KW * 16;                    // [KW][16]
+    float* os = ls + KW * 16;                    // [KW][16][D]
+    for (int i = 0; i < 2; ++i) {
+        const int r = g + 8 * i;
+        if (t4 == 0) {
+            ms[kw * 16 + r] = m[i];
+            ls[kw * 16 + r] = l[i];
+        }
+        for (int d = 0; d < DT; ++d) {
+            os[(kw * 16 + r) * D + d * 8 + 2 * t4] = o[d][2 * i];
+            os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
+        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
+        if (r >= rows_here) continue;
+        float big = -SHARDLINE_INF;
+        for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
+        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
+        for (int w = 0; w < KW; ++w) {
+            const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
+            sum += f * ls[w * 16 + r];
+            acc0 += f * os[(w * 16 + r) * D + d];
+            acc1 += f * os[(w * 16 + r) * D + d + 1];
+        }
+        const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
+                               + packed % group;
+        sink.put2(orow, d, acc0, acc1, sum);
+        if (d == 0) sink.put_stats(orow, big, sum);
+    }
 }
