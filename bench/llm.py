@@ -13,7 +13,8 @@ files) it measures, on the same GPU and in the same run as the ceilings
   read / measured copy rate);
 - TTFT of a --ttft-tokens prompt against the compute bound (2 x parameters
   x tokens + causal attention FLOPs / measured GEMM rate);
-- offline throughput of --offline-requests requests of 128 in / 128 out;
+- offline throughput of --offline-requests requests of 128 in / 128 out, at most
+  --max-num-seqs running at once;
 - HF transformers eager (torch bf16, KV cache) batch-1 decode step and TTFT;
 - the engine's peak device memory beside its weight and KV cache sizes.
 MoE rooflines count the experts a batch's tokens are expected to touch.
@@ -62,7 +63,7 @@ def build_ours(hf: dict, args):
     model = architecture.model_class(backend, architecture.parse(hf),
                                      WeightReader(RandomCheckpoint(hf), backend, False))
     config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 4096),
-                          max_num_seqs=max(args.batch + [args.offline_requests]), gpu_memory_fraction=0.5,
+                          max_num_seqs=max(args.batch + [args.max_num_seqs]), gpu_memory_fraction=0.5,
                           enable_prefix_caching=False)
     return backend, LLMEngine(config, LocalModel(model, None))
 
@@ -178,7 +179,8 @@ def run(args) -> dict:
     import cupy
     rng = np.random.default_rng(0)
     report = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "context": args.context,
-              "ttft_tokens": args.ttft_tokens, "shapes": {}}
+              "ttft_tokens": args.ttft_tokens, "offline_requests": args.offline_requests,
+              "max_num_seqs": args.max_num_seqs, "shapes": {}}
     for name in args.shapes:
         hf = SHAPES[name]
         ours = measure_ours(hf, args, rng)
@@ -208,7 +210,8 @@ def print_table(report: dict) -> None:
             hf_s = hf.get("decode_s_batch1") if batch == 1 else None
             row(name, f"decode step, batch {batch}, CUDA graphs (ms)", step_s, hf_s, roof["decode_s"][batch])
         row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
-        print(f"| {name} | offline 128/128 (output tok/s) | {ours['offline_tokens_per_s']:.0f} | | | | |")
+        print(f"| {name} | offline 128/128, {report['offline_requests']} requests (output tok/s) | "
+              f"{ours['offline_tokens_per_s']:.0f} | | | | |")
         print(f"| {name} | peak device memory (GB): weights {roof['weights_GB']:.2f}, KV cache "
               f"{ours['kv_cache_bytes'] / 1e9:.2f} | {ours['peak_device_bytes'] / 1e9:.2f} | | | | |")
 
@@ -227,7 +230,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ttft-tokens", type=int, default=2048)
-    p.add_argument("--offline-requests", type=int, default=64)
+    p.add_argument("--offline-requests", type=int, default=1024,
+                   help="requests of the offline run (vLLM's throughput benchmark sends 1000)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's running requests at most")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--off", default="", help="A/B runs: GPU fast paths to switch off, e.g. flash,skinny_gemm "
                                              "(SHARDLINE_GPU_OFF)")
