@@ -63,6 +63,7 @@ def build_ours(hf: dict, args):
     model = architecture.model_class(backend, architecture.parse(hf),
                                      WeightReader(RandomCheckpoint(hf), backend, False))
     config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 4096),
+                          decode_ahead=args.decode_ahead,
                           max_num_seqs=max(args.batch + [args.max_num_seqs]), gpu_memory_fraction=0.5,
                           enable_prefix_caching=False)
     return backend, LLMEngine(config, LocalModel(model, None))
@@ -180,7 +181,7 @@ def run(args) -> dict:
     rng = np.random.default_rng(0)
     report = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "context": args.context,
               "ttft_tokens": args.ttft_tokens, "offline_requests": args.offline_requests,
-              "max_num_seqs": args.max_num_seqs, "shapes": {}}
+              "max_num_seqs": args.max_num_seqs, "decode_ahead": args.decode_ahead, "shapes": {}}
     for name in args.shapes:
         hf = SHAPES[name]
         ours = measure_ours(hf, args, rng)
@@ -234,6 +235,7 @@ def main() -> None:
                    help="requests of the offline run (vLLM's throughput benchmark sends 1000)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's running requests at most")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--decode-ahead", action="store_true", help="engine.decode_ahead: plan step n+1 while step n runs")
     p.add_argument("--off", default="", help="A/B runs: GPU fast paths to switch off, e.g. flash,skinny_gemm "
                                              "(SHARDLINE_GPU_OFF)")
     p.add_argument("--out", default="bench/results/llm.json")

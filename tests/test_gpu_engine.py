@@ -73,6 +73,18 @@ def test_seeded_sampling_batch_independent_on_gpu(local):
     assert together == run_alone(local, prompts, params)
 
 
+def test_decode_ahead_equals_plain_on_gpu(local):
+    """Decode ahead (float32): each step queued before the previous one's tokens are read,
+    its pending tokens gathered on the device, through the CUDA graphs too."""
+    prompts, params = mixed_workload(np.random.default_rng())
+    plain = [c.token_ids for c in make_engine(local).generate(prompts, params)]
+    engine = make_engine(local, decode_ahead=True)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == plain
+    assert engine.stats()["num_decode_ahead_tokens"] > 0 and engine.runner.graphs.num_replays > 0
+    engine.block_manager.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
 def test_bf16_batched_mostly_equals_sequential(tmp_path):
     """bf16, batched against one request at a time, on a trained (confident) model. Batch
     shapes change the attention kernel's key splits and so its bf16 rounding of the

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from shardline.worker.model_runner import PagedAttentionContext, StepResult
+from shardline.worker.model_runner import Launched, PagedAttentionContext, with_pending_tokens
 from shardline.worker.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
@@ -66,18 +66,27 @@ class DecodeGraphs:
         return (self.disabled is None and len(plan.request_ids) <= self.buckets[-1]
                 and plan.block_tables.shape[1] <= self.max_blocks_per_seq and is_pure_decode(plan))
 
-    def run(self, plan: StepPlan) -> StepResult | None:
-        """The plan's tokens from a graph replay; None when graphs are (now) off."""
+    def launch(self, plan: StepPlan, previous: Launched | None = None, defer: bool = False) -> Launched | None:
+        """The plan's tokens from a graph replay (with `defer`: on their way to the host);
+        None when graphs are (now) off. Pending tokens (decode ahead) are gathered from
+        `previous` into the token buffer on the graph's stream, before the replay."""
         size = next(b for b in self.buckets if b >= len(plan.request_ids))
+        if size not in self._captured:
+            self._stream.synchronize()   # capture with nothing of an earlier step still queued
         bucket = self._captured.get(size) or self._capture(size)
         if bucket is None:
             return None
         for name, host in _padded_inputs(plan, size, self.max_blocks_per_seq).items():
             bucket.arrays[name].set(host, stream=self._stream)
+        if plan.takes_pending_tokens:
+            with self._stream:
+                with_pending_tokens(self._cupy, bucket.arrays["token_ids"], plan, previous)
         bucket.graph.launch(stream=self._stream)
         self.num_replays += 1
-        tokens = bucket.tokens[:len(plan.request_ids)].get(stream=self._stream)
-        return StepResult(tokens.astype(np.int32))
+        tokens = bucket.tokens[:len(plan.request_ids)]
+        if defer:   # the copy is queued before any later replay can rewrite the buffer
+            return Launched.read_back(self.runner.backend, tokens, True, stream=self._stream)
+        return Launched(tokens, tokens.get(stream=self._stream))
 
     def _capture(self, size: int) -> _Bucket | None:
         cupy = self._cupy

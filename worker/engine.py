@@ -91,13 +91,15 @@ class LLMEngine:
             self.num_kv_blocks = agree_on_blocks(group, self.num_kv_blocks)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size_tokens,
                                           config.enable_prefix_caching)
-        # One micro-batch per pipeline stage in flight, so no stage idles.
-        self.max_plans_in_flight = group.links.num_stages if group is not None else 1
+        # One micro-batch per pipeline stage in flight, so no stage idles; decoding ahead, two.
+        self.decode_ahead = config.decode_ahead and group is None
+        self.max_plans_in_flight = group.links.num_stages if group is not None else 1 + self.decode_ahead
         self._in_flight: collections.deque = collections.deque()  # (plan, result or None), oldest first
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len, block_size_tokens=config.block_size_tokens,
-            policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight), self.block_manager)
+            policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight,
+            decode_ahead=self.decode_ahead), self.block_manager)
         self.runner = make_runner(self.local.model, self.num_kv_blocks, config.block_size_tokens,
                                   group.links if group is not None else StageLinks())
         if graphs_apply(config, self.runner, group is not None):   # followers of a group do the same (rank_main.run_follower)
@@ -125,7 +127,8 @@ class LLMEngine:
         request = self._new_request(request_id, prompt, params, priority, output_token_ids)
         if kv_export_from is not None:
             if self.max_plans_in_flight > 1:
-                raise ValueError("kv_export_from: KV export needs a single-stage group (pp = 1)")
+                raise ValueError("kv_export_from: KV export needs a single-stage group (pp = 1) "
+                                 "without decode_ahead")
             self.handoff.want_export(request_id, kv_export_from)
         self._queue(request)
 
@@ -193,6 +196,23 @@ class LLMEngine:
         plan, result = self._in_flight.popleft()
         return plan, result if result is not None else self.runner.collect(plan)
 
+    def _ahead_step(self):
+        """Decode ahead: the plan after the oldest one in flight is scheduled and queued
+        (its pending tokens read on the device from the oldest one's) before the oldest
+        one's tokens are waited for, so the GPU goes from one step to the next."""
+        if not self._in_flight:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return None, None
+            self._in_flight.append((plan, self.runner.launch(plan, defer=True)))
+        if len(self._in_flight) == 1:
+            following = self.scheduler.schedule()
+            if following is not None:
+                launched = self.runner.launch(following, self._in_flight[0][1], defer=True)
+                self._in_flight.append((following, launched))
+        plan, launched = self._in_flight.popleft()
+        return plan, launched.result()
+
     def shutdown(self) -> None:
         """Releases the group's followers (a no-op for a single rank), after
         taking the tokens of micro-batches still in the pipe."""
@@ -208,14 +228,17 @@ class LLMEngine:
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still to finish, or (decoding ahead) a step still to collect."""
+        return self.scheduler.has_unfinished() or (self.decode_ahead and bool(self._in_flight))
 
     def step(self) -> list[EngineOutput]:
         """Runs one plan to its tokens. With pipeline stages, first fills the
         pipe: up to one plan per stage is in flight, each with other requests."""
         logprobs, self._pending_logprobs = self._pending_logprobs, {}
         self.scheduler.expire_reservations(time.monotonic())
-        if self.max_plans_in_flight > 1:
+        if self.decode_ahead:
+            plan, result = self._ahead_step()
+        elif self.max_plans_in_flight > 1:
             plan, result = self._pipelined_step()
         else:
             plan = self.scheduler.schedule()

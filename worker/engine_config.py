@@ -32,5 +32,9 @@ class EngineConfig(BaseModel):
     # Graphs in tensor-parallel groups too (NCCL inside): off by default, since on 2x H100
     # (2026-11-27) their test failed and a tp=2 engine's capture hung.
     tp_cuda_graphs: bool = False
+    # Decode ahead (single-rank engines): plan and queue step n+1 while the GPU runs step n,
+    # requests still decoding taking their next token from step n's output on the device.
+    # Off by default until measured on a GPU; not with KV hand-off (reservations, exports).
+    decode_ahead: bool = False
     # A decode group holds blocks reserved for a prefill group's KV this long at most.
     remote_kv_timeout_s: float = Field(30.0, gt=0)

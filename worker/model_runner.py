@@ -75,6 +75,46 @@ class StepResult:
     logprobs: tuple[dict[int, float] | None, ...] = ()  # per sample row, when asked for
 
 
+@dataclass
+class Launched:
+    """A step queued on the device: its sampled tokens there (where the next plan's
+    pending tokens come from) and their copy to the host under way."""
+
+    tokens: Any                     # [S] on the device ([S] NumPy on the CPU backend)
+    host: np.ndarray                # [S], filled once `done` has passed
+    done: Any = None                # CUDA event after the copy; None when `host` is ready
+    logprobs: tuple = ()
+
+    @classmethod
+    def read_back(cls, backend: Any, tokens: Any, defer: bool = False, stream: Any = None) -> "Launched":
+        """`tokens` copied to the host now, or with `defer` queued behind the step on `stream`."""
+        if backend.name == "numpy" or not defer:
+            return cls(tokens, backend.to_numpy(tokens) if backend.name != "numpy" else np.asarray(tokens))
+        import cupy
+        import cupyx
+        stream = stream or cupy.cuda.get_current_stream()
+        host = cupyx.empty_pinned(tokens.shape, dtype=tokens.dtype)
+        cupy.asnumpy(tokens, stream=stream, out=host, blocking=False)
+        return cls(tokens, host, stream.record())
+
+    def result(self) -> StepResult:
+        if self.done is not None:
+            self.done.synchronize()
+        return StepResult(np.array(self.host, dtype=np.int32), self.logprobs)
+
+
+def with_pending_tokens(xp: Any, token_ids: Any, plan: StepPlan, previous: Launched | None) -> Any:
+    """`token_ids` (on the device) with the rows the plan takes from the previous step's
+    sampled tokens (decode ahead) filled in there, without a host sync."""
+    rows = np.flatnonzero(plan.token_sources >= 0)
+    if rows.size == 0:
+        return token_ids
+    if previous is None:
+        raise ValueError(f"plan {plan.step_id}: {rows.size} pending token(s) but no step launched before it")
+    token_ids[xp.asarray(rows)] = previous.tokens[xp.asarray(plan.token_sources[rows])].astype(token_ids.dtype)
+    return token_ids
+
+
 class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size_tokens: int):
         self.model, self.backend, self.config = model, model.backend, model.config
@@ -112,14 +152,23 @@ class ModelRunner:
         """Runs the step; `sample=False` (tensor-parallel followers, whose
         tokens nobody reads) skips sampling but not the collectives. A
         graphed step samples on every rank (the graph is the whole step)."""
+        return self.launch(plan, sample=sample).result()
+
+    def launch(self, plan: StepPlan, previous: Launched | None = None, sample: bool = True,
+               defer: bool = False) -> Launched:
+        """Runs the step (with `defer`: queues it on the device and starts copying its tokens
+        back); `previous` is the step launched before it, whose sampled tokens fill the
+        plan's pending ones."""
         if self.graphs is not None and self.graphs.accepts(plan):
-            result = self.graphs.run(plan)
-            if result is not None:
-                return result
+            launched = self.graphs.launch(plan, previous, defer)
+            if launched is not None:
+                return launched
         ctx = self.begin_step(plan)
         xp = self.backend.xp
-        hidden = self.model.forward(xp.asarray(plan.token_ids), xp.asarray(plan.positions), ctx)
-        return self.finish_step(plan, hidden, sample)
+        token_ids = xp.array(plan.token_ids) if plan.takes_pending_tokens else xp.asarray(plan.token_ids)
+        token_ids = with_pending_tokens(xp, token_ids, plan, previous)
+        hidden = self.model.forward(token_ids, xp.asarray(plan.positions), ctx)
+        return self._finish_launch(plan, hidden, sample, defer)
 
     def begin_step(self, plan: StepPlan) -> PagedAttentionContext:
         """Copies the plan's copy-on-write blocks; the step's attention context."""
@@ -132,24 +181,29 @@ class ModelRunner:
 
     def finish_step(self, plan: StepPlan, hidden: Any, sample: bool) -> StepResult:
         """Logits of the plan's sample rows of `hidden` [num_tokens, hidden], sampled."""
+        return self._finish_launch(plan, hidden, sample).result()
+
+    def _finish_launch(self, plan: StepPlan, hidden: Any, sample: bool, defer: bool = False) -> Launched:
         backend, xp = self.backend, self.backend.xp
         if plan.sample_rows.size == 0:
-            return StepResult(np.zeros(0, dtype=np.int32))
+            return Launched.read_back(backend, np.zeros(0, dtype=np.int32))
         logits = self.model.compute_logits(backend.ops.index_rows(hidden, xp.asarray(plan.sample_rows)))
         if not sample:
-            return StepResult(np.zeros(0, dtype=np.int32))
-        return self._sample(logits, plan)
+            return Launched.read_back(backend, np.zeros(0, dtype=np.int32))
+        return self._sample(logits, plan, defer)
 
-    def _sample(self, logits: Any, plan: StepPlan) -> StepResult:
+    def _sample(self, logits: Any, plan: StepPlan, defer: bool) -> Launched:
         ops, xp, s = self.backend.ops, self.backend.xp, plan.sampling
         if s.prompt_ids.shape[1] or s.output_ids.shape[1]:
             logits = ops.apply_penalties(logits, *(xp.asarray(a) for a in (
                 s.prompt_ids, s.prompt_lens, s.output_ids, s.output_lens, s.repetition_penalty,
                 s.presence_penalty, s.frequency_penalty)))
         args = [xp.asarray(a) for a in (s.temperature, s.top_k, s.top_p, s.seeds, s.offsets)]
-        tokens = self.backend.to_numpy(ops.sample(logits, *args, min_p=xp.asarray(s.min_p)))
-        logprobs = self._logprobs(logits, s.num_logprobs, tokens) if s.num_logprobs.any() else ()
-        return StepResult(tokens.astype(np.int32), logprobs)
+        tokens = ops.sample(logits, *args, min_p=xp.asarray(s.min_p))
+        if s.num_logprobs.any():   # read on the host now: the step is finished here
+            host = self.backend.to_numpy(tokens)
+            return Launched(tokens, host, None, self._logprobs(logits, s.num_logprobs, host))
+        return Launched.read_back(self.backend, tokens, defer)
 
     def _logprobs(self, logits: Any, num_logprobs: np.ndarray, tokens: np.ndarray):
         """The sampled token's and the top-n tokens' log-probabilities under the

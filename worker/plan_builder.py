@@ -12,16 +12,25 @@ from shardline.worker.step_plan import SamplingBatch, StepPlan
 
 
 def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: list[list[int]],
-                    copies: list[tuple[int, int]], block_size_tokens: int) -> StepPlan:
-    """Flatten the scheduled (request, num_new_tokens) pairs; `tables` are their block tables."""
+                    copies: list[tuple[int, int]], block_size_tokens: int,
+                    ahead: dict[str, int] | None = None) -> StepPlan:
+    """Flatten the scheduled (request, num_new_tokens) pairs; `tables` are their block tables.
+    `ahead`: requests decoding ahead (one token, the one their step in flight samples) ->
+    that token's row among the in-flight plan's sampled tokens."""
+    ahead = ahead or {}
     requests = [r for r, _ in scheduled]
     counts = np.array([n for _, n in scheduled], dtype=np.int32)               # [B]
-    starts = np.array([r.num_computed_tokens for r in requests], dtype=np.int32)
+    starts = np.array([r.num_tokens if r.request_id in ahead else r.num_computed_tokens for r in requests],
+                      dtype=np.int32)
     seq_lens = starts + counts                                                   # [B]
     query_start_loc = np.zeros(len(requests) + 1, dtype=np.int32)
     np.cumsum(counts, out=query_start_loc[1:])
-    token_ids = np.array([t for r, n in scheduled for t in r.tokens(r.num_computed_tokens, r.num_computed_tokens + n)],
+    token_ids = np.array([t for r, n in scheduled
+                          for t in ((0,) if r.request_id in ahead
+                                    else r.tokens(r.num_computed_tokens, r.num_computed_tokens + n))],
                          dtype=np.int32)                                         # [T]
+    token_sources = np.array([ahead.get(r.request_id, -1) for r in requests], dtype=np.int32)[
+        np.repeat(np.arange(len(requests)), counts)] if ahead else np.full(token_ids.shape, -1, np.int32)
     row_of_token = np.repeat(np.arange(len(requests)), counts)                   # [T]
     positions = (np.arange(token_ids.shape[0], dtype=np.int32)
                  - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts))
@@ -31,7 +40,8 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
         block_tables[row, :num_blocks] = table[:num_blocks]
     slot_mapping = (block_tables[row_of_token, positions // block_size_tokens].astype(np.int64) * block_size_tokens
                     + positions % block_size_tokens)
-    samples = np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens
+    samples = (np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens) | (token_sources[
+        query_start_loc[1:] - 1] >= 0 if len(requests) else np.zeros(0, bool))
     sample_request_index = np.flatnonzero(samples).astype(np.int32)              # [S]
     return StepPlan(
         step_id=step_id, request_ids=tuple(r.request_id for r in requests), num_scheduled_tokens=counts,
@@ -39,12 +49,13 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
         query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
         sample_rows=(query_start_loc[1:][samples] - 1).astype(np.int32),
         sample_request_index=sample_request_index,
-        sampling=build_sampling_batch([requests[i] for i in sample_request_index]),
-        block_copies=np.array(copies, dtype=np.int32).reshape(len(copies), 2))
+        sampling=build_sampling_batch([requests[i] for i in sample_request_index], ahead),
+        block_copies=np.array(copies, dtype=np.int32).reshape(len(copies), 2), token_sources=token_sources)
 
 
-def build_sampling_batch(requests: list[Request]) -> SamplingBatch:
-    """One row per sampling request; penalty history only when some row uses a penalty."""
+def build_sampling_batch(requests: list[Request], ahead: dict[str, int] | None = None) -> SamplingBatch:
+    """One row per sampling request; penalty history only when some row uses a penalty.
+    A request decoding ahead samples the output token after its pending one."""
     params = [r.params for r in requests]
 
     def column(name: str, dtype: type) -> np.ndarray:
@@ -59,7 +70,7 @@ def build_sampling_batch(requests: list[Request]) -> SamplingBatch:
         temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
         top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
         seeds=column("seed", np.uint64),
-        offsets=np.array([r.num_output_tokens for r in requests], dtype=np.int64),
+        offsets=np.array([r.num_output_tokens + (r.request_id in (ahead or ())) for r in requests], dtype=np.int64),
         repetition_penalty=column("repetition_penalty", np.float32),
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),

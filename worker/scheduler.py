@@ -9,7 +9,9 @@ sampled tokens into `RequestOutput`s.
 
 It is pure Python on the group leader (numpy only to build the plan): it
 must not import GPU or model code, touch KV tensors, or write block tables
-(the BlockManager owns them). One plan is in flight at a time.
+(the BlockManager owns them). One plan is in flight at a time, or one per
+pipeline stage (disjoint requests), or, decoding ahead, two: the second
+takes the next token of requests still decoding in the first.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class SchedulerConfig:
     # Plans scheduled before the oldest one's tokens are back (pipeline
     # parallelism keeps one per stage busy); a request is in one plan at most.
     max_plans_in_flight: int = 1
+    # Decode ahead: with one plan in flight, the next one may also take the next token of
+    # requests decoding in it (their token comes from that plan's output on the device),
+    # so the host plans step n+1 while the GPU runs step n. Needs max_plans_in_flight 2.
+    decode_ahead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size_tokens",
@@ -45,6 +51,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.decode_ahead and self.max_plans_in_flight != 2:
+            raise ValueError(f"decode_ahead needs max_plans_in_flight 2, got {self.max_plans_in_flight}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,9 @@ class Scheduler:
         self._outputs: list[RequestOutput] = []
         self._num_steps = 0
         self._num_preemptions = 0
-        self._in_flight: deque[tuple[int, frozenset[str]]] = deque()  # (step id, request ids), oldest first
+        self._num_ahead_tokens = 0   # tokens scheduled while the step sampling them was in flight
+        # (step id, request ids, sample row of each request sampling there), oldest first
+        self._in_flight: deque[tuple[int, frozenset[str], dict[str, int]]] = deque()
         # Requests holding blocks for KV a prefill group pushes: request id -> deadline (monotonic s).
         self._reserved: dict[str, float] = {}
 
@@ -191,7 +201,8 @@ class Scheduler:
                 "num_reserved": len(self._reserved),
                 "kv_usage": self.block_manager.usage(), "prefix_hit_rate": prefix.hit_rate,
                 "prefix_query_tokens": prefix.query_tokens, "prefix_hit_tokens": prefix.hit_tokens,
-                "num_preemptions": self._num_preemptions, "num_steps": self._num_steps}
+                "num_preemptions": self._num_preemptions, "num_steps": self._num_steps,
+                "num_decode_ahead_tokens": self._num_ahead_tokens}
 
     # ---- one step ------------------------------------------------------
 
@@ -201,8 +212,9 @@ class Scheduler:
             raise RuntimeError(f"{len(self._in_flight)} plan(s) in flight (step {self._in_flight[0][0]} oldest): "
                                f"call update_from_output first")
         scheduled: list[tuple[Request, int]] = []
+        ahead: dict[str, int] = {}
         num_preemptions_before = self._num_preemptions
-        budget_tokens = self._schedule_running(scheduled, self.config.max_num_batched_tokens)
+        budget_tokens = self._schedule_running(scheduled, ahead, self.config.max_num_batched_tokens)
         # Blocks just ran out: admitting more would only preempt again.
         if self._num_preemptions == num_preemptions_before:
             self._admit_waiting(scheduled, budget_tokens)
@@ -210,19 +222,42 @@ class Scheduler:
         if not scheduled:
             return None
         tables = [self.block_manager.block_table(r.request_id) for r, _ in scheduled]
-        plan = build_step_plan(self._num_steps, scheduled, tables, copies, self.config.block_size_tokens)
-        self._in_flight.append((plan.step_id, frozenset(plan.request_ids)))
+        plan = build_step_plan(self._num_steps, scheduled, tables, copies, self.config.block_size_tokens, ahead)
+        self._in_flight.append((plan.step_id, frozenset(plan.request_ids),
+                                {plan.request_ids[i]: row for row, i in enumerate(plan.sample_request_index)}))
         self._num_steps += 1
         return plan
 
     def _in_a_plan(self, request: Request) -> bool:
-        return any(request.request_id in ids for _, ids in self._in_flight)
+        return any(request.request_id in ids for _, ids, _ in self._in_flight)
 
-    def _schedule_running(self, scheduled: list[tuple[Request, int]], budget_tokens: int) -> int:
+    def _ahead_row(self, request: Request) -> int | None:
+        """The sample row of `request` in the one plan in flight, if it may decode ahead: it
+        samples there, uses no penalty (their history would lack the pending token) and that
+        token does not end it by length. Stop tokens and strings it cannot foresee: a row
+        after one is computed and dropped."""
+        if not self.config.decode_ahead or len(self._in_flight) != 1:
+            return None
+        row = self._in_flight[0][2].get(request.request_id)
+        params = request.params
+        if (row is None or params.uses_penalties or request.num_output_tokens + 1 >= params.max_tokens
+                or request.num_tokens + 1 >= self.config.max_model_len):
+            return None
+        return row
+
+    def _schedule_running(self, scheduled: list[tuple[Request, int]], ahead: dict[str, int],
+                          budget_tokens: int) -> int:
         index = 0
         while index < len(self._running) and budget_tokens > 0:
             request = self._running[index]
             if self._in_a_plan(request):   # its tokens are not back yet
+                row = self._ahead_row(request)
+                # Its one token after the in-flight ones; no preemption for a step ahead.
+                if row is not None and self.block_manager.allocate_slots(request, request.num_tokens_to_compute + 1):
+                    scheduled.append((request, 1))
+                    ahead[request.request_id] = row
+                    self._num_ahead_tokens += 1
+                    budget_tokens -= 1
                 index += 1
                 continue
             num_new_tokens = min(request.num_tokens_to_compute, budget_tokens)
@@ -347,6 +382,6 @@ class Scheduler:
                 raise AssertionError(f"reserved request {request_id}: {request.status}, {covered} slots")
         if len(self._running) + len(self._queues.waiting) + len(self._reserved) != len(self._requests):
             raise AssertionError("a request is neither running, waiting nor reserved")
-        in_plans = [rid for _, ids in self._in_flight for rid in ids]
-        if len(in_plans) != len(set(in_plans)):
+        in_plans = [rid for _, ids, _ in self._in_flight for rid in ids]
+        if not self.config.decode_ahead and len(in_plans) != len(set(in_plans)):
             raise AssertionError(f"a request is in two plans in flight: {sorted(in_plans)}")

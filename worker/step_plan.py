@@ -7,7 +7,13 @@ objects that only the leader has (no Request, no BlockManager).
 
 Shapes: B scheduled requests, T scheduled tokens (sum over requests),
 S requests that sample a token this step (those whose scheduled tokens
-reach the end of their known sequence), C copy-on-write block copies.
+reach the end of their known sequence, or decode ahead), C copy-on-write
+block copies.
+
+Decode ahead (the host plans step n+1 while the GPU runs step n): a request
+still decoding in the plan before this one may take its next token here
+before that token is known; `token_sources` then names the row of the
+previous plan's sampled tokens (on the device) that fills its token.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ class StepPlan:
     sample_request_index: np.ndarray  # [S] int32, index into request_ids
     sampling: SamplingBatch
     block_copies: np.ndarray          # [C, 2] int32 (src, dst), done before the forward
+    token_sources: np.ndarray         # [T] int32, -1: token_ids holds it; else the previous plan's sample row
+
+    @property
+    def takes_pending_tokens(self) -> bool:
+        return bool((self.token_sources >= 0).any())
 
     @property
     def num_tokens(self) -> int:

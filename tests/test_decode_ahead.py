@@ -1,0 +1,184 @@
+"""Decode ahead: the next step is planned (and queued) while the current one
+is in flight, requests still decoding taking their next token from the
+in-flight step's sampled output. On CPU: the scheduler against the fake
+paged model of test_scheduler (plans checked row by row, random workloads
+with unforeseen EOS, aborts and preemption against the scheduler-free
+reference), and the NumPy float64 engine against the same engine without
+decode ahead (greedy, seeded sampling, penalties, a pool small enough to
+preempt, aborts in flight)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from engine_fixtures import make_engine, random_prompts, save_tiny_llama, tiny_local
+from shardline.worker.block_manager import BlockManager
+from shardline.worker.sampling_params import SamplingParams
+from shardline.worker.scheduler import Scheduler, SchedulerConfig
+from test_engine import mixed_workload
+from test_scheduler import EOS, FakeModel, make_request, reference_tokens
+
+
+def ahead_scheduler(num_blocks=64, block_size_tokens=4, max_num_batched_tokens=64, max_num_seqs=8):
+    config = SchedulerConfig(max_num_batched_tokens, max_num_seqs, 256, block_size_tokens,
+                             max_plans_in_flight=2, decode_ahead=True)
+    return Scheduler(config, BlockManager(num_blocks, block_size_tokens)), FakeModel(num_blocks, block_size_tokens)
+
+
+def run_ahead(scheduler, model, previous=None):
+    """Schedules and runs one plan on the fake model, its pending tokens taken from the
+    previous plan's sampled tokens; (plan, sampled) or None."""
+    plan = scheduler.schedule()
+    scheduler.check_integrity()
+    if plan is None:
+        return None
+    pending = plan.token_sources >= 0
+    if pending.any():
+        filled = plan.token_ids.copy()
+        filled[pending] = previous[plan.token_sources[pending]]
+        plan = type(plan)(**{**plan.__dict__, "token_ids": filled})
+    return plan, model.execute(plan)
+
+
+def test_ahead_rows_take_the_pending_token_position_and_sample_offset():
+    scheduler, model = ahead_scheduler(block_size_tokens=4)
+    scheduler.add_request(make_request("a", range(1, 4), max_tokens=5, ignore_eos=True))
+    scheduler.add_request(make_request("p", range(1, 4), max_tokens=5, ignore_eos=True, repetition_penalty=1.2))
+    first, sampled = run_ahead(scheduler, model)
+    second, _ = run_ahead(scheduler, model, sampled)   # while `first` is in flight
+    assert second.request_ids == ("a",), "a penalty needs the pending token's history: not ahead"
+    np.testing.assert_array_equal(second.token_sources, [0])
+    np.testing.assert_array_equal(second.positions, [3])
+    np.testing.assert_array_equal(second.seq_lens, [4])
+    np.testing.assert_array_equal(second.sample_rows, [0])
+    np.testing.assert_array_equal(second.sampling.offsets, [1])   # the output token after the pending one
+    assert scheduler.stats()["num_decode_ahead_tokens"] == 1
+    with pytest.raises(RuntimeError, match="2 plan\\(s\\) in flight"):
+        scheduler.schedule()
+    scheduler.update_from_output(first, sampled)
+
+
+def test_no_ahead_row_for_a_request_whose_pending_token_is_its_last():
+    scheduler, model = ahead_scheduler()
+    scheduler.add_request(make_request("a", range(1, 4), max_tokens=1, ignore_eos=True))
+    scheduler.add_request(make_request("b", range(1, 4), max_tokens=2, ignore_eos=True))
+    first, sampled = run_ahead(scheduler, model)
+    second, _ = run_ahead(scheduler, model, sampled)
+    assert second.request_ids == ("b",)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_match_the_reference_with_two_plans_in_flight(seed):
+    rng = random.Random(seed)
+    scheduler, model = ahead_scheduler(num_blocks=rng.choice([12, 24, 64]), max_num_batched_tokens=rng.choice([8, 64]))
+    prompts = {f"r{i}": [rng.randrange(1, 16) for _ in range(rng.randrange(1, 30))] for i in range(12)}
+    params = {}
+    for rid, prompt in prompts.items():
+        request = make_request(rid, prompt, max_tokens=rng.randrange(1, 12))
+        params[rid] = request.params
+        scheduler.add_request(request)
+    aborted = set(rng.sample(sorted(prompts), 2))
+    outputs: dict[str, list[int]] = {}
+    in_flight = []
+    for step in range(2000):
+        if not scheduler.has_unfinished() and not in_flight:
+            break
+        while len(in_flight) < 2:
+            ran = run_ahead(scheduler, model, in_flight[-1][1] if in_flight else None)
+            if ran is None:
+                break
+            in_flight.append(ran)
+        plan, sampled = in_flight.pop(0)
+        scheduler.update_from_output(plan, sampled)
+        if step == 5:
+            for rid in aborted:
+                scheduler.abort_request(rid)
+        for out in scheduler.take_outputs():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        scheduler.check_integrity()
+    assert not scheduler.has_unfinished() and not in_flight
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
+    for rid, prompt in prompts.items():
+        want = reference_tokens(prompt, params[rid], frozenset({EOS}))
+        got = outputs.get(rid, [])
+        assert got == want[:len(got)] if rid in aborted else got == want, rid
+    assert scheduler.stats()["num_decode_ahead_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    return tiny_local(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed))
+
+
+def both_ways(local, prompts, params, **overrides):
+    plain = [c.token_ids for c in make_engine(local, **overrides).generate(prompts, params)]
+    engine = make_engine(local, decode_ahead=True, **overrides)
+    ahead = [c.token_ids for c in engine.generate(prompts, params)]
+    engine.block_manager.check_integrity()
+    engine.scheduler.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    return plain, ahead, engine
+
+
+def test_engine_greedy_mixed_workload_equals_without_decode_ahead(local):
+    prompts, params = mixed_workload(np.random.default_rng())
+    plain, ahead, engine = both_ways(local, prompts, params)
+    assert ahead == plain
+    assert engine.stats()["num_decode_ahead_tokens"] > 0
+
+
+def test_engine_sampling_penalties_and_stop_tokens_equal_without_decode_ahead(local):
+    rng = np.random.default_rng()
+    prompts = random_prompts(rng, rng.integers(1, 200, 12))
+    greedy = make_engine(local).generate(prompts, [SamplingParams(max_tokens=20, temperature=0.0)] * 12)
+    params = []
+    for i, done in enumerate(greedy):
+        kind = i % 3
+        if kind == 0:   # stops on a token it will sample mid-way: the step planned after it is dropped
+            params.append(SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[done.token_ids[7]]))
+        elif kind == 1:
+            params.append(SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40,
+                                         seed=int(rng.integers(0, 2**63))))
+        else:
+            params.append(SamplingParams(max_tokens=16, temperature=0.8, repetition_penalty=1.3,
+                                         presence_penalty=0.5, seed=int(rng.integers(0, 2**63))))
+    plain, ahead, engine = both_ways(local, prompts, params)
+    assert ahead == plain
+    assert all(len(plain[i]) <= 8 for i in range(0, 12, 3))
+
+
+def test_engine_small_pool_preempts_and_equals_without_decode_ahead(local):
+    rng = np.random.default_rng()
+    prompts = random_prompts(rng, rng.integers(20, 120, 16))
+    params = [SamplingParams(max_tokens=int(rng.integers(8, 40)), temperature=0.0) for _ in prompts]
+    plain, ahead, engine = both_ways(local, prompts, params, num_kv_blocks=14, max_num_batched_tokens=64)
+    assert ahead == plain
+    assert engine.stats()["num_preemptions"] > 0
+
+
+def test_engine_abort_with_a_step_in_flight_frees_everything(local):
+    rng = np.random.default_rng()
+    prompts = random_prompts(rng, [30, 50, 70, 90])
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    want = make_engine(local).generate(prompts, [params] * 4)
+    engine = make_engine(local, decode_ahead=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    got: dict[str, list[int]] = {}
+    for step in range(200):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if step == 6:
+            assert len(engine._in_flight) == 1   # the next step is queued now
+            engine.abort("r1")
+    assert got["r1"] == want[1].token_ids[:len(got["r1"])] and len(got["r1"]) < 30
+    assert [got[f"r{i}"] for i in (0, 2, 3)] == [want[i].token_ids for i in (0, 2, 3)]
+    assert not engine._in_flight
+    engine.scheduler.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
