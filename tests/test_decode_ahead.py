@@ -70,6 +70,48 @@ def test_no_ahead_row_for_a_request_whose_pending_token_is_its_last():
     assert second.request_ids == ("b",)
 
 
+def test_next_prompt_chunk_goes_ahead_with_its_known_tokens():
+    scheduler, model = ahead_scheduler(max_num_batched_tokens=8)
+    scheduler.add_request(make_request("a", range(1, 21), max_tokens=2, ignore_eos=True))
+    first, sampled = run_ahead(scheduler, model)
+    second, _ = run_ahead(scheduler, model, sampled)
+    np.testing.assert_array_equal(second.positions, np.arange(8, 16))
+    np.testing.assert_array_equal(second.token_ids, np.arange(9, 17))
+    np.testing.assert_array_equal(second.token_sources, np.full(8, -1))
+    assert second.sample_rows.size == 0
+
+
+def test_an_id_reused_while_a_stopped_request_still_has_a_step_in_flight():
+    """"a" stops on a token nobody could foresee while the plan after it (with its row) is in
+    flight; "a" again, a new request, must not take that row's token."""
+    scheduler, model = ahead_scheduler()
+    prompt, again = [3, 5, 7], [2, 4, 6, 8]
+    stop = reference_tokens(prompt, SamplingParams(max_tokens=8, ignore_eos=True))[1]
+    scheduler.add_request(make_request("a", prompt, max_tokens=8, ignore_eos=True, stop_token_ids=[stop]))
+    in_flight = [run_ahead(scheduler, model)]
+    outputs: dict[int, list[int]] = {}
+    readded = False
+    for _ in range(100):
+        while len(in_flight) < 2:
+            ran = run_ahead(scheduler, model, in_flight[-1][1] if in_flight else None)
+            if ran is None:
+                break
+            in_flight.append(ran)
+        if not in_flight:
+            break
+        plan, sampled = in_flight.pop(0)
+        scheduler.update_from_output(plan, sampled)
+        for out in scheduler.take_outputs():
+            outputs.setdefault(readded, []).extend(out.new_token_ids)
+            if out.finished and not readded:
+                assert in_flight, "the stopped request's next step must still be in flight"
+                scheduler.add_request(make_request("a", again, max_tokens=5, ignore_eos=True))
+                readded = True
+        scheduler.check_integrity()
+    assert outputs[False][-1] == stop
+    assert outputs[True] == reference_tokens(again, SamplingParams(max_tokens=5, ignore_eos=True))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workloads_match_the_reference_with_two_plans_in_flight(seed):
     rng = random.Random(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,6 +28,8 @@ from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.request import Request, RequestStatus
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import RequestOutput, Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         # One micro-batch per pipeline stage in flight, so no stage idles; decoding ahead, two.
         self.decode_ahead = config.decode_ahead and group is None
+        if config.decode_ahead and group is not None:
+            log.warning("engine.decode_ahead is for single-rank engines: this group decodes one step at a time")
         self.max_plans_in_flight = group.links.num_stages if group is not None else 1 + self.decode_ahead
         self._in_flight: collections.deque = collections.deque()  # (plan, result or None), oldest first
         self.scheduler = Scheduler(SchedulerConfig(
@@ -112,6 +117,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.handoff = KVHandoff(self.scheduler, self.block_manager, self.runner)
         self._pending_logprobs: dict[str, list] = {}   # first tokens' log-probabilities from prefill groups
+        self._num_steps_done = 0   # plans whose tokens came back (decoding ahead, a step may only queue one)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                     priority: int = 0, output_token_ids: Sequence[int] = (),
@@ -220,6 +226,8 @@ class LLMEngine:
             plan, result = self._in_flight.popleft()
             if result is None:
                 self.runner.collect(plan)
+            elif self.decode_ahead:
+                result.result()   # its copy to pinned host memory is done before that memory goes
         if isinstance(self.runner, BroadcastingRunner):
             self.runner.shutdown()
 
@@ -244,6 +252,7 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             result = self.runner.execute(plan) if plan is not None else None
         if plan is not None:
+            self._num_steps_done += 1
             self.handoff.take_exports(plan)
             self.scheduler.update_from_output(plan, result.sampled_token_ids)
             for row, entry in enumerate(result.logprobs):
@@ -301,7 +310,7 @@ class LLMEngine:
                 for rid in ids]
 
     def stats(self) -> dict[str, float]:
-        return {**self.scheduler.stats(), "num_kv_blocks": self.num_kv_blocks}
+        return {**self.scheduler.stats(), "num_kv_blocks": self.num_kv_blocks, "num_steps_done": self._num_steps_done}
 
 
 def _take(logprobs: dict[str, list], request_id: str, num_tokens: int) -> list:

@@ -200,8 +200,9 @@ class EngineLoop:
             log.warning("engine command failed: %s", error)
 
     def _step(self) -> bool:
-        """One engine step, its outputs and KV events queued for delivery; True if it ran a plan."""
-        num_steps_before = self._status_stats["num_steps"]
+        """One engine step, its outputs and KV events queued for delivery; True if it scheduled
+        or finished a plan."""
+        before = self._status_stats["num_steps"], self._status_stats.get("num_steps_done")
         for output in self._engine.step():
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -211,7 +212,7 @@ class EngineLoop:
                 del self._streams[output.request_id]
         self._queue_kv_events()
         self._status = self._snapshot()
-        return self._status_stats["num_steps"] != num_steps_before
+        return (self._status_stats["num_steps"], self._status_stats.get("num_steps_done")) != before
 
     def _add(self, stream: RequestStream, prompt: str | Sequence[int], params: SamplingParams,
              output_token_ids: tuple[int, ...], priority: int, remote_prefill: bool,

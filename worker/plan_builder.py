@@ -13,24 +13,22 @@ from shardline.worker.step_plan import SamplingBatch, StepPlan
 
 def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: list[list[int]],
                     copies: list[tuple[int, int]], block_size_tokens: int,
-                    ahead: dict[str, int] | None = None) -> StepPlan:
+                    ahead: dict[str, tuple[int, int]] | None = None) -> StepPlan:
     """Flatten the scheduled (request, num_new_tokens) pairs; `tables` are their block tables.
-    `ahead`: requests decoding ahead (one token, the one their step in flight samples) ->
-    that token's row among the in-flight plan's sampled tokens."""
+    `ahead`: requests also in the plan in flight -> (tokens they compute there, the row of
+    the token they sample there among its sampled tokens, or -1): their tokens here start
+    after those, and with a row the one token here is that pending one."""
     ahead = ahead or {}
     requests = [r for r, _ in scheduled]
     counts = np.array([n for _, n in scheduled], dtype=np.int32)               # [B]
-    starts = np.array([r.num_tokens if r.request_id in ahead else r.num_computed_tokens for r in requests],
-                      dtype=np.int32)
+    skip = [ahead.get(r.request_id, (0, -1)) for r in requests]                  # (in flight, pending row)
+    starts = np.array([r.num_computed_tokens + s for r, (s, _) in zip(requests, skip)], dtype=np.int32)
     seq_lens = starts + counts                                                   # [B]
     query_start_loc = np.zeros(len(requests) + 1, dtype=np.int32)
     np.cumsum(counts, out=query_start_loc[1:])
-    token_ids = np.array([t for r, n in scheduled
-                          for t in ((0,) if r.request_id in ahead
-                                    else r.tokens(r.num_computed_tokens, r.num_computed_tokens + n))],
-                         dtype=np.int32)                                         # [T]
-    token_sources = np.array([ahead.get(r.request_id, -1) for r in requests], dtype=np.int32)[
-        np.repeat(np.arange(len(requests)), counts)] if ahead else np.full(token_ids.shape, -1, np.int32)
+    token_ids = np.array([t for (r, n), start, (_, row) in zip(scheduled, starts.tolist(), skip)
+                          for t in ((0,) if row >= 0 else r.tokens(start, start + n))], dtype=np.int32)   # [T]
+    token_sources = np.repeat(np.array([row for _, row in skip], dtype=np.int32), counts)            # [T]
     row_of_token = np.repeat(np.arange(len(requests)), counts)                   # [T]
     positions = (np.arange(token_ids.shape[0], dtype=np.int32)
                  - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts))
@@ -40,8 +38,8 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
         block_tables[row, :num_blocks] = table[:num_blocks]
     slot_mapping = (block_tables[row_of_token, positions // block_size_tokens].astype(np.int64) * block_size_tokens
                     + positions % block_size_tokens)
-    samples = (np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens) | (token_sources[
-        query_start_loc[1:] - 1] >= 0 if len(requests) else np.zeros(0, bool))
+    pending = np.array([row >= 0 for _, row in skip], dtype=bool)               # [B]
+    samples = (np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens) | pending
     sample_request_index = np.flatnonzero(samples).astype(np.int32)              # [S]
     return StepPlan(
         step_id=step_id, request_ids=tuple(r.request_id for r in requests), num_scheduled_tokens=counts,
@@ -49,13 +47,13 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
         query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
         sample_rows=(query_start_loc[1:][samples] - 1).astype(np.int32),
         sample_request_index=sample_request_index,
-        sampling=build_sampling_batch([requests[i] for i in sample_request_index], ahead),
+        sampling=build_sampling_batch([requests[i] for i in sample_request_index], pending[sample_request_index]),
         block_copies=np.array(copies, dtype=np.int32).reshape(len(copies), 2), token_sources=token_sources)
 
 
-def build_sampling_batch(requests: list[Request], ahead: dict[str, int] | None = None) -> SamplingBatch:
+def build_sampling_batch(requests: list[Request], pending: np.ndarray | None = None) -> SamplingBatch:
     """One row per sampling request; penalty history only when some row uses a penalty.
-    A request decoding ahead samples the output token after its pending one."""
+    A `pending` row (decode ahead) samples the output token after its pending one."""
     params = [r.params for r in requests]
 
     def column(name: str, dtype: type) -> np.ndarray:
@@ -70,7 +68,8 @@ def build_sampling_batch(requests: list[Request], ahead: dict[str, int] | None =
         temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
         top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
         seeds=column("seed", np.uint64),
-        offsets=np.array([r.num_output_tokens + (r.request_id in (ahead or ())) for r in requests], dtype=np.int64),
+        offsets=np.array([r.num_output_tokens for r in requests], dtype=np.int64)
+        + (0 if pending is None else pending),
         repetition_penalty=column("repetition_penalty", np.float32),
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),

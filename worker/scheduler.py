@@ -71,6 +71,16 @@ class RequestOutput:
 RESERVATION_EXPIRED = "reservation: the remote KV did not arrive before the reservation expired"
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A plan whose tokens are not back yet."""
+
+    step_id: int
+    requests: dict[str, Request]   # its requests by id: the objects, since a finished id may be reused meanwhile
+    tokens: dict[str, int]         # tokens each computes there
+    sample_rows: dict[str, int]    # the sample row of each that samples there
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         if block_manager.block_size_tokens != config.block_size_tokens:
@@ -84,8 +94,7 @@ class Scheduler:
         self._num_steps = 0
         self._num_preemptions = 0
         self._num_ahead_tokens = 0   # tokens scheduled while the step sampling them was in flight
-        # (step id, request ids, sample row of each request sampling there), oldest first
-        self._in_flight: deque[tuple[int, frozenset[str], dict[str, int]]] = deque()
+        self._in_flight: deque[_InFlight] = deque()   # oldest first
         # Requests holding blocks for KV a prefill group pushes: request id -> deadline (monotonic s).
         self._reserved: dict[str, float] = {}
 
@@ -209,10 +218,10 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when no request can advance."""
         if len(self._in_flight) >= self.config.max_plans_in_flight:
-            raise RuntimeError(f"{len(self._in_flight)} plan(s) in flight (step {self._in_flight[0][0]} oldest): "
+            raise RuntimeError(f"{len(self._in_flight)} plan(s) in flight (step {self._in_flight[0].step_id} oldest): "
                                f"call update_from_output first")
         scheduled: list[tuple[Request, int]] = []
-        ahead: dict[str, int] = {}
+        ahead: dict[str, tuple[int, int]] = {}
         num_preemptions_before = self._num_preemptions
         budget_tokens = self._schedule_running(scheduled, ahead, self.config.max_num_batched_tokens)
         # Blocks just ran out: admitting more would only preempt again.
@@ -223,41 +232,50 @@ class Scheduler:
             return None
         tables = [self.block_manager.block_table(r.request_id) for r, _ in scheduled]
         plan = build_step_plan(self._num_steps, scheduled, tables, copies, self.config.block_size_tokens, ahead)
-        self._in_flight.append((plan.step_id, frozenset(plan.request_ids),
-                                {plan.request_ids[i]: row for row, i in enumerate(plan.sample_request_index)}))
+        self._in_flight.append(_InFlight(
+            plan.step_id, {r.request_id: r for r, _ in scheduled}, {r.request_id: n for r, n in scheduled},
+            {plan.request_ids[i]: row for row, i in enumerate(plan.sample_request_index)}))
         self._num_steps += 1
         return plan
 
     def _in_a_plan(self, request: Request) -> bool:
-        return any(request.request_id in ids for _, ids, _ in self._in_flight)
+        return any(request.request_id in plan.requests for plan in self._in_flight)
 
-    def _ahead_row(self, request: Request) -> int | None:
-        """The sample row of `request` in the one plan in flight, if it may decode ahead: it
-        samples there, uses no penalty (their history would lack the pending token) and that
-        token does not end it by length. Stop tokens and strings it cannot foresee: a row
-        after one is computed and dropped."""
+    def _schedule_ahead(self, request: Request, scheduled: list[tuple[Request, int]],
+                        ahead: dict[str, tuple[int, int]], budget_tokens: int) -> int:
+        """Decode ahead for a request in the one plan in flight: its next prompt chunk, or,
+        if it samples there, the token it samples (pending: the plan after takes it from
+        that plan's output). Not for a request using penalties (their history would lack
+        the pending token) or whose pending token ends it by length. Stop tokens and
+        strings cannot be foreseen: a row planned after one is computed and dropped.
+        No preemption for a step ahead. Returns the budget left."""
         if not self.config.decode_ahead or len(self._in_flight) != 1:
-            return None
-        row = self._in_flight[0][2].get(request.request_id)
-        params = request.params
-        if (row is None or params.uses_penalties or request.num_output_tokens + 1 >= params.max_tokens
-                or request.num_tokens + 1 >= self.config.max_model_len):
-            return None
-        return row
+            return budget_tokens
+        plan, params = self._in_flight[0], request.params
+        in_flight = plan.tokens[request.request_id]
+        row = plan.sample_rows.get(request.request_id)
+        if row is None:   # mid-prompt: the next chunk, whose tokens are known
+            num_new = min(request.num_tokens_to_compute - in_flight, budget_tokens)
+            row = -1
+        elif (params.uses_penalties or request.num_output_tokens + 1 >= params.max_tokens
+              or request.num_tokens + 1 >= self.config.max_model_len):
+            return budget_tokens
+        else:
+            num_new = 1
+        if num_new < 1 or not self.block_manager.allocate_slots(request, in_flight + num_new):
+            return budget_tokens
+        scheduled.append((request, num_new))
+        ahead[request.request_id] = (in_flight, row)
+        self._num_ahead_tokens += row >= 0
+        return budget_tokens - num_new
 
-    def _schedule_running(self, scheduled: list[tuple[Request, int]], ahead: dict[str, int],
+    def _schedule_running(self, scheduled: list[tuple[Request, int]], ahead: dict[str, tuple[int, int]],
                           budget_tokens: int) -> int:
         index = 0
         while index < len(self._running) and budget_tokens > 0:
             request = self._running[index]
             if self._in_a_plan(request):   # its tokens are not back yet
-                row = self._ahead_row(request)
-                # Its one token after the in-flight ones; no preemption for a step ahead.
-                if row is not None and self.block_manager.allocate_slots(request, request.num_tokens_to_compute + 1):
-                    scheduled.append((request, 1))
-                    ahead[request.request_id] = row
-                    self._num_ahead_tokens += 1
-                    budget_tokens -= 1
+                budget_tokens = self._schedule_ahead(request, scheduled, ahead, budget_tokens)
                 index += 1
                 continue
             num_new_tokens = min(request.num_tokens_to_compute, budget_tokens)
@@ -310,26 +328,27 @@ class Scheduler:
 
     def update_from_output(self, plan: StepPlan, sampled_token_ids: np.ndarray) -> None:
         """Advance the plan's requests; `sampled_token_ids` is [S] int32 in `sample_rows` order."""
-        oldest = self._in_flight[0][0] if self._in_flight else None
+        oldest = self._in_flight[0].step_id if self._in_flight else None
         if plan.step_id != oldest:
             raise ValueError(f"plan: step {plan.step_id} is not the oldest one in flight ({oldest})")
         sampled = np.asarray(sampled_token_ids)
         if sampled.shape != plan.sample_rows.shape:
             raise ValueError(f"sampled_token_ids: expected shape {plan.sample_rows.shape}, got {sampled.shape}")
-        self._in_flight.popleft()
+        planned = self._in_flight.popleft().requests
         for request_id, num_tokens in zip(plan.request_ids, plan.num_scheduled_tokens):
-            request = self._running_request(request_id)
+            request = self._running_request(request_id, planned)
             if request is not None:
                 request.num_computed_tokens += int(num_tokens)
                 self.block_manager.cache_full_blocks(request)
         for row, request_index in enumerate(plan.sample_request_index):
-            request = self._running_request(plan.request_ids[request_index])
+            request = self._running_request(plan.request_ids[request_index], planned)
             if request is not None:   # else finished (aborted) while the step ran
                 self._append_token(request, int(sampled[row]))
 
-    def _running_request(self, request_id: str) -> Request | None:
+    def _running_request(self, request_id: str, planned: dict[str, Request]) -> Request | None:
+        """The running request the plan was made for (not a later one given its id)."""
         request = self._requests.get(request_id)
-        return request if request is not None and request.status is RequestStatus.RUNNING else None
+        return request if request is planned.get(request_id) and request.status is RequestStatus.RUNNING else None
 
     def _append_token(self, request: Request, token_id: int) -> None:
         request.output_token_ids.append(token_id)
@@ -382,6 +401,6 @@ class Scheduler:
                 raise AssertionError(f"reserved request {request_id}: {request.status}, {covered} slots")
         if len(self._running) + len(self._queues.waiting) + len(self._reserved) != len(self._requests):
             raise AssertionError("a request is neither running, waiting nor reserved")
-        in_plans = [rid for _, ids, _ in self._in_flight for rid in ids]
+        in_plans = [rid for plan in self._in_flight for rid in plan.requests]
         if not self.config.decode_ahead and len(in_plans) != len(set(in_plans)):
             raise AssertionError(f"a request is in two plans in flight: {sorted(in_plans)}")
