@@ -62,6 +62,14 @@ class DecodeGraphs:
         self.disabled: str | None = None
         self.num_replays = 0
 
+    def close(self) -> None:
+        """Drops every captured graph. Before a tensor-parallel communicator goes: NCCL
+        (2.26 on) will not destroy a communicator while a graph holding its work lives, and
+        the runner <-> graphs cycle leaves their order to Python's collector otherwise."""
+        self._stream.synchronize()
+        self._captured.clear()
+        self._pool.free_all_blocks()
+
     def accepts(self, plan: StepPlan) -> bool:
         return (self.disabled is None and len(plan.request_ids) <= self.buckets[-1]
                 and plan.block_tables.shape[1] <= self.max_blocks_per_seq and is_pure_decode(plan))

@@ -230,6 +230,7 @@ class LLMEngine:
                 result.result()   # its copy to pinned host memory is done before that memory goes
         if isinstance(self.runner, BroadcastingRunner):
             self.runner.shutdown()
+            getattr(self.runner.runner, "close", lambda: None)()   # graphs go before the communicator
 
     def abort(self, request_id: str) -> bool:
         self.handoff.forget(request_id)

@@ -199,6 +199,7 @@ def follow(group: GroupContext, runner: Any) -> None:
     while True:
         _wait_bcast(group.mpi_comm, header)
         if header[0] == 0:
+            getattr(runner, "close", lambda: None)()   # graphs go before the communicator
             return
         payload = np.empty(int(header[0]), dtype=np.uint8)
         group.mpi_comm.Bcast(payload, root=0)

@@ -124,6 +124,12 @@ class ModelRunner:
                                model.num_kv_heads_per_rank, len(model.layers))
         self.graphs = None   # DecodeGraphs (worker/cuda_graphs.py) on a single-rank CUDA engine
 
+    def close(self) -> None:
+        """Frees the CUDA graphs (see DecodeGraphs.close); the runner then steps eagerly."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         from shardline.worker.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self, max_batch, -(-max_model_len // self.kv.block_size_tokens))
