@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,5 +23,15 @@ def mpirun(num_ranks: int, script: str, *args, timeout_s: float = 300) -> None:
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # Open MPI as root; MPICH ignores
     # `-m mpi4py`: an exception on one rank aborts the whole job instead of hanging the others
     cmd = [MPIEXEC, "-n", str(num_ranks), sys.executable, "-m", "mpi4py", str(TESTS / script), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=TESTS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # A session of its own: on a timeout every rank goes, not just mpiexec (a rank left
+    # behind would hold its GPU and hang the next test).
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=TESTS, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{script} on {num_ranks} ranks ran past {timeout_s} s; its processes were killed. "
+                    f"stderr tail:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
