@@ -39,9 +39,8 @@ class SchedulerConfig:
     # Plans scheduled before the oldest one's tokens are back (pipeline
     # parallelism keeps one per stage busy); a request is in one plan at most.
     max_plans_in_flight: int = 1
-    # Decode ahead: with one plan in flight, the next one may also take the next token of
-    # requests decoding in it (their token comes from that plan's output on the device),
-    # so the host plans step n+1 while the GPU runs step n. Needs max_plans_in_flight 2.
+    # Decode ahead (needs max_plans_in_flight 2): the host plans step n+1 while step n runs,
+    # its requests taking their next chunk or token (from step n's output, on the device).
     decode_ahead: bool = False
 
     def __post_init__(self) -> None:
@@ -243,20 +242,17 @@ class Scheduler:
 
     def _schedule_ahead(self, request: Request, scheduled: list[tuple[Request, int]],
                         ahead: dict[str, tuple[int, int]], budget_tokens: int) -> int:
-        """Decode ahead for a request in the one plan in flight: its next prompt chunk, or,
-        if it samples there, the token it samples (pending: the plan after takes it from
-        that plan's output). Not for a request using penalties (their history would lack
-        the pending token) or whose pending token ends it by length. Stop tokens and
-        strings cannot be foreseen: a row planned after one is computed and dropped.
-        No preemption for a step ahead. Returns the budget left."""
+        """Decode ahead for a request in the one plan in flight: its next prompt chunk, or the
+        token it samples there (pending). Not with penalties (their history would lack the
+        pending token) or when that token ends it by length; unforeseen stops leave a row
+        computed and dropped. No preemption for a step ahead. Returns the budget left."""
         if not self.config.decode_ahead or len(self._in_flight) != 1:
             return budget_tokens
         plan, params = self._in_flight[0], request.params
         in_flight = plan.tokens[request.request_id]
         row = plan.sample_rows.get(request.request_id)
         if row is None:   # mid-prompt: the next chunk, whose tokens are known
-            num_new = min(request.num_tokens_to_compute - in_flight, budget_tokens)
-            row = -1
+            num_new, row = min(request.num_tokens_to_compute - in_flight, budget_tokens), -1
         elif (params.uses_penalties or request.num_output_tokens + 1 >= params.max_tokens
               or request.num_tokens + 1 >= self.config.max_model_len):
             return budget_tokens
