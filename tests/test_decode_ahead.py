@@ -46,16 +46,18 @@ def run_ahead(scheduler, model, previous=None):
 def test_ahead_rows_take_the_pending_token_position_and_sample_offset():
     scheduler, model = ahead_scheduler(block_size_tokens=4)
     scheduler.add_request(make_request("a", range(1, 4), max_tokens=5, ignore_eos=True))
-    scheduler.add_request(make_request("p", range(1, 4), max_tokens=5, ignore_eos=True, repetition_penalty=1.2))
+    scheduler.add_request(make_request("p", range(1, 5), max_tokens=5, ignore_eos=True, repetition_penalty=1.2))
     first, sampled = run_ahead(scheduler, model)
     second, _ = run_ahead(scheduler, model, sampled)   # while `first` is in flight
-    assert second.request_ids == ("a",), "a penalty needs the pending token's history: not ahead"
-    np.testing.assert_array_equal(second.token_sources, [0])
-    np.testing.assert_array_equal(second.positions, [3])
-    np.testing.assert_array_equal(second.seq_lens, [4])
-    np.testing.assert_array_equal(second.sample_rows, [0])
-    np.testing.assert_array_equal(second.sampling.offsets, [1])   # the output token after the pending one
-    assert scheduler.stats()["num_decode_ahead_tokens"] == 1
+    assert second.request_ids == ("a", "p")
+    np.testing.assert_array_equal(second.token_sources, [0, 1])
+    np.testing.assert_array_equal(second.positions, [3, 4])
+    np.testing.assert_array_equal(second.seq_lens, [4, 5])
+    np.testing.assert_array_equal(second.sample_rows, [0, 1])
+    np.testing.assert_array_equal(second.sampling.offsets, [1, 1])   # the output token after the pending one
+    # the pending token's place in the penalty history, filled on the device
+    np.testing.assert_array_equal(second.sampling.output_lens, [1, 1])
+    assert scheduler.stats()["num_decode_ahead_tokens"] == 2
     with pytest.raises(RuntimeError, match="2 plan\\(s\\) in flight"):
         scheduler.schedule()
     scheduler.update_from_output(first, sampled)
@@ -191,6 +193,33 @@ def test_engine_sampling_penalties_and_stop_tokens_equal_without_decode_ahead(lo
     plain, ahead, engine = both_ways(local, prompts, params)
     assert ahead == plain
     assert all(len(plain[i]) <= 8 for i in range(0, 12, 3))
+
+
+def test_engine_greedy_penalties_see_the_pending_token(local):
+    """Greedy with penalties: a random model repeats its argmax unless the token sampled a
+    step before (still pending on the host when the next step was planned) is penalised."""
+    rng = np.random.default_rng()
+    prompts = random_prompts(rng, rng.integers(1, 100, 8))
+    params = [SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=3.0, frequency_penalty=1.5,
+                             presence_penalty=1.5)] * 8
+    plain, ahead, engine = both_ways(local, prompts, params)
+    assert ahead == plain
+    assert engine.stats()["num_decode_ahead_tokens"] > 0
+
+
+def test_penalties_count_the_pending_token(local):
+    """The token a step ahead cannot see on the host yet joins its penalty history on the
+    device: with it penalised, the runner-up wins."""
+    engine = make_engine(local, decode_ahead=True)
+    engine.add_request("p", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=100.0))
+    engine.scheduler.schedule()                # its first token: in flight
+    ahead = engine.scheduler.schedule()        # its second, planned before the first is known
+    assert ahead.takes_pending_tokens
+    logits = np.zeros((1, engine.local.model.config.vocab_size))
+    logits[0, 11], logits[0, 12] = 2.0, 1.0
+    token_ids = ahead.token_ids.copy()
+    token_ids[0] = 11                          # the pending token, as the device filled it
+    assert engine.runner._sample(logits, ahead, False, token_ids).result().sampled_token_ids[0] == 12
 
 
 def test_engine_small_pool_preempts_and_equals_without_decode_ahead(local):

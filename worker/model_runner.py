@@ -176,7 +176,7 @@ class ModelRunner:
         token_ids = xp.array(plan.token_ids) if plan.takes_pending_tokens else xp.asarray(plan.token_ids)
         token_ids = with_pending_tokens(xp, token_ids, plan, previous)
         hidden = self.model.forward(token_ids, xp.asarray(plan.positions), ctx)
-        return self._finish_launch(plan, hidden, sample, defer)
+        return self._finish_launch(plan, hidden, sample, defer, token_ids)
 
     def begin_step(self, plan: StepPlan) -> PagedAttentionContext:
         """Copies the plan's copy-on-write blocks; the step's attention context."""
@@ -191,20 +191,26 @@ class ModelRunner:
         """Logits of the plan's sample rows of `hidden` [num_tokens, hidden], sampled."""
         return self._finish_launch(plan, hidden, sample).result()
 
-    def _finish_launch(self, plan: StepPlan, hidden: Any, sample: bool, defer: bool = False) -> Launched:
+    def _finish_launch(self, plan: StepPlan, hidden: Any, sample: bool, defer: bool = False,
+                       token_ids: Any = None) -> Launched:
         backend, xp = self.backend, self.backend.xp
         if plan.sample_rows.size == 0:
             return Launched.read_back(backend, np.zeros(0, dtype=np.int32))
         logits = self.model.compute_logits(backend.ops.index_rows(hidden, xp.asarray(plan.sample_rows)))
         if not sample:
             return Launched.read_back(backend, np.zeros(0, dtype=np.int32))
-        return self._sample(logits, plan, defer)
+        return self._sample(logits, plan, defer, token_ids)
 
-    def _sample(self, logits: Any, plan: StepPlan, defer: bool) -> Launched:
+    def _sample(self, logits: Any, plan: StepPlan, defer: bool, token_ids: Any = None) -> Launched:
         ops, xp, s = self.backend.ops, self.backend.xp, plan.sampling
         if s.prompt_ids.shape[1] or s.output_ids.shape[1]:
+            output_ids = xp.array(s.output_ids)
+            pending = np.flatnonzero(plan.token_sources[plan.sample_rows] >= 0)
+            if pending.size and s.output_ids.shape[1]:   # the pending tokens join the histories
+                output_ids[xp.asarray(pending), xp.asarray(s.output_lens[pending] - 1)] = \
+                    token_ids[xp.asarray(plan.sample_rows[pending])].astype(output_ids.dtype)
             logits = ops.apply_penalties(logits, *(xp.asarray(a) for a in (
-                s.prompt_ids, s.prompt_lens, s.output_ids, s.output_lens, s.repetition_penalty,
+                s.prompt_ids, s.prompt_lens, output_ids, s.output_lens, s.repetition_penalty,
                 s.presence_penalty, s.frequency_penalty)))
         args = [xp.asarray(a) for a in (s.temperature, s.top_k, s.top_p, s.seeds, s.offsets)]
         tokens = ops.sample(logits, *args, min_p=xp.asarray(s.min_p))

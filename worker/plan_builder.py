@@ -53,23 +53,25 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
 
 def build_sampling_batch(requests: list[Request], pending: np.ndarray | None = None) -> SamplingBatch:
     """One row per sampling request; penalty history only when some row uses a penalty.
-    A `pending` row (decode ahead) samples the output token after its pending one."""
+    A `pending` row (decode ahead) samples the output token after its pending one, whose
+    place in the output history is the last (0 here: the runner fills it on the device)."""
     params = [r.params for r in requests]
+    pending = np.zeros(len(requests), dtype=bool) if pending is None else pending
 
     def column(name: str, dtype: type) -> np.ndarray:
         return np.array([getattr(p, name) for p in params], dtype=dtype)
 
     uses_penalties = any(p.uses_penalties for p in params)
     prompts = [r.prompt_token_ids for r in requests] if uses_penalties else [() for _ in requests]
-    outputs = [r.output_token_ids for r in requests] if uses_penalties else [() for _ in requests]
+    outputs = ([r.output_token_ids + [0] * int(p) for r, p in zip(requests, pending)] if uses_penalties
+               else [() for _ in requests])
     prompt_ids, prompt_lens = _pad_rows(prompts)
     output_ids, output_lens = _pad_rows(outputs)
     return SamplingBatch(
         temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
         top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
         seeds=column("seed", np.uint64),
-        offsets=np.array([r.num_output_tokens for r in requests], dtype=np.int64)
-        + (0 if pending is None else pending),
+        offsets=np.array([r.num_output_tokens for r in requests], dtype=np.int64) + pending,
         repetition_penalty=column("repetition_penalty", np.float32),
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),

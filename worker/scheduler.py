@@ -243,9 +243,9 @@ class Scheduler:
     def _schedule_ahead(self, request: Request, scheduled: list[tuple[Request, int]],
                         ahead: dict[str, tuple[int, int]], budget_tokens: int) -> int:
         """Decode ahead for a request in the one plan in flight: its next prompt chunk, or the
-        token it samples there (pending). Not with penalties (their history would lack the
-        pending token) or when that token ends it by length; unforeseen stops leave a row
-        computed and dropped. No preemption for a step ahead. Returns the budget left."""
+        token it samples there (pending), unless that token ends it by length; unforeseen
+        stops leave a row computed and dropped. No preemption for a step ahead. Returns the
+        budget left."""
         if not self.config.decode_ahead or len(self._in_flight) != 1:
             return budget_tokens
         plan, params = self._in_flight[0], request.params
@@ -253,7 +253,7 @@ class Scheduler:
         row = plan.sample_rows.get(request.request_id)
         if row is None:   # mid-prompt: the next chunk, whose tokens are known
             num_new, row = min(request.num_tokens_to_compute - in_flight, budget_tokens), -1
-        elif (params.uses_penalties or request.num_output_tokens + 1 >= params.max_tokens
+        elif (request.num_output_tokens + 1 >= params.max_tokens
               or request.num_tokens + 1 >= self.config.max_model_len):
             return budget_tokens
         else:
