@@ -114,20 +114,6 @@ def test_linear(ops, rng, dtype, tokens, k, n):
     assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "linear+bias")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("tokens,k,n", [(1, 4096, 6144), (2, 576, 37), (3, 8, 1), (4, 14336, 4096), (1, 72, 129)])
-def test_skinny_gemm(ops, rng, dtype, tokens, k, n, monkeypatch):
-    """Decode-sized GEMMs run skinny_gemm.cu (not cuBLAS): odd feature counts, the shortest
-    K, a bias added through `accumulate`."""
-    monkeypatch.setattr(ops, "use_skinny_gemm", True)
-    x, x64 = random_input(ops, rng, (tokens, k), dtype)
-    w, w64 = random_input(ops, rng, (n, k), dtype, scale=1 / math.sqrt(k))
-    b, b64 = random_input(ops, rng, (n,), dtype)
-    assert ops._skinny_applies(x, w)
-    assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, "skinny")
-    assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "skinny+bias")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_silu_gelu(ops, rng, dtype):
     a, a64 = random_input(ops, rng, (7, 3, 80), dtype)
@@ -248,52 +234,6 @@ def test_paged_attention(ops, rng, dtype, block_size, window):
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, 0.125, window)
     assert_close(ops, out[:num_tokens], ref, dtype, "paged_attention")
     assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 16, None), (80, 5, None),
-                                                        (64, 16, 37), (128, 1, 100)])
-def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, monkeypatch):
-    """The tensor-core prefill kernel (chunks of long prefills, one decode row and an
-    idle sequence in the launch, one padding row) against the float64 reference."""
-    monkeypatch.setattr(ops, "use_flash", True)   # even where SHARDLINE_GPU_OFF names it
-    heads, kv_heads = 8, 2
-    seq_lens = np.array([300, 64, 130, 90, 12], dtype=np.int32)
-    new_tokens = np.array([130, 64, 1, 77, 0], dtype=np.int32)
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
-    num_tokens = int(qsl[-1])
-    q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
-    assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
-    scale = 1 / math.sqrt(head_dim)
-    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
-                              cupy.asarray(qsl), scale, window)
-    ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
-    assert_close(ops, out[:num_tokens], ref, dtype, "flash prefill")
-    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_paged_flash_decode_batch(ops, rng, dtype, monkeypatch):
-    """A decode batch wide enough for the tensor-core kernel (the 4 heads of each KV head
-    packed into one tile's rows), Llama-3-8B's head layout, ragged contexts."""
-    monkeypatch.setattr(ops, "use_flash", True)
-    heads, kv_heads, head_dim, block_size, batch = 32, 8, 128, 16, 48
-    seq_lens = rng.integers(1, 700, batch).astype(np.int32)
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    qsl = np.arange(batch + 1, dtype=np.int32)
-    q, q64 = random_input(ops, rng, (batch + 1, heads, head_dim), dtype)
-    assert ops.flash_applies(q, k_cache, v_cache, batch)
-    scale = 1 / math.sqrt(head_dim)
-    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
-                              cupy.asarray(qsl), scale)
-    ref = numpy_ops.paged_attention(q64[:batch], k64, v64, tables, seq_lens, qsl, scale)
-    assert_close(ops, out[:batch], ref, dtype, "flash decode")
-    assert not ops.to_host(out[batch]).any(), "the padding row must come back zero"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

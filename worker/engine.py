@@ -117,7 +117,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self.handoff = KVHandoff(self.scheduler, self.block_manager, self.runner)
         self._pending_logprobs: dict[str, list] = {}   # first tokens' log-probabilities from prefill groups
-        self._num_steps_done = 0   # plans whose tokens came back (decoding ahead, a step may only queue one)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                     priority: int = 0, output_token_ids: Sequence[int] = (),
@@ -253,7 +252,6 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             result = self.runner.execute(plan) if plan is not None else None
         if plan is not None:
-            self._num_steps_done += 1
             self.handoff.take_exports(plan)
             self.scheduler.update_from_output(plan, result.sampled_token_ids)
             for row, entry in enumerate(result.logprobs):
@@ -311,7 +309,7 @@ class LLMEngine:
                 for rid in ids]
 
     def stats(self) -> dict[str, float]:
-        return {**self.scheduler.stats(), "num_kv_blocks": self.num_kv_blocks, "num_steps_done": self._num_steps_done}
+        return {**self.scheduler.stats(), "num_kv_blocks": self.num_kv_blocks}
 
 
 def _take(logprobs: dict[str, list], request_id: str, num_tokens: int) -> list:

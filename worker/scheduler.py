@@ -73,7 +73,6 @@ RESERVATION_EXPIRED = "reservation: the remote KV did not arrive before the rese
 @dataclass(frozen=True)
 class _InFlight:
     """A plan whose tokens are not back yet."""
-
     step_id: int
     requests: dict[str, Request]   # its requests by id: the objects, since a finished id may be reused meanwhile
     tokens: dict[str, int]         # tokens each computes there
@@ -210,6 +209,7 @@ class Scheduler:
                 "kv_usage": self.block_manager.usage(), "prefix_hit_rate": prefix.hit_rate,
                 "prefix_query_tokens": prefix.query_tokens, "prefix_hit_tokens": prefix.hit_tokens,
                 "num_preemptions": self._num_preemptions, "num_steps": self._num_steps,
+                "num_steps_done": self._num_steps - len(self._in_flight),   # plans whose tokens came back
                 "num_decode_ahead_tokens": self._num_ahead_tokens}
 
     # ---- one step ------------------------------------------------------
