@@ -24,6 +24,7 @@ Writes JSON and prints a markdown table with the ratios.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -106,6 +107,7 @@ class DeviceMemory:
     def __init__(self):
         import cupy
         self._free = lambda: int(cupy.cuda.runtime.memGetInfo()[0])
+        release_device_memory()   # a previous engine's cycles (runner <-> graphs) go now, not mid-run
         self.before, self.lowest = self._free(), None
 
     def sample(self) -> None:
@@ -139,9 +141,14 @@ def measure_ours(hf: dict, args, rng) -> dict:
     memory.sample()
     result["peak_device_bytes"] = memory.peak_bytes
     del engine, backend
-    import cupy
-    cupy.get_default_memory_pool().free_all_blocks()   # room for the HF model
+    release_device_memory()   # room for the HF model
     return result
+
+
+def release_device_memory() -> None:
+    import cupy
+    gc.collect()
+    cupy.get_default_memory_pool().free_all_blocks()
 
 
 def measure_hf(hf: dict, args, rng) -> dict:

@@ -29,8 +29,8 @@ _KERNELS = {
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
-    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
-                                                for m in range(1, 5))},
+    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}, {p}" for t in ("__half", "__nv_bfloat16")
+                                                for m in range(1, 5) for p in range(3))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -54,8 +54,10 @@ _MAX_ATTENTION_SPLITS = 32
 _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
-# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
+# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0;
+# the input as it is, RMSNorm'd on the fly, or silu(gate) * up (its prologues).
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 16, 256
+SKINNY_PLAIN, SKINNY_NORM, SKINNY_SILU = 0, 1, 2
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:

@@ -16,6 +16,7 @@ import pytest
 
 from engine_fixtures import make_engine, random_prompts, save_tiny_llama, tiny_local
 from shardline.worker.block_manager import BlockManager
+from shardline.worker.engine_config import EngineConfig
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import Scheduler, SchedulerConfig
 from test_engine import mixed_workload
@@ -159,7 +160,7 @@ def local(tmp_path_factory):
 
 
 def both_ways(local, prompts, params, **overrides):
-    plain = [c.token_ids for c in make_engine(local, **overrides).generate(prompts, params)]
+    plain = [c.token_ids for c in make_engine(local, decode_ahead=False, **overrides).generate(prompts, params)]
     engine = make_engine(local, decode_ahead=True, **overrides)
     ahead = [c.token_ids for c in engine.generate(prompts, params)]
     engine.block_manager.check_integrity()
@@ -253,3 +254,20 @@ def test_engine_abort_with_a_step_in_flight_frees_everything(local):
     assert not engine._in_flight
     engine.scheduler.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_decode_ahead_default_is_on_only_for_single_rank_cuda_engines_of_mixed_groups(local):
+    """Unset, the engine decides (CUDA: on; this NumPy engine: off); prefill and decode
+    groups get it off, since KV export cannot decode ahead; an explicit value stays."""
+    from shardline.coordinator.cluster_config import GroupSpec
+    from shardline.worker.rank_main import engine_config_for
+
+    def group_spec(role, engine):
+        return GroupSpec(name="g", role=role, tp=1, pp=1, ep=1, devices=[0], engine=engine)
+    assert not make_engine(local).decode_ahead and make_engine(local, decode_ahead=True).decode_ahead
+    engine = EngineConfig(model="m")
+    assert engine.decode_ahead is None
+    for role, expected in (("mixed", None), ("prefill", False), ("decode", False)):
+        assert engine_config_for(group_spec(role, engine)).decode_ahead is expected
+    pinned = engine.model_copy(update={"decode_ahead": True})
+    assert engine_config_for(group_spec("prefill", pinned)).decode_ahead is True

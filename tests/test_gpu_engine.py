@@ -77,8 +77,10 @@ def test_decode_ahead_equals_plain_on_gpu(local):
     """Decode ahead (float32): each step queued before the previous one's tokens are read,
     its pending tokens gathered on the device, through the CUDA graphs too."""
     prompts, params = mixed_workload(np.random.default_rng())
-    plain = [c.token_ids for c in make_engine(local).generate(prompts, params)]
-    engine = make_engine(local, decode_ahead=True)
+    plain_engine = make_engine(local, decode_ahead=False)
+    plain = [c.token_ids for c in plain_engine.generate(prompts, params)]
+    engine = make_engine(local)   # a single-rank CUDA engine decodes ahead by default
+    assert engine.decode_ahead and not plain_engine.decode_ahead
     assert [c.token_ids for c in engine.generate(prompts, params)] == plain
     assert engine.stats()["num_decode_ahead_tokens"] > 0 and engine.runner.graphs.num_replays > 0
     engine.block_manager.check_integrity()

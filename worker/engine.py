@@ -95,7 +95,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size_tokens,
                                           config.enable_prefix_caching)
         # One micro-batch per pipeline stage in flight, so no stage idles; decoding ahead, two.
-        self.decode_ahead = config.decode_ahead and group is None
+        ahead = config.decode_ahead if config.decode_ahead is not None else self.local.model.backend.name == "cuda"
+        self.decode_ahead = ahead and group is None
         if config.decode_ahead and group is not None:
             log.warning("engine.decode_ahead is for single-rank engines: this group decodes one step at a time")
         self.max_plans_in_flight = group.links.num_stages if group is not None else 1 + self.decode_ahead

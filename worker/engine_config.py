@@ -34,7 +34,9 @@ class EngineConfig(BaseModel):
     tp_cuda_graphs: bool = False
     # Decode ahead (single-rank engines): plan and queue step n+1 while the GPU runs step n,
     # requests still decoding taking their next token from step n's output on the device.
-    # Off by default until measured on a GPU; not with KV hand-off (reservations, exports).
-    decode_ahead: bool = False
+    # None: on for single-rank CUDA engines of mixed groups (on one H100 it took Llama-3-8B
+    # batch-64 steps from 11.6 to 9.5 ms), off on NumPy and for prefill / decode groups
+    # (no KV export with it).
+    decode_ahead: bool | None = None
     # A decode group holds blocks reserved for a prefill group's KV this long at most.
     remote_kv_timeout_s: float = Field(30.0, gt=0)

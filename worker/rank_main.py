@@ -129,7 +129,7 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
     watcher = asyncio.create_task(watch_parent(os.getppid(), stop, args.parent_poll_s))
     log.info("loading %s (backend %s)", spec.engine.model or "the embedded default model", spec.engine.backend)
     try:
-        engine = await build_engine_unless_stopped(spec.engine, stop, group)
+        engine = await build_engine_unless_stopped(engine_config_for(spec), stop, group)
     except Exception as err:
         log.exception("cannot load the model: %s", err)
         return EXIT_FAILED
@@ -185,6 +185,14 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event, poll_s: float) -> N
         await asyncio.sleep(poll_s)
     log.warning("parent process %d is gone", parent_pid)
     stop.set()
+
+
+def engine_config_for(spec) -> EngineConfig:
+    """The group's engine settings; decode ahead left to the engine only in mixed groups
+    (prefill groups export KV, which it cannot)."""
+    if spec.role == "mixed" or spec.engine.decode_ahead is not None:
+        return spec.engine
+    return spec.engine.model_copy(update={"decode_ahead": False})
 
 
 async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
