@@ -63,8 +63,8 @@ def build_ours(hf: dict, args):
     architecture = lookup(hf, "bench")
     model = architecture.model_class(backend, architecture.parse(hf),
                                      WeightReader(RandomCheckpoint(hf), backend, False))
-    config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 4096),
-                          decode_ahead=args.decode_ahead,
+    config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 8192),
+                          decode_ahead=args.decode_ahead,   # None: the engine's default (on for one GPU)
                           max_num_seqs=max(args.batch + [args.max_num_seqs]), gpu_memory_fraction=0.5,
                           enable_prefix_caching=False)
     return backend, LLMEngine(config, LocalModel(model, None))
@@ -240,9 +240,11 @@ def main() -> None:
     p.add_argument("--ttft-tokens", type=int, default=2048)
     p.add_argument("--offline-requests", type=int, default=1024,
                    help="requests of the offline run (vLLM's throughput benchmark sends 1000)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's running requests at most")
+    p.add_argument("--max-num-seqs", type=int, default=512,
+                   help="the engine's running requests at most (8192 batched tokens a step)")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--decode-ahead", action="store_true", help="engine.decode_ahead: plan step n+1 while step n runs")
+    p.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_const", const=False, default=None,
+                   help="engine.decode_ahead off (on by default: plan step n+1 while step n runs)")
     p.add_argument("--off", default="", help="A/B runs: GPU fast paths to switch off, e.g. flash,skinny_gemm "
                                              "(SHARDLINE_GPU_OFF)")
     p.add_argument("--out", default="bench/results/llm.json")

@@ -112,7 +112,8 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=2048)
     args = p.parse_args()
     batch = args.batch
-    args.ttft_tokens, args.max_num_seqs, args.batch = 2048, batch, [batch]   # what build_ours reads
+    # what build_ours reads; the phases below step the runner one plan at a time
+    args.ttft_tokens, args.max_num_seqs, args.batch, args.decode_ahead = 2048, batch, [batch], False
     hf = SHAPES[args.shape]
     _, engine = build_ours(hf, args)
     from shardline.worker.sampling_params import SamplingParams

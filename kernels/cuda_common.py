@@ -29,8 +29,8 @@ _KERNELS = {
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
-    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}, {p}" for t in ("__half", "__nv_bfloat16")
-                                                for m in range(1, 5) for p in range(3))},
+    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
+                                                for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -54,17 +54,15 @@ _MAX_ATTENTION_SPLITS = 32
 _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
-# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0;
-# the input as it is, RMSNorm'd on the fly, or silu(gate) * up (its prologues).
+# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 16, 256
-SKINNY_PLAIN, SKINNY_NORM, SKINNY_SILU = 0, 1, 2
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: two stages
     of K and V tiles per key-warp group (rows padded by 8), reused at the end for the
     groups' merge (float32 max, sum and output rows)."""
-    keys = 64 if key_warps == 1 else 32
+    keys = 64 if key_warps == 1 else 16   # decode: 34 KiB at head_dim 128, so 6 blocks fit an H100 SM
     return max(key_warps * 2 * 2 * keys * (head_dim + 8) * 2, (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 
 
@@ -151,6 +149,17 @@ def _grid_1d(n: int) -> tuple[int]:
 def _row_threads(width: int) -> tuple[int]:
     # about four elements a thread, a whole number of warps, at most 1024
     return (min(1024, 32 * max(1, -(-width // 128))),)
+
+
+def _token_rows(a) -> tuple:
+    """(a, its token stride in elements) for a [tokens, heads, head_dim] whose tokens may be
+    strided but whose heads are contiguous within a token; otherwise a contiguous copy."""
+    item = a.itemsize
+    if a.ndim == 3 and a.strides[2] == item and (a.shape[1] == 1 or a.strides[1] == a.shape[2] * item) \
+            and a.strides[0] % item == 0 and a.strides[0] >= a.shape[1] * a.shape[2] * item:
+        return a, a.strides[0] // item
+    a = cupy.ascontiguousarray(a)
+    return a, math.prod(a.shape[1:])
 
 
 def _rows(x) -> int:

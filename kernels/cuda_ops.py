@@ -38,10 +38,8 @@ from shardline.kernels.cuda_common import (
     _SKINNY_MAX_ROWS,
     _SKINNY_ROWS_PER_BLOCK,
     _SKINNY_THREADS,
-    SKINNY_NORM,
-    SKINNY_PLAIN,
-    SKINNY_SILU,
     _same_dtype,
+    _token_rows,
     _word,
     bf16_bits,
 )
@@ -144,9 +142,11 @@ class CudaOps(AttentionOps, SamplingOps):
 
     def rope_write_kv(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
         """rope on q and k, rotated k and v into the cache; returns the rotated q.
-        One kernel: the rotated k goes straight to its slot."""
-        q, k, positions, cos_sin = self._check_rope(q, k, positions, cos_sin)
-        v, slots = cupy.ascontiguousarray(v), _index(slot_mapping)
+        One kernel: the rotated k goes straight to its slot. q, k, v may be views whose
+        tokens are strided (column ranges of one QKV projection): no copies then."""
+        (q, q_stride), (k, k_stride), (v, v_stride) = (_token_rows(a) for a in (q, k, v))
+        q, k, positions, cos_sin = self._check_rope(q, k, positions, cos_sin, contiguous=False)
+        slots = _index(slot_mapping)
         self._check_cache(k, v, k_cache, v_cache)
         if slots.size != q.shape[0]:
             raise ValueError(f"slot_mapping has {slots.size} slots for {q.shape[0]} tokens")
@@ -156,7 +156,7 @@ class CudaOps(AttentionOps, SamplingOps):
                      _row_threads((num_heads + num_kv_heads) * head_dim // 2),
                      (q, k, v, q_out, k_cache, v_cache, positions, cos_sin, slots,
                       np.int64(math.prod(k_cache.shape[:2])), np.int32(num_heads), np.int32(num_kv_heads),
-                      np.int32(head_dim)))
+                      np.int32(head_dim), np.int64(q_stride), np.int64(k_stride), np.int64(v_stride)))
         return q_out
 
     def copy_blocks(self, k_cache, v_cache, block_copies) -> None:
@@ -210,82 +210,36 @@ class CudaOps(AttentionOps, SamplingOps):
 
     def linear(self, x, weight, bias=None):
         # x [..., in], weight [out, in] (torch layout), bias [out] -> [..., out]
-        x, weight, out, bias = self._linear_args(x, weight, bias, x.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        if out.size and x2.shape[1] and self._skinny_applies(x2, weight):
-            self._skinny(SKINNY_PLAIN, x2, weight, out, bias is not None)
-        elif out.size and x2.shape[1]:
-            self._gemm.matmul_nt(x2, weight, out.reshape(x2.shape[0], -1), accumulate=bias is not None)
-        elif bias is None:
-            out.fill(0)  # an empty sum
-        return out
-
-    def _linear_args(self, x, weight, bias, width: int):
-        """Checked contiguous (x, weight, out [..., out] with the bias filled in or empty, bias);
-        x's last dimension must be `width`, the weight's input size."""
         x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
         ctype = _ctype(x, "x")
         _same_dtype(x, weight)
-        if weight.ndim != 2 or width != weight.shape[1]:
+        if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: x {x.shape} does not match weight {weight.shape} ([out, in])")
         num_out = weight.shape[0]
-        out = cupy.empty(x.shape[:-1] + (num_out,), dtype=x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+        out = cupy.empty((x2.shape[0], num_out), dtype=x.dtype)
         if bias is not None:
             bias = cupy.ascontiguousarray(bias)
             _same_dtype(x, bias)
             if bias.shape != (num_out,):
                 raise ValueError(f"linear: bias {bias.shape} must be ({num_out},)")
             self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
-                         (bias, out, np.int64(out.size // max(num_out, 1)), np.int32(num_out)))
-        return x, weight, out, bias
+                         (bias, out, np.int64(x2.shape[0]), np.int32(num_out)))
+        if out.size and x2.shape[1] and self._skinny_applies(x2, weight):
+            self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}", (-(-num_out // _SKINNY_ROWS_PER_BLOCK),),
+                         (_SKINNY_THREADS,), (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]),
+                                              np.int32(bias is not None)))
+        elif out.size and x2.shape[1]:
+            self._gemm.matmul_nt(x2, weight, out, accumulate=bias is not None)
+        elif bias is None:
+            out.fill(0)  # an empty sum
+        return out.reshape(x.shape[:-1] + (num_out,))
 
-    def _skinny(self, prologue: int, x2, weight, out, accumulate: bool, residual=None, norm_weight=None,
-                residual_out=None, eps: float = 0.0) -> None:
-        """skinny_gemm.cu: out [M, N] (+)= prologue(x2) @ weight^T; the norm's operands default to x2."""
-        num_out, k = weight.shape
-        self._launch("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, {prologue}",
-                     (-(-num_out // _SKINNY_ROWS_PER_BLOCK),), (_SKINNY_THREADS,),
-                     (x2, x2 if residual is None else residual, x2 if norm_weight is None else norm_weight,
-                      x2 if residual_out is None else residual_out, np.int32(residual is not None),
-                      np.float32(eps), weight, out, np.int32(num_out), np.int32(k), np.int32(accumulate)))
-
-    def _skinny_applies(self, x2, weight, *others) -> bool:
-        """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS
-        (`others`: more arrays of x2's dtype the kernel reads as 16-byte vectors)."""
-        return (self.use_skinny_gemm and 0 < x2.shape[0] <= _SKINNY_MAX_ROWS and weight.ndim == 2
-                and weight.shape[1] % 8 == 0 and weight.shape[0] > 0
-                and ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 0") in self._functions
-                and all(a.dtype == x2.dtype and a.data.ptr % 16 == 0 for a in (x2, weight, *others)))
-
-    def rms_norm_linear(self, x, norm_weight, eps: float, weight, bias=None, residual=None):
-        """linear(rms_norm(x (+ residual))) -> (y, h): h = x + residual, the new residual
-        stream, or x itself without a residual. Decode-sized launches run one skinny GEMM
-        that normalises its input on the fly; others run the two ops."""
-        x2 = cupy.ascontiguousarray(x).reshape(-1, x.shape[-1])
-        operands = [cupy.ascontiguousarray(norm_weight)] + ([] if residual is None else [cupy.ascontiguousarray(residual)])
-        if (operands[0].shape != (x.shape[-1],) or any(r.shape != x.shape for r in operands[1:])
-                or not self._skinny_applies(x2, weight, *operands)):
-            return self._norm_then_linear(x, norm_weight, eps, weight, bias, residual)
-        x2, weight, out, bias = self._linear_args(x2, weight, bias, x.shape[-1])
-        h = x if residual is None else cupy.empty_like(x2)
-        self._skinny(SKINNY_NORM, x2, weight, out, bias is not None, residual=operands[-1] if residual is not None
-                     else None, norm_weight=operands[0], residual_out=None if residual is None else h, eps=eps)
-        return out.reshape(x.shape[:-1] + (out.shape[-1],)), h.reshape(x.shape)
-
-    def _norm_then_linear(self, x, norm_weight, eps, weight, bias, residual):
-        if residual is None:
-            return self.linear(self.rms_norm(x, norm_weight, eps), weight, bias), x
-        normed, h = self.rms_norm(x, norm_weight, eps, residual)
-        return self.linear(normed, weight, bias), h
-
-    def silu_and_mul_linear(self, x, weight, bias=None):
-        """linear(silu_and_mul(x)), x [..., 2 * inter]: decode-sized launches in one skinny GEMM."""
-        x2 = cupy.ascontiguousarray(x).reshape(-1, x.shape[-1])
-        if x.shape[-1] % 2 or not self._skinny_applies(x2, weight) or weight.shape[1] * 2 != x.shape[-1]:
-            return self.linear(self.silu_and_mul(x), weight, bias)
-        x2, weight, out, bias = self._linear_args(x2, weight, bias, x.shape[-1] // 2)
-        self._skinny(SKINNY_SILU, x2, weight, out, bias is not None)
-        return out.reshape(x.shape[:-1] + (out.shape[-1],))
+    def _skinny_applies(self, x2, weight) -> bool:
+        """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""
+        return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
+                and ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}") in self._functions
+                and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
     def add(self, a, b):
         # b may repeat along a's leading dimensions (e.g. a bias row)
@@ -305,9 +259,10 @@ class CudaOps(AttentionOps, SamplingOps):
         ctype = _ctype(x, "x")
         if x.shape[-1] % 2:
             raise ValueError(f"silu_and_mul: last dimension {x.shape[-1]} must be even (gate | up)")
-        out = cupy.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
-        self._launch("silu_and_mul_kernel", ctype, _grid_1d(out.size), (_THREADS,),
-                     (x, out, np.int64(_rows(x)), np.int32(x.shape[-1] // 2)))
+        inter = x.shape[-1] // 2
+        out = cupy.empty(x.shape[:-1] + (inter,), dtype=x.dtype)
+        self._launch("silu_and_mul_kernel", ctype, (_rows(x), min(-(-inter // _THREADS), _MAX_GRID_Y)), (_THREADS,),
+                     (x, out, np.int32(inter)))
         return out
 
     def gelu(self, x, approximate: str = "tanh"):
@@ -319,8 +274,10 @@ class CudaOps(AttentionOps, SamplingOps):
                      (x, out, np.int64(x.size), np.int32(approximate == "none")))
         return out
 
-    def _check_rope(self, q, k, positions, cos_sin):
-        q, k, positions = cupy.ascontiguousarray(q), cupy.ascontiguousarray(k), _index(positions)
+    def _check_rope(self, q, k, positions, cos_sin, contiguous: bool = True):
+        if contiguous:
+            q, k = cupy.ascontiguousarray(q), cupy.ascontiguousarray(k)
+        positions = _index(positions)
         cos_sin = _as(cos_sin, cupy.float32)
         _ctype(q, "q")
         _same_dtype(q, k)

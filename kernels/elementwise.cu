@@ -18,15 +18,14 @@ __global__ void add_kernel(const T* a, const T* b, T* out, long long n, long lon
 }
 
 template <typename T>
-__global__ void silu_and_mul_kernel(const T* x, T* out, long long num_rows, int inter) {
-    // x [num_rows, 2 * inter]: gate then up -> out [num_rows, inter]
-    const long long n = num_rows * inter;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / inter, col = i % inter;
-        const float gate = to_f(x[row * 2 * inter + col]);
-        const float up = to_f(x[row * 2 * inter + inter + col]);
-        out[i] = from_f<T>(gate / (1.0f + expf(-gate)) * up);
+__global__ void silu_and_mul_kernel(const T* x, T* out, int inter) {
+    // x [rows, 2 * inter]: gate then up -> out [rows, inter]; blockIdx.x is the
+    // row, (blockIdx.y, threadIdx.x) stride over its columns (no index division).
+    const T* gate = x + blockIdx.x * 2LL * inter;
+    T* dst = out + blockIdx.x * (long long)inter;
+    for (int col = blockIdx.y * blockDim.x + threadIdx.x; col < inter; col += gridDim.y * blockDim.x) {
+        const float g = to_f(gate[col]), up = to_f(gate[inter + col]);
+        dst[col] = from_f<T>(g / (1.0f + expf(-g)) * up);
     }
 }
 
@@ -69,9 +68,12 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
                      const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
-                     int num_heads, int num_kv_heads, int head_dim) {
-    // One block per token: rope on q (into q_out) and on k (straight into
-    // its cache slot), v copied to its slot. Slots out of range are skipped.
+                     int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
+                     long long v_stride) {
+    // One block per token: rope on q (into q_out, contiguous) and on k
+    // (straight into its cache slot), v copied to its slot. Slots out of
+    // range are skipped. Token t's heads of q, k, v start at t * *_stride
+    // (views of one QKV projection's columns need no copy).
     const int half = head_dim / 2, kv_width = num_kv_heads * head_dim;
     const long long token = blockIdx.x, slot = slots[token];
     const bool store = slot >= 0 && slot < num_slots;
@@ -80,14 +82,15 @@ rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T
     for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
         const int head = i / half;
         if (head < num_heads) {
-            rotate_half(q + q_row + head * head_dim, q_out + q_row + head * head_dim, table, half, i % half);
+            rotate_half(q + token * q_stride + head * head_dim, q_out + q_row + head * head_dim, table, half,
+                        i % half);
         } else if (store) {
             const int offset = (head - num_heads) * head_dim;
-            rotate_half(k + token * kv_width + offset, k_cache + slot * kv_width + offset, table, half, i % half);
+            rotate_half(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, i % half);
         }
     }
     for (int i = threadIdx.x; store && i < kv_width; i += blockDim.x) {
-        v_cache[slot * kv_width + i] = v[token * kv_width + i];
+        v_cache[slot * kv_width + i] = v[token * v_stride + i];
     }
 }
 

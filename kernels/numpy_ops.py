@@ -53,15 +53,6 @@ def rms_norm(x, weight, eps: float, residual=None):
     return y if residual is None else (y, h)
 
 
-def rms_norm_linear(x, norm_weight, eps: float, weight, bias=None, residual=None):
-    """linear(rms_norm(x (+ residual))) -> (y, h), h the residual stream (x itself without
-    a residual). CUDA fuses the two for decode-sized batches."""
-    if residual is None:
-        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
-    normed, h = rms_norm(x, norm_weight, eps, residual)
-    return linear(normed, weight, bias), h
-
-
 def layer_norm(x, weight, bias, eps: float, residual=None):
     """LayerNorm of x (or of x + residual); same return convention as rms_norm."""
     h = x if residual is None else x + residual
@@ -93,11 +84,6 @@ def silu_and_mul(x: np.ndarray) -> np.ndarray:
     # x [num_tokens, 2 * inter]: gate then up -> [num_tokens, inter]
     gate, up = np.split(x, 2, axis=-1)
     return gate / (1.0 + np.exp(-gate)) * up
-
-
-def silu_and_mul_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """linear(silu_and_mul(x)) (one kernel on CUDA for decode-sized batches)."""
-    return linear(silu_and_mul(x), weight, bias)
 
 
 def gelu(x: np.ndarray, approximate: str = "tanh") -> np.ndarray:

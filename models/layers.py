@@ -49,14 +49,6 @@ class Norm:
             return self.ops.rms_norm(x, self.weight, self.eps, residual)
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual)
 
-    def linear(self, x, residual, weight, bias=None):
-        """(linear of the normed x (+ residual), the residual stream): one op for RMSNorm,
-        which CUDA fuses into the GEMM for decode-sized batches."""
-        if self.kind == "rms":
-            return self.ops.rms_norm_linear(x, self.weight, self.eps, weight, bias, residual)
-        normed, residual = (self(x), x) if residual is None else self(x, residual)
-        return self.ops.linear(normed, weight, bias), residual
-
 
 def rotary_table(backend: Backend, config: ModelConfig) -> Any:
     """The model's cos/sin table on the device, [max_positions, head_dim], shared by its layers."""
@@ -75,17 +67,9 @@ class RowParallelLinear:
         self.weight, self.bias = weight, bias  # [out, in / tp], [out]
 
     def __call__(self, x):
-        return self._reduced(lambda bias: self.ops.linear(x, self.weight, bias))
-
-    def of_silu_and_mul(self, gate_up):
-        """self(silu_and_mul(gate_up)), one op (fused on CUDA for decode-sized batches)."""
-        return self._reduced(lambda bias: self.ops.silu_and_mul_linear(gate_up, self.weight, bias))
-
-    def _reduced(self, partial):
-        # partial(bias) -> this rank's product; the bias is added once, after the sum
         if self.tp.size == 1:
-            return partial(self.bias)
-        y = self.tp.comm.all_reduce(partial(None))
+            return self.ops.linear(x, self.weight, self.bias)
+        y = self.tp.comm.all_reduce(self.ops.linear(x, self.weight))
         return y if self.bias is None else self.ops.add(y, self.bias)
 
 
@@ -95,7 +79,7 @@ class Attention:
 
     def __init__(self, backend: Backend, config: ModelConfig, heads: HeadSplit, qkv_weight, qkv_bias,
                  out: RowParallelLinear, cos_sin: Any | None):
-        self.ops, self.xp = backend.ops, backend.xp
+        self.ops = backend.ops
         self.head_dim = config.head_dim
         self.num_heads, self.num_kv_heads = heads.num_q_heads, heads.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -104,14 +88,13 @@ class Attention:
         self.cos_sin = cos_sin  # [max_positions, head_dim] or None
 
     def __call__(self, x, positions, ctx: AttentionContext, layer_index: int):
-        return self.of_qkv(self.ops.linear(x, self.qkv_weight, self.qkv_bias), positions, ctx, layer_index)
-
-    def of_qkv(self, qkv, positions, ctx: AttentionContext, layer_index: int):
-        """The rest after the QKV projection: qkv [T, q + 2 kv] -> [T, hidden]."""
-        num_tokens, qs, kvs = qkv.shape[0], self.q_size, self.kv_size
-        q = self.xp.ascontiguousarray(qkv[:, :qs]).reshape(num_tokens, self.num_heads, self.head_dim)
-        k = self.xp.ascontiguousarray(qkv[:, qs:qs + kvs]).reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.xp.ascontiguousarray(qkv[:, qs + kvs:]).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, qs, kvs = x.shape[0], self.q_size, self.kv_size
+        qkv = self.ops.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
+        # Views of the projection's columns: the ops copy what they need contiguous
+        # (CUDA's rope_write_kv reads them where they are).
+        q = qkv[:, :qs].reshape(num_tokens, self.num_heads, self.head_dim)
+        k = qkv[:, qs:qs + kvs].reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, qs + kvs:].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         out = ctx.attend(layer_index, q, k, v, positions, self.cos_sin)  # [T, heads, head_dim]
         return self.out(out.reshape(num_tokens, qs))
 
@@ -127,11 +110,7 @@ class GatedMLP:
         self.down = down
 
     def __call__(self, x):
-        return self.of_gate_up(self.ops.linear(x, self.gate_up_weight, self.gate_up_bias))
-
-    def of_gate_up(self, gate_up):
-        """The rest after the gate/up projection: [T, 2 * inter] -> [T, hidden]."""
-        return self.down.of_silu_and_mul(gate_up)
+        return self.down(self.ops.silu_and_mul(self.ops.linear(x, self.gate_up_weight, self.gate_up_bias)))
 
 
 class GeluMLP:
@@ -179,11 +158,10 @@ class PreNormBlock:
     mlp: Any
 
     def __call__(self, x, residual, positions, ctx: AttentionContext):
-        # Each norm goes with the projection after it (one kernel for decode-sized batches).
-        qkv, residual = self.input_norm.linear(x, residual, self.attn.qkv_weight, self.attn.qkv_bias)
-        x = self.attn.of_qkv(qkv, positions, ctx, self.index)
-        if isinstance(self.mlp, GatedMLP):
-            gate_up, residual = self.post_norm.linear(x, residual, self.mlp.gate_up_weight, self.mlp.gate_up_bias)
-            return self.mlp.of_gate_up(gate_up), residual
+        if residual is None:
+            x, residual = self.input_norm(x), x
+        else:
+            x, residual = self.input_norm(x, residual)
+        x = self.attn(x, positions, ctx, self.index)
         x, residual = self.post_norm(x, residual)
         return self.mlp(x), residual

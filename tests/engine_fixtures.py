@@ -63,7 +63,9 @@ def export_then_commit(local: LocalModel, rng: np.random.Generator,
     (whose cache holds the prompt's first two blocks), decoded there. Returns
     (tokens, tokens of one engine doing it all, the decode engine)."""
     # The prefill engine computes 16 tokens a step: the prompt's KV leaves in several pieces.
-    prefill, decode, reference = make_engine(local, max_num_batched_tokens=16), make_engine(local), make_engine(local)
+    # Decode ahead (a CUDA engine's default) neither exports KV nor takes reservations.
+    prefill = make_engine(local, max_num_batched_tokens=16, decode_ahead=False)
+    decode, reference = make_engine(local, decode_ahead=False), make_engine(local)
     shared = random_prompts(rng, [37])[0]
     prompt = shared + random_prompts(rng, [29])[0]
     params = SamplingParams(max_tokens=9, temperature=0.7, seed=int(rng.integers(1 << 30)), ignore_eos=True)

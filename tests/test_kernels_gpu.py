@@ -241,9 +241,13 @@ def test_kv_cache_writes_and_block_copies(ops, rng, dtype):
     num_blocks, block_size, kv_heads, heads, head_dim, tokens = 7, 4, 2, 6, 64, 9
     k_cache, kc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
     v_cache, vc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    k, k64 = random_input(ops, rng, (tokens, kv_heads, head_dim), dtype)
-    v, v64 = random_input(ops, rng, (tokens, kv_heads, head_dim), dtype)
-    q, q64 = random_input(ops, rng, (tokens, heads, head_dim), dtype)
+    # q, k, v as the model makes them: views of one QKV projection's columns (tokens strided)
+    qkv, qkv64 = random_input(ops, rng, (tokens, (heads + 2 * kv_heads) * head_dim), dtype)
+    qs, kvs = heads * head_dim, kv_heads * head_dim
+    parts = ((0, qs, heads), (qs, qs + kvs, kv_heads), (qs + kvs, qs + 2 * kvs, kv_heads))
+    q, k, v = (qkv[:, a:b].reshape(tokens, n, head_dim) for a, b, n in parts)
+    q64, k64, v64 = (qkv64[:, a:b].reshape(tokens, n, head_dim) for a, b, n in parts)
+    assert not (q.flags.c_contiguous or k.flags.c_contiguous or v.flags.c_contiguous)
     slots = rng.choice(num_blocks * block_size, size=tokens, replace=False).astype(np.int64)
     ops.write_kv(k, v, k_cache, v_cache, cupy.asarray(slots))
     numpy_ops.write_kv(k64, v64, kc64, vc64, slots)

@@ -1,7 +1,6 @@
 """The GPU fast paths of CudaOps against the NumPy float64 reference: the
 tensor-core flash attention over the paged cache (prefill chunks, decode
-rows, padding, windows, GQA packing, key splits) and the skinny decode GEMM (alone and
-with RMSNorm or SiLU-and-mul fused into its input).
+rows, padding, windows, GQA packing, key splits) and the skinny decode GEMM.
 Same fixtures as test_kernels_gpu.py (fresh seeds, NaN-poisoned allocations);
 skipped without CuPy or a GPU.
 """
@@ -40,42 +39,6 @@ def test_skinny_gemm(ops, rng, dtype, tokens, k, n, monkeypatch):
     assert ops._skinny_applies(x, w)
     assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, "skinny")
     assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "skinny+bias")
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("tokens,k,n,residual,bias", [(1, 4096, 6144, True, False), (4, 576, 37, True, True),
-                                                      (3, 64, 129, False, False), (2, 4096, 28672, True, False),
-                                                      (5, 256, 96, True, True)])
-def test_rms_norm_linear(ops, rng, dtype, tokens, k, n, residual, bias, monkeypatch):
-    """RMSNorm (with the residual add) fused into the skinny GEMM's input, for up to 4 rows;
-    5 rows run the two ops. Both results (the product and the new residual) against float64."""
-    monkeypatch.setattr(ops, "use_skinny_gemm", True)
-    if tokens <= 4:   # the fused kernel must run, not the two-op fallback
-        monkeypatch.setattr(ops, "_norm_then_linear", lambda *a: pytest.fail("not fused"))
-    x, x64 = random_input(ops, rng, (tokens, k), dtype)
-    r, r64 = random_input(ops, rng, (tokens, k), dtype) if residual else (None, None)
-    g, g64 = random_input(ops, rng, (k,), dtype)
-    w, w64 = random_input(ops, rng, (n, k), dtype, scale=1 / math.sqrt(k))
-    b, b64 = random_input(ops, rng, (n,), dtype) if bias else (None, None)
-    y, h = ops.rms_norm_linear(x, g, 1e-5, w, b, r)
-    y64, h64 = numpy_ops.rms_norm_linear(x64, g64, 1e-5, w64, b64, r64)
-    assert_close(ops, y, y64, dtype, "norm+linear")
-    assert_close(ops, h, h64, dtype, "norm+linear residual")
-    assert residual or h is x
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("tokens,inter,n", [(1, 14336, 4096), (4, 72, 37), (2, 8, 3), (6, 64, 40)])
-def test_silu_and_mul_linear(ops, rng, dtype, tokens, inter, n, monkeypatch):
-    """silu(gate) * up fused into the skinny GEMM's input (up to 4 rows; 6 run the two ops)."""
-    monkeypatch.setattr(ops, "use_skinny_gemm", True)
-    if tokens <= 4:
-        monkeypatch.setattr(ops, "silu_and_mul", lambda *a: pytest.fail("not fused"))
-    gate_up, gate_up64 = random_input(ops, rng, (tokens, 2 * inter), dtype)
-    w, w64 = random_input(ops, rng, (n, inter), dtype, scale=1 / math.sqrt(inter))
-    b, b64 = random_input(ops, rng, (n,), dtype)
-    assert_close(ops, ops.silu_and_mul_linear(gate_up, w, b), numpy_ops.silu_and_mul_linear(gate_up64, w64, b64),
-                 dtype, "silu+linear")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
