@@ -25,6 +25,23 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // Rounds through the storage type, as the NumPy reference's astype does.
 template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
 
+// Eight 16-bit storage values in one 16-byte vector <-> floats (vectorised kernels).
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& packed, float* f) {
+    const T* e = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = to_f(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 packed;
+    T* e = reinterpret_cast<T*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = from_f<T>(f[i]);
+    return packed;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

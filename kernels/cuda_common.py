@@ -20,11 +20,13 @@ _FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's instantiat
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
+                    "silu_and_mul_vec_kernel": _STORAGE[1:],
                     "rope_kernel": _STORAGE, "rope_write_kv_kernel": _STORAGE, "scatter_add_rows_kernel": _STORAGE,
                     "fill_rows_kernel": _STORAGE, "gather_rows_kernel": _WORDS, "write_kv_kernel": _WORDS,
                     "copy_blocks_kernel": _WORDS, "gather_cache_rows_kernel": _WORDS,
                     "scatter_cache_rows_kernel": _WORDS},
-    "norms": {"rms_norm_kernel": _STORAGE, "layer_norm_kernel": _STORAGE, "softmax_kernel": _STORAGE,
+    "norms": {"rms_norm_kernel": _STORAGE, "rms_norm_vec_kernel": _STORAGE[1:], "layer_norm_kernel": _STORAGE,
+              "softmax_kernel": _STORAGE,
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
@@ -42,6 +44,7 @@ _SAMPLE_THREADS = 1024
 _MAX_HEAD_DIM = 256
 _MAX_EXPERTS = 8192  # their probabilities fill at most 32 KiB of shared memory
 _MAX_GRID_Y = 65535
+_NORM_VECS = 4   # NORM_VECS in norms.cu: 8-element vectors a thread keeps
 # Attention splits each row's keys over more blocks while the launch has fewer
 # (head, query) blocks than this: decode batches fill the GPU, prefill needs no split.
 _ATTENTION_TARGET_BLOCKS = 8192
@@ -160,6 +163,11 @@ def _token_rows(a) -> tuple:
         return a, a.strides[0] // item
     a = cupy.ascontiguousarray(a)
     return a, math.prod(a.shape[1:])
+
+
+def _vectors(width: int, *arrays) -> bool:
+    """Whether 16-bit rows of `width` elements can go in 16-byte vectors (the *_vec kernels)."""
+    return width % 8 == 0 and all(a.itemsize == 2 and a.data.ptr % 16 == 0 for a in arrays)
 
 
 def _rows(x) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from shardline.kernels.cuda_common import (
     _MAX_EXPERTS,
     _MAX_GRID_Y,
+    _NORM_VECS,
     _STORAGE_DTYPES,
     _THREADS,
     _as,
@@ -40,6 +41,7 @@ from shardline.kernels.cuda_common import (
     _SKINNY_THREADS,
     _same_dtype,
     _token_rows,
+    _vectors,
     _word,
     bf16_bits,
 )
@@ -261,7 +263,9 @@ class CudaOps(AttentionOps, SamplingOps):
             raise ValueError(f"silu_and_mul: last dimension {x.shape[-1]} must be even (gate | up)")
         inter = x.shape[-1] // 2
         out = cupy.empty(x.shape[:-1] + (inter,), dtype=x.dtype)
-        self._launch("silu_and_mul_kernel", ctype, (_rows(x), min(-(-inter // _THREADS), _MAX_GRID_Y)), (_THREADS,),
+        kernel, columns = ("silu_and_mul_vec_kernel", inter // 8) if _vectors(inter, x, out) \
+            else ("silu_and_mul_kernel", inter)
+        self._launch(kernel, ctype, (_rows(x), min(-(-columns // _THREADS), _MAX_GRID_Y)), (_THREADS,),
                      (x, out, np.int32(inter)))
         return out
 
@@ -317,8 +321,12 @@ class CudaOps(AttentionOps, SamplingOps):
             if res_in.shape != x.shape:
                 raise ValueError(f"residual {res_in.shape} must match x {x.shape}")
         out = cupy.empty_like(x)
-        self._launch(kernel, _ctype(x, "x"), (_rows(x),), _row_threads(x.shape[-1]),
-                     (x, res_in, *params, out, res_out, np.int32(residual is not None), np.int32(x.shape[-1]),
+        hidden, threads = x.shape[-1], _row_threads(x.shape[-1])
+        if kernel == "rms_norm_kernel" and _vectors(hidden, x, res_in, *params, out, res_out) \
+                and hidden <= 8 * _NORM_VECS * 1024:
+            kernel, threads = "rms_norm_vec_kernel", (min(1024, 32 * -(-hidden // (8 * _NORM_VECS * 32))),)
+        self._launch(kernel, _ctype(x, "x"), (_rows(x),), threads,
+                     (x, res_in, *params, out, res_out, np.int32(residual is not None), np.int32(hidden),
                       np.float32(eps)))
         return out if residual is None else (out, res_out)
 

@@ -207,6 +207,10 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int warp_last = min(wrow + 15, rows_here - 1);
     const int warp_k_hi = first_pos + (row0 + warp_last) / group + 1;
     const int warp_k_lo = window > 0 ? max(0, first_pos + (row0 + wrow) / group - window + 1) : 0;
+    // Tiles every row of the warp sees whole (all 16 rows valid, keys at or before its first
+    // row's position and inside its last row's window) skip the per-element mask.
+    const bool warp_full = wrow + 16 <= rows_here;
+    const int warp_pos_lo = first_pos + (row0 + wrow) / group, warp_pos_hi = warp_k_hi - 1;
 
     unsigned qf[D / 16][4];
     for (int kk = 0; kk < D / 16; ++kk)
@@ -269,12 +273,15 @@ __global__ void __launch_bounds__(FA_THREADS)
                     mma16816(s[2 * np + 1], qf[kk], kf[2], kf[3], tag);
                 }
             float mx[2] = {m[0], m[1]};
+            const bool unmasked = warp_full && kb + BK <= k_hi && kb + BK - 1 <= warp_pos_lo
+                                  && (window <= 0 || kb > warp_pos_hi - window);
 #pragma unroll
             for (int n = 0; n < NT; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = e >> 1, j = kb + n * 8 + 2 * t4 + (e & 1);
-                    const bool seen = valid[i] && j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window);
+                    const bool seen = unmasked || (valid[i] && j < k_hi && j <= pos[i]
+                                                   && (window <= 0 || j > pos[i] - window));
                     s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
                     mx[i] = fmaxf(mx[i], s[n][e]);
                 }

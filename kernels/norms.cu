@@ -35,6 +35,47 @@ rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* resid
     }
 }
 
+// rms_norm_kernel for 16-bit storage, hidden % 8 == 0 and 16-byte aligned rows: each
+// thread keeps its (at most NORM_VECS) 8-element vectors in registers, so x and the
+// residual are read once, in 16-byte loads. Same rounding as rms_norm_kernel.
+#define NORM_VECS 4
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+rms_norm_vec_kernel(const T* x, const T* residual, const T* weight, T* out, T* residual_out, int has_residual,
+                    int hidden, float eps) {
+    const int vecs = hidden / 8;
+    const long long base = blockIdx.x * (long long)vecs;
+    float h[NORM_VECS][8];
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vecs) continue;
+        unpack8<T>(reinterpret_cast<const uint4*>(x)[base + v], h[j]);
+        if (has_residual) {
+            float r[8];
+            unpack8<T>(reinterpret_cast<const uint4*>(residual)[base + v], r);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) h[j][i] = round_to<T>(h[j][i] + r[i]);
+            reinterpret_cast<uint4*>(residual_out)[base + v] = pack8<T>(h[j]);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum_sq += h[j][i] * h[j][i];
+    }
+    const float inv_rms = 1.0f / sqrtf(block_sum(sum_sq) / hidden + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vecs) continue;
+        float w[8];
+        unpack8<T>(reinterpret_cast<const uint4*>(weight)[v], w);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) h[j][i] = round_to<T>(h[j][i] * inv_rms) * w[i];
+        reinterpret_cast<uint4*>(out)[base + v] = pack8<T>(h[j]);
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(1024)
 layer_norm_kernel(const T* x, const T* residual, const T* weight, const T* bias, T* out, T* residual_out,

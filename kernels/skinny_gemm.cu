@@ -13,13 +13,6 @@
 #define SG_ROWS 2
 #define SG_WARPS 8
 
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& packed, float* f) {
-    const T* e = reinterpret_cast<const T*>(&packed);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = to_f(e[i]);
-}
-
 template <typename T, int M>
 __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate) {
     const int lane = threadIdx.x & 31;

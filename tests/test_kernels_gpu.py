@@ -121,14 +121,15 @@ def test_add_silu_gelu(ops, rng, dtype):
     row, row64 = random_input(ops, rng, (80,), dtype)
     assert_close(ops, ops.add(a, b), numpy_ops.add(a64, b64), dtype, "add")
     assert_close(ops, ops.add(a, row), numpy_ops.add(a64, row64), dtype, "add broadcast")
-    gate_up, gate_up64 = random_input(ops, rng, (9, 2 * 77), dtype, scale=3.0)
-    assert_close(ops, ops.silu_and_mul(gate_up), numpy_ops.silu_and_mul(gate_up64), dtype, "silu_and_mul")
+    for rows, inter in ((9, 77), (4, 80), (3, 14336)):   # 16-bit types with inter % 8 == 0: 16-byte vectors
+        gate_up, gate_up64 = random_input(ops, rng, (rows, 2 * inter), dtype, scale=3.0)
+        assert_close(ops, ops.silu_and_mul(gate_up), numpy_ops.silu_and_mul(gate_up64), dtype, "silu_and_mul")
     for approximate in ("tanh", "none"):
         assert_close(ops, ops.gelu(a, approximate), numpy_ops.gelu(a64, approximate), dtype, f"gelu {approximate}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [80, 4096])
+@pytest.mark.parametrize("hidden", [77, 80, 4096, 20000])   # RMSNorm of 16-bit rows, hidden % 8 == 0: vectors
 def test_norms(ops, rng, dtype, hidden):
     x, x64 = random_input(ops, rng, (5, hidden), dtype, scale=2.0)
     res, res64 = random_input(ops, rng, (5, hidden), dtype)
