@@ -65,7 +65,7 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: two stages
     of K and V tiles per key-warp group (rows padded by 8), reused at the end for the
     groups' merge (float32 max, sum and output rows)."""
-    keys = 64 if key_warps == 1 else 16   # decode: 34 KiB at head_dim 128, so 6 blocks fit an H100 SM
+    keys = 32 if key_warps == 1 else 16   # 34 KiB at head_dim 128: 6 blocks fit an H100 SM
     return max(key_warps * 2 * 2 * keys * (head_dim + 8) * 2, (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 
 

@@ -17,7 +17,7 @@
 //
 // KW (template) says how the 4 warps split the work:
 // - KW = 1 (prefill): the warps own 64 rows of one sequence and share every
-//   64-key tile;
+//   32-key tile;
 // - KW = 4 (decode): the warps own the same 16 rows and take every 4th
 //   16-key tile each, merging their partial softmax in shared memory at
 //   the end.
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(FA_THREADS)
                            int window, int num_splits) {
     constexpr int RW = FA_WARPS / KW;      // warps over rows
     constexpr int BQ = 16 * RW;            // packed rows per block
-    constexpr int BK = KW == 1 ? 64 : 16;  // keys per tile
+    constexpr int BK = KW == 1 ? 32 : 16;  // keys per tile
     constexpr int LD = D + 8;              // shared row stride, elements
     constexpr int NT = BK / 8, DT = D / 8, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
