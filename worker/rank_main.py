@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import grpc
 
 from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigError, GroupSpec, load_cluster_config
+from shardline.kernels.backend import create_backend
 from shardline.parallel.pipeline import ParallelConfig
 from shardline.proto import worker_pb2, worker_pb2_grpc
 from shardline.worker.engine import LLMEngine, graphs_apply, max_model_len_for, num_blocks_for
@@ -129,7 +130,8 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
     watcher = asyncio.create_task(watch_parent(os.getppid(), stop, args.parent_poll_s))
     log.info("loading %s (backend %s)", spec.engine.model or "the embedded default model", spec.engine.backend)
     try:
-        engine = await build_engine_unless_stopped(engine_config_for(spec), stop, group)
+        engine = await build_engine_unless_stopped(engine_config_for(spec), stop, group,
+                                                   spec.devices[0] if spec.devices else 0)
     except Exception as err:
         log.exception("cannot load the model: %s", err)
         return EXIT_FAILED
@@ -196,8 +198,9 @@ def engine_config_for(spec) -> EngineConfig:
 
 
 async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
-                                      group: GroupContext | None = None) -> LLMEngine | None:
-    """Loads the model on a daemon thread (minutes for a big one); None if stop came first."""
+                                      group: GroupContext | None = None, device_id: int = 0) -> LLMEngine | None:
+    """Loads the model on a daemon thread (minutes for a big one); None if stop came first.
+    A single-rank engine goes on GPU `device_id` (its group's one device)."""
     loop = asyncio.get_running_loop()
     built: asyncio.Future[LLMEngine] = loop.create_future()
 
@@ -208,7 +211,8 @@ async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
     def load() -> None:
         try:
             if group is None:
-                local = load_local(config.model, config.backend, config.dtype, show_progress=False)
+                backend = create_backend(config.backend, config.dtype, device_id)
+                local = load_local(config.model, backend, show_progress=False)
             else:
                 group.backend.activate()   # this thread's current GPU: the rank's own
                 local = load_local(config.model, group.backend, show_progress=False, tp=group.tp,
