@@ -43,7 +43,10 @@ def build(args):
     model = LlamaForCausalLM(group.backend, parse_llama(hf), reader, group.tp)
     load_s = time.perf_counter() - start
     num_blocks = -(-(args.context + args.steps + 8) // 16) * args.batch + 4
-    return group, model, ModelRunner(model, num_blocks, 16), load_s
+    runner = ModelRunner(model, num_blocks, 16)
+    if args.graphs:   # every rank captures the same decode steps, NCCL collectives inside
+        runner.enable_cuda_graphs(args.batch, 8192)
+    return group, model, runner, load_s
 
 
 def time_decode(args, group, runner, model):
@@ -70,7 +73,9 @@ def time_decode(args, group, runner, model):
         if step > 0:  # step 0 is the prefill
             times.append(elapsed)
     leader.shutdown()
-    return times
+    replays = runner.graphs.num_replays if runner.graphs is not None else 0
+    runner.close()   # graphs go before the communicator (NCCL waits on graphs holding its work)
+    return times, replays
 
 
 def time_collectives(args, group, reps=50):
@@ -106,13 +111,14 @@ def run(args) -> None:
     group, model, runner, load_s = build(args)
     print(f"rank {group.rank}: loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
     if group.is_leader:
-        times = time_decode(args, group, runner, model)
+        times, replays = time_decode(args, group, runner, model)
     else:
         follow(group, runner)
     comm_s = time_collectives(args, group) if group.tp.size > 1 else 0.0
     if group.is_leader:
         import cupy
         result = {"tp": group.tp.size, "layers": args.layers, "batch": args.batch, "context": args.context,
+                  "cuda_graphs": args.graphs, "graph_replays": replays,
                   "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                   "step_ms_median": 1000 * float(np.median(times)), "step_ms_p90": 1000 * float(np.percentile(times, 90)),
                   "allreduce_ms_per_step": 1000 * comm_s, "load_s": load_s}
@@ -127,13 +133,14 @@ def compare(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["mpiexec", "-n", str(tp), sys.executable, "-m", "mpi4py", __file__, "--run", "--out", str(out),
                "--layers", str(args.layers), "--steps", str(args.steps), "--context", str(args.context),
-               "--batch", str(args.batch), "--watchdog-s", str(args.watchdog_s)]
+               "--batch", str(args.batch), "--watchdog-s", str(args.watchdog_s)] + ["--graphs"] * args.graphs
         subprocess.run(cmd, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"})
         rows.append(json.loads(out.read_text()))
-    print("\n| tp | device | layers | batch | context | step ms (median) | p90 | NCCL ms/step | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| tp | device | graphs | layers | batch | context | step ms (median) | p90 | NCCL ms/step | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tp']} | {r['device']} | {r['layers']} | {r['batch']} | {r['context']} | "
+        print(f"| {r['tp']} | {r['device']} | {r.get('graph_replays', 0)} replays | {r['layers']} | {r['batch']} | "
+              f"{r['context']} | "
               f"{r['step_ms_median']:.2f} | {r['step_ms_p90']:.2f} | {r['allreduce_ms_per_step']:.3f} | "
               f"{rows[0]['step_ms_median'] / r['step_ms_median']:.2f}x |")
     (Path(args.results) / "tp_decode.json").write_text(json.dumps(rows, indent=1))
@@ -149,6 +156,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs (NCCL inside)")
     p.add_argument("--watchdog-s", type=float, default=240.0, help="dump stacks and exit if a run takes longer")
     args = p.parse_args()
     run(args) if args.run else compare(args)
