@@ -1,6 +1,8 @@
 """Tensor parallelism on two GPUs over NCCL: a briefly trained Llama (so
 greedy choices are not bf16 coin flips) gives the same 64 greedy tokens
-with tp=2 as with tp=1 in bf16, and teacher-forced top-1 agreement >= 99%."""
+with tp=2 as with tp=1 in bf16, but where tp=1's own top two are a near-tie
+(which any change of rounding may flip, about 0.5% of positions), and
+teacher-forced top-1 agreement >= 99%."""
 
 from __future__ import annotations
 
@@ -33,8 +35,21 @@ def test_tp2_matches_tp1_in_bf16(tmp_path):
     ref_top1 = prompt_logits(single, forced).argmax(-1)
     got = run_tp(folder, 2, prompt, tmp_path / "tp2.npz", NUM_TOKENS, ("cuda", "bfloat16"))
     print(f"seed {seed}, training loss {loss:.3f}, tp=2 tokens equal: {got['tokens'].tolist() == tokens}")
-    assert got["tokens"].tolist() == tokens
+    if got["tokens"].tolist() != tokens:
+        assert_parting_at_a_near_tie(single, prompt, tokens, got["tokens"].tolist())
     tp2_forced = run_tp(folder, 2, forced, tmp_path / "tp2f.npz", 1, ("cuda", "bfloat16"))["logits"].argmax(-1)
     agreement = float(np.mean(tp2_forced == ref_top1))
     print(f"teacher-forced top-1 agreement tp=2 vs tp=1: {agreement:.4f}")
     assert agreement >= 0.99
+
+
+def assert_parting_at_a_near_tie(single, prompt, tokens, got) -> None:
+    """Where two greedy chains part, the two tokens must be tp=1's own top two there, within
+    four bf16 steps (at the top logit's magnitude) of each other: a rounding flip, not a bug."""
+    i = next(j for j, (a, b) in enumerate(zip(got, tokens)) if a != b)
+    row = prompt_logits(single, prompt + tokens[:i])[-1]
+    second, first = (int(t) for t in np.argsort(row)[-2:])
+    margin, step = row[first] - row[second], 2.0 ** (np.floor(np.log2(abs(row[first]))) - 7)
+    print(f"greedy chains part at token {i}: {tokens[i]} (tp=1) vs {got[i]} (tp=2); tp=1's top two "
+          f"{first}, {second} differ by {margin:.4f} ({margin / step:.1f} bf16 steps)")
+    assert {got[i], tokens[i]} == {first, second} and margin <= 4 * step
