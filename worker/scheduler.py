@@ -182,10 +182,8 @@ class Scheduler:
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def finish_request(self, request_id: str, status: RequestStatus, reason: str | None = None) -> bool:
-        """End a request from outside the step loop (a stop string, an abort, an error).
-
-        `reason` is kept as the error message for FINISHED_ERROR, else as the stop reason.
-        """
+        """End a request from outside the step loop (a stop string, an abort, an error); `reason`
+        is kept as the error message for FINISHED_ERROR, else as the stop reason."""
         request = self._requests.get(request_id)
         if request is None:
             return False
@@ -242,19 +240,17 @@ class Scheduler:
 
     def _schedule_ahead(self, request: Request, scheduled: list[tuple[Request, int]],
                         ahead: dict[str, tuple[int, int]], budget_tokens: int) -> int:
-        """Decode ahead for a request in the one plan in flight: its next prompt chunk, or the
-        token it samples there (pending), unless that token ends it by length; unforeseen
-        stops leave a row computed and dropped. No preemption for a step ahead. Returns the
-        budget left."""
+        """Decode ahead for a request in the one plan in flight: its next prompt chunk, or the token it
+        samples there (pending), unless that token ends it by length; unforeseen stops leave a row
+        computed and dropped. No preemption for a step ahead. Returns the budget left."""
         if not self.config.decode_ahead or len(self._in_flight) != 1:
             return budget_tokens
-        plan, params = self._in_flight[0], request.params
+        plan = self._in_flight[0]
         in_flight = plan.tokens[request.request_id]
         row = plan.sample_rows.get(request.request_id)
         if row is None:   # mid-prompt: the next chunk, whose tokens are known
             num_new, row = min(request.num_tokens_to_compute - in_flight, budget_tokens), -1
-        elif (request.num_output_tokens + 1 >= params.max_tokens
-              or request.num_tokens + 1 >= self.config.max_model_len):
+        elif self._ends_by_length(request, 1):
             return budget_tokens
         else:
             num_new = 1
@@ -353,11 +349,15 @@ class Scheduler:
             self._finish(request, RequestStatus.FINISHED_STOPPED, stop_reason=token_id, new_tokens=(token_id,))
         elif token_id in request.eos_token_ids and not params.ignore_eos:
             self._finish(request, RequestStatus.FINISHED_STOPPED, new_tokens=(token_id,))
-        elif (request.num_output_tokens >= params.max_tokens
-              or request.num_tokens >= self.config.max_model_len):
+        elif self._ends_by_length(request):
             self._finish(request, RequestStatus.FINISHED_LENGTH, new_tokens=(token_id,))
         else:
             self._emit(request, (token_id,))
+
+    def _ends_by_length(self, request: Request, more: int = 0) -> bool:
+        """Whether the request, with `more` tokens beyond those it has, is at max_tokens or max_model_len."""
+        return (request.num_output_tokens + more >= request.params.max_tokens
+                or request.num_tokens + more >= self.config.max_model_len)
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason: str | int | None = None,
                 error: str | None = None, new_tokens: tuple[int, ...] = ()) -> None:
