@@ -64,6 +64,7 @@ __global__ void attention_kernel(const T* q, const T* k_cache, const T* v_cache,
                                  const int* query_start_loc, int num_seqs, int num_q, int seq_len_single,
                                  int num_heads, int num_kv_heads, int head_dim, float scale, int window,
                                  int num_splits, float* partial) {
+    pdl_begin();
     // paged == 0: one contiguous sequence of seq_len_single keys and num_q
     // queries (block_tables is a single 0, block_size == seq_len_single).
     // partial [num_tokens, num_heads, num_splits, head_dim + 2] when num_splits > 1.
@@ -125,6 +126,7 @@ __global__ void attention_kernel(const T* q, const T* k_cache, const T* v_cache,
 template <typename T>
 __global__ void attention_combine_kernel(const float* partial, T* out, const int* query_start_loc, int num_seqs,
                                          int paged, int num_heads, int head_dim, int num_splits) {
+    pdl_begin();
     // One block per (head, query token): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
     const int head = blockIdx.x, token = blockIdx.y;
     if (paged && token >= query_start_loc[num_seqs]) return;  // the padding row is already zero

@@ -68,14 +68,15 @@ class Backend:
         return self.ops.to_host(arr)
 
 
-GPU_PATHS = ("flash", "skinny_gemm", "nccl_links")
+GPU_PATHS = ("flash", "skinny_gemm", "nccl_links", "dependent_launch")
 
 
 def gpu_paths_off() -> frozenset[str]:
     """GPU fast paths switched off by SHARDLINE_GPU_OFF (e.g. flash,skinny_gemm), for A/B
     runs and as an escape hatch: the flash attention kernel (off: attention.cu's kernel),
-    the skinny GEMM (off: cuBLAS) and NCCL pair links for the KV hand-off (off: over
-    gRPC). All are on by default."""
+    the skinny GEMM (off: cuBLAS), NCCL pair links for the KV hand-off (off: over
+    gRPC) and dependent launches in captured graphs (off: ordinary launches). All are
+    on by default."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
     unknown = names - set(GPU_PATHS)
     if unknown:

@@ -11,6 +11,27 @@
 
 #define SHARDLINE_INF __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90 on). Inside a captured decode graph each
+// kernel is launched allowed to start while the kernel before it still runs
+// (cuda_ops.CudaOps.dependent_launches), which hides the launch and ramp-up gap
+// between the hundreds of small kernels of a step. Every kernel therefore calls
+// pdl_begin() before it touches global memory: it waits until the kernel before
+// it has finished and its writes are visible (a no-op for an ordinary launch),
+// then lets the kernel after it be scheduled. Because every kernel waits, a
+// kernel's end implies the end of all before it.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -16,6 +16,7 @@ its callers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import cupy
@@ -48,12 +49,14 @@ from shardline.kernels.cuda_common import (
 from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_sampling import SamplingOps
+from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
 
 
 class CudaOps(AttentionOps, SamplingOps):
     name = "cuda"
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
+    use_dependent_launch = "dependent_launch" not in gpu_paths_off()
 
     def __init__(self, device_id: int = 0):
         self.device_id = device_id
@@ -64,10 +67,24 @@ class CudaOps(AttentionOps, SamplingOps):
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
             self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
+        self._dependent = False
+
+    @contextlib.contextmanager
+    def dependent_launches(self):
+        """Kernels launched inside may start while the kernel before them finishes
+        (dependent_launch.py). For graph capture: each launch costs more host time."""
+        before, self._dependent = self._dependent, self.use_dependent_launch
+        try:
+            yield
+        finally:
+            self._dependent = before
 
     def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0) -> None:
         if 0 in grid:
             return  # empty input: nothing to launch (a 0-sized grid is a launch error)
+        if self._dependent:
+            launch_dependent(self._functions[kernel, ctype], grid, block, args, shared_mem)
+            return
         # cupy raises CUDADriverError when the launch itself fails.
         self._functions[kernel, ctype](grid, block, args, shared_mem=shared_mem)
 

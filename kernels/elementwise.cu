@@ -10,6 +10,7 @@
 
 template <typename T>
 __global__ void add_kernel(const T* a, const T* b, T* out, long long n, long long num_b) {
+    pdl_begin();
     // b repeats along a's leading dimensions (num_b divides n).
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
@@ -19,6 +20,7 @@ __global__ void add_kernel(const T* a, const T* b, T* out, long long n, long lon
 
 template <typename T>
 __global__ void silu_and_mul_kernel(const T* x, T* out, int inter) {
+    pdl_begin();
     // x [rows, 2 * inter]: gate then up -> out [rows, inter]; blockIdx.x is the
     // row, (blockIdx.y, threadIdx.x) stride over its columns (no index division).
     const T* gate = x + blockIdx.x * 2LL * inter;
@@ -31,6 +33,7 @@ __global__ void silu_and_mul_kernel(const T* x, T* out, int inter) {
 
 template <typename T>
 __global__ void silu_and_mul_vec_kernel(const T* x, T* out, int inter) {
+    pdl_begin();
     // silu_and_mul_kernel for 16-bit storage, inter % 8 == 0 and 16-byte aligned
     // rows: 8 columns a thread per step, in 16-byte loads and stores.
     const int vecs = inter / 8;
@@ -48,6 +51,7 @@ __global__ void silu_and_mul_vec_kernel(const T* x, T* out, int inter) {
 
 template <typename T>
 __global__ void gelu_kernel(const T* x, T* out, long long n, int exact) {
+    pdl_begin();
     const float tanh_c = 0.7978845608028654f;  // sqrt(2 / pi)
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
@@ -70,6 +74,7 @@ __device__ __forceinline__ void rotate_half(const T* src, T* dst, const float* t
 template <typename T>
 __global__ void __launch_bounds__(1024)
 rope_kernel(const T* x, T* out, const long long* positions, const float* cos_sin, int num_heads, int head_dim) {
+    pdl_begin();
     // One block per token. x, out [num_tokens, num_heads, head_dim];
     // cos_sin [max_positions, head_dim]: cos | sin.
     const int half = head_dim / 2;
@@ -87,6 +92,7 @@ rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T
                      const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
                      int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
                      long long v_stride) {
+    pdl_begin();
     // One block per token: rope on q (into q_out, contiguous) and on k
     // (straight into its cache slot), v copied to its slot. Slots out of
     // range are skipped. Token t's heads of q, k, v start at t * *_stride
@@ -114,6 +120,7 @@ rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T
 template <typename W>
 __global__ void write_kv_kernel(const W* k, const W* v, W* k_cache, W* v_cache, const long long* slots,
                                 long long num_slots, long long row_words) {
+    pdl_begin();
     // One block per token: its K/V rows to its cache slot (skipped when out of range).
     const long long slot = slots[blockIdx.x];
     if (slot < 0 || slot >= num_slots) return;
@@ -126,6 +133,7 @@ __global__ void write_kv_kernel(const W* k, const W* v, W* k_cache, W* v_cache, 
 template <typename W>
 __global__ void copy_blocks_kernel(W* k_cache, W* v_cache, const int* copies, long long num_blocks,
                                    long long block_words) {
+    pdl_begin();
     // blockIdx.x: copy index into copies [C, 2] (src, dst); blockIdx.y: 0 k, 1 v.
     const long long src = copies[2 * blockIdx.x], dst = copies[2 * blockIdx.x + 1];
     if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks) return;
@@ -138,6 +146,7 @@ __global__ void copy_blocks_kernel(W* k_cache, W* v_cache, const int* copies, lo
 template <typename W>
 __global__ void gather_cache_rows_kernel(const unsigned long long* caches, const long long* slots, W* out,
                                          long long num_slots_out, long long cache_slots, long long row_words) {
+    pdl_begin();
     // blockIdx.x: index into slots; blockIdx.y: cache (all layers' K, then V, in one launch).
     // out [caches, slots, row]; a slot out of range gives a zero row.
     const long long slot = slots[blockIdx.x];
@@ -152,6 +161,7 @@ __global__ void gather_cache_rows_kernel(const unsigned long long* caches, const
 template <typename W>
 __global__ void scatter_cache_rows_kernel(const unsigned long long* caches, const long long* slots, const W* rows,
                                           long long num_slots_in, long long cache_slots, long long row_words) {
+    pdl_begin();
     // The inverse of gather_cache_rows_kernel; a slot out of range is skipped.
     const long long slot = slots[blockIdx.x];
     if (slot < 0 || slot >= cache_slots) return;
@@ -165,6 +175,7 @@ __global__ void scatter_cache_rows_kernel(const unsigned long long* caches, cons
 template <typename W>
 __global__ void gather_rows_kernel(const W* src, W* out, const long long* rows, long long num_src_rows,
                                    long long row_words) {
+    pdl_begin();
     // One block per output row; W is an unsigned word as wide as the
     // element, so one kernel serves every dtype. Ids out of range give a
     // zero row: the device cannot raise, and the host must not sync to check.
@@ -180,6 +191,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 scatter_add_rows_kernel(T* out, const long long* rows, const T* src, const float* scale,
                         long long num_out_rows, int hidden) {
+    pdl_begin();
     // One block per source row: out[rows[i]] += scale[i] * src[i]. Rows may
     // repeat, hence the atomics; rows out of range are skipped.
     const long long r = rows[blockIdx.x];
@@ -194,6 +206,7 @@ scatter_add_rows_kernel(T* out, const long long* rows, const T* src, const float
 
 template <typename T>
 __global__ void fill_rows_kernel(const T* row, T* out, long long num_rows, int width) {
+    pdl_begin();
     // out [num_rows, width] = row [width] broadcast (the bias before a GEMM
     // that accumulates onto it).
     const long long n = num_rows * width;

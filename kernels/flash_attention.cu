@@ -28,9 +28,10 @@
 // Tiles are numbered over the sequences in order (sequence b has
 // ceil(num_q_b * G / BQ)); the block finds its own with a block-wide scan of
 // those counts, so the grid may be an upper bound and no host sync or
-// host-built table is needed (graph-capturable). Blocks past the last tile
-// exit. Rows of q past query_start_loc[num_seqs] are not written (the caller
-// zeroes them).
+// host-built table is needed (graph-capturable). Block x takes tile
+// gridDim.x - 1 - x (longest first); blocks past the last tile exit. Rows
+// of q past query_start_loc[num_seqs] are not written (the caller zeroes
+// them).
 //
 // Shapes: q [num_tokens, num_heads, D]; caches [num_blocks, block_size,
 // num_kv_heads, D]; partial [num_tokens, num_heads, num_splits, D + 2]
@@ -168,6 +169,7 @@ __global__ void __launch_bounds__(FA_THREADS)
                            const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                            const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
                            int window, int num_splits) {
+    pdl_begin();
     constexpr int RW = FA_WARPS / KW;      // warps over rows
     constexpr int BQ = 16 * RW;            // packed rows per block
     constexpr int BK = KW == 1 ? 32 : 16;  // keys per tile
@@ -176,7 +178,9 @@ __global__ void __launch_bounds__(FA_THREADS)
     extern __shared__ __align__(128) unsigned char smem[];
 
     const int group = num_heads / num_kv_heads;
-    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, blockIdx.x);
+    // Blocks take the tiles last to first: a sequence's last tiles see the most keys, so the
+    // longest blocks start in the first wave and short ones fill the tail (causal prefill).
+    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, gridDim.x - 1 - blockIdx.x);
     if (where.x < 0) return;  // the same for every thread of the block
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % RW, kw = warp / RW;

@@ -20,6 +20,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* residual_out, int has_residual,
                 int hidden, float eps) {
+    pdl_begin();
     const long long base = blockIdx.x * (long long)hidden;
     float sum_sq = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -44,6 +45,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 rms_norm_vec_kernel(const T* x, const T* residual, const T* weight, T* out, T* residual_out, int has_residual,
                     int hidden, float eps) {
+    pdl_begin();
     const int vecs = hidden / 8;
     const long long base = blockIdx.x * (long long)vecs;
     float h[NORM_VECS][8];
@@ -80,6 +82,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 layer_norm_kernel(const T* x, const T* residual, const T* weight, const T* bias, T* out, T* residual_out,
                   int has_residual, int hidden, float eps) {
+    pdl_begin();
     const long long base = blockIdx.x * (long long)hidden;
     float sum = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -102,6 +105,7 @@ layer_norm_kernel(const T* x, const T* residual, const T* weight, const T* bias,
 template <typename T>
 __global__ void __launch_bounds__(1024)
 softmax_kernel(const T* x, float* out, int width) {
+    pdl_begin();
     const T* row = x + blockIdx.x * (long long)width;
     float* dst = out + blockIdx.x * (long long)width;
     float m = -SHARDLINE_INF;
@@ -116,6 +120,7 @@ softmax_kernel(const T* x, float* out, int width) {
 template <typename T>
 __global__ void __launch_bounds__(1024)
 topk_softmax_kernel(const T* logits, float* weights, int* ids, int num_experts, int top_k, int renormalize) {
+    pdl_begin();
     // One block per token; the expert probabilities live in dynamic shared
     // memory and each of the top_k picks is a block argmax (lowest expert
     // id first among ties, as the reference's stable argsort).

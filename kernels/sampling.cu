@@ -110,6 +110,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 sample_kernel(const T* logits, int vocab, const float* temperature, const int* top_k, const float* top_p,
               const unsigned long long* seeds, const long long* offsets, const float* min_p, int* out) {
+    pdl_begin();
     const int row = blockIdx.x;
     const T* x = logits + (long long)row * vocab;
     const float temp = temperature[row];
@@ -132,6 +133,7 @@ sample_kernel(const T* logits, int vocab, const float* temperature, const int* t
 
 __global__ void sampling_uniform_kernel(const unsigned long long* seeds, const long long* offsets, float* out,
                                         int count) {
+    pdl_begin();
     // out [batch, count]: the uniforms sample_kernel draws, for tests.
     const unsigned long long base = rng_base(seeds[blockIdx.x], offsets[blockIdx.x]);
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
@@ -142,6 +144,7 @@ __global__ void sampling_uniform_kernel(const unsigned long long* seeds, const l
 __global__ void penalty_counts_kernel(const int* prompt_ids, const int* prompt_lens, int max_prompt,
                                       const int* output_ids, const int* output_lens, int max_output, int* marks,
                                       int vocab) {
+    pdl_begin();
     // One block per row. marks [rows, vocab]: output count in the low bits,
     // PROMPT_SEEN when the token is in the prompt. Ids out of range skipped.
     int* row = marks + blockIdx.x * (long long)vocab;
@@ -161,6 +164,7 @@ template <typename T>
 __global__ void apply_penalties_kernel(const T* logits, const int* marks, const float* repetition,
                                        const float* presence, const float* frequency, float* out, long long n,
                                        int vocab) {
+    pdl_begin();
     // Repetition on every token seen (prompt or output): positive logits
     // divided, negative multiplied; then frequency * count and presence.
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;

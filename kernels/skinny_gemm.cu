@@ -12,37 +12,61 @@
 
 #define SG_ROWS 2
 #define SG_WARPS 8
+#define SG_PREFETCH 4
+
+// A warp's work on one 16-byte step v of its rows: acc[r][m] += w_r[v] . x_m[v].
+template <typename T, int M>
+__device__ __forceinline__ void skinny_step(const uint4* xv, int vecs, int v, const uint4 (&w)[SG_ROWS], int rows,
+                                            float (&acc)[SG_ROWS][M]) {
+    float xf[M][8];
+#pragma unroll
+    for (int m = 0; m < M; ++m) unpack8<T>(__ldg(xv + (long long)m * vecs + v), xf[m]);
+#pragma unroll
+    for (int r = 0; r < SG_ROWS; ++r) {
+        if (r < rows) {
+            float wf[8];
+            unpack8<T>(w[r], wf);
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[i], xf[m][i], acc[r][m]);
+        }
+    }
+}
 
 template <typename T, int M>
 __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate) {
     const int lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * SG_WARPS + (threadIdx.x >> 5)) * SG_ROWS;
-    if (n0 >= N) return;  // the whole warp
-    const int rows = min(SG_ROWS, N - n0), vecs = K / 8;
+    const int rows = max(0, min(SG_ROWS, N - n0)), vecs = K / 8;
     const uint4* xv = reinterpret_cast<const uint4*>(x);
-    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)n0 * K);
+    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(n0, N - 1)) * K);
+    // The weight is no kernel's output: its first SG_PREFETCH steps are loaded before
+    // waiting for the kernel before (dependent launch), overlapping that kernel's tail.
+    uint4 first[SG_PREFETCH][SG_ROWS];
+#pragma unroll
+    for (int p = 0; p < SG_PREFETCH; ++p)
+#pragma unroll
+        for (int r = 0; r < SG_ROWS; ++r)
+            if (r < rows && lane + 32 * p < vecs) first[p][r] = __ldcs(wv + (long long)r * vecs + lane + 32 * p);
+    pdl_begin();
+    if (rows == 0) return;  // the whole warp
     float acc[SG_ROWS][M];
 #pragma unroll
     for (int r = 0; r < SG_ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+#pragma unroll
+    for (int p = 0; p < SG_PREFETCH; ++p)
+        if (lane + 32 * p < vecs) skinny_step<T, M>(xv, vecs, lane + 32 * p, first[p], rows, acc);
 
 #pragma unroll 4
-    for (int v = lane; v < vecs; v += 32) {
-        float xf[M][8];
+    for (int v = lane + 32 * SG_PREFETCH; v < vecs; v += 32) {
+        uint4 wr[SG_ROWS];
 #pragma unroll
-        for (int m = 0; m < M; ++m) unpack8<T>(__ldg(xv + (long long)m * vecs + v), xf[m]);
-#pragma unroll
-        for (int r = 0; r < SG_ROWS; ++r) {
-            if (r < rows) {
-                float wf[8];
-                unpack8<T>(__ldcs(wv + (long long)r * vecs + v), wf);
-#pragma unroll
-                for (int m = 0; m < M; ++m)
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(wf[i], xf[m][i], acc[r][m]);
-            }
-        }
+        for (int r = 0; r < SG_ROWS; ++r)
+            if (r < rows) wr[r] = __ldcs(wv + (long long)r * vecs + v);
+        skinny_step<T, M>(xv, vecs, v, wr, rows, acc);
     }
 #pragma unroll
     for (int r = 0; r < SG_ROWS; ++r)

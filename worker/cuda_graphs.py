@@ -101,7 +101,10 @@ class DecodeGraphs:
         idle = _padded_inputs(None, size, self.max_blocks_per_seq)
         bucket = _Bucket(size, {name: cupy.asarray(host) for name, host in idle.items()})
         try:
-            with cupy.cuda.using_allocator(self._pool.malloc), self._stream:
+            # Our kernels go in as dependent launches, each allowed to start while the one before
+            # finishes (the warm-up runs them so too, so a launch error shows before the capture).
+            with cupy.cuda.using_allocator(self._pool.malloc), self._stream, \
+                    self.runner.backend.ops.dependent_launches():
                 self._forward(bucket)                 # warm-up: the pool then holds every block the capture needs
                 self._stream.begin_capture()
                 try:
@@ -134,7 +137,7 @@ def _padded_inputs(plan: StepPlan | None, size: int, max_blocks: int) -> dict[st
     row is a one-token sequence over block 0 whose K/V go nowhere (slot -1)."""
     n = 0 if plan is None else len(plan.request_ids)
     arrays = {
-        "token_ids": np.zeros(size, np.int32), "positions": np.zeros(size, np.int32),
+        "token_ids": np.zeros(size, np.int32), "positions": np.zeros(size, np.int64),
         "slot_mapping": np.full(size, -1, np.int64), "seq_lens": np.ones(size, np.int32),
         "query_start_loc": np.arange(size + 1, dtype=np.int32),
         "block_tables": np.zeros((size, max_blocks), np.int32),

@@ -175,7 +175,8 @@ class ModelRunner:
         xp = self.backend.xp
         token_ids = xp.array(plan.token_ids) if plan.takes_pending_tokens else xp.asarray(plan.token_ids)
         token_ids = with_pending_tokens(xp, token_ids, plan, previous)
-        hidden = self.model.forward(token_ids, xp.asarray(plan.positions), ctx)
+        positions = xp.asarray(plan.positions, dtype=np.int64)   # the kernels' index type: no copy per layer
+        hidden = self.model.forward(token_ids, positions, ctx)
         return self._finish_launch(plan, hidden, sample, defer, token_ids)
 
     def begin_step(self, plan: StepPlan) -> PagedAttentionContext:

@@ -45,7 +45,7 @@ class PipelineRunner:
         so it can start the next micro-batch meanwhile."""
         links, xp = self.links, self.backend.xp
         ctx = self.runner.begin_step(plan)
-        positions = xp.asarray(plan.positions)
+        positions = xp.asarray(plan.positions, dtype=np.int64)   # the kernels' index type
         x, residual = self._stage_input(plan, positions)
         x, residual = self.model.run_layers(x, residual, positions, ctx)  # [num_tokens, hidden] each
         if not links.is_last:

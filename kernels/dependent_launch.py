@@ -1,0 +1,72 @@
+"""Kernel launches with programmatic dependent launch (PDL), through the driver's
+cuLaunchKernelEx (ctypes on libcuda; cupy's launch path has no launch attributes).
+
+A kernel launched so may be scheduled while the kernel before it in the stream
+still runs, once that one lets it (every kernel of ours calls pdl_begin() in
+common.cu: it waits for the previous kernel, then lets the next one start). In
+a captured CUDA graph this becomes a programmatic edge, which hides the ~2 us
+launch and ramp-up gap between consecutive small kernels of a decode step.
+
+Only for kernels compiled from our .cu files (they wait before reading what
+the previous kernel wrote); cuBLAS and cupy kernels keep ordinary launches.
+This module must not choose when to use it: CudaOps does (inside graph
+capture, where the Python cost of building the launch is paid once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import cupy
+import numpy as np
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _Attribute(ctypes.Structure):   # CUlaunchAttribute: id, pad to 8, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_ubyte * 64)]
+
+
+class _Config(ctypes.Structure):      # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_driver = None
+
+
+def _launch_kernel_ex():
+    global _driver
+    if _driver is None:
+        _driver = ctypes.CDLL("libcuda.so.1")
+        _driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p,
+                                             ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        _driver.cuLaunchKernelEx.restype = ctypes.c_int
+    return _driver.cuLaunchKernelEx
+
+
+def _argument(value):
+    """A ctypes object holding one kernel argument's bytes."""
+    if value is None:
+        return ctypes.c_void_p(0)
+    if isinstance(value, cupy.ndarray):
+        return ctypes.c_void_p(value.data.ptr)
+    if isinstance(value, np.generic):
+        return (ctypes.c_char * value.nbytes).from_buffer_copy(value.tobytes())
+    raise TypeError(f"kernel arguments must be cupy arrays or NumPy scalars, got {type(value).__name__}")
+
+
+def launch_dependent(function, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+    """Launches a cupy RawKernel on the current stream, allowed to overlap the kernel before it."""
+    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    attribute = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attribute.value[0] = 1   # programmaticStreamSerializationAllowed (an unsigned int, little-endian)
+    config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                     cupy.cuda.get_current_stream().ptr, ctypes.pointer(attribute), 1)
+    holders = [_argument(a) for a in args]
+    params = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
+    handle = function.kernel.ptr   # the RawKernel's CUfunction on the current device
+    status = _launch_kernel_ex()(ctypes.byref(config), handle, params, None)
+    if status:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status} "
+                           f"(grid {grid}, block {block}, shared memory {shared_mem} bytes)")
