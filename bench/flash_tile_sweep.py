@@ -1,10 +1,11 @@
-"""Flash attention time against its tile sizes, one GPU: how the keys-per-tile constants of
-kernels/flash_attention.cu were chosen.
+"""Flash attention time against its tile sizes, one GPU: how the keys-per-tile and pipeline
+depth constants of kernels/flash_attention.cu were chosen.
 
-Run:  python -m bench.flash_tile_sweep --decode 32,16 --prefill 64,32 --out bench/results/flash_tiles.json
+Run:  python -m bench.flash_tile_sweep --decode 16x2,16x4 --prefill 32x2,32x3 --out bench/results/flash_tiles.json
 
-For each value it compiles a copy of the kernels with that BK (decode shape KW = 4, or
-prefill shape KW = 1) and times CudaOps.paged_attention (CUDA events, Llama-3-8B heads:
+Each value is keys per tile, optionally x tiles in flight (BK and STAGES; 2 when left
+out). For each it compiles a copy of the kernels with those constants (decode shape
+KW = 4, or prefill shape KW = 1) and times CudaOps.paged_attention (CUDA events, Llama-3-8B heads:
 32 query, 8 KV, head_dim 128, fp16, blocks of 16): decode batches 1-256 at 512 keys
 (with the split target of 1-8 blocks an SM) and prefills of 2048 / 8192 tokens and 16 x 128.
 Decode timings of small batches include the host's launch overhead (the call is not graphed).
@@ -28,8 +29,9 @@ from tp_decode import gpu_seconds  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
-def ops_with_tiles(decode_bk: int, prefill_bk: int):
-    """CudaOps whose flash kernel uses these keys per tile (a patched copy of the sources)."""
+def ops_with_tiles(decode: tuple[int, int], prefill: tuple[int, int]):
+    """CudaOps whose flash kernel uses these (keys per tile, stages) for the decode and
+    prefill shapes (a patched copy of the sources)."""
     import shardline.kernels.cuda_attention as attention
     import shardline.kernels.cuda_common as common
     from shardline.kernels.cuda_ops import CudaOps
@@ -37,15 +39,17 @@ def ops_with_tiles(decode_bk: int, prefill_bk: int):
     folder = Path(tempfile.mkdtemp())
     for f in source_dir.glob("*.cu"):
         shutil.copy(f, folder / f.name)
-    text, count = re.subn(r"constexpr int BK = KW == 1 \? \d+ : \d+;",
-                          f"constexpr int BK = KW == 1 ? {prefill_bk} : {decode_bk};",
-                          (folder / "flash_attention.cu").read_text())
-    assert count == 1, "flash_attention.cu no longer has the BK line this sweep patches"
+    text = (folder / "flash_attention.cu").read_text()
+    for constant, (prefill_value, decode_value) in (("BK", (prefill[0], decode[0])),
+                                                    ("STAGES", (prefill[1], decode[1]))):
+        text, count = re.subn(rf"constexpr int {constant} = KW == 1 \? \d+ : \d+;",
+                              f"constexpr int {constant} = KW == 1 ? {prefill_value} : {decode_value};", text)
+        assert count == 1, f"flash_attention.cu no longer has the {constant} line this sweep patches"
     (folder / "flash_attention.cu").write_text(text)
 
     def smem(head_dim: int, key_warps: int) -> int:
-        keys = prefill_bk if key_warps == 1 else decode_bk
-        return max(key_warps * 2 * 2 * keys * (head_dim + 8) * 2,
+        keys, stages = prefill if key_warps == 1 else decode
+        return max(key_warps * stages * 2 * keys * (head_dim + 8) * 2,
                    (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
     common._KERNEL_DIR, common.flash_smem_bytes, attention.flash_smem_bytes = folder, smem, smem
     return CudaOps(0)
@@ -61,7 +65,7 @@ def cache(rng, seqs: int, tokens: int, contiguous: bool):
         cupy.full(seqs, tokens, dtype=cupy.int32)
 
 
-def sweep(ops, rng, decode_bk: int, prefill_bk: int) -> list[dict]:
+def sweep(ops, rng, decode: tuple[int, int], prefill: tuple[int, int]) -> list[dict]:
     import cupy
     rows, sms = [], ops._multiprocessors
     for batch in (1, 16, 64, 256):
@@ -71,8 +75,8 @@ def sweep(ops, rng, decode_bk: int, prefill_bk: int) -> list[dict]:
         for target in (1, 2, 4, 8):   # blocks an SM the key splits aim at (the kernel's default: 2)
             ops._multiprocessors = sms * target // 2
             s = gpu_seconds(lambda: ops.paged_attention(q, k, v, tables, seq_lens, qsl, 0.088), reps=50)
-            rows.append({"decode_bk": decode_bk, "batch": batch, "split_target": target, "us": s * 1e6,
-                         "GBps": 2 * k.nbytes / s / 1e9})
+            rows.append({"decode_bk": decode[0], "decode_stages": decode[1], "batch": batch,
+                         "split_target": target, "us": s * 1e6, "GBps": 2 * k.nbytes / s / 1e9})
         ops._multiprocessors = sms
     for seqs, tokens in ((1, 2048), (1, 8192), (16, 128)):
         k, v, tables, seq_lens = cache(rng, seqs, tokens, contiguous=True)
@@ -80,23 +84,28 @@ def sweep(ops, rng, decode_bk: int, prefill_bk: int) -> list[dict]:
         qsl = cupy.arange(seqs + 1, dtype=cupy.int32) * tokens
         s = gpu_seconds(lambda: ops.paged_attention(q, k, v, tables, seq_lens, qsl, 0.088), reps=10)
         flops = seqs * 4 * HEAD_DIM * HEADS * tokens * (tokens + 1) / 2
-        rows.append({"prefill_bk": prefill_bk, "seqs": seqs, "tokens": tokens, "us": s * 1e6,
-                     "TFLOPs": flops / s / 1e12})
+        rows.append({"prefill_bk": prefill[0], "prefill_stages": prefill[1], "seqs": seqs, "tokens": tokens,
+                     "us": s * 1e6, "TFLOPs": flops / s / 1e12})
     return rows
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """"16x4,32" -> [(16, 4), (32, 2)]: keys per tile, stages (2 when left out)."""
+    return [(int(v.split("x")[0]), int(v.split("x")[1]) if "x" in v else 2) for v in text.split(",")]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--decode", default="32,16", help="keys per tile of the decode shape to try")
-    p.add_argument("--prefill", default="64,32", help="keys per tile of the prefill shape to try")
+    p.add_argument("--decode", default="16x2,16x4", help="keys per tile [x stages] of the decode shape to try")
+    p.add_argument("--prefill", default="32x2,32x3", help="keys per tile [x stages] of the prefill shape to try")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    decode, prefill = [int(b) for b in args.decode.split(",")], [int(b) for b in args.prefill.split(",")]
+    decode, prefill = _shapes(args.decode), _shapes(args.prefill)
     rows = []
     for i in range(max(len(decode), len(prefill))):   # pairs, the shorter list repeating its last value
-        decode_bk, prefill_bk = decode[min(i, len(decode) - 1)], prefill[min(i, len(prefill) - 1)]
-        rows += sweep(ops_with_tiles(decode_bk, prefill_bk), rng, decode_bk, prefill_bk)
+        pair = decode[min(i, len(decode) - 1)], prefill[min(i, len(prefill) - 1)]
+        rows += sweep(ops_with_tiles(*pair), rng, *pair)
     for r in rows:
         print(json.dumps(r))
     if args.out:

@@ -95,22 +95,21 @@ class AttentionOps:
         ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
         num_seqs, rows = seq_lens.size, q.shape[0] * (num_heads // num_kv_heads)
         key_warps = 1 if rows >= _FLASH_PREFILL_ROWS * max(num_seqs, 1) else 4
-        # An upper bound on the tiles of packed (query, head of the group) rows: blocks past the last exit.
-        tiles = -(-rows // (64 // key_warps)) + num_seqs
-        splits = max(1, min(_FLASH_MAX_SPLITS, -(-2 * self._multiprocessors // (tiles * num_kv_heads))))
-        out = cupy.zeros_like(q)   # rows past the last sequence stay zero
+        # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
+        # the last tile exit, and one of them zeroes the rows past the last sequence.
+        tiles = -(-rows // (64 // key_warps)) + num_seqs + 1
+        splits = max(1, min(_FLASH_MAX_SPLITS, -(-2 * self._multiprocessors // ((tiles - 1) * num_kv_heads))))
+        if tiles * num_kv_heads > self._flash_counters.size:   # one counter per (tile, KV head) to split
+            splits = 1
+        out = cupy.empty_like(q)
         partial = cupy.empty((q.shape[0], num_heads, splits, head_dim + 2) if splits > 1 else 1, dtype=cupy.float32)
         self._launch("flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", (tiles, num_kv_heads, splits),
                      (_FLASH_THREADS,),
                      (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]),
                       np.int32(k_cache.shape[1]), seq_lens, query_start_loc, np.int32(num_seqs),
                       np.int32(num_heads), np.int32(num_kv_heads), np.float32(scale),
-                      np.int32(sliding_window or 0), np.int32(splits)),
+                      np.int32(sliding_window or 0), np.int32(splits), self._flash_counters, np.int32(q.shape[0])),
                      shared_mem=flash_smem_bytes(head_dim, key_warps))
-        if splits > 1:
-            self._launch("attention_combine_kernel", ctype, (num_heads, q.shape[0]), (_ATTENTION_THREADS,),
-                         (partial, out, query_start_loc, np.int32(num_seqs), np.int32(1), np.int32(num_heads),
-                          np.int32(head_dim), np.int32(splits)))
         return out
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):

@@ -55,18 +55,20 @@ _MAX_ATTENTION_SPLITS = 32
 # of 16 rows). Launches of fewer blocks than twice the multiprocessors also split each
 # row's keys over up to _FLASH_MAX_SPLITS blocks.
 _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
+_FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
 # Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
-_SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 16, 256
+_SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
-    """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: two stages
-    of K and V tiles per key-warp group (rows padded by 8), reused at the end for the
+    """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: STAGES of
+    K and V tiles per key-warp group (rows padded by 8), reused at the end for the
     groups' merge (float32 max, sum and output rows)."""
-    keys = 32 if key_warps == 1 else 16   # 34 KiB at head_dim 128: 6 blocks fit an H100 SM
-    return max(key_warps * 2 * 2 * keys * (head_dim + 8) * 2, (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
+    keys, stages = (32, 3) if key_warps == 1 else (16, 2)   # at head_dim 128: 51 and 34 KiB
+    return max(key_warps * stages * 2 * keys * (head_dim + 8) * 2,
+               (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 
 
 def _include_options() -> tuple[str, ...]:

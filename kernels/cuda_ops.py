@@ -23,6 +23,7 @@ import cupy
 import numpy as np
 
 from shardline.kernels.cuda_common import (
+    _FLASH_COUNTERS,
     _MAX_EXPERTS,
     _MAX_GRID_Y,
     _NORM_VECS,
@@ -64,6 +65,8 @@ class CudaOps(AttentionOps, SamplingOps):
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
+            # flash_attention.cu's split counters: zero between launches (the last split resets its own)
+            self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
             self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
@@ -245,14 +248,32 @@ class CudaOps(AttentionOps, SamplingOps):
             self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
                          (bias, out, np.int64(x2.shape[0]), np.int32(num_out)))
         if out.size and x2.shape[1] and self._skinny_applies(x2, weight):
-            self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}", (-(-num_out // _SKINNY_ROWS_PER_BLOCK),),
-                         (_SKINNY_THREADS,), (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]),
-                                              np.int32(bias is not None)))
+            self._skinny(x2, weight, out, accumulate=bias is not None)
         elif out.size and x2.shape[1]:
             self._gemm.matmul_nt(x2, weight, out, accumulate=bias is not None)
         elif bias is None:
             out.fill(0)  # an empty sum
         return out.reshape(x.shape[:-1] + (num_out,))
+
+    def gated_linear(self, x, weight, bias=None):
+        """silu_and_mul(linear(x, weight, bias)): weight [2 * inter, in] holds the gate rows then
+        the up rows. Decode-sized inputs without a bias run one skinny GEMM whose warps apply
+        the gate (the same roundings as the two ops, one launch fewer)."""
+        x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+        if bias is not None or weight.ndim != 2 or weight.shape[0] % 2 or x.shape[-1] != weight.shape[1] \
+                or x.dtype != weight.dtype or not x2.size or not self._skinny_applies(x2, weight):
+            return self.silu_and_mul(self.linear(x, weight, bias))
+        out = cupy.empty((x2.shape[0], weight.shape[0] // 2), dtype=x.dtype)
+        self._skinny(x2, weight, out, gated=True)
+        return out.reshape(x.shape[:-1] + (out.shape[1],))
+
+    def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False) -> None:
+        num_out, ctype = out.shape[1], _ctype(x2, "x")
+        per_block = _SKINNY_ROWS_PER_BLOCK // 2 if gated else _SKINNY_ROWS_PER_BLOCK   # gated: a warp an output
+        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}", (-(-num_out // per_block),), (_SKINNY_THREADS,),
+                     (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
+                      np.int32(gated)))
 
     def _skinny_applies(self, x2, weight) -> bool:
         """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""

@@ -12,8 +12,9 @@
 // come from mma.sync m16n8k16 with K read by ldmatrix; the probabilities are
 // rounded to the storage type and reused in registers as the A operand of
 // P V, with V read by ldmatrix.trans. K and V tiles go global -> shared
-// memory by cp.async, double buffered, rows padded to D + 8 elements so
-// ldmatrix meets no bank conflict.
+// memory by cp.async, STAGES tiles deep (3 for prefill, 2 for decode: see
+// bench/flash_tile_sweep.py), rows padded to D + 8 elements so ldmatrix
+// meets no bank conflict.
 //
 // KW (template) says how the 4 warps split the work:
 // - KW = 1 (prefill): the warps own 64 rows of one sequence and share every
@@ -23,19 +24,21 @@
 //   the end.
 // Across blocks, num_splits > 1 (grid.z) cuts each tile's key range into
 // even runs of key tiles; each block writes its rows' (max, sum, weighted
-// values) to `partial` and attention_combine_kernel merges them.
+// values) to `partial`, and the last of a tile's splits to finish (counted in
+// `counters`, which it sets back to zero) merges them into `out`.
 //
 // Tiles are numbered over the sequences in order (sequence b has
 // ceil(num_q_b * G / BQ)); the block finds its own with a block-wide scan of
 // those counts, so the grid may be an upper bound and no host sync or
 // host-built table is needed (graph-capturable). Block x takes tile
-// gridDim.x - 1 - x (longest first); blocks past the last tile exit. Rows
-// of q past query_start_loc[num_seqs] are not written (the caller zeroes
-// them).
+// gridDim.x - 1 - x (longest first); blocks past the last tile exit. The grid
+// has at least one such block, and block (0, 0, 0) zeroes the rows of out
+// past query_start_loc[num_seqs] (padding), so no memset precedes the launch.
 //
 // Shapes: q [num_tokens, num_heads, D]; caches [num_blocks, block_size,
 // num_kv_heads, D]; partial [num_tokens, num_heads, num_splits, D + 2]
-// float32 when num_splits > 1. blockDim.x == 128. Dynamic shared memory:
+// float32 when num_splits > 1; counters [gridDim.x * gridDim.y] int32, zero
+// between launches. blockDim.x == 128. Dynamic shared memory:
 // cuda_common.flash_smem_bytes.
 
 #define FA_WARPS 4
@@ -163,16 +166,53 @@ struct FlashSink {
     }
 };
 
+// Called by every thread of a block after its rows' partial results are written: the
+// last of the tile's num_splits blocks to get here merges every split's (max, sum,
+// weighted values) of the tile's rows into out, as attention_combine_kernel does.
+template <typename T, int D>
+__device__ void flash_merge_splits(const float* partial, T* out, int* counter, int num_splits, int rows_here,
+                                   long long row0, int group, long long q_first, int num_heads, int kv_head) {
+    __shared__ int last;
+    __threadfence();   // this block's partial rows are visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == num_splits - 1;
+        if (last) *counter = 0;   // every split has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < rows_here * D; idx += blockDim.x) {
+        const long long packed = row0 + idx / D;
+        const int d = idx % D;
+        const long long r = (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
+        const float* parts = partial + r * num_splits * (D + 2);
+        float m = -SHARDLINE_INF;
+        for (int s = 0; s < num_splits; ++s) m = fmaxf(m, __ldcg(parts + s * (D + 2) + D));
+        float l = 0.0f, acc = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float ms = __ldcg(parts + s * (D + 2) + D);
+            if (ms > -SHARDLINE_INF) {
+                const float f = expf(ms - m);
+                l += f * __ldcg(parts + s * (D + 2) + D + 1);
+                acc += f * __ldcg(parts + s * (D + 2) + d);
+            }
+        }
+        out[r * D + d] = from_f<T>(acc / l);
+    }
+}
+
 template <typename T, int D, int KW>
 __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                            const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                            const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                           int window, int num_splits) {
+                           int window, int num_splits, int* counters, int num_tokens) {
     pdl_begin();
     constexpr int RW = FA_WARPS / KW;      // warps over rows
     constexpr int BQ = 16 * RW;            // packed rows per block
     constexpr int BK = KW == 1 ? 32 : 16;  // keys per tile
+    constexpr int STAGES = KW == 1 ? 3 : 2;  // K/V tiles a warp group has in flight
     constexpr int LD = D + 8;              // shared row stride, elements
     constexpr int NT = BK / 8, DT = D / 8, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -180,8 +220,16 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int group = num_heads / num_kv_heads;
     // Blocks take the tiles last to first: a sequence's last tiles see the most keys, so the
     // longest blocks start in the first wave and short ones fill the tail (causal prefill).
-    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, gridDim.x - 1 - blockIdx.x);
-    if (where.x < 0) return;  // the same for every thread of the block
+    const int target = gridDim.x - 1 - blockIdx.x;
+    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
+    if (where.x < 0) {  // the same for every thread of the block
+        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {   // past the last tile: the padding rows
+            const long long first = (long long)query_start_loc[num_seqs] * num_heads * D;
+            for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += FA_THREADS)
+                out[i] = from_f<T>(0.0f);
+        }
+        return;
+    }
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % RW, kw = warp / RW;
     const int g = lane >> 2, t4 = lane & 3;
@@ -228,7 +276,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     float m[2] = {-SHARDLINE_INF, -SHARDLINE_INF}, l[2] = {0.0f, 0.0f};
     const float scale2 = scale * FA_LOG2E;  // scores in log2 units: exp2f below
 
-    T* stages = reinterpret_cast<T*>(smem) + kw * (2 * 2 * BK * LD);  // this key-warp group's [2][K|V][BK][LD]
+    T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this group's [STAGES][K|V][BK][LD]
     const int gtid = tid - kw * RW * 32;
     auto load = [&](int t, int stage) {
         T* ks = stages + stage * 2 * BK * LD;
@@ -243,7 +291,6 @@ __global__ void __launch_bounds__(FA_THREADS)
             cp_async16(ks + r * LD + c, k_cache + off, ok);
             cp_async16(vs + r * LD + c, v_cache + off, ok);
         }
-        asm volatile("cp.async.commit_group;\n" ::);
     };
     auto group_sync = [&]() {
         if (RW == 1) __syncwarp();
@@ -251,19 +298,22 @@ __global__ void __launch_bounds__(FA_THREADS)
     };
 
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
+    // One commit group per tile slot, empty past the last tile, so that waiting for all but
+    // the newest STAGES - 1 groups always means: this iteration's tile has landed.
     int t = t_begin + kw;
-    if (t < t_end) load(t, 0);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (t + st * KW < t_end) load(t + st * KW, st);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
     for (int it = 0; t < t_end; ++it, t += KW) {
-        if (t + KW < t_end) {
-            load(t + KW, (it + 1) & 1);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
+        if (t + (STAGES - 1) * KW < t_end) load(t + (STAGES - 1) * KW, (it + STAGES - 1) % STAGES);
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
         group_sync();
         const int kb = k_lo + t * BK;
         if (warp_busy && kb < warp_k_hi && kb + BK > warp_k_lo) {
-            const T* ks = stages + (it & 1) * 2 * BK * LD;
+            const T* ks = stages + (it % STAGES) * 2 * BK * LD;
             const T* vs = ks + BK * LD;
             float s[NT][4];
             for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -305,12 +355,15 @@ __global__ void __launch_bounds__(FA_THREADS)
                     s[n][e] = m[i] == -SHARDLINE_INF ? 0.0f : exp2f(s[n][e] - m[i]);
                     l[i] += s[n][e];
                 }
+            // Once the running max settles, alpha is 1 for every row of the warp: skip the rescale.
+            if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                o[d][0] *= alpha[0];
-                o[d][1] *= alpha[0];
-                o[d][2] *= alpha[1];
-                o[d][3] *= alpha[1];
+                for (int d = 0; d < DT; ++d) {
+                    o[d][0] *= alpha[0];
+                    o[d][1] *= alpha[0];
+                    o[d][2] *= alpha[1];
+                    o[d][3] *= alpha[1];
+                }
             }
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk) {
@@ -326,8 +379,9 @@ __global__ void __launch_bounds__(FA_THREADS)
                 }
             }
         }
-        group_sync();  // the stage is free for the load two tiles on
+        group_sync();  // the stage is free for the load STAGES - 1 tiles on
     }
+    asm volatile("cp.async.wait_group 0;\n" ::);   // no copy in flight into shared memory reused below
     for (int i = 0; i < 2; ++i) {  // each of the 4 lanes of a row summed its own columns
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
@@ -340,40 +394,43 @@ __global__ void __launch_bounds__(FA_THREADS)
             for (int d = 0; d < DT; ++d) sink.put2(out_row[i], d * 8 + 2 * t4, o[d][2 * i], o[d][2 * i + 1], l[i]);
             if (t4 == 0) sink.put_stats(out_row[i], m[i], l[i]);
         }
-        return;
-    }
-    // KW > 1: the warps hold the same 16 rows over different keys; merge through shared memory.
-    __syncthreads();  // every group is done with its stages
-    float* ms = reinterpret_cast<float*>(smem);  // [KW][16]
-    float* ls = ms + KW * 16;                    // [KW][16]
-    float* os = ls + KW * 16;                    // [KW][16][D]
-    for (int i = 0; i < 2; ++i) {
-        const int r = g + 8 * i;
-        if (t4 == 0) {
-            ms[kw * 16 + r] = m[i];
-            ls[kw * 16 + r] = l[i];
+    } else {
+        // KW > 1: the warps hold the same 16 rows over different keys; merge through shared memory.
+        __syncthreads();  // every group is done with its stages
+        float* ms = reinterpret_cast<float*>(smem);  // [KW][16]
+        float* ls = ms + KW * 16;                    // [KW][16]
+        float* os = ls + KW * 16;                    // [KW][16][D]
+        for (int i = 0; i < 2; ++i) {
+            const int r = g + 8 * i;
+            if (t4 == 0) {
+                ms[kw * 16 + r] = m[i];
+                ls[kw * 16 + r] = l[i];
+            }
+            for (int d = 0; d < DT; ++d) {
+                os[(kw * 16 + r) * D + d * 8 + 2 * t4] = o[d][2 * i];
+                os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
+            }
         }
-        for (int d = 0; d < DT; ++d) {
-            os[(kw * 16 + r) * D + d * 8 + 2 * t4] = o[d][2 * i];
-            os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
+        __syncthreads();
+        for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
+            const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
+            if (r >= rows_here) continue;
+            float big = -SHARDLINE_INF;
+            for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
+            float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
+            for (int w = 0; w < KW; ++w) {
+                const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
+                sum += f * ls[w * 16 + r];
+                acc0 += f * os[(w * 16 + r) * D + d];
+                acc1 += f * os[(w * 16 + r) * D + d + 1];
+            }
+            const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
+                                   + packed % group;
+            sink.put2(orow, d, acc0, acc1, sum);
+            if (d == 0) sink.put_stats(orow, big, sum);
         }
     }
-    __syncthreads();
-    for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
-        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
-        if (r >= rows_here) continue;
-        float big = -SHARDLINE_INF;
-        for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
-        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-        for (int w = 0; w < KW; ++w) {
-            const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
-            sum += f * ls[w * 16 + r];
-            acc0 += f * os[(w * 16 + r) * D + d];
-            acc1 += f * os[(w * 16 + r) * D + d + 1];
-        }
-        const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
-                               + packed % group;
-        sink.put2(orow, d, acc0, acc1, sum);
-        if (d == 0) sink.put_stats(orow, big, sum);
-    }
+    if (num_splits > 1)
+        flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
+                                 rows_here, row0, group, q_first, num_heads, kv_head);
 }

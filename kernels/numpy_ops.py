@@ -86,6 +86,12 @@ def silu_and_mul(x: np.ndarray) -> np.ndarray:
     return gate / (1.0 + np.exp(-gate)) * up
 
 
+def gated_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """silu_and_mul(linear(x, weight, bias)): the gate and up projections in one weight
+    [2 * inter, in] (fused into one kernel on CUDA for decode-sized x)."""
+    return silu_and_mul(linear(x, weight, bias))
+
+
 def gelu(x: np.ndarray, approximate: str = "tanh") -> np.ndarray:
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)

@@ -7,11 +7,16 @@
 // __ldcs), x re-read through the read-only cache (it is small). Loops are
 // unrolled so several loads are in flight per lane.
 //
+// gated: w is [2N, K], gate rows then up rows (a fused gate/up projection),
+// and y[m, n] = silu(gate) * up, both rounded to T first, exactly as
+// silu_and_mul_kernel computes it from the unfused GEMM's output. Each warp
+// then owns one output feature and reads its gate and up rows.
+//
 // Requires K % 8 == 0 and 16-byte aligned x, w rows (checked on the host).
 // blockDim.x == SG_WARPS * 32.
 
-#define SG_ROWS 2
-#define SG_WARPS 8
+#define SG_ROWS 2   // gated mode relies on it: a warp's gate row and up row
+#define SG_WARPS 4   // not 8: more, smaller blocks read about 2% faster (bench/notes/RESULTS.md)
 #define SG_PREFETCH 4
 
 // A warp's work on one 16-byte step v of its rows: acc[r][m] += w_r[v] . x_m[v].
@@ -35,10 +40,11 @@ __device__ __forceinline__ void skinny_step(const uint4* xv, int vecs, int v, co
 }
 
 template <typename T, int M>
-__global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate) {
-    const int lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * SG_WARPS + (threadIdx.x >> 5)) * SG_ROWS;
-    const int rows = max(0, min(SG_ROWS, N - n0)), vecs = K / 8;
+__global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate, int gated) {
+    const int lane = threadIdx.x & 31, warp = blockIdx.x * SG_WARPS + (threadIdx.x >> 5), vecs = K / 8;
+    const int n0 = gated ? warp : warp * SG_ROWS;   // this warp's first output feature
+    const int rows = gated ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
+    const long long row_vecs = gated ? (long long)N * vecs : vecs;   // weight row r of the warp is n0 + r (* N)
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(n0, N - 1)) * K);
     // The weight is no kernel's output: its first SG_PREFETCH steps are loaded before
@@ -48,7 +54,7 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
     for (int p = 0; p < SG_PREFETCH; ++p)
 #pragma unroll
         for (int r = 0; r < SG_ROWS; ++r)
-            if (r < rows && lane + 32 * p < vecs) first[p][r] = __ldcs(wv + (long long)r * vecs + lane + 32 * p);
+            if (r < rows && lane + 32 * p < vecs) first[p][r] = __ldcs(wv + r * row_vecs + lane + 32 * p);
     pdl_begin();
     if (rows == 0) return;  // the whole warp
     float acc[SG_ROWS][M];
@@ -65,14 +71,19 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
         uint4 wr[SG_ROWS];
 #pragma unroll
         for (int r = 0; r < SG_ROWS; ++r)
-            if (r < rows) wr[r] = __ldcs(wv + (long long)r * vecs + v);
+            if (r < rows) wr[r] = __ldcs(wv + r * row_vecs + v);
         skinny_step<T, M>(xv, vecs, v, wr, rows, acc);
     }
 #pragma unroll
     for (int r = 0; r < SG_ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-    if (lane == 0) {
+    if (lane == 0 && gated) {
+        for (int m = 0; m < M; ++m) {
+            const float g = round_to<T>(acc[0][m]), up = round_to<T>(acc[1][m]);
+            y[(long long)m * N + n0] = from_f<T>(g / (1.0f + expf(-g)) * up);
+        }
+    } else if (lane == 0) {
         for (int r = 0; r < rows; ++r)
             for (int m = 0; m < M; ++m) {
                 T* out = y + (long long)m * N + n0 + r;

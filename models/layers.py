@@ -110,7 +110,7 @@ class GatedMLP:
         self.down = down
 
     def __call__(self, x):
-        return self.down(self.ops.silu_and_mul(self.ops.linear(x, self.gate_up_weight, self.gate_up_bias)))
+        return self.down(self.ops.gated_linear(x, self.gate_up_weight, self.gate_up_bias))
 
 
 class GeluMLP:

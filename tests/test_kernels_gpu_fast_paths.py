@@ -1,6 +1,7 @@
 """The GPU fast paths of CudaOps against the NumPy float64 reference: the
 tensor-core flash attention over the paged cache (prefill chunks, decode
-rows, padding, windows, GQA packing, key splits) and the skinny decode GEMM.
+rows, padding, windows, GQA packing, key splits) and the skinny decode GEMM (plain
+and with the SiLU gate fused).
 Same fixtures as test_kernels_gpu.py (fresh seeds, NaN-poisoned allocations);
 skipped without CuPy or a GPU.
 """
@@ -42,6 +43,20 @@ def test_skinny_gemm(ops, rng, dtype, tokens, k, n, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("tokens,k,inter", [(1, 4096, 14336), (2, 576, 1536), (4, 64, 3)])
+def test_skinny_gated_linear(ops, rng, dtype, tokens, k, inter, monkeypatch):
+    """The gate fused into the skinny GEMM: against float64, and equal to the two unfused
+    ops (the same roundings) value for value."""
+    monkeypatch.setattr(ops, "use_skinny_gemm", True)
+    x, x64 = random_input(ops, rng, (tokens, k), dtype)
+    w, w64 = random_input(ops, rng, (2 * inter, k), dtype, scale=2 / math.sqrt(k))
+    fused = ops.gated_linear(x, w)
+    assert fused.shape == (tokens, inter)
+    assert_close(ops, fused, numpy_ops.gated_linear(x64, w64), dtype, "gated skinny")
+    np.testing.assert_array_equal(ops.to_host(fused), ops.to_host(ops.silu_and_mul(ops.linear(x, w))))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 16, None), (80, 5, None),
                                                         (64, 16, 37), (128, 1, 100)])
 def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, monkeypatch):
@@ -67,11 +82,13 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, monk
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_paged_flash_decode_batch(ops, rng, dtype, monkeypatch):
-    """A decode batch wide enough for the tensor-core kernel (the 4 heads of each KV head
-    packed into one tile's rows), Llama-3-8B's head layout, ragged contexts."""
+@pytest.mark.parametrize("batch", [48, 3])
+def test_paged_flash_decode_batch(ops, rng, dtype, batch, monkeypatch):
+    """A decode batch for the tensor-core kernel (the 4 heads of each KV head packed into
+    one tile's rows), Llama-3-8B's head layout, ragged contexts: 48 rows fill the GPU, 3
+    split each row's keys over blocks, whose last one merges them."""
     monkeypatch.setattr(ops, "use_flash", True)
-    heads, kv_heads, head_dim, block_size, batch = 32, 8, 128, 16, 48
+    heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
     seq_lens = rng.integers(1, 700, batch).astype(np.int32)
     tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
     k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
