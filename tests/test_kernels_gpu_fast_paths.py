@@ -1,7 +1,7 @@
 """The GPU fast paths of CudaOps against the NumPy float64 reference: the
 tensor-core flash attention over the paged cache (prefill chunks, decode
-rows, padding, windows, GQA packing, key splits) and the skinny decode GEMM (plain
-and with the SiLU gate fused).
+rows, padding, windows, GQA packing, key splits), the skinny decode GEMM (plain
+and with the SiLU gate fused) and dependent launches.
 Same fixtures as test_kernels_gpu.py (fresh seeds, NaN-poisoned allocations);
 skipped without CuPy or a GPU.
 """
@@ -102,3 +102,31 @@ def test_paged_flash_decode_batch(ops, rng, dtype, batch, monkeypatch):
     ref = numpy_ops.paged_attention(q64[:batch], k64, v64, tables, seq_lens, qsl, scale)
     assert_close(ops, out[:batch], ref, dtype, "flash decode")
     assert not ops.to_host(out[batch]).any(), "the padding row must come back zero"
+
+
+def test_dependent_launches_match_ordinary_launches(ops, rng, monkeypatch):
+    """Kernels launched as dependent launches (what graph capture uses: each may start while
+    the one before runs, and waits for it before reading) chain correctly: a norm, the fused
+    gate GEMM and the down GEMM, each reading the previous output, many times over, give
+    exactly what ordinary launches give."""
+    import ctypes
+    from shardline.kernels import dependent_launch
+    monkeypatch.setattr(ops, "use_dependent_launch", True)   # even where SHARDLINE_GPU_OFF names it
+    assert ctypes.sizeof(dependent_launch._Attribute) == 72 and ctypes.sizeof(dependent_launch._Config) == 56
+    x, _ = random_input(ops, rng, (1, 4096), "bfloat16")
+    norm, _ = random_input(ops, rng, (4096,), "bfloat16")
+    gate_up, _ = random_input(ops, rng, (2 * 1536, 4096), "bfloat16", scale=1 / 64)
+    down, _ = random_input(ops, rng, (4096, 1536), "bfloat16", scale=1 / 40)
+
+    def chain():
+        h = x
+        for _ in range(8):
+            h, _ = ops.rms_norm(h, norm, 1e-5, residual=x)
+            h = ops.linear(ops.gated_linear(h, gate_up), down)
+        return ops.to_host(h)
+
+    ordinary = chain()
+    with ops.dependent_launches():
+        dependent = chain()
+    assert np.isfinite(ordinary).all()
+    np.testing.assert_array_equal(dependent, ordinary)
