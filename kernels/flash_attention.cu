@@ -166,6 +166,57 @@ struct FlashSink {
     }
 };
 
+// The rows of out past the last sequence (padding), zeroed by one spare block.
+template <typename T, int D>
+__device__ void flash_zero_padding(T* out, const int* query_start_loc, int num_seqs, int num_tokens, int num_heads) {
+    const long long first = (long long)query_start_loc[num_seqs] * num_heads * D;
+    for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += FA_THREADS)
+        out[i] = from_f<T>(0.0f);
+}
+
+// KW > 1: the key-warp groups hold the same 16 rows over different keys. Each writes its
+// (max, sum, output rows) to shared memory (reusing the K/V stages); the block merges them
+// and hands every row to the sink. Every thread of the block calls it.
+template <typename T, int D, int KW>
+__device__ void flash_merge_key_warps(unsigned char* smem, const float (&o)[D / 8][4], const float (&m)[2],
+                                      const float (&l)[2], int rows_here, int row0, int group, int q_first,
+                                      int num_heads, int kv_head, const FlashSink<T, D>& sink) {
+    const int tid = threadIdx.x, lane = tid & 31, kw = (tid >> 5) / (FA_WARPS / KW), g = lane >> 2, t4 = lane & 3;
+    __syncthreads();  // every group is done with its stages
+    float* ms = reinterpret_cast<float*>(smem);  // [KW][16]
+    float* ls = ms + KW * 16;                    // [KW][16]
+    float* os = ls + KW * 16;                    // [KW][16][D]
+    for (int i = 0; i < 2; ++i) {
+        const int r = g + 8 * i;
+        if (t4 == 0) {
+            ms[kw * 16 + r] = m[i];
+            ls[kw * 16 + r] = l[i];
+        }
+        for (int d = 0; d < D / 8; ++d) {
+            os[(kw * 16 + r) * D + d * 8 + 2 * t4] = o[d][2 * i];
+            os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
+        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
+        if (r >= rows_here) continue;
+        float big = -SHARDLINE_INF;
+        for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
+        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
+        for (int w = 0; w < KW; ++w) {
+            const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
+            sum += f * ls[w * 16 + r];
+            acc0 += f * os[(w * 16 + r) * D + d];
+            acc1 += f * os[(w * 16 + r) * D + d + 1];
+        }
+        const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
+                               + packed % group;
+        sink.put2(orow, d, acc0, acc1, sum);
+        if (d == 0) sink.put_stats(orow, big, sum);
+    }
+}
+
 // Called by every thread of a block after its rows' partial results are written: the
 // last of the tile's num_splits blocks to get here merges every split's (max, sum,
 // weighted values) of the tile's rows into out, as attention_combine_kernel does.
@@ -223,11 +274,8 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int target = gridDim.x - 1 - blockIdx.x;
     const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
     if (where.x < 0) {  // the same for every thread of the block
-        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {   // past the last tile: the padding rows
-            const long long first = (long long)query_start_loc[num_seqs] * num_heads * D;
-            for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += FA_THREADS)
-                out[i] = from_f<T>(0.0f);
-        }
+        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)   // past the last tile
+            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
         return;
     }
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
@@ -395,40 +443,7 @@ __global__ void __launch_bounds__(FA_THREADS)
             if (t4 == 0) sink.put_stats(out_row[i], m[i], l[i]);
         }
     } else {
-        // KW > 1: the warps hold the same 16 rows over different keys; merge through shared memory.
-        __syncthreads();  // every group is done with its stages
-        float* ms = reinterpret_cast<float*>(smem);  // [KW][16]
-        float* ls = ms + KW * 16;                    // [KW][16]
-        float* os = ls + KW * 16;                    // [KW][16][D]
-        for (int i = 0; i < 2; ++i) {
-            const int r = g + 8 * i;
-            if (t4 == 0) {
-                ms[kw * 16 + r] = m[i];
-                ls[kw * 16 + r] = l[i];
-            }
-            for (int d = 0; d < DT; ++d) {
-                os[(kw * 16 + r) * D + d * 8 + 2 * t4] = o[d][2 * i];
-                os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
-            }
-        }
-        __syncthreads();
-        for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
-            const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
-            if (r >= rows_here) continue;
-            float big = -SHARDLINE_INF;
-            for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
-            float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-            for (int w = 0; w < KW; ++w) {
-                const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
-                sum += f * ls[w * 16 + r];
-                acc0 += f * os[(w * 16 + r) * D + d];
-                acc1 += f * os[(w * 16 + r) * D + d + 1];
-            }
-            const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
-                                   + packed % group;
-            sink.put2(orow, d, acc0, acc1, sum);
-            if (d == 0) sink.put_stats(orow, big, sum);
-        }
+        flash_merge_key_warps<T, D, KW>(smem, o, m, l, rows_here, row0, group, q_first, num_heads, kv_head, sink);
     }
     if (num_splits > 1)
         flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
