@@ -16,7 +16,10 @@ log = logging.getLogger(__name__)
 _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
 _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
-_FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's instantiations
+_FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's and flash_decode.cu's instantiations
+# flash_decode.cu's (keys per tile, tiles in flight) up to _FLASH_DECODE_DEEP_SEQS sequences, and
+# beyond: 3 deep is faster at batch 16-64, 2 at 256 (bench/flash_tile_sweep.py).
+_FLASH_DECODE_TILES, _FLASH_DECODE_DEEP_SEQS = ((16, 3), (16, 2)), 128
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -31,6 +34,9 @@ _KERNELS = {
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
+    "flash_decode": {"flash_decode_kernel": tuple(
+        f"{t}, {d}, {keys}, {stages}, {rope}" for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
+        for keys, stages in _FLASH_DECODE_TILES for rope in ("false", "true") if rope == "false" or d // 2 % 16 == 0)},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
@@ -55,9 +61,16 @@ _MAX_ATTENTION_SPLITS = 32
 # of 16 rows). Launches of fewer blocks than twice the multiprocessors also split each
 # row's keys over up to _FLASH_MAX_SPLITS blocks.
 _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
+# Launches of at most _FLASH_DECODE_ROWS rows a sequence (decode steps; a padding token's
+# rows allowed) run flash_decode.cu (8 rows a block, keys as the mma's M), splitting keys
+# while the launch has fewer blocks than _FLASH_DECODE_SPLIT_TARGET an SM (more splits
+# were slower at every batch in bench/flash_tile_sweep.py).
+_FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
-_OPTIONAL_MODULES = frozenset({"flash_attention", "skinny_gemm"})
+_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})
+# Modules compiled with other files in front of them (after common.cu).
+_PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common",)}
 # Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
 
@@ -69,6 +82,13 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     keys, stages = (32, 3) if key_warps == 1 else (16, 2)   # at head_dim 128: 51 and 34 KiB
     return max(key_warps * stages * 2 * keys * (head_dim + 8) * 2,
                (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
+
+
+def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
+    """Dynamic shared memory of flash_decode_kernel<T, head_dim, keys, stages>: 4 warps' stages
+    of K and V tiles (rows padded by 8), reused at the end for their merge (8 rows each)."""
+    keys, stages = tile   # at head_dim 128: 34 KiB for (16, 2), 51 KiB for (16, 3)
+    return max(4 * stages * 2 * keys * (head_dim + 8) * 2, (2 * 4 * 8 + 4 * 8 * head_dim) * 4)
 
 
 def _include_options() -> tuple[str, ...]:
@@ -95,7 +115,8 @@ def _compile_kernels() -> dict:
     functions = {}
     for module_name, kernels in _KERNELS.items():
         names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}
-        source = common + "\n" + (_KERNEL_DIR / f"{module_name}.cu").read_text()
+        files = _PRELUDES.get(module_name, ()) + (module_name,)
+        source = "\n".join([common] + [(_KERNEL_DIR / f"{name}.cu").read_text() for name in files])
         module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
         try:
             for key, expression in names.items():

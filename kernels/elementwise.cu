@@ -27,7 +27,7 @@ __global__ void silu_and_mul_kernel(const T* x, T* out, int inter) {
     T* dst = out + blockIdx.x * (long long)inter;
     for (int col = blockIdx.y * blockDim.x + threadIdx.x; col < inter; col += gridDim.y * blockDim.x) {
         const float g = to_f(gate[col]), up = to_f(gate[inter + col]);
-        dst[col] = from_f<T>(g / (1.0f + expf(-g)) * up);
+        dst[col] = from_f<T>(silu_mul(g, up));
     }
 }
 
@@ -44,7 +44,7 @@ __global__ void silu_and_mul_vec_kernel(const T* x, T* out, int inter) {
         unpack8<T>(gate[v], g);
         unpack8<T>(gate[vecs + v], up);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * up[i];
+        for (int i = 0; i < 8; ++i) g[i] = silu_mul(g[i], up[i]);
         dst[v] = pack8<T>(g);
     }
 }
@@ -65,10 +65,10 @@ __global__ void gelu_kernel(const T* x, T* out, long long n, int exact) {
 template <typename T>
 __device__ __forceinline__ void rotate_half(const T* src, T* dst, const float* table, int half, int j) {
     // rotate-half on one (x1, x2) pair: table is cos | sin for the token
-    const float c = table[j], s = table[half + j];
-    const float x1 = to_f(src[j]), x2 = to_f(src[half + j]);
-    dst[j] = from_f<T>(x1 * c - x2 * s);
-    dst[half + j] = from_f<T>(x2 * c + x1 * s);
+    float lo, hi;
+    rope_rotate(to_f(src[j]), to_f(src[half + j]), table[j], table[half + j], lo, hi);
+    dst[j] = from_f<T>(lo);
+    dst[half + j] = from_f<T>(hi);
 }
 
 template <typename T>

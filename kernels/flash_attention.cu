@@ -41,142 +41,9 @@
 // between launches. blockDim.x == 128. Dynamic shared memory:
 // cuda_common.flash_smem_bytes.
 
-#define FA_WARPS 4
-#define FA_THREADS (FA_WARPS * 32)
-#define FA_LOG2E 1.4426950408889634f
-
-// Sequence b's tile count.
-__device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, int group, int bq) {
-    return ((query_start_loc[b + 1] - query_start_loc[b]) * group + bq - 1) / bq;
-}
-
-// (sequence, tile within it) of tile number `target`, or sequence -1 past the last tile.
-// Every thread of the block must call it (it synchronises).
-__device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int group, int bq, int target) {
-    __shared__ int counts[FA_THREADS];
-    __shared__ int2 found;
-    const int tid = threadIdx.x, chunk = (num_seqs + FA_THREADS - 1) / FA_THREADS;
-    const int lo = min(num_seqs, tid * chunk), hi = min(num_seqs, lo + chunk);
-    int mine = 0;
-    for (int s = lo; s < hi; ++s) mine += flash_tiles(query_start_loc, s, group, bq);
-    counts[tid] = mine;
-    if (tid == 0) found = make_int2(-1, 0);
-    __syncthreads();
-    for (int offset = 1; offset < FA_THREADS; offset <<= 1) {  // inclusive scan
-        const int add = tid >= offset ? counts[tid - offset] : 0;
-        __syncthreads();
-        counts[tid] += add;
-        __syncthreads();
-    }
-    const int before = counts[tid] - mine;
-    if (target >= before && target < before + mine) {
-        int t = target - before;
-        for (int s = lo; s < hi; ++s) {
-            const int n = flash_tiles(query_start_loc, s, group, bq);
-            if (t < n) {
-                found = make_int2(s, t);
-                break;
-            }
-            t -= n;
-        }
-    }
-    __syncthreads();
-    return found;
-}
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; zeros when !valid (src is then not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-
-// c += a b, m16n8k16, fp32 accumulate; the pointer argument picks the input type.
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
-                                         const __nv_bfloat16*) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
-                                         const __half*) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as two storage-type values in one register (lo in the low half).
-__device__ __forceinline__ unsigned pack2(float lo, float hi, const __nv_bfloat16*) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-__device__ __forceinline__ unsigned pack2(float lo, float hi, const __half*) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-// Where a finished row goes: out (normalised) when the launch has one split, else its
-// split's slot of `partial` (weighted values, then max in natural-log units and sum).
-template <typename T, int D>
-struct FlashSink {
-    T* out;
-    float* partial;
-    int num_heads, num_splits, split;
-
-    __device__ __forceinline__ long long row(long long token, long long head) const {
-        return token * num_heads + head;
-    }
-    // acc: sum of 2^(s - m) v over the row's keys; m in log2 units; l: sum of 2^(s - m).
-    __device__ __forceinline__ void put2(long long r, int d, float acc0, float acc1, float l) const {
-        if (num_splits == 1) {
-            const float inv = 1.0f / l;
-            out[r * D + d] = from_f<T>(acc0 * inv);
-            out[r * D + d + 1] = from_f<T>(acc1 * inv);
-        } else {
-            float* slot = partial + (r * num_splits + split) * (D + 2);
-            slot[d] = acc0;
-            slot[d + 1] = acc1;
-        }
-    }
-    __device__ __forceinline__ void put_stats(long long r, float m, float l) const {
-        if (num_splits > 1) {
-            float* slot = partial + (r * num_splits + split) * (D + 2);
-            slot[D] = m == -SHARDLINE_INF ? m : m / FA_LOG2E;
-            slot[D + 1] = l;
-        }
-    }
-};
-
-// The rows of out past the last sequence (padding), zeroed by one spare block.
-template <typename T, int D>
-__device__ void flash_zero_padding(T* out, const int* query_start_loc, int num_seqs, int num_tokens, int num_heads) {
-    const long long first = (long long)query_start_loc[num_seqs] * num_heads * D;
-    for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += FA_THREADS)
-        out[i] = from_f<T>(0.0f);
-}
-
 // KW > 1: the key-warp groups hold the same 16 rows over different keys. Each writes its
 // (max, sum, output rows) to shared memory (reusing the K/V stages); the block merges them
-// and hands every row to the sink. Every thread of the block calls it.
+// (flash_combine_key_warps). Every thread of the block calls it.
 template <typename T, int D, int KW>
 __device__ void flash_merge_key_warps(unsigned char* smem, const float (&o)[D / 8][4], const float (&m)[2],
                                       const float (&l)[2], int rows_here, int row0, int group, int q_first,
@@ -197,60 +64,7 @@ __device__ void flash_merge_key_warps(unsigned char* smem, const float (&o)[D / 
             os[(kw * 16 + r) * D + d * 8 + 2 * t4 + 1] = o[d][2 * i + 1];
         }
     }
-    __syncthreads();
-    for (int idx = tid; idx < 16 * (D / 2); idx += FA_THREADS) {
-        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
-        if (r >= rows_here) continue;
-        float big = -SHARDLINE_INF;
-        for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * 16 + r]);
-        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-        for (int w = 0; w < KW; ++w) {
-            const float f = ms[w * 16 + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * 16 + r] - big);
-            sum += f * ls[w * 16 + r];
-            acc0 += f * os[(w * 16 + r) * D + d];
-            acc1 += f * os[(w * 16 + r) * D + d + 1];
-        }
-        const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
-                               + packed % group;
-        sink.put2(orow, d, acc0, acc1, sum);
-        if (d == 0) sink.put_stats(orow, big, sum);
-    }
-}
-
-// Called by every thread of a block after its rows' partial results are written: the
-// last of the tile's num_splits blocks to get here merges every split's (max, sum,
-// weighted values) of the tile's rows into out, as attention_combine_kernel does.
-template <typename T, int D>
-__device__ void flash_merge_splits(const float* partial, T* out, int* counter, int num_splits, int rows_here,
-                                   long long row0, int group, long long q_first, int num_heads, int kv_head) {
-    __shared__ int last;
-    __threadfence();   // this block's partial rows are visible before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(counter, 1) == num_splits - 1;
-        if (last) *counter = 0;   // every split has counted: ready for the next launch
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < rows_here * D; idx += blockDim.x) {
-        const long long packed = row0 + idx / D;
-        const int d = idx % D;
-        const long long r = (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
-        const float* parts = partial + r * num_splits * (D + 2);
-        float m = -SHARDLINE_INF;
-        for (int s = 0; s < num_splits; ++s) m = fmaxf(m, __ldcg(parts + s * (D + 2) + D));
-        float l = 0.0f, acc = 0.0f;
-        for (int s = 0; s < num_splits; ++s) {
-            const float ms = __ldcg(parts + s * (D + 2) + D);
-            if (ms > -SHARDLINE_INF) {
-                const float f = expf(ms - m);
-                l += f * __ldcg(parts + s * (D + 2) + D + 1);
-                acc += f * __ldcg(parts + s * (D + 2) + d);
-            }
-        }
-        out[r * D + d] = from_f<T>(acc / l);
-    }
+    flash_combine_key_warps<T, D, KW, 16>(ms, ls, os, rows_here, row0, group, q_first, num_heads, kv_head, sink);
 }
 
 template <typename T, int D, int KW>
@@ -281,13 +95,11 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % RW, kw = warp / RW;
     const int g = lane >> 2, t4 = lane & 3;
-    const int q_first = query_start_loc[b], num_q = query_start_loc[b + 1] - q_first;
-    const int row0 = where.y * BQ, rows_here = min(BQ, num_q * group - row0);
-    const int first_pos = seq_lens[b] - num_q;  // position of query 0
-    const int k_hi = first_pos + (row0 + rows_here - 1) / group + 1;
-    const int k_lo = window > 0 ? max(0, first_pos + row0 / group - window + 1) : 0;
-    const int tiles = (k_hi - k_lo + BK - 1) / BK, per_split = (tiles + num_splits - 1) / num_splits;
-    const int t_begin = split * per_split, t_end = min(tiles, t_begin + per_split);
+    const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
+                                         num_splits);
+    const int q_first = range.q_first, num_q = range.num_q, row0 = range.row0, rows_here = range.rows_here;
+    const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;
+    const int t_begin = range.t_begin, t_end = range.t_end;
     const int* table = block_tables + (long long)b * max_blocks;
     const long long kv_stride = (long long)num_kv_heads * D;
     const T* tag = nullptr;  // picks the mma and pack overloads
@@ -387,32 +199,11 @@ __global__ void __launch_bounds__(FA_THREADS)
                     s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
                     mx[i] = fmaxf(mx[i], s[n][e]);
                 }
-            float alpha[2];
-            for (int i = 0; i < 2; ++i) {
+            for (int i = 0; i < 2; ++i) {   // a row's scores are spread over the 4 lanes of one g
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : exp2f(m[i] - mx[i]);  // 0 while m was -inf
-                m[i] = mx[i];
-                l[i] *= alpha[i];
             }
-#pragma unroll
-            for (int n = 0; n < NT; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = e >> 1;
-                    s[n][e] = m[i] == -SHARDLINE_INF ? 0.0f : exp2f(s[n][e] - m[i]);
-                    l[i] += s[n][e];
-                }
-            // Once the running max settles, alpha is 1 for every row of the warp: skip the rescale.
-            if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-                for (int d = 0; d < DT; ++d) {
-                    o[d][0] *= alpha[0];
-                    o[d][1] *= alpha[0];
-                    o[d][2] *= alpha[1];
-                    o[d][3] *= alpha[1];
-                }
-            }
+            flash_softmax_update<1>(s, o, m, l, mx);
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk) {
                 const unsigned pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1], tag), pack2(s[2 * kk][2], s[2 * kk][3], tag),

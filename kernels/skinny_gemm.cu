@@ -81,7 +81,7 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
     if (lane == 0 && gated) {
         for (int m = 0; m < M; ++m) {
             const float g = round_to<T>(acc[0][m]), up = round_to<T>(acc[1][m]);
-            y[(long long)m * N + n0] = from_f<T>(g / (1.0f + expf(-g)) * up);
+            y[(long long)m * N + n0] = from_f<T>(silu_mul(g, up));
         }
     } else if (lane == 0) {
         for (int r = 0; r < rows; ++r)

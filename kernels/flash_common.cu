@@ -1,0 +1,264 @@
+// Pieces shared by the tensor-core attention kernels (flash_attention.cu for
+// prefill and mixed launches, flash_decode.cu for decode rows): the block-wide
+// tile lookup, cp.async / ldmatrix / mma.sync wrappers, where finished rows go
+// (FlashSink), and the merges of partial softmax results across a block's key
+// warps and across split blocks. Compiled in front of each of those files.
+
+#define FA_WARPS 4
+#define FA_THREADS (FA_WARPS * 32)
+#define FA_LOG2E 1.4426950408889634f
+
+// Sequence b's tile count.
+__device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, int group, int bq) {
+    return ((query_start_loc[b + 1] - query_start_loc[b]) * group + bq - 1) / bq;
+}
+
+// (sequence, tile within it) of tile number `target`, or sequence -1 past the last tile.
+// Every thread of the block must call it (it synchronises).
+__device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int group, int bq, int target) {
+    __shared__ int counts[FA_THREADS];
+    __shared__ int2 found;
+    const int tid = threadIdx.x, chunk = (num_seqs + FA_THREADS - 1) / FA_THREADS;
+    const int lo = min(num_seqs, tid * chunk), hi = min(num_seqs, lo + chunk);
+    int mine = 0;
+    for (int s = lo; s < hi; ++s) mine += flash_tiles(query_start_loc, s, group, bq);
+    counts[tid] = mine;
+    if (tid == 0) found = make_int2(-1, 0);
+    __syncthreads();
+    for (int offset = 1; offset < FA_THREADS; offset <<= 1) {  // inclusive scan
+        const int add = tid >= offset ? counts[tid - offset] : 0;
+        __syncthreads();
+        counts[tid] += add;
+        __syncthreads();
+    }
+    const int before = counts[tid] - mine;
+    if (target >= before && target < before + mine) {
+        int t = target - before;
+        for (int s = lo; s < hi; ++s) {
+            const int n = flash_tiles(query_start_loc, s, group, bq);
+            if (t < n) {
+                found = make_int2(s, t);
+                break;
+            }
+            t -= n;
+        }
+    }
+    __syncthreads();
+    return found;
+}
+
+// A block's rows and keys: sequence b's row tile `tile` (BQ packed rows from row0, rows_here
+// of them real) and its split's run [t_begin, t_end) of the key tiles (BK keys from k_lo) that
+// its rows see; first_pos is the position of the sequence's first query of the launch.
+struct FlashRange {
+    int q_first, num_q, row0, rows_here, first_pos, k_lo, k_hi, t_begin, t_end;
+};
+
+__device__ __forceinline__ FlashRange flash_range(const int* query_start_loc, const int* seq_lens, int b, int tile,
+                                                  int bq, int bk, int group, int window, int split, int num_splits) {
+    FlashRange r;
+    r.q_first = query_start_loc[b];
+    r.num_q = query_start_loc[b + 1] - r.q_first;
+    r.row0 = tile * bq;
+    r.rows_here = min(bq, r.num_q * group - r.row0);
+    r.first_pos = seq_lens[b] - r.num_q;
+    r.k_hi = r.first_pos + (r.row0 + r.rows_here - 1) / group + 1;
+    r.k_lo = window > 0 ? max(0, r.first_pos + r.row0 / group - window + 1) : 0;
+    const int tiles = (r.k_hi - r.k_lo + bk - 1) / bk, per_split = (tiles + num_splits - 1) / num_splits;
+    r.t_begin = split * per_split;
+    r.t_end = min(tiles, r.t_begin + per_split);
+    return r;
+}
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zeros when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// The transpose of an 8 x 8 matrix of 16-bit values held in mma fragment layout (lane l holds
+// row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1).
+__device__ __forceinline__ unsigned movmatrix_trans(unsigned a) {
+    unsigned d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+    return d;
+}
+
+// c += a b, m16n8k16, fp32 accumulate; the pointer argument picks the input type.
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
+                                         const __nv_bfloat16*) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
+                                         const __half*) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as two storage-type values in one register (lo in the low half).
+__device__ __forceinline__ unsigned pack2(float lo, float hi, const __nv_bfloat16*) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ unsigned pack2(float lo, float hi, const __half*) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// The online softmax's step over one tile of a warp's scores s (log2 units), given mx, the
+// rows' running max over the tile and m (reduced over the lanes sharing a row): l and the
+// output o scale by 2^(m - mx) (skipped once no row's max moves), m becomes mx, and s
+// becomes 2^(s - m), added to l. This lane's accumulator element e belongs to its row
+// (e >> ROW_SHIFT) & 1 of two: flash_attention.cu's rows are the mma's M (ROW_SHIFT 1),
+// flash_decode.cu's its N (ROW_SHIFT 0).
+template <int ROW_SHIFT, int N, int DT>
+__device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o)[DT][4], float (&m)[2],
+                                                    float (&l)[2], const float (&mx)[2]) {
+    float alpha[2];
+    for (int i = 0; i < 2; ++i) {
+        alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : exp2f(m[i] - mx[i]);  // 0 while m was -inf
+        m[i] = mx[i];
+        l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = (e >> ROW_SHIFT) & 1;
+            s[n][e] = m[i] == -SHARDLINE_INF ? 0.0f : exp2f(s[n][e] - m[i]);
+            l[i] += s[n][e];
+        }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[d][e] *= alpha[(e >> ROW_SHIFT) & 1];
+    }
+}
+
+// Where a finished row goes: out (normalised) when the launch has one split, else its
+// split's slot of `partial` (weighted values, then max in natural-log units and sum).
+template <typename T, int D>
+struct FlashSink {
+    T* out;
+    float* partial;
+    int num_heads, num_splits, split;
+
+    __device__ __forceinline__ long long row(long long token, long long head) const {
+        return token * num_heads + head;
+    }
+    // acc: sum of 2^(s - m) v over the row's keys; m in log2 units; l: sum of 2^(s - m).
+    __device__ __forceinline__ void put2(long long r, int d, float acc0, float acc1, float l) const {
+        if (num_splits == 1) {
+            const float inv = 1.0f / l;
+            out[r * D + d] = from_f<T>(acc0 * inv);
+            out[r * D + d + 1] = from_f<T>(acc1 * inv);
+        } else {
+            float* slot = partial + (r * num_splits + split) * (D + 2);
+            slot[d] = acc0;
+            slot[d + 1] = acc1;
+        }
+    }
+    __device__ __forceinline__ void put_stats(long long r, float m, float l) const {
+        if (num_splits > 1) {
+            float* slot = partial + (r * num_splits + split) * (D + 2);
+            slot[D] = m == -SHARDLINE_INF ? m : m / FA_LOG2E;
+            slot[D + 1] = l;
+        }
+    }
+};
+
+// The rows of out past the last sequence (padding), zeroed by one spare block.
+template <typename T, int D>
+__device__ void flash_zero_padding(T* out, const int* query_start_loc, int num_seqs, int num_tokens, int num_heads) {
+    const long long first = (long long)query_start_loc[num_seqs] * num_heads * D;
+    for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += FA_THREADS)
+        out[i] = from_f<T>(0.0f);
+}
+
+// KW > 1: the block's KW key warps hold the same R rows over different keys, and each has
+// written its rows' (max in log2 units, sum, weighted values) to ms [KW][R], ls [KW][R]
+// and os [KW][R][D] in shared memory. Merges them and hands every row to the sink.
+// Every thread of the block calls it.
+template <typename T, int D, int KW, int R>
+__device__ void flash_combine_key_warps(const float* ms, const float* ls, const float* os, int rows_here,
+                                        int row0, int group, int q_first, int num_heads, int kv_head,
+                                        const FlashSink<T, D>& sink) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < R * (D / 2); idx += FA_THREADS) {
+        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
+        if (r >= rows_here) continue;
+        float big = -SHARDLINE_INF;
+        for (int w = 0; w < KW; ++w) big = fmaxf(big, ms[w * R + r]);
+        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
+        for (int w = 0; w < KW; ++w) {
+            const float f = ms[w * R + r] == -SHARDLINE_INF ? 0.0f : exp2f(ms[w * R + r] - big);
+            sum += f * ls[w * R + r];
+            acc0 += f * os[(w * R + r) * D + d];
+            acc1 += f * os[(w * R + r) * D + d + 1];
+        }
+        const long long orow = (long long)(q_first + packed / group) * num_heads + (long long)kv_head * group
+                               + packed % group;
+        sink.put2(orow, d, acc0, acc1, sum);
+        if (d == 0) sink.put_stats(orow, big, sum);
+    }
+}
+
+// Called by every thread of a block after its rows' partial results are written: the
+// last of the tile's num_splits blocks to get here merges every split's (max, sum,
+// weighted values) of the tile's rows into out, as attention_combine_kernel does.
+template <typename T, int D>
+__device__ void flash_merge_splits(const float* partial, T* out, int* counter, int num_splits, int rows_here,
+                                   long long row0, int group, long long q_first, int num_heads, int kv_head) {
+    __shared__ int last;
+    __threadfence();   // this block's partial rows are visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == num_splits - 1;
+        if (last) *counter = 0;   // every split has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < rows_here * D; idx += blockDim.x) {
+        const long long packed = row0 + idx / D;
+        const int d = idx % D;
+        const long long r = (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
+        const float* parts = partial + r * num_splits * (D + 2);
+        float m = -SHARDLINE_INF;
+        for (int s = 0; s < num_splits; ++s) m = fmaxf(m, __ldcg(parts + s * (D + 2) + D));
+        float l = 0.0f, acc = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float ms = __ldcg(parts + s * (D + 2) + D);
+            if (ms > -SHARDLINE_INF) {
+                const float f = expf(ms - m);
+                l += f * __ldcg(parts + s * (D + 2) + D + 1);
+                acc += f * __ldcg(parts + s * (D + 2) + d);
+            }
+        }
+        out[r * D + d] = from_f<T>(acc / l);
+    }
+}

@@ -1,0 +1,239 @@
+// Flash attention for decode rows on tensor cores, with the keys as the mma's
+// M dimension: S^T = K Q^T, then O^T += V^T P^T. Same arguments, row packing,
+// tile lookup, splits and sinks as flash_attention.cu (flash_common.cu holds
+// the shared pieces); launched when the rows average at most 8 a sequence
+// (a decode step: one query token under the G heads of a KV head).
+//
+// A block owns one tile of 8 packed rows of one sequence and KV head. Its 4
+// warps take every 4th tile of BK keys each, from their own cp.async stages,
+// and merge their partial softmax in shared memory at the end. With the rows
+// as the mma's N = 8, a warp keeps Q as B fragments (D / 8 registers) and its
+// output as O^T, D / 16 fragments of 4 floats (32 registers at D = 128), where
+// flash_attention.cu's decode shape pads 4 rows to 16 and keeps 64: about half
+// the registers, so twice the blocks fit an SM and more keys are in flight.
+// The probabilities leave the scores' accumulator (keys as rows) as bf16/fp16
+// and become the B operand of V^T P^T (keys as columns) by movmatrix.
+//
+// ROPE (ops.rope_paged_attention): q, k_new and v_new are the step's unrotated
+// projections (token rows q_stride / new_stride apart), and the kernel does
+// rope_write_kv's work too: it rotates q in registers, takes the new keys (from
+// the sequence's first query's position on) from k_new / v_new instead of the
+// cache, rotates them in shared memory and writes them from there to their cache
+// slots for later steps (slots out of range are skipped; blocks that share a new
+// key write the same values). Head sizes with D / 2 % 16 == 0 (a rotation pair
+// then sits in one lane's fragments).
+
+template <typename T, int D, int BK, int STAGES, bool ROPE>
+__global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, no spill
+    flash_decode_kernel(const T* q, T* k_cache, T* v_cache, T* out, float* partial,
+                        const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
+                        const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
+                        int window, int num_splits, int* counters, int num_tokens, long long q_stride,
+                        const T* k_new, const T* v_new, long long new_stride, const long long* positions,
+                        const float* cos_sin, const long long* slots, long long num_slots) {
+    constexpr int KW = FA_WARPS, BQ = 8, LD = D + 8, MT = BK / 16, DT = D / 16, VECS = D / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+
+    // Until pdl_begin() (dependent launches: the kernel before may still run) this reads only
+    // what no kernel of the step writes: the host's tables, and cache keys before the new ones.
+    const int group = num_heads / num_kv_heads;
+    const int target = gridDim.x - 1 - blockIdx.x;
+    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
+    if (where.x < 0) {  // the same for every thread of the block
+        pdl_begin();
+        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)   // past the last tile
+            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
+        return;
+    }
+    const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
+    const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
+                                         num_splits);
+    const int q_first = range.q_first, num_q = range.num_q, row0 = range.row0, rows_here = range.rows_here;
+    const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;  // keys from first_pos on are new
+    const int t_begin = range.t_begin, t_end = range.t_end;
+    const int* table = block_tables + (long long)b * max_blocks;
+    const long long kv_stride = (long long)num_kv_heads * D;
+    const T* tag = nullptr;  // picks the mma and pack overloads
+
+    // The scores and outputs of this lane are rows 2 t4 and 2 t4 + 1 (the mma's columns). Rows past
+    // rows_here compute on zero queries and are never written.
+    int pos[2];
+    for (int i = 0; i < 2; ++i) pos[i] = first_pos + (row0 + 2 * t4 + i) / group;
+    const int pos_lo = first_pos + row0 / group, pos_hi = k_hi - 1;
+
+    float o[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m[2] = {-SHARDLINE_INF, -SHARDLINE_INF}, l[2] = {0.0f, 0.0f};
+    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: exp2f below
+
+    T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this warp's [STAGES][K|V][BK][LD]
+    // The cache block of key (lane % BK) of tile t: looked up a tile before its loads need it.
+    auto page_of = [&](int t) {
+        const int j = k_lo + t * BK + lane % BK;
+        return t < t_end && j < k_hi ? __ldg(table + j / block_size) : 0;
+    };
+    auto load = [&](int t, int stage, int page) {
+        T* ks = stages + stage * 2 * BK * LD;
+        T* vs = ks + BK * LD;
+        const int kb = k_lo + t * BK;
+#pragma unroll
+        for (int i = lane; i < BK * VECS; i += 32) {   // BK * VECS is a multiple of 32
+            const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
+            const int p = __shfl_sync(0xffffffffu, page, r);
+            const bool ok = j < k_hi, fresh = ROPE && j >= first_pos;   // fresh: this step's key
+            const long long off = !ok ? 0
+                                  : fresh ? (q_first + j - first_pos) * new_stride + (long long)kv_head * D + c
+                                          : ((long long)p * block_size + j % block_size) * kv_stride
+                                                + (long long)kv_head * D + c;
+            cp_async16(ks + r * LD + c, (fresh ? k_new : k_cache) + off, ok);
+            cp_async16(vs + r * LD + c, (fresh ? v_new : v_cache) + off, ok);
+        }
+    };
+
+    // One commit group per tile slot, empty past the last tile (as in flash_attention.cu). The
+    // first slots' tiles go before the wait while they hold no new key (as in a decode step).
+    int t = t_begin + kw, st = 0;
+    for (; st < STAGES - 1 && k_lo + (t + st * KW + 1) * BK <= first_pos; ++st) {
+        if (t + st * KW < t_end) load(t + st * KW, st, page_of(t + st * KW));
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    int ahead = page_of(t + (STAGES - 1) * KW);
+    // ROPE: the positions and slots of the sequence's first 32 new tokens, one a lane, and
+    // this lane's query row's cos | sin.
+    const int q_packed = row0 + g;
+    const long long q_token = q_first + q_packed / group;
+    const long long fresh_pos = ROPE ? positions[q_first + min(lane, num_q - 1)] : 0;
+    const long long fresh_slot = ROPE ? slots[q_first + min(lane, num_q - 1)] : 0;
+    const float* q_table = ROPE ? cos_sin + (g < rows_here ? positions[q_token] : 0) * D : cos_sin;
+    pdl_begin();
+    for (; st < STAGES - 1; ++st) {
+        if (t + st * KW < t_end) load(t + st * KW, st, page_of(t + st * KW));
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    // Q as the B operand (dims x rows): row g, dims 2 t4 (+1) and 2 t4 + 8 (+1) of each 16.
+    unsigned qf[DT][2];
+    const T* q_src = q + q_token * q_stride + ((long long)kv_head * group + q_packed % group) * D;
+    if (!ROPE) {
+#pragma unroll
+        for (int kk = 0; kk < DT; ++kk)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                qf[kk][h] = g < rows_here ? *reinterpret_cast<const unsigned*>(q_src + kk * 16 + 8 * h + 2 * t4) : 0u;
+    } else {   // dims j and j + D / 2 pair up: fragments kk and kk + DT / 2 of this lane
+#pragma unroll
+        for (int kk = 0; kk < DT / 2; ++kk)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float lo[2], hi[2];
+                for (int e = 0; e < 2; ++e) {
+                    const int j = kk * 16 + 8 * h + 2 * t4 + e;
+                    rope_rotate(g < rows_here ? to_f(q_src[j]) : 0.0f, g < rows_here ? to_f(q_src[j + D / 2]) : 0.0f,
+                                q_table[j], q_table[j + D / 2], lo[e], hi[e]);
+                }
+                qf[kk][h] = pack2(lo[0], lo[1], tag);
+                qf[kk + DT / 2][h] = pack2(hi[0], hi[1], tag);
+            }
+    }
+    for (int it = 0; t < t_end; ++it, t += KW) {
+        if (t + (STAGES - 1) * KW < t_end) load(t + (STAGES - 1) * KW, (it + STAGES - 1) % STAGES, ahead);
+        asm volatile("cp.async.commit_group;\n" ::);
+        ahead = page_of(t + STAGES * KW);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
+        __syncwarp();
+        const int kb = k_lo + t * BK;
+        T* const ks = stages + (it % STAGES) * 2 * BK * LD;
+        const T* vs = ks + BK * LD;
+        if (ROPE && kb + BK > first_pos) {   // this step's keys, unrotated: rotate them, store them
+            for (int r = max(0, first_pos - kb); r < BK && kb + r < k_hi; ++r) {
+                const int n = kb + r - first_pos;   // the sequence's n-th new token
+                const long long pos = n < 32 ? __shfl_sync(0xffffffffu, fresh_pos, n) : positions[q_first + n];
+                const long long slot = n < 32 ? __shfl_sync(0xffffffffu, fresh_slot, n) : slots[q_first + n];
+                const float* table = cos_sin + pos * D;
+                T* row = ks + r * LD;
+                for (int j = lane; j < D / 2; j += 32) {
+                    float lo, hi;
+                    rope_rotate(to_f(row[j]), to_f(row[j + D / 2]), table[j], table[j + D / 2], lo, hi);
+                    row[j] = from_f<T>(lo);
+                    row[j + D / 2] = from_f<T>(hi);
+                }
+                __syncwarp();   // (at D = 32 a lane stores elements another lane rotated)
+                if (slot >= 0 && slot < num_slots) {
+                    T* k_dst = k_cache + slot * kv_stride + (long long)kv_head * D;
+                    T* v_dst = v_cache + slot * kv_stride + (long long)kv_head * D;
+                    for (int j = lane; j < D; j += 32) {
+                        k_dst[j] = row[j];
+                        v_dst[j] = vs[r * LD + j];
+                    }
+                }
+            }
+            __syncwarp();
+        }
+        float s[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DT; ++kk)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                unsigned kf[4];  // keys mt * 16 + (mi % 2) * 8 + mr, dims kk * 16 + (mi / 2) * 8
+                ldmatrix_x4(kf, ks + (mt * 16 + (mi & 1) * 8 + mr) * LD + kk * 16 + (mi >> 1) * 8);
+                mma16816(s[mt], kf, qf[kk][0], qf[kk][1], tag);
+            }
+        // s[mt][e]: key kb + mt * 16 + g + 8 (e / 2), row 2 t4 + e % 2.
+        const bool unmasked = kb + BK <= k_hi && kb + BK - 1 <= pos_lo && (window <= 0 || kb > pos_hi - window);
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e & 1, j = kb + mt * 16 + g + 8 * (e >> 1);
+                const bool seen = unmasked || (j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window));
+                s[mt][e] = seen ? s[mt][e] * scale2 : -SHARDLINE_INF;
+                mx[i] = fmaxf(mx[i], s[mt][e]);
+            }
+        for (int i = 0; i < 2; ++i)   // a row's keys are spread over the 8 lanes of one t4
+            for (int offset = 4; offset < 32; offset <<= 1) mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], offset));
+        flash_softmax_update<0>(s, o, m, l, mx);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            // P^T as B (keys x rows): the transposes of the two 8 x 8 (key, row) halves.
+            const unsigned b0 = movmatrix_trans(pack2(s[mt][0], s[mt][1], tag));
+            const unsigned b1 = movmatrix_trans(pack2(s[mt][2], s[mt][3], tag));
+#pragma unroll
+            for (int dp = 0; dp < DT; ++dp) {
+                unsigned vf[4];  // V^T as A: matrix mi is dims dp * 16 + (mi % 2) * 8, keys mt * 16 + (mi / 2) * 8
+                ldmatrix_x4_trans(vf, vs + (mt * 16 + (mi >> 1) * 8 + mr) * LD + dp * 16 + (mi & 1) * 8);
+                mma16816(o[dp], vf, b0, b1, tag);
+            }
+        }
+        __syncwarp();  // the stage is free for the load STAGES - 1 tiles on
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);   // no copy in flight into shared memory reused below
+    for (int i = 0; i < 2; ++i)   // each of the 8 lanes of a row summed its own keys
+        for (int offset = 4; offset < 32; offset <<= 1) l[i] += __shfl_xor_sync(0xffffffffu, l[i], offset);
+
+    __syncthreads();  // every warp is done with its stages
+    float* ms = reinterpret_cast<float*>(smem);  // [KW][BQ]
+    float* ls = ms + KW * BQ;                    // [KW][BQ]
+    float* os = ls + KW * BQ;                    // [KW][BQ][D]
+    for (int i = 0; i < 2; ++i) {
+        const int r = kw * BQ + 2 * t4 + i;
+        if (g == 0) {
+            ms[r] = m[i];
+            ls[r] = l[i];
+        }
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            os[r * D + d * 16 + g] = o[d][i];
+            os[r * D + d * 16 + g + 8] = o[d][2 + i];
+        }
+    }
+    const FlashSink<T, D> sink = {out, partial, num_heads, num_splits, split};
+    flash_combine_key_warps<T, D, KW, BQ>(ms, ls, os, rows_here, row0, group, q_first, num_heads, kv_head, sink);
+    if (num_splits > 1)
+        flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
+                                 rows_here, row0, group, q_first, num_heads, kv_head);
+}
