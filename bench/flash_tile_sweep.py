@@ -56,7 +56,7 @@ def ops_with_tiles(decode: tuple[int, int], prefill: tuple[int, int]):
         return key_warps * stages * 2 * keys * (head_dim + 8) * 2
     common._KERNEL_DIR, common.flash_smem_bytes, attention.flash_smem_bytes = folder, smem, smem
     common._KERNELS["flash_decode"] = {"flash_decode_kernel": tuple(
-        f"{t}, {d}, {decode[0]}, {decode[1]}, false" for t in ("__half", "__nv_bfloat16")
+        f"{t}, {d}, {decode[0]}, {decode[1]}" for t in ("__half", "__nv_bfloat16")
         for d in common._FLASH_HEAD_DIMS)}
     ops = CudaOps(0)
     ops.decode_tiles = (decode, decode)

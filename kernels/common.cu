@@ -36,13 +36,6 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Rotate-half rope on one (x1, x2) pair with its position's cos and sin, rounded exactly as
-// written (no contraction into FMAs), so every kernel that applies it gives the same values.
-__device__ __forceinline__ void rope_rotate(float x1, float x2, float c, float s, float& lo, float& hi) {
-    lo = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-    hi = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
-}
-
 // silu(gate) * up, the SiLU gate of a gated MLP; every kernel that applies it calls this, so
 // the fused paths give the unfused ones' values exactly.
 __device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }

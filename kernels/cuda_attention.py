@@ -10,17 +10,15 @@ Same meaning as numpy_ops; no host sync.
 
 from __future__ import annotations
 
-import math
-
 import cupy
 import numpy as np
 
 from shardline.kernels.cuda_common import (
     _ATTENTION_TARGET_BLOCKS,
     _ATTENTION_THREADS,
+    _FLASH_DECODE_DEEP_SEQS,
     _FLASH_DECODE_ROWS,
     _FLASH_DECODE_SPLIT_TARGET,
-    _FLASH_DECODE_DEEP_SEQS,
     _FLASH_DECODE_TILES,
     _FLASH_HEAD_DIMS,
     _FLASH_MAX_SPLITS,
@@ -42,12 +40,12 @@ from shardline.kernels.backend import gpu_paths_off
 class AttentionOps:
     use_flash = "flash" not in gpu_paths_off()
     use_flash_decode = "flash_decode" not in gpu_paths_off()
-    use_fused_rope = "fused_rope" not in gpu_paths_off()   # rope_paged_attention in one flash_decode launch
     decode_tiles = _FLASH_DECODE_TILES   # flash_decode_kernel's (keys, stages): few sequences, many
     decode_split_target = _FLASH_DECODE_SPLIT_TARGET
 
-    def _check_attention(self, q, k_cache, v_cache, sliding_window) -> None:
-        _ctype(q, "q")
+    def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
+        # single: (num_q, seq_len) of one contiguous sequence, else None (paged)
+        ctype = _ctype(q, "q")
         _same_dtype(q, k_cache, v_cache)
         num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads = k_cache.shape[2]
@@ -58,11 +56,6 @@ class AttentionOps:
             raise ValueError(f"attention: {num_kv_heads} KV heads do not divide {num_heads} query heads")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-
-    def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
-        # single: (num_q, seq_len) of one contiguous sequence, else None (paged)
-        self._check_attention(q, k_cache, v_cache, sliding_window)
-        ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
         if single is None and self.flash_applies(q, k_cache, v_cache, seq_lens.size):
             return self._flash(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window)
         num_q, seq_len = single or (0, 0)
@@ -89,7 +82,7 @@ class AttentionOps:
         this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
         optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
         for key in [key for key in self._functions if key[0] in ("flash_attention_kernel", "flash_decode_kernel")]:
-            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES, ROPE"
+            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES"
             head_dim = int(parts[1])
             need = (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
                     else flash_decode_smem_bytes(head_dim, (int(parts[2]), int(parts[3]))))
@@ -109,71 +102,42 @@ class AttentionOps:
                 and ("flash_attention_kernel", f"{_ctype(q, 'q')}, {head_dim}, 1") in self._functions
                 and all(a.data.ptr % 16 == 0 for a in (k_cache, v_cache)))
 
-    def _decode_key(self, q, num_seqs: int, num_kv_heads: int, rope: bool) -> tuple | None:
-        """The flash_decode_kernel instantiation (with or without the fused rope) for a launch of
-        q over num_seqs sequences; None where its rows are not a decode step's, or it is off or missing."""
+    def _decode_key(self, q, num_seqs: int, num_kv_heads: int) -> tuple | None:
+        """The flash_decode_kernel instantiation for a launch of q over num_seqs sequences; None
+        where its rows are not a decode step's, or the kernel is off or missing."""
         keys, stages = self.decode_tiles[num_seqs > _FLASH_DECODE_DEEP_SEQS]
-        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {keys}, {stages}, {str(rope).lower()}")
+        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {keys}, {stages}")
         rows = q.shape[0] * (q.shape[1] // num_kv_heads)
         decode = rows <= _FLASH_DECODE_ROWS * (num_seqs + 1)
         return key if decode and self.use_flash_decode and key in self._functions else None
 
-    def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, fresh=()):
-        """fresh: () or, for flash_decode's ROPE instantiation, q's token stride and the step's
-        unrotated keys and values with what rope_write_kv needs (see rope_paged_attention)."""
+    def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
         ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
         num_seqs, rows = seq_lens.size, q.shape[0] * (num_heads // num_kv_heads)
-        decode_key = self._decode_key(q, num_seqs, num_kv_heads, rope=bool(fresh))
-        if fresh and decode_key is None:
-            raise ValueError("flash: the fused rope runs in flash_decode_kernel only")
+        decode_key = self._decode_key(q, num_seqs, num_kv_heads)
         if decode_key is not None:
             name, template, tile_rows, target = *decode_key, _FLASH_DECODE_ROWS, self.decode_split_target
             smem = flash_decode_smem_bytes(head_dim, self.decode_tiles[num_seqs > _FLASH_DECODE_DEEP_SEQS])
-            extra = fresh or (np.int64(num_heads * head_dim), q, q, np.int64(0), self._zero_i64, self._zero_f32,
-                              self._zero_i64, np.int64(0))
         else:
             key_warps = 1 if rows >= _FLASH_PREFILL_ROWS * max(num_seqs, 1) else 4
             name, template, tile_rows, target = "flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", \
                 64 // key_warps, 2
-            smem, extra = flash_smem_bytes(head_dim, key_warps), ()
+            smem = flash_smem_bytes(head_dim, key_warps)
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
         # the last tile exit, and one of them zeroes the rows past the last sequence.
         tiles = -(-rows // tile_rows) + num_seqs + 1
         splits = max(1, min(_FLASH_MAX_SPLITS, -(-target * self._multiprocessors // ((tiles - 1) * num_kv_heads))))
         if tiles * num_kv_heads > self._flash_counters.size:   # one counter per (tile, KV head) to split
             splits = 1
-        out = cupy.empty(q.shape, dtype=q.dtype)   # q may be a strided view (fused rope)
+        out = cupy.empty_like(q)
         partial = cupy.empty((q.shape[0], num_heads, splits, head_dim + 2) if splits > 1 else 1, dtype=cupy.float32)
         self._launch(name, template, (tiles, num_kv_heads, splits), (_FLASH_THREADS,),
                      (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]),
                       np.int32(k_cache.shape[1]), seq_lens, query_start_loc, np.int32(num_seqs),
                       np.int32(num_heads), np.int32(num_kv_heads), np.float32(scale),
-                      np.int32(sliding_window or 0), np.int32(splits), self._flash_counters, np.int32(q.shape[0]),
-                      *extra),
+                      np.int32(sliding_window or 0), np.int32(splits), self._flash_counters, np.int32(q.shape[0])),
                      shared_mem=smem)
         return out
-
-    def rope_paged_attention(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables,
-                             seq_lens, query_start_loc, scale: float, sliding_window: int | None = None):
-        """rope_write_kv, then paged_attention of the rotated q (see numpy_ops). Decode steps of
-        head sizes whose rotation pairs fit flash_decode's fragments (head_dim / 2 % 16 == 0)
-        run both in one flash_decode launch, with the same values; the rest run the two ops."""
-        rows, positions, cos_sin, k_cache, v_cache, slots = self._rope_kv_inputs(
-            q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-        (q, q_stride), (k, k_stride), (v, v_stride) = rows
-        tables, seq_lens, query_start_loc = self._paged_inputs(q, k_cache, v_cache, block_tables, seq_lens,
-                                                               query_start_loc)
-        self._check_attention(q, k_cache, v_cache, sliding_window)
-        num_seqs, head_dim = seq_lens.size, q.shape[2]
-        fused = (self.use_fused_rope and head_dim // 2 % 16 == 0 and k_stride == v_stride and k_stride % 8 == 0 and q_stride % 2 == 0
-                 and all(a.data.ptr % 16 == 0 for a in (q, k, v)) and self.flash_applies(q, k_cache, v_cache, num_seqs)
-                 and self._decode_key(q, num_seqs, k.shape[1], rope=True) is not None)
-        if not fused:
-            q = self._rope_write_kv(rows, positions, cos_sin, k_cache, v_cache, slots)
-            return self._attend(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, None)
-        fresh = (np.int64(q_stride), k, v, np.int64(k_stride), positions, cos_sin, slots,
-                 np.int64(math.prod(k_cache.shape[:2])))
-        return self._flash(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, fresh)
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):
         """Causal GQA attention for one sequence: q [T, H, D] are the last T
@@ -193,12 +157,6 @@ class AttentionOps:
         numpy_ops.paged_attention). block_tables [B, max_blocks], seq_lens [B],
         query_start_loc [B + 1], all int32. Rows of q past query_start_loc[B] come back zero."""
         q = cupy.ascontiguousarray(q)
-        tables, seq_lens, query_start_loc = self._paged_inputs(q, k_cache, v_cache, block_tables, seq_lens,
-                                                               query_start_loc)
-        return self._attend(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, None)
-
-    def _paged_inputs(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc):
-        """(block_tables, seq_lens, query_start_loc) as int32 device arrays, their shapes checked."""
         tables = _as(block_tables, cupy.int32)
         seq_lens, query_start_loc = _as(seq_lens, cupy.int32).ravel(), _as(query_start_loc, cupy.int32).ravel()
         _in_place(k_cache, v_cache)
@@ -207,4 +165,4 @@ class AttentionOps:
             raise ValueError(f"paged_attention shapes: q {q.shape}, caches {k_cache.shape} {v_cache.shape}, "
                              f"block_tables {tables.shape}, seq_lens {seq_lens.shape}, "
                              f"query_start_loc {query_start_loc.shape}")
-        return tables, seq_lens, query_start_loc
+        return self._attend(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, None)

@@ -49,22 +49,12 @@ class CacheOps:
         """rope on q and k, rotated k and v into the cache; returns the rotated q.
         One kernel: the rotated k goes straight to its slot. q, k, v may be views whose
         tokens are strided (column ranges of one QKV projection): no copies then."""
-        return self._rope_write_kv(*self._rope_kv_inputs(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                                         slot_mapping))
-
-    def _rope_kv_inputs(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
-        """rope_write_kv's arguments checked: ((q, k, v) with their token strides, positions,
-        cos_sin, caches, slots)."""
         (q, q_stride), (k, k_stride), (v, v_stride) = (_token_rows(a) for a in (q, k, v))
         q, k, positions, cos_sin = self._check_rope(q, k, positions, cos_sin, contiguous=False)
         slots = _index(slot_mapping)
         self._check_cache(k, v, k_cache, v_cache)
         if slots.size != q.shape[0]:
             raise ValueError(f"slot_mapping has {slots.size} slots for {q.shape[0]} tokens")
-        return ((q, q_stride), (k, k_stride), (v, v_stride)), positions, cos_sin, k_cache, v_cache, slots
-
-    def _rope_write_kv(self, rows, positions, cos_sin, k_cache, v_cache, slots):
-        ((q, q_stride), (k, k_stride), (v, v_stride)) = rows
         q_out = cupy.empty_like(q)
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
         self._launch("rope_write_kv_kernel", _ctype(q, "q"), (q.shape[0],),

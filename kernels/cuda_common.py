@@ -34,9 +34,8 @@ _KERNELS = {
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
-    "flash_decode": {"flash_decode_kernel": tuple(
-        f"{t}, {d}, {keys}, {stages}, {rope}" for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
-        for keys, stages in _FLASH_DECODE_TILES for rope in ("false", "true") if rope == "false" or d // 2 % 16 == 0)},
+    "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {keys}, {stages}" for t in ("__half", "__nv_bfloat16")
+                                                  for d in _FLASH_HEAD_DIMS for keys, stages in _FLASH_DECODE_TILES)},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,

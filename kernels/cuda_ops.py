@@ -67,7 +67,6 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
-            self._zero_i64, self._zero_f32 = cupy.zeros(1, dtype=cupy.int64), cupy.zeros(1, dtype=cupy.float32)
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]

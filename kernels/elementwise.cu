@@ -65,10 +65,10 @@ __global__ void gelu_kernel(const T* x, T* out, long long n, int exact) {
 template <typename T>
 __device__ __forceinline__ void rotate_half(const T* src, T* dst, const float* table, int half, int j) {
     // rotate-half on one (x1, x2) pair: table is cos | sin for the token
-    float lo, hi;
-    rope_rotate(to_f(src[j]), to_f(src[half + j]), table[j], table[half + j], lo, hi);
-    dst[j] = from_f<T>(lo);
-    dst[half + j] = from_f<T>(hi);
+    const float c = table[j], s = table[half + j];
+    const float x1 = to_f(src[j]), x2 = to_f(src[half + j]);
+    dst[j] = from_f<T>(x1 * c - x2 * s);
+    dst[half + j] = from_f<T>(x2 * c + x1 * s);
 }
 
 template <typename T>

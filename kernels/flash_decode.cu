@@ -13,24 +13,13 @@
 // the registers, so twice the blocks fit an SM and more keys are in flight.
 // The probabilities leave the scores' accumulator (keys as rows) as bf16/fp16
 // and become the B operand of V^T P^T (keys as columns) by movmatrix.
-//
-// ROPE (ops.rope_paged_attention): q, k_new and v_new are the step's unrotated
-// projections (token rows q_stride / new_stride apart), and the kernel does
-// rope_write_kv's work too: it rotates q in registers, takes the new keys (from
-// the sequence's first query's position on) from k_new / v_new instead of the
-// cache, rotates them in shared memory and writes them from there to their cache
-// slots for later steps (slots out of range are skipped; blocks that share a new
-// key write the same values). Head sizes with D / 2 % 16 == 0 (a rotation pair
-// then sits in one lane's fragments).
 
-template <typename T, int D, int BK, int STAGES, bool ROPE>
+template <typename T, int D, int BK, int STAGES>
 __global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, no spill
-    flash_decode_kernel(const T* q, T* k_cache, T* v_cache, T* out, float* partial,
+    flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                        int window, int num_splits, int* counters, int num_tokens, long long q_stride,
-                        const T* k_new, const T* v_new, long long new_stride, const long long* positions,
-                        const float* cos_sin, const long long* slots, long long num_slots) {
+                        int window, int num_splits, int* counters, int num_tokens) {
     constexpr int KW = FA_WARPS, BQ = 8, LD = D + 8, MT = BK / 16, DT = D / 16, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
 
@@ -83,13 +72,12 @@ __global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, n
         for (int i = lane; i < BK * VECS; i += 32) {   // BK * VECS is a multiple of 32
             const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
             const int p = __shfl_sync(0xffffffffu, page, r);
-            const bool ok = j < k_hi, fresh = ROPE && j >= first_pos;   // fresh: this step's key
-            const long long off = !ok ? 0
-                                  : fresh ? (q_first + j - first_pos) * new_stride + (long long)kv_head * D + c
-                                          : ((long long)p * block_size + j % block_size) * kv_stride
-                                                + (long long)kv_head * D + c;
-            cp_async16(ks + r * LD + c, (fresh ? k_new : k_cache) + off, ok);
-            cp_async16(vs + r * LD + c, (fresh ? v_new : v_cache) + off, ok);
+            const bool ok = j < k_hi;
+            const long long off = ok ? ((long long)p * block_size + j % block_size) * kv_stride
+                                           + (long long)kv_head * D + c
+                                     : 0;
+            cp_async16(ks + r * LD + c, k_cache + off, ok);
+            cp_async16(vs + r * LD + c, v_cache + off, ok);
         }
     };
 
@@ -101,13 +89,6 @@ __global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, n
         asm volatile("cp.async.commit_group;\n" ::);
     }
     int ahead = page_of(t + (STAGES - 1) * KW);
-    // ROPE: the positions and slots of the sequence's first 32 new tokens, one a lane, and
-    // this lane's query row's cos | sin.
-    const int q_packed = row0 + g;
-    const long long q_token = q_first + q_packed / group;
-    const long long fresh_pos = ROPE ? positions[q_first + min(lane, num_q - 1)] : 0;
-    const long long fresh_slot = ROPE ? slots[q_first + min(lane, num_q - 1)] : 0;
-    const float* q_table = ROPE ? cos_sin + (g < rows_here ? positions[q_token] : 0) * D : cos_sin;
     pdl_begin();
     for (; st < STAGES - 1; ++st) {
         if (t + st * KW < t_end) load(t + st * KW, st, page_of(t + st * KW));
@@ -115,28 +96,15 @@ __global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, n
     }
     // Q as the B operand (dims x rows): row g, dims 2 t4 (+1) and 2 t4 + 8 (+1) of each 16.
     unsigned qf[DT][2];
-    const T* q_src = q + q_token * q_stride + ((long long)kv_head * group + q_packed % group) * D;
-    if (!ROPE) {
+    const int q_packed = row0 + g;
+    const long long q_row = (long long)(q_first + q_packed / group) * num_heads + (long long)kv_head * group
+                            + q_packed % group;
 #pragma unroll
-        for (int kk = 0; kk < DT; ++kk)
+    for (int kk = 0; kk < DT; ++kk)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-                qf[kk][h] = g < rows_here ? *reinterpret_cast<const unsigned*>(q_src + kk * 16 + 8 * h + 2 * t4) : 0u;
-    } else {   // dims j and j + D / 2 pair up: fragments kk and kk + DT / 2 of this lane
-#pragma unroll
-        for (int kk = 0; kk < DT / 2; ++kk)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float lo[2], hi[2];
-                for (int e = 0; e < 2; ++e) {
-                    const int j = kk * 16 + 8 * h + 2 * t4 + e;
-                    rope_rotate(g < rows_here ? to_f(q_src[j]) : 0.0f, g < rows_here ? to_f(q_src[j + D / 2]) : 0.0f,
-                                q_table[j], q_table[j + D / 2], lo[e], hi[e]);
-                }
-                qf[kk][h] = pack2(lo[0], lo[1], tag);
-                qf[kk + DT / 2][h] = pack2(hi[0], hi[1], tag);
-            }
-    }
+        for (int h = 0; h < 2; ++h)
+            qf[kk][h] = g < rows_here ? *reinterpret_cast<const unsigned*>(q + q_row * D + kk * 16 + 8 * h + 2 * t4)
+                                      : 0u;
     for (int it = 0; t < t_end; ++it, t += KW) {
         if (t + (STAGES - 1) * KW < t_end) load(t + (STAGES - 1) * KW, (it + STAGES - 1) % STAGES, ahead);
         asm volatile("cp.async.commit_group;\n" ::);
@@ -144,33 +112,8 @@ __global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, n
         asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
         __syncwarp();
         const int kb = k_lo + t * BK;
-        T* const ks = stages + (it % STAGES) * 2 * BK * LD;
+        const T* ks = stages + (it % STAGES) * 2 * BK * LD;
         const T* vs = ks + BK * LD;
-        if (ROPE && kb + BK > first_pos) {   // this step's keys, unrotated: rotate them, store them
-            for (int r = max(0, first_pos - kb); r < BK && kb + r < k_hi; ++r) {
-                const int n = kb + r - first_pos;   // the sequence's n-th new token
-                const long long pos = n < 32 ? __shfl_sync(0xffffffffu, fresh_pos, n) : positions[q_first + n];
-                const long long slot = n < 32 ? __shfl_sync(0xffffffffu, fresh_slot, n) : slots[q_first + n];
-                const float* table = cos_sin + pos * D;
-                T* row = ks + r * LD;
-                for (int j = lane; j < D / 2; j += 32) {
-                    float lo, hi;
-                    rope_rotate(to_f(row[j]), to_f(row[j + D / 2]), table[j], table[j + D / 2], lo, hi);
-                    row[j] = from_f<T>(lo);
-                    row[j + D / 2] = from_f<T>(hi);
-                }
-                __syncwarp();   // (at D = 32 a lane stores elements another lane rotated)
-                if (slot >= 0 && slot < num_slots) {
-                    T* k_dst = k_cache + slot * kv_stride + (long long)kv_head * D;
-                    T* v_dst = v_cache + slot * kv_stride + (long long)kv_head * D;
-                    for (int j = lane; j < D; j += 32) {
-                        k_dst[j] = row[j];
-                        v_dst[j] = vs[r * LD + j];
-                    }
-                }
-            }
-            __syncwarp();
-        }
         float s[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.0f;

@@ -224,14 +224,6 @@ def rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
     return q
 
 
-def rope_paged_attention(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
-                         query_start_loc, scale, sliding_window=None):
-    """rope_write_kv, then paged_attention of the rotated q. (CUDA runs decode steps of it as
-    one kernel; here the two ops in sequence.)"""
-    q = rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
-    return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
-
-
 def copy_blocks(k_cache, v_cache, block_copies) -> None:
     """Copy-on-write: block_copies [C, 2] (src, dst), in place."""
     for src, dst in block_copies:

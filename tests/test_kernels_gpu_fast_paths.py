@@ -16,7 +16,6 @@ import pytest
 from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
 
 from shardline.kernels import numpy_ops  # noqa: E402
-from shardline.kernels.rope import rope_cos_sin  # noqa: E402
 from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
     assert_close,
     ops,
@@ -113,7 +112,6 @@ def flash_decode_on(ops, monkeypatch) -> list[str]:
     ops launches from here on, in order."""
     monkeypatch.setattr(ops, "use_flash", True)
     monkeypatch.setattr(ops, "use_flash_decode", True)
-    monkeypatch.setattr(ops, "use_fused_rope", True)
     launched, launch = [], ops._launch
     monkeypatch.setattr(ops, "_launch", lambda name, *args, **kw: (launched.append(name), launch(name, *args, **kw))[1])
     return launched
@@ -155,54 +153,6 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, heads, kv_heads, head_dim, 
     assert launched == ["flash_decode_kernel"]
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
     assert_close(ops, out[:num_tokens], ref, dtype, "flash decode kernel")
-    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("batch", [2, 40])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,queries,window", [
-    (32, 8, 128, 16, 1, None),   # Llama-3-8B
-    (9, 3, 64, 16, 1, None),     # SmolLM2
-    (16, 2, 128, 5, 1, 100),     # 8 heads a KV head, blocks of 5 keys, a window
-    (8, 2, 64, 16, 2, None),     # two queries a sequence
-    (8, 2, 80, 16, 1, None),     # a head size the fused kernel does not take: the two ops
-])
-def test_rope_paged_attention(ops, rng, dtype, batch, heads, kv_heads, head_dim, block_size, queries, window,
-                              monkeypatch):
-    """rope + cache write + attention of a decode step in one flash_decode launch: equal,
-    value for value (output and caches), to rope_write_kv then paged_attention, and within
-    tolerance of the float64 reference. q, k, v are views of one QKV projection, as the
-    model makes them; the padding token's slot is out of range."""
-    launched = flash_decode_on(ops, monkeypatch)
-    seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, 300,
-                                                                         block_size, kv_heads, head_dim)
-    num_tokens = batch * queries
-    qkv, qkv64 = random_input(ops, rng, (num_tokens + 1, (heads + 2 * kv_heads) * head_dim), dtype)
-    qs, kvs = heads * head_dim, kv_heads * head_dim
-    parts = ((0, qs, heads), (qs, qs + kvs, kv_heads), (qs + kvs, qs + 2 * kvs, kv_heads))
-    q, k, v = (qkv[:, a:b].reshape(num_tokens + 1, n, head_dim) for a, b, n in parts)
-    q64, k64_new, v64_new = (qkv64[:num_tokens, a:b].reshape(num_tokens, n, head_dim) for a, b, n in parts)
-    seq_of = np.repeat(np.arange(batch), queries)
-    positions = (seq_lens[seq_of] - queries + np.tile(np.arange(queries), batch)).astype(np.int64)
-    slots = (tables[seq_of, positions // block_size].astype(np.int64) * block_size + positions % block_size)
-    positions, slots = np.append(positions, 0), np.append(slots, -1)   # the padding token
-    table = rope_cos_sin(head_dim, 512, 10000.0).astype(np.float32)
-    scale = 1 / math.sqrt(head_dim)
-    args = [cupy.asarray(a) for a in (positions, table)]
-    paged = [cupy.asarray(a) for a in (slots, tables, seq_lens, qsl)]
-
-    caches = (k_cache.copy(), v_cache.copy())
-    out = ops.rope_paged_attention(q, k, v, *args, k_cache, v_cache, *paged, scale, window)
-    fused = launched == ["flash_decode_kernel"]
-    assert fused == (head_dim != 80), launched
-    q_rot = ops.rope_write_kv(q, k, v, *args, *caches, paged[0])
-    apart = ops.paged_attention(q_rot, *caches, *paged[1:], scale, window)
-    np.testing.assert_array_equal(ops.to_host(out), ops.to_host(apart))
-    np.testing.assert_array_equal(ops.to_host(k_cache), ops.to_host(caches[0]))
-    np.testing.assert_array_equal(ops.to_host(v_cache), ops.to_host(caches[1]))
-    ref = numpy_ops.rope_paged_attention(q64, k64_new, v64_new, positions[:-1], table.astype(np.float64), k64, v64,
-                                         slots[:-1], tables, seq_lens, qsl, scale, window)
-    assert_close(ops, out[:num_tokens], ref, dtype, "rope + paged attention")
     assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
 
 

@@ -61,11 +61,10 @@ class PagedAttentionContext:
 
     def attend(self, layer_index: int, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any) -> Any:
         ops, k_cache, v_cache = self.ops, self.kv.k[layer_index], self.kv.v[layer_index]
-        if cos_sin is not None:   # one kernel on CUDA for decode steps
-            return ops.rope_paged_attention(q, k, v, positions, cos_sin, k_cache, v_cache, self.slot_mapping,
-                                            self.block_tables, self.seq_lens, self.query_start_loc, self.scale,
-                                            self.sliding_window)
-        ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        if cos_sin is None:
+            ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        else:
+            q = ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, self.slot_mapping)
         return ops.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
                                    self.query_start_loc, self.scale, self.sliding_window)
 
