@@ -15,7 +15,7 @@
 // and become the B operand of V^T P^T (keys as columns) by movmatrix.
 
 template <typename T, int D, int BK, int STAGES>
-__global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, no spill
+__global__ void __launch_bounds__(FA_THREADS, 5)   // 95 registers at D = 128, no spill
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(FA_THREADS, 5)   // 96 registers at D = 128, n
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
                                          num_splits);
-    const int q_first = range.q_first, num_q = range.num_q, row0 = range.row0, rows_here = range.rows_here;
+    const int q_first = range.q_first, row0 = range.row0, rows_here = range.rows_here;
     const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;  // keys from first_pos on are new
     const int t_begin = range.t_begin, t_end = range.t_end;
     const int* table = block_tables + (long long)b * max_blocks;
