@@ -43,8 +43,8 @@ def ops_with_tiles(decode: tuple[int, int], prefill: tuple[int, int]):
         shutil.copy(f, folder / f.name)
     text = (folder / "flash_attention.cu").read_text()
     for constant, value in (("BK", prefill[0]), ("STAGES", prefill[1])):
-        text, count = re.subn(rf"constexpr int {constant} = KW == 1 \? \d+ :", f"constexpr int {constant} = KW == 1 ? {value} :",
-                              text)
+        text, count = re.subn(rf"constexpr int {constant} = KW == 1 \? \d+ :",
+                              f"constexpr int {constant} = KW == 1 ? {value} :", text)
         assert count == 1, f"flash_attention.cu no longer has the {constant} line this sweep patches"
     (folder / "flash_attention.cu").write_text(text)
     shipped = common.flash_smem_bytes

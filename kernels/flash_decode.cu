@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(FA_THREADS, 5)   // 95 registers at D = 128, n
                 mx[i] = fmaxf(mx[i], s[mt][e]);
             }
         for (int i = 0; i < 2; ++i)   // a row's keys are spread over the 8 lanes of one t4
-            for (int offset = 4; offset < 32; offset <<= 1) mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], offset));
+            for (int offset = 4; offset < 32; offset <<= 1)
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], offset));
         flash_softmax_update<0>(s, o, m, l, mx);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
