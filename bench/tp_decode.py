@@ -54,7 +54,8 @@ def time_decode(args, group, runner, model):
     from shardline.worker.group import BroadcastingRunner
     from shardline.worker.request import Request
     from shardline.worker.sampling_params import SamplingParams
-    from shardline.worker.scheduler import Scheduler, SchedulerConfig
+    from shardline.worker.scheduler import Scheduler
+    from shardline.worker.scheduler_config import SchedulerConfig
 
     leader = BroadcastingRunner(group, runner)
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=args.context * args.batch, max_num_seqs=args.batch,

@@ -18,7 +18,8 @@ from engine_fixtures import make_engine, random_prompts, save_tiny_llama, tiny_l
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.sampling_params import SamplingParams
-from shardline.worker.scheduler import Scheduler, SchedulerConfig
+from shardline.worker.scheduler import Scheduler
+from shardline.worker.scheduler_config import SchedulerConfig
 from test_engine import mixed_workload
 from test_scheduler import EOS, FakeModel, make_request, reference_tokens
 

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.request import Request, RequestStatus
 from shardline.worker.sampling_params import SamplingParams
-from shardline.worker.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from shardline.worker.scheduler import RequestOutput, Scheduler
+from shardline.worker.scheduler_config import SchedulerConfig
 from shardline.worker.step_plan import StepPlan
 
 VOCAB = 16

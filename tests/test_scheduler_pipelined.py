@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardline.worker.block_manager import BlockManager
-from shardline.worker.scheduler import Scheduler, SchedulerConfig
+from shardline.worker.scheduler import Scheduler
+from shardline.worker.scheduler_config import SchedulerConfig
 from test_scheduler import FakeModel, make_request, reference_tokens, tokens_of
 
 

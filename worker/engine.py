@@ -27,7 +27,8 @@ from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.request import Request, RequestStatus
 from shardline.worker.sampling_params import SamplingParams
-from shardline.worker.scheduler import RequestOutput, Scheduler, SchedulerConfig
+from shardline.worker.scheduler import RequestOutput, Scheduler
+from shardline.worker.scheduler_config import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
