@@ -2,12 +2,12 @@
 depth constants of kernels/flash_decode.cu (decode steps) and kernels/flash_attention.cu
 (prefill) were chosen.
 
-Run:  python -m bench.flash_tile_sweep --decode 16x2,16x3 --prefill 32x3 --out bench/results/flash_tiles.json
+Run:  python -m bench.flash_tile_sweep --decode 16x3x4,16x3x2 --prefill 32x3 --out bench/results/flash_tiles.json
 
 Each value is keys per tile, optionally x tiles in flight (BK and STAGES; 2 when left
-out). For each it compiles a copy of the kernels with those constants and times
+out), and for decode optionally x warps a block (KW; 4 when left out). For each it compiles a copy of the kernels with those constants and times
 CudaOps.paged_attention (Llama-3-8B heads: 32 query, 8 KV, head_dim 128, fp16, blocks of 16):
-decode batches 1-256 at 512 keys, with the split target of 1-8 blocks an SM, replayed
+decode batches 1-256 at 512 keys (and 256 at 192), with the split target of 1-8 blocks an SM, replayed
 from a CUDA graph (no host launch cost in the figure), and prefills of 2048 / 8192 tokens
 and 16 x 128 (CUDA events around eager calls). Decode rows named "flash_attention KW=4"
 are the prefill kernel's decode shape, which flash_decode.cu replaced, timed the same way.
@@ -31,8 +31,8 @@ from tp_decode import gpu_seconds, graph_seconds  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
-def ops_with_tiles(decode: tuple[int, int], prefill: tuple[int, int]):
-    """CudaOps whose flash_decode kernel uses the `decode` (keys per tile, stages) and whose
+def ops_with_tiles(decode: tuple[int, int, int], prefill: tuple[int, int]):
+    """CudaOps whose flash_decode kernel uses the `decode` (keys per tile, stages, warps) and whose
     flash_attention kernel's prefill shape uses `prefill` (a patched copy of the sources)."""
     import shardline.kernels.cuda_attention as attention
     import shardline.kernels.cuda_common as common
@@ -56,7 +56,7 @@ def ops_with_tiles(decode: tuple[int, int], prefill: tuple[int, int]):
         return key_warps * stages * 2 * keys * (head_dim + 8) * 2
     common._KERNEL_DIR, common.flash_smem_bytes, attention.flash_smem_bytes = folder, smem, smem
     common._KERNELS["flash_decode"] = {"flash_decode_kernel": tuple(
-        f"{t}, {d}, {decode[0]}, {decode[1]}" for t in ("__half", "__nv_bfloat16")
+        f"{t}, {d}, {', '.join(map(str, decode))}" for t in ("__half", "__nv_bfloat16")
         for d in common._FLASH_HEAD_DIMS)}
     ops = CudaOps(0)
     ops.decode_tiles = (decode, decode)
@@ -73,12 +73,12 @@ def cache(rng, seqs: int, tokens: int, contiguous: bool):
         cupy.full(seqs, tokens, dtype=cupy.int32)
 
 
-def sweep(ops, rng, decode: tuple[int, int], prefill: tuple[int, int], old_decode: bool) -> list[dict]:
+def sweep(ops, rng, decode: tuple[int, int, int], prefill: tuple[int, int], old_decode: bool) -> list[dict]:
     import cupy
     rows = []
-    kernels = [("flash_decode", decode)] + ([("flash_attention KW=4", (16, 2))] if old_decode else [])
-    for batch in (1, 16, 64, 256):
-        k, v, tables, seq_lens = cache(rng, batch, 512, contiguous=False)
+    kernels = [("flash_decode", decode)] + ([("flash_attention KW=4", (16, 2, 4))] if old_decode else [])
+    for batch, keys in ((1, 512), (16, 512), (64, 512), (128, 512), (256, 512), (256, 192)):
+        k, v, tables, seq_lens = cache(rng, batch, keys, contiguous=False)
         q = cupy.asarray(rng.standard_normal((batch, HEADS, HEAD_DIM), dtype=np.float32)).astype(cupy.float16)
         qsl = cupy.arange(batch + 1, dtype=cupy.int32)
         for kernel, tile in kernels:
@@ -88,7 +88,8 @@ def sweep(ops, rng, decode: tuple[int, int], prefill: tuple[int, int], old_decod
                 ops._multiprocessors = sms * target // 2 if kernel != "flash_decode" else sms   # (KW=4: 2 an SM)
                 s = graph_seconds(lambda: ops.paged_attention(q, k, v, tables, seq_lens, qsl, 0.088))
                 ops._multiprocessors = sms
-                rows.append({"kernel": kernel, "decode_bk": tile[0], "decode_stages": tile[1], "batch": batch,
+                rows.append({"kernel": kernel, "decode_bk": tile[0], "decode_stages": tile[1],
+                             "decode_warps": tile[2], "batch": batch, "keys": keys,
                              "split_target": target, "us": s * 1e6, "GBps": 2 * k.nbytes / s / 1e9})
                 print(json.dumps(rows[-1]), flush=True)
     ops.use_flash_decode = True
@@ -104,19 +105,25 @@ def sweep(ops, rng, decode: tuple[int, int], prefill: tuple[int, int], old_decod
     return rows
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
-    """"16x4,32" -> [(16, 4), (32, 2)]: keys per tile, stages (2 when left out)."""
-    return [(int(v.split("x")[0]), int(v.split("x")[1]) if "x" in v else 2) for v in text.split(",")]
+def _shapes(text: str, defaults: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """"16x4,32" -> [(16, 4), (32, 2)] with defaults (2,): keys per tile, then what `defaults`
+    fill where left out (stages; for decode, warps)."""
+    shapes = []
+    for value in text.split(","):
+        given = [int(part) for part in value.split("x")]
+        shapes.append(tuple(given + list(defaults[len(given) - 1:])))
+    return shapes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--decode", default="16x2,16x3", help="keys per tile [x stages] of flash_decode.cu to try")
+    p.add_argument("--decode", default="16x3x4,16x2x4,16x3x2",
+                   help="keys per tile [x stages [x warps]] of flash_decode.cu to try")
     p.add_argument("--prefill", default="32x3", help="keys per tile [x stages] of the prefill shape to try")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    decode, prefill = _shapes(args.decode), _shapes(args.prefill)
+    decode, prefill = _shapes(args.decode, (2, 4)), _shapes(args.prefill, (2,))
     rows = []
     for i in range(max(len(decode), len(prefill))):   # pairs, the shorter list repeating its last value
         pair = decode[min(i, len(decode) - 1)], prefill[min(i, len(prefill) - 1)]

@@ -40,7 +40,7 @@ from shardline.kernels.backend import gpu_paths_off
 class AttentionOps:
     use_flash = "flash" not in gpu_paths_off()
     use_flash_decode = "flash_decode" not in gpu_paths_off()
-    decode_tiles = _FLASH_DECODE_TILES   # flash_decode_kernel's (keys, stages): few sequences, many
+    decode_tiles = _FLASH_DECODE_TILES   # flash_decode_kernel's (keys, stages, warps): few sequences, many
     decode_split_target = _FLASH_DECODE_SPLIT_TARGET
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
@@ -82,10 +82,10 @@ class AttentionOps:
         this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
         optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
         for key in [key for key in self._functions if key[0] in ("flash_attention_kernel", "flash_decode_kernel")]:
-            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES"
+            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES, KW"
             head_dim = int(parts[1])
             need = (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
-                    else flash_decode_smem_bytes(head_dim, (int(parts[2]), int(parts[3]))))
+                    else flash_decode_smem_bytes(head_dim, tuple(int(part) for part in parts[2:])))
             try:   # 1 KiB kept for the kernel's static shared memory (640 bytes: its tile scan)
                 if need > optin - 1024:
                     raise ValueError(need)
@@ -102,27 +102,28 @@ class AttentionOps:
                 and ("flash_attention_kernel", f"{_ctype(q, 'q')}, {head_dim}, 1") in self._functions
                 and all(a.data.ptr % 16 == 0 for a in (k_cache, v_cache)))
 
-    def _decode_key(self, q, num_seqs: int, num_kv_heads: int) -> tuple | None:
-        """The flash_decode_kernel instantiation for a launch of q over num_seqs sequences; None
-        where its rows are not a decode step's, or the kernel is off or missing."""
-        keys, stages = self.decode_tiles[num_seqs > _FLASH_DECODE_DEEP_SEQS]
-        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {keys}, {stages}")
+    def _decode_tile(self, q, num_seqs: int, num_kv_heads: int) -> tuple | None:
+        """flash_decode_kernel's (keys, stages, warps) for a launch of q over num_seqs sequences;
+        None where its rows are not a decode step's, or the kernel is off or missing."""
+        tile = self.decode_tiles[num_seqs > _FLASH_DECODE_DEEP_SEQS]
+        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {', '.join(map(str, tile))}")
         rows = q.shape[0] * (q.shape[1] // num_kv_heads)
         decode = rows <= _FLASH_DECODE_ROWS * (num_seqs + 1)
-        return key if decode and self.use_flash_decode and key in self._functions else None
+        return tile if decode and self.use_flash_decode and key in self._functions else None
 
     def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
         ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
         num_seqs, rows = seq_lens.size, q.shape[0] * (num_heads // num_kv_heads)
-        decode_key = self._decode_key(q, num_seqs, num_kv_heads)
-        if decode_key is not None:
-            name, template, tile_rows, target = *decode_key, _FLASH_DECODE_ROWS, self.decode_split_target
-            smem = flash_decode_smem_bytes(head_dim, self.decode_tiles[num_seqs > _FLASH_DECODE_DEEP_SEQS])
+        decode_tile = self._decode_tile(q, num_seqs, num_kv_heads)
+        if decode_tile is not None:
+            name, template = "flash_decode_kernel", f"{ctype}, {head_dim}, {', '.join(map(str, decode_tile))}"
+            tile_rows, target, threads = _FLASH_DECODE_ROWS, self.decode_split_target, 32 * decode_tile[2]
+            smem = flash_decode_smem_bytes(head_dim, decode_tile)
         else:
             key_warps = 1 if rows >= _FLASH_PREFILL_ROWS * max(num_seqs, 1) else 4
             name, template, tile_rows, target = "flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", \
                 64 // key_warps, 2
-            smem = flash_smem_bytes(head_dim, key_warps)
+            smem, threads = flash_smem_bytes(head_dim, key_warps), _FLASH_THREADS
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
         # the last tile exit, and one of them zeroes the rows past the last sequence.
         tiles = -(-rows // tile_rows) + num_seqs + 1
@@ -131,7 +132,7 @@ class AttentionOps:
             splits = 1
         out = cupy.empty_like(q)
         partial = cupy.empty((q.shape[0], num_heads, splits, head_dim + 2) if splits > 1 else 1, dtype=cupy.float32)
-        self._launch(name, template, (tiles, num_kv_heads, splits), (_FLASH_THREADS,),
+        self._launch(name, template, (tiles, num_kv_heads, splits), (threads,),
                      (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]),
                       np.int32(k_cache.shape[1]), seq_lens, query_start_loc, np.int32(num_seqs),
                       np.int32(num_heads), np.int32(num_kv_heads), np.float32(scale),

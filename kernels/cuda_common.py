@@ -17,9 +17,23 @@ _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
 _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
 _FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's and flash_decode.cu's instantiations
-# flash_decode.cu's (keys per tile, tiles in flight) up to _FLASH_DECODE_DEEP_SEQS sequences, and
-# beyond: 3 deep is faster at batch 16-64, 2 at 256 (bench/flash_tile_sweep.py).
-_FLASH_DECODE_TILES, _FLASH_DECODE_DEEP_SEQS = ((16, 3), (16, 2)), 128
+
+
+def _decode_tiles(text: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """"16x3x2,16x2x4" -> ((16, 3, 2), (16, 2, 4)): flash_decode.cu's (keys per tile, tiles in
+    flight, warps a block) for launches of few sequences, then of many."""
+    tiles = tuple(tuple(int(part) for part in tile.split("x")) for tile in text.split(","))
+    if len(tiles) != 2 or any(len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4)
+                              for tile in tiles):
+        raise ValueError(f"SHARDLINE_FLASH_DECODE_TILES: two KEYSxSTAGESxWARPS values (keys a multiple of 16, "
+                         f"stages >= 2, warps 1, 2 or 4), got {text!r}")
+    return tiles
+
+
+# flash_decode.cu's tiles up to _FLASH_DECODE_DEEP_SEQS sequences, and beyond: 3 deep is faster at
+# batch 16-64, 2 at 256 (bench/flash_tile_sweep.py). SHARDLINE_FLASH_DECODE_TILES sets others.
+_FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES", "16x3x4,16x2x4"))
+_FLASH_DECODE_DEEP_SEQS = 128
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -34,8 +48,9 @@ _KERNELS = {
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
-    "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {keys}, {stages}" for t in ("__half", "__nv_bfloat16")
-                                                  for d in _FLASH_HEAD_DIMS for keys, stages in _FLASH_DECODE_TILES)},
+    "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {', '.join(map(str, tile))}"
+                                                  for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
+                                                  for tile in dict.fromkeys(_FLASH_DECODE_TILES))},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
@@ -83,11 +98,13 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
                (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 
 
-def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
-    """Dynamic shared memory of flash_decode_kernel<T, head_dim, keys, stages>: 4 warps' stages
-    of K and V tiles (rows padded by 8), reused at the end for their merge (8 rows each)."""
-    keys, stages = tile   # at head_dim 128: 34 KiB for (16, 2), 51 KiB for (16, 3)
-    return max(4 * stages * 2 * keys * (head_dim + 8) * 2, (2 * 4 * 8 + 4 * 8 * head_dim) * 4)
+def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:
+    """Dynamic shared memory of flash_decode_kernel<T, head_dim, keys, stages, warps>: the
+    warps' stages of K and V tiles (rows padded by 8), reused at the end for their merge
+    (8 rows each). At head_dim 128, 8.5 KiB a warp and stage of 16 keys: 102 KiB for
+    (16, 3, 4), two blocks an SM; 51 KiB for (16, 3, 2), four."""
+    keys, stages, warps = tile
+    return max(warps * stages * 2 * keys * (head_dim + 8) * 2, (2 * warps * 8 + warps * 8 * head_dim) * 4)
 
 
 def _include_options() -> tuple[str, ...]:

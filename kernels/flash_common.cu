@@ -16,16 +16,16 @@ __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, in
 // (sequence, tile within it) of tile number `target`, or sequence -1 past the last tile.
 // Every thread of the block must call it (it synchronises).
 __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int group, int bq, int target) {
-    __shared__ int counts[FA_THREADS];
+    __shared__ int counts[FA_THREADS];   // blockDim.x <= FA_THREADS
     __shared__ int2 found;
-    const int tid = threadIdx.x, chunk = (num_seqs + FA_THREADS - 1) / FA_THREADS;
+    const int tid = threadIdx.x, threads = blockDim.x, chunk = (num_seqs + threads - 1) / threads;
     const int lo = min(num_seqs, tid * chunk), hi = min(num_seqs, lo + chunk);
     int mine = 0;
     for (int s = lo; s < hi; ++s) mine += flash_tiles(query_start_loc, s, group, bq);
     counts[tid] = mine;
     if (tid == 0) found = make_int2(-1, 0);
     __syncthreads();
-    for (int offset = 1; offset < FA_THREADS; offset <<= 1) {  // inclusive scan
+    for (int offset = 1; offset < threads; offset <<= 1) {  // inclusive scan
         const int add = tid >= offset ? counts[tid - offset] : 0;
         __syncthreads();
         counts[tid] += add;
@@ -195,7 +195,7 @@ struct FlashSink {
 template <typename T, int D>
 __device__ void flash_zero_padding(T* out, const int* query_start_loc, int num_seqs, int num_tokens, int num_heads) {
     const long long first = (long long)query_start_loc[num_seqs] * num_heads * D;
-    for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += FA_THREADS)
+    for (long long i = first + threadIdx.x; i < (long long)num_tokens * num_heads * D; i += blockDim.x)
         out[i] = from_f<T>(0.0f);
 }
 
@@ -208,7 +208,7 @@ __device__ void flash_combine_key_warps(const float* ms, const float* ls, const 
                                         int row0, int group, int q_first, int num_heads, int kv_head,
                                         const FlashSink<T, D>& sink) {
     __syncthreads();
-    for (int idx = threadIdx.x; idx < R * (D / 2); idx += FA_THREADS) {
+    for (int idx = threadIdx.x; idx < R * (D / 2); idx += blockDim.x) {
         const int r = idx / (D / 2), d = (idx % (D / 2)) * 2, packed = row0 + r;
         if (r >= rows_here) continue;
         float big = -SHARDLINE_INF;

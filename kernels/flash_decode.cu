@@ -4,9 +4,11 @@
 // the shared pieces); launched when the rows average at most 8 a sequence
 // (a decode step: one query token under the G heads of a KV head).
 //
-// A block owns one tile of 8 packed rows of one sequence and KV head. Its 4
-// warps take every 4th tile of BK keys each, from their own cp.async stages,
-// and merge their partial softmax in shared memory at the end. With the rows
+// A block owns one tile of 8 packed rows of one sequence and KV head. Its KW
+// warps take every KW-th tile of BK keys each, from their own STAGES cp.async
+// stages, and merge their partial softmax in shared memory at the end. Fewer
+// warps a block need less shared memory (KW * STAGES * 8.5 KiB at D = 128), so
+// more blocks fit an SM: a batch's blocks may then run in one wave. With the rows
 // as the mma's N = 8, a warp keeps Q as B fragments (D / 8 registers) and its
 // output as O^T, D / 16 fragments of 4 floats (32 registers at D = 128), where
 // flash_attention.cu's decode shape pads 4 rows to 16 and keeps 64: about half
@@ -14,13 +16,13 @@
 // The probabilities leave the scores' accumulator (keys as rows) as bf16/fp16
 // and become the B operand of V^T P^T (keys as columns) by movmatrix.
 
-template <typename T, int D, int BK, int STAGES>
-__global__ void __launch_bounds__(FA_THREADS, 5)   // 95 registers at D = 128, no spill
+template <typename T, int D, int BK, int STAGES, int KW>
+__global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128, no spill
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
                         int window, int num_splits, int* counters, int num_tokens) {
-    constexpr int KW = FA_WARPS, BQ = 8, LD = D + 8, MT = BK / 16, DT = D / 16, VECS = D / 8;
+    constexpr int BQ = 8, LD = D + 8, MT = BK / 16, DT = D / 16, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
 
     // Until pdl_begin() (dependent launches: the kernel before may still run) this reads only

@@ -45,8 +45,14 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 rms_norm_vec_kernel(const T* x, const T* residual, const T* weight, T* out, T* residual_out, int has_residual,
                     int hidden, float eps) {
-    pdl_begin();
     const int vecs = hidden / 8;
+    uint4 weights[NORM_VECS];   // no kernel writes them: read before waiting for the one before
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v < vecs) weights[j] = reinterpret_cast<const uint4*>(weight)[v];
+    }
+    pdl_begin();
     const long long base = blockIdx.x * (long long)vecs;
     float h[NORM_VECS][8];
     float sum_sq = 0.0f;
@@ -71,7 +77,7 @@ rms_norm_vec_kernel(const T* x, const T* residual, const T* weight, T* out, T* r
         const int v = threadIdx.x + j * blockDim.x;
         if (v >= vecs) continue;
         float w[8];
-        unpack8<T>(reinterpret_cast<const uint4*>(weight)[v], w);
+        unpack8<T>(weights[j], w);
 #pragma unroll
         for (int i = 0; i < 8; ++i) h[j][i] = round_to<T>(h[j][i] * inv_rms) * w[i];
         reinterpret_cast<uint4*>(out)[base + v] = pack8<T>(h[j]);
