@@ -4,13 +4,14 @@ depth constants of kernels/flash_decode.cu (decode steps) and kernels/flash_atte
 
 Run:  python -m bench.flash_tile_sweep --decode 16x3x4,16x3x2 --prefill 32x3 --out bench/results/flash_tiles.json
 
-Each value is keys per tile, optionally x tiles in flight (BK and STAGES; 2 when left
-out), and for decode optionally x warps a block (KW; 4 when left out). For each it
-compiles a copy of the kernels with those constants and times CudaOps.paged_attention (Llama-3-8B heads: 32 query, 8 KV, head_dim 128, fp16, blocks of 16):
-decode batches 1-256 at 512 keys (and 256 at 192), with the split target of 1-8 blocks an SM, replayed
-from a CUDA graph (no host launch cost in the figure), and prefills of 2048 / 8192 tokens
-and 16 x 128 (CUDA events around eager calls). Decode rows named "flash_attention KW=4"
-are the prefill kernel's decode shape, which flash_decode.cu replaced, timed the same way.
+Each value is keys per tile, optionally x tiles in flight (BK and STAGES; 2 when left out),
+and for decode optionally x warps a block (KW; 4 when left out). For each it compiles a copy
+of the kernels with those constants and times CudaOps.paged_attention (Llama-3-8B heads: 32
+query, 8 KV, head_dim 128, fp16, blocks of 16): decode batches 1-256 at 512 keys (and 256 at
+192), with the split target of 1-8 blocks an SM, replayed from a CUDA graph (no host launch
+cost in the figure), and prefills of 2048 / 8192 tokens and 16 x 128 (CUDA events around
+eager calls). Decode rows named "flash_attention KW=4" are the prefill kernel's decode
+shape, which flash_decode.cu replaced, timed the same way.
 """
 
 from __future__ import annotations
