@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tp_decode import gpu_seconds, graph_seconds  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+DECODE_BATCHES = (1, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
 def ops_with_tiles(decode: tuple[int, int, int], prefill: tuple[int, int]):
@@ -60,7 +61,7 @@ def ops_with_tiles(decode: tuple[int, int, int], prefill: tuple[int, int]):
         f"{t}, {d}, {', '.join(map(str, decode))}" for t in ("__half", "__nv_bfloat16")
         for d in common._FLASH_HEAD_DIMS)}
     ops = CudaOps(0)
-    ops.decode_tiles = (decode, decode)
+    ops.decode_tiles = ((decode, float("inf")),)
     return ops
 
 
@@ -78,7 +79,7 @@ def sweep(ops, rng, decode: tuple[int, int, int], prefill: tuple[int, int], old_
     import cupy
     rows = []
     kernels = [("flash_decode", decode)] + ([("flash_attention KW=4", (16, 2, 4))] if old_decode else [])
-    for batch, keys in ((1, 512), (16, 512), (64, 512), (128, 512), (256, 512), (256, 192)):
+    for batch, keys in [(b, 512) for b in DECODE_BATCHES] + [(256, 192)]:
         k, v, tables, seq_lens = cache(rng, batch, keys, contiguous=False)
         q = cupy.asarray(rng.standard_normal((batch, HEADS, HEAD_DIM), dtype=np.float32)).astype(cupy.float16)
         qsl = cupy.arange(batch + 1, dtype=cupy.int32)
@@ -116,6 +117,19 @@ def _shapes(text: str, defaults: tuple[int, ...]) -> list[tuple[int, ...]]:
     return shapes
 
 
+def suggest_tiles(rows: list[dict], multiprocessors: int) -> str:
+    """The SHARDLINE_FLASH_DECODE_TILES value these timings suggest: each batch (at 512 keys)
+    gets its fastest tile, bounds halfway (in blocks an SM) between batches whose fastest differ."""
+    best: dict[int, tuple] = {}
+    for r in rows:
+        if r.get("kernel") == "flash_decode" and r["keys"] == 512 and r["us"] < best.get(r["batch"], (0, 1e30))[1]:
+            best[r["batch"]] = ("x".join(str(r[f"decode_{k}"]) for k in ("bk", "stages", "warps")), r["us"])
+    batches = sorted(best)
+    bounds = [f"{best[a][0]}<{(a + b) / 2 * KV_HEADS / multiprocessors:.2f}"
+              for a, b in zip(batches, batches[1:]) if best[a][0] != best[b][0]]
+    return ",".join(bounds + [best[batches[-1]][0]])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--decode", default="16x3x4,16x2x4,16x3x2",
@@ -128,7 +142,11 @@ def main() -> None:
     rows = []
     for i in range(max(len(decode), len(prefill))):   # pairs, the shorter list repeating its last value
         pair = decode[min(i, len(decode) - 1)], prefill[min(i, len(prefill) - 1)]
-        rows += sweep(ops_with_tiles(*pair), rng, *pair, old_decode=i == 0)
+        ops = ops_with_tiles(*pair)
+        rows += sweep(ops, rng, *pair, old_decode=i == 0)
+    suggested = suggest_tiles(rows, ops._multiprocessors)
+    print(f"suggested: SHARDLINE_FLASH_DECODE_TILES={suggested}")
+    rows.append({"suggested_decode_tiles": suggested})
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 

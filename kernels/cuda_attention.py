@@ -16,7 +16,6 @@ import numpy as np
 from shardline.kernels.cuda_common import (
     _ATTENTION_TARGET_BLOCKS,
     _ATTENTION_THREADS,
-    _FLASH_DECODE_DEEP_SEQS,
     _FLASH_DECODE_ROWS,
     _FLASH_DECODE_SPLIT_TARGET,
     _FLASH_DECODE_TILES,
@@ -40,7 +39,7 @@ from shardline.kernels.backend import gpu_paths_off
 class AttentionOps:
     use_flash = "flash" not in gpu_paths_off()
     use_flash_decode = "flash_decode" not in gpu_paths_off()
-    decode_tiles = _FLASH_DECODE_TILES   # flash_decode_kernel's (keys, stages, warps): few sequences, many
+    decode_tiles = _FLASH_DECODE_TILES   # ((keys, stages, warps), below this many blocks an SM), ...
     decode_split_target = _FLASH_DECODE_SPLIT_TARGET
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
@@ -105,9 +104,10 @@ class AttentionOps:
     def _decode_tile(self, q, num_seqs: int, num_kv_heads: int) -> tuple | None:
         """flash_decode_kernel's (keys, stages, warps) for a launch of q over num_seqs sequences;
         None where its rows are not a decode step's, or the kernel is off or missing."""
-        tile = self.decode_tiles[num_seqs > _FLASH_DECODE_DEEP_SEQS]
-        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {', '.join(map(str, tile))}")
         rows = q.shape[0] * (q.shape[1] // num_kv_heads)
+        blocks_per_sm = max(num_seqs, -(-rows // _FLASH_DECODE_ROWS)) * num_kv_heads / self._multiprocessors
+        tile = next(tile for tile, bound in self.decode_tiles if blocks_per_sm < bound)
+        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {', '.join(map(str, tile))}")
         decode = rows <= _FLASH_DECODE_ROWS * (num_seqs + 1)
         return tile if decode and self.use_flash_decode and key in self._functions else None
 

@@ -19,21 +19,25 @@ _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long
 _FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's and flash_decode.cu's instantiations
 
 
-def _decode_tiles(text: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """"16x3x2,16x2x4" -> ((16, 3, 2), (16, 2, 4)): flash_decode.cu's (keys per tile, tiles in
-    flight, warps a block) for launches of few sequences, then of many."""
-    tiles = tuple(tuple(int(part) for part in tile.split("x")) for tile in text.split(","))
-    if len(tiles) != 2 or any(len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4)
-                              for tile in tiles):
-        raise ValueError(f"SHARDLINE_FLASH_DECODE_TILES: two KEYSxSTAGESxWARPS values (keys a multiple of 16, "
-                         f"stages >= 2, warps 1, 2 or 4), got {text!r}")
-    return tiles
+def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
+    """"16x2x4<2,16x3x2<6,16x2x4" -> (((16, 2, 4), 2.0), ((16, 3, 2), 6.0), ((16, 2, 4), inf)):
+    flash_decode.cu's tiles (keys per tile, tiles in flight, warps a block), each for launches
+    of fewer blocks an SM (before key splits) than its bound; the last one has no bound."""
+    entries = []
+    for value in text.split(","):
+        tile, _, bound = value.partition("<")
+        entries.append((tuple(int(part) for part in tile.split("x")), float(bound) if bound else math.inf))
+    if not entries or entries[-1][1] != math.inf or any(
+            len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4) for tile, _ in entries):
+        raise ValueError(f"SHARDLINE_FLASH_DECODE_TILES: KEYSxSTAGESxWARPS<BLOCKS_PER_SM values, the last without "
+                         f"a bound (keys a multiple of 16, stages >= 2, warps 1, 2 or 4), got {text!r}")
+    return tuple(entries)
 
 
-# flash_decode.cu's tiles up to _FLASH_DECODE_DEEP_SEQS sequences, and beyond: 3 deep is faster at
-# batch 16-64, 2 at 256 (bench/flash_tile_sweep.py). SHARDLINE_FLASH_DECODE_TILES sets others.
-_FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES", "16x3x4,16x2x4"))
-_FLASH_DECODE_DEEP_SEQS = 128
+# flash_decode.cu's tiles by blocks an SM: fewer warps a block fit more blocks an SM, so a
+# launch may run in one wave instead of two (bench/flash_tile_sweep.py).
+# SHARDLINE_FLASH_DECODE_TILES sets others.
+_FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES", "16x3x4<7.8,16x2x4"))
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -50,7 +54,7 @@ _KERNELS = {
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
     "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {', '.join(map(str, tile))}"
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
-                                                  for tile in dict.fromkeys(_FLASH_DECODE_TILES))},
+                                                  for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,

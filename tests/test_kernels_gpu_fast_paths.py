@@ -137,26 +137,27 @@ def decode_step(ops, rng, dtype, batch, queries, max_len, block_size, kv_heads, 
     (16, 2, 128, 1, 1, 100),     # 8 heads a KV head (all 8 rows), blocks of one key, a window
     (8, 2, 96, 16, 2, None),     # two queries a sequence (speculative decoding's shape)
 ])
-@pytest.mark.parametrize("tile", [0, 1])
 def test_flash_decode_kernel(ops, rng, dtype, batch, heads, kv_heads, head_dim, block_size, queries, window,
-                             tile, monkeypatch):
+                             monkeypatch):
     """flash_decode.cu (keys as the mma's rows, 8 packed rows a block) against the float64
     reference: head groupings of 1-8, head sizes, windows, cache blocks of 1-16 keys, key
-    splits (batch 2) and none (batch 40), a padding row, each of its two instantiated tile
-    shapes (keys, stages, warps a block); and that this kernel is the one run."""
+    splits (batch 2) and none (batch 40), a padding row, with each instantiated tile shape
+    (keys, stages, warps a block); and that this kernel is the one run."""
     launched = flash_decode_on(ops, monkeypatch)
-    monkeypatch.setattr(ops, "decode_tiles", (ops.decode_tiles[tile],) * 2)
     seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, 600,
                                                                          block_size, kv_heads, head_dim)
     num_tokens = batch * queries
     q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
     scale = 1 / math.sqrt(head_dim)
-    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
-                              cupy.asarray(qsl), scale, window)
-    assert launched == ["flash_decode_kernel"]
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
-    assert_close(ops, out[:num_tokens], ref, dtype, "flash decode kernel")
-    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
+    tiles = dict.fromkeys(tile for tile, _ in ops.decode_tiles)
+    for tile in tiles:
+        monkeypatch.setattr(ops, "decode_tiles", ((tile, math.inf),))
+        out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                                  cupy.asarray(qsl), scale, window)
+        assert_close(ops, out[:num_tokens], ref, dtype, f"flash decode kernel, tile {tile}")
+        assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
+    assert launched == ["flash_decode_kernel"] * len(tiles)
 
 
 def test_dependent_launches_match_ordinary_launches(ops, rng, monkeypatch):
