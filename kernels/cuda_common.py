@@ -34,10 +34,11 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
     return tuple(entries)
 
 
-# flash_decode.cu's tiles by blocks an SM: fewer warps a block fit more blocks an SM, so a
-# launch may run in one wave instead of two (bench/flash_tile_sweep.py).
-# SHARDLINE_FLASH_DECODE_TILES sets others.
-_FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES", "16x3x4<7.8,16x2x4"))
+# flash_decode.cu's tiles by blocks an SM, as bench/flash_tile_sweep.py suggested on an H100 (1x
+# H100, us a layer at 512 keys, 3 deep / 2 deep: batch 48 49.1 / 43.4, 64 56.8 / 61.4, 128
+# 107.2 / 104.9; 2 warps a block were no faster). SHARDLINE_FLASH_DECODE_TILES sets others.
+_FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES",
+                                                   "16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
