@@ -39,13 +39,8 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
 # 107.2 / 104.9; 2 warps a block were no faster). SHARDLINE_FLASH_DECODE_TILES sets others.
 _FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES",
                                                    "16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
-# stream_gemm.cu's row counts (x's rows rounded up to one of them; more run cuBLAS), and its
-# columns a stage x stages in flight (SHARDLINE_STREAM_GEMM_TILE sets others, e.g. 128x3).
-_STREAM_GEMM_ROWS = (16, 32, 64)
-_STREAM_GEMM_TILE = tuple(int(v) for v in os.environ.get("SHARDLINE_STREAM_GEMM_TILE", "64x4").split("x"))
-if len(_STREAM_GEMM_TILE) != 2 or _STREAM_GEMM_TILE[0] not in (64, 128, 256) or _STREAM_GEMM_TILE[1] < 2:
-    raise ValueError(f"SHARDLINE_STREAM_GEMM_TILE: COLUMNSxSTAGES with columns 64, 128 or 256 and stages >= 2, "
-                     f"got {os.environ.get('SHARDLINE_STREAM_GEMM_TILE')!r}")
+# stream_gemm.cu's row counts (x's rows rounded up to one of them; more run cuBLAS).
+_STREAM_GEMM_ROWS, _STREAM_GEMM_COUNTERS = (16, 32, 64), 1024   # counters: tiles a split launch may have
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -63,8 +58,8 @@ _KERNELS = {
     "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {', '.join(map(str, tile))}"
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
-    "stream_gemm": {"stream_gemm_kernel": tuple(f"{t}, {m}, {_STREAM_GEMM_TILE[0]}, {_STREAM_GEMM_TILE[1]}"
-                                                for t in ("__half", "__nv_bfloat16") for m in _STREAM_GEMM_ROWS)},
+    "stream_gemm": {"stream_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
+                                                for m in _STREAM_GEMM_ROWS)},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
@@ -105,21 +100,17 @@ _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROW
 
 
 def stream_gemm_smem_bytes(rows: int) -> int:
-    """Dynamic shared memory of stream_gemm_kernel<T, rows, KC, STAGES>: STAGES stages of 128
-    weight rows and `rows` x rows, KC columns each (rows padded by 8): 108 KiB at 64 rows and
-    64 x 4, two blocks an SM."""
-    columns, stages = _STREAM_GEMM_TILE
-    return stages * (128 + rows) * (columns + 8) * 2
+    """Dynamic shared memory of stream_gemm_kernel<T, rows>: 4 stages of 128 weight rows and
+    `rows` x rows, 64 columns each (rows padded by 8): 108 KiB at 64 rows, two blocks an SM."""
+    return 4 * (128 + rows) * (64 + 8) * 2
 
 
-def stream_gemm_splits(tiles: int, chunks: int, blocks_per_sm: int, multiprocessors: int) -> tuple[int, int]:
-    """(splits of K, chunks a split) for a stream_gemm launch of `tiles` blocks over `chunks`
-    chunks of K: a power of two up to 8 (a portable cluster), about filling the GPU's block
-    slots in one wave, with 4 chunks or more a split."""
-    splits = 1
-    while splits < 8 and tiles * splits * 2 <= blocks_per_sm * multiprocessors and chunks >= 8 * splits:
-        splits *= 2
-    return splits, -(-chunks // splits)
+def stream_gemm_splits(tiles: int, chunks: int, multiprocessors: int) -> tuple[int, int]:
+    """(splits of K, 64-column chunks a split) for a stream_gemm launch of `tiles` blocks
+    over `chunks` chunks: splits fill about two blocks an SM, keeping 4 chunks or more each."""
+    splits = max(1, min(chunks // 4, round(2 * multiprocessors / tiles)))
+    per_split = -(-chunks // splits)
+    return -(-chunks // per_split), per_split
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:

@@ -43,8 +43,8 @@ from shardline.kernels.cuda_common import (
     _SKINNY_MAX_ROWS,
     _SKINNY_ROWS_PER_BLOCK,
     _SKINNY_THREADS,
+    _STREAM_GEMM_COUNTERS,
     _STREAM_GEMM_ROWS,
-    _STREAM_GEMM_TILE,
     _same_dtype,
     _vectors,
     _word,
@@ -56,7 +56,7 @@ from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_cache import CacheOps
 from shardline.kernels.cuda_sampling import SamplingOps
-from shardline.kernels.dependent_launch import launch_ex
+from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
 
 
@@ -75,9 +75,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-            device = cupy.cuda.Device(device_id)
-            self._shared_memory_per_sm = device.attributes["MaxSharedMemoryPerMultiprocessor"]
-            self._clusters = int(device.compute_capability) >= 90   # thread-block clusters (stream_gemm's splits)
+            self._stream_counters = cupy.zeros(_STREAM_GEMM_COUNTERS, dtype=cupy.int32)   # as _flash_counters
             self._allow_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
         self._dependent = False
@@ -108,11 +106,11 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             except (ValueError, cupy.cuda.driver.CUDADriverError):   # this GPU refuses: not this shape
                 del self._functions[key]
 
-    def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0, cluster=None) -> None:
+    def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0) -> None:
         if 0 in grid:
             return  # empty input: nothing to launch (a 0-sized grid is a launch error)
-        if self._dependent or cluster:
-            launch_ex(self._functions[kernel, ctype], grid, block, args, shared_mem, self._dependent, cluster)
+        if self._dependent:
+            launch_dependent(self._functions[kernel, ctype], grid, block, args, shared_mem)
             return
         # cupy raises CUDADriverError when the launch itself fails.
         self._functions[kernel, ctype](grid, block, args, shared_mem=shared_mem)
@@ -224,21 +222,21 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
     def _stream(self, x2, weight, out, accumulate: bool = False, gated: bool = False) -> None:
         (rows, k), num_out = x2.shape, out.shape[1]
         padded = next(m for m in _STREAM_GEMM_ROWS if rows <= m)
-        smem, (columns, stages) = stream_gemm_smem_bytes(padded), _STREAM_GEMM_TILE
         tiles = -(-num_out // (64 if gated else 128))   # gated: 64 outputs (128 weight rows) a block
-        per_sm = self._shared_memory_per_sm // (smem + 1024) if self._clusters else 0
-        splits, per_split = stream_gemm_splits(tiles, -(-k // columns), per_sm, self._multiprocessors)
-        self._launch("stream_gemm_kernel", f"{_ctype(x2, 'x')}, {padded}, {columns}, {stages}", (tiles, splits),
-                     (128,), (x2, weight, out, np.int32(rows), np.int32(num_out), np.int32(k),
-                              np.int32(accumulate), np.int32(gated), np.int32(per_split)),
-                     shared_mem=smem, cluster=(1, splits, 1) if splits > 1 else None)
+        splits, per_split = stream_gemm_splits(tiles, -(-k // 64), self._multiprocessors)
+        if tiles > self._stream_counters.size:
+            splits, per_split = 1, -(-k // 64)
+        partial = cupy.empty((splits, rows, weight.shape[0]) if splits > 1 else 1, dtype=cupy.float32)
+        self._launch("stream_gemm_kernel", f"{_ctype(x2, 'x')}, {padded}", (tiles, splits), (128,),
+                     (x2, weight, out, partial, self._stream_counters, np.int32(rows), np.int32(num_out),
+                      np.int32(k), np.int32(accumulate), np.int32(gated), np.int32(per_split)),
+                     shared_mem=stream_gemm_smem_bytes(padded))
 
     def _stream_applies(self, x2, weight) -> bool:
         """Decode batches of bf16/fp16 (5-64 rows) run stream_gemm.cu instead of cuBLAS."""
         padded = next((m for m in _STREAM_GEMM_ROWS if x2.shape[0] <= m), None)
-        columns, stages = _STREAM_GEMM_TILE
         return (self.use_stream_gemm and padded is not None and x2.shape[1] % 8 == 0
-                and ("stream_gemm_kernel", f"{_ctype(x2, 'x')}, {padded}, {columns}, {stages}") in self._functions
+                and ("stream_gemm_kernel", f"{_ctype(x2, 'x')}, {padded}") in self._functions
                 and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
     def _skinny_applies(self, x2, weight) -> bool:

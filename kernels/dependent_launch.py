@@ -1,6 +1,5 @@
-"""Kernel launches with programmatic dependent launch (PDL) or in thread-block clusters,
-through the driver's cuLaunchKernelEx (ctypes on libcuda; cupy's launch path has no
-launch attributes).
+"""Kernel launches with programmatic dependent launch (PDL), through the driver's
+cuLaunchKernelEx (ctypes on libcuda; cupy's launch path has no launch attributes).
 
 A kernel launched so may be scheduled while the kernel before it in the stream
 still runs, once that one lets it (every kernel of ours calls pdl_begin() in
@@ -22,7 +21,6 @@ import cupy
 import numpy as np
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_CLUSTER_DIMENSION = 4                   # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
 
 
 class _Attribute(ctypes.Structure):   # CUlaunchAttribute: id, pad to 8, a 64-byte value union
@@ -58,27 +56,17 @@ def _argument(value):
     raise TypeError(f"kernel arguments must be cupy arrays or NumPy scalars, got {type(value).__name__}")
 
 
-def launch_ex(function, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, dependent: bool = True,
-              cluster: tuple | None = None) -> None:
-    """Launches a cupy RawKernel on the current stream: allowed to overlap the kernel before it
-    (dependent), and in clusters of `cluster` (x, y, z) blocks where given."""
+def launch_dependent(function, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+    """Launches a cupy RawKernel on the current stream, allowed to overlap the kernel before it."""
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-    attributes = (_Attribute * 2)()
-    count = 0
-    if dependent:
-        attributes[count].id = _PROGRAMMATIC_STREAM_SERIALIZATION
-        attributes[count].value[0] = 1   # programmaticStreamSerializationAllowed (an unsigned int, little-endian)
-        count += 1
-    if cluster:
-        attributes[count].id = _CLUSTER_DIMENSION
-        ctypes.memmove(attributes[count].value, np.asarray(cluster, dtype=np.uint32).tobytes(), 12)
-        count += 1
+    attribute = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attribute.value[0] = 1   # programmaticStreamSerializationAllowed (an unsigned int, little-endian)
     config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                     cupy.cuda.get_current_stream().ptr, attributes, count)
+                     cupy.cuda.get_current_stream().ptr, ctypes.pointer(attribute), 1)
     holders = [_argument(a) for a in args]
     params = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
     handle = function.kernel.ptr   # the RawKernel's CUfunction on the current device
     status = _launch_kernel_ex()(ctypes.byref(config), handle, params, None)
     if status:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status} "
-                           f"(grid {grid}, block {block}, shared memory {shared_mem} bytes, cluster {cluster})")
+                           f"(grid {grid}, block {block}, shared memory {shared_mem} bytes)")

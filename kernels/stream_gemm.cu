@@ -6,11 +6,10 @@
 // kernel before still runs.
 //
 // The weight rows are the mma's M (16 a tile) and the rows of x its N (8 a tile): a block owns
-// SG_BN = 128 weight rows, 32 a warp (two m-tiles), over one split of K, staged KC columns at a
-// time through STAGES cp.async buffers (x's columns with them). The splits of a tile run as one
-// thread-block cluster (gridDim.y blocks): each leaves its sums in its shared memory, and after
-// a cluster barrier each adds up one slice of the rows from all of them (distributed shared
-// memory) and writes it.
+// SG_BN = 128 weight rows, 32 a warp (two m-tiles), over one split of K, staged SG_KC = 64
+// columns at a time through STAGES cp.async buffers (x's columns with them). With several
+// splits each block writes fp32 partial sums and the last of a tile's splits adds them up
+// (flash_merge_splits' counter scheme).
 //
 // gated: w is [2N, K], gate rows then up rows, and y[m, n] = silu(gate) * up, both rounded to T
 // first, as silu_and_mul_kernel computes it from the unfused GEMM's output. A block then owns 64
@@ -19,34 +18,41 @@
 // Requires K % 8 == 0 and 16-byte aligned x, w (checked on the host). blockDim.x == 128.
 
 #define SG_BN 128
+#define SG_KC 64
+#define SG_LD (SG_KC + 8)   // shared row pitch in elements: ldmatrix's 8 rows fall in distinct banks
+#define SG_STAGES 4
 
 // Weight row of this block's local row r (0..127): warp r / 32, m-tile (r / 16) % 2.
 __device__ __forceinline__ long long stream_weight_row(int tile, int r, int N, int gated) {
     if (!gated) return (long long)tile * SG_BN + r;
-    return (long long)((r / 16) % 2) * N + tile * (SG_BN / 2) + (r / 32) * 16 + r % 16;
+    const int warp = r / 32, mt = (r / 16) % 2;
+    return (long long)mt * N + tile * (SG_BN / 2) + warp * 16 + r % 16;
 }
 
-// Output (feature) of local row r: itself, or gated, the output its gate / up row feeds.
-__device__ __forceinline__ long long stream_output(int tile, int r, int gated) {
-    return gated ? (long long)tile * (SG_BN / 2) + (r / 32) * 16 + r % 16 : (long long)tile * SG_BN + r;
-}
-
-// Chunk `chunk` (KC columns) of the block's weight rows (WEIGHTS) or of x's rows into shared memory.
-template <typename T, int M, int KC, bool WEIGHTS>
-__device__ __forceinline__ void stream_load(T* dst, const T* src, int tile, int chunk, int rows, int N, int K,
-                                            int gated) {
-    constexpr int LD = KC + 8, VECS = KC / 8;
-    const int k0 = chunk * KC;
+template <typename T, int M>
+__device__ __forceinline__ void stream_load(T* ws, T* xs, const T* w, const T* x, int tile, int chunk, int rows,
+                                            int N, int K, int gated, bool weights) {
+    const int k0 = chunk * SG_KC, num_w = gated ? 2 * N : N;
+    constexpr int VECS = SG_KC / 8;
+    if (weights) {
 #pragma unroll
-    for (int q = 0; q < (WEIGHTS ? SG_BN : M) * VECS / 128; ++q) {
-        const int i = threadIdx.x + q * 128, r = i / VECS, c = (i % VECS) * 8;
-        const bool ok = (WEIGHTS ? stream_output(tile, r, gated) < N : r < rows) && k0 + c < K;
-        const long long row = WEIGHTS ? stream_weight_row(tile, r, N, gated) : r;
-        cp_async16(dst + r * LD + c, src + (ok ? row * K + k0 + c : 0), ok);
+        for (int q = 0; q < SG_BN * VECS / 128; ++q) {
+            const int i = threadIdx.x + q * 128, r = i / VECS, c = (i % VECS) * 8;
+            const long long n = stream_weight_row(tile, r, N, gated);
+            const bool ok = (gated ? tile * (SG_BN / 2) + (r / 32) * 16 + r % 16 < N : n < num_w) && k0 + c < K;
+            cp_async16(ws + r * SG_LD + c, w + (ok ? n * K + k0 + c : 0), ok);
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < M * VECS / 128; ++q) {
+            const int i = threadIdx.x + q * 128, r = i / VECS, c = (i % VECS) * 8;
+            const bool ok = r < rows && k0 + c < K;
+            cp_async16(xs + r * SG_LD + c, x + (ok ? (long long)r * K + k0 + c : 0), ok);
+        }
     }
 }
 
-// y[m, n] from a finished sum (and, gated, its up row's sum).
+// Writes a finished (weight row, x row) pair of sums: the output, or the gate applied.
 template <typename T>
 __device__ __forceinline__ void stream_put(T* y, int m, long long n, int N, float acc, float up, int accumulate,
                                            int gated) {
@@ -55,71 +61,31 @@ __device__ __forceinline__ void stream_put(T* y, int m, long long n, int N, floa
                  : from_f<T>(acc + (accumulate ? to_f(*out) : 0.0f));
 }
 
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// Four floats at p in the shared memory of the cluster's block `rank`.
-__device__ __forceinline__ float4 cluster_load4(const float* p, unsigned rank) {
-    unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
-    float4 v;
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
-    return v;
-}
-
-// The splits' merge: sums [SG_BN][M + 4] floats in each block's shared memory; this block
-// (split `split` of the cluster's `splits`) adds up its slice of the outputs and writes them.
 template <typename T, int M>
-__device__ void stream_merge(const float* sums, T* y, int tile, int split, int splits, int rows, int N,
-                             int accumulate, int gated) {
-    constexpr int LDS = M + 4, QUADS = M / 4;
-    const int per_tile = gated ? SG_BN / 2 : SG_BN, slice = per_tile / splits;
-    for (int idx = threadIdx.x; idx < slice * QUADS; idx += blockDim.x) {
-        const int o = split * slice + idx / QUADS, m = (idx % QUADS) * 4;   // local output, first x row
-        const int r = gated ? (o / 16) * 32 + o % 16 : o;                   // its (gate) row; up: r + 16
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f), up = acc;
-        for (int q = 0; q < splits; ++q) {
-            const float4 a = cluster_load4(sums + r * LDS + m, q);
-            acc = make_float4(acc.x + a.x, acc.y + a.y, acc.z + a.z, acc.w + a.w);
-            if (gated) {
-                const float4 u = cluster_load4(sums + (r + 16) * LDS + m, q);
-                up = make_float4(up.x + u.x, up.y + u.y, up.z + u.z, up.w + u.w);
-            }
-        }
-        const long long n = stream_output(tile, r, gated);
-        const float sum[4] = {acc.x, acc.y, acc.z, acc.w}, ups[4] = {up.x, up.y, up.z, up.w};
-        for (int i = 0; i < 4; ++i)
-            if (m + i < rows && n < N) stream_put(y, m + i, n, N, sum[i], ups[i], accumulate, gated);
-    }
-}
-
-template <typename T, int M, int KC, int STAGES>
-__global__ void __launch_bounds__(128)
-    stream_gemm_kernel(const T* x, const T* w, T* y, int rows, int N, int K, int accumulate, int gated,
-                       int chunks_per_split) {
-    constexpr int NT = M / 8, LD = KC + 8;   // the mma's n-tiles of x rows; shared row pitch (elements)
+__global__ void __launch_bounds__(128, 2)
+    stream_gemm_kernel(const T* x, const T* w, T* y, float* partial, int* counters, int rows, int N, int K,
+                       int accumulate, int gated, int chunks_per_split) {
+    constexpr int NT = M / 8;   // the mma's n-tiles of x rows
     extern __shared__ __align__(128) unsigned char smem[];
-    T* w_stages = reinterpret_cast<T*>(smem);              // [STAGES][SG_BN][LD]
-    T* x_stages = w_stages + STAGES * SG_BN * LD;          // [STAGES][M][LD]
-    const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    T* w_stages = reinterpret_cast<T*>(smem);              // [STAGES][SG_BN][SG_LD]
+    T* x_stages = w_stages + SG_STAGES * SG_BN * SG_LD;    // [STAGES][M][SG_LD]
+    const int tile = blockIdx.x, split = blockIdx.y, num_splits = gridDim.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const int mi = lane >> 3, mr = lane & 7;
-    const int chunks = (K + KC - 1) / KC;
+    const int chunks = (K + SG_KC - 1) / SG_KC;
     const int c_begin = split * chunks_per_split, c_end = min(chunks, c_begin + chunks_per_split);
     const T* tag = nullptr;
+    auto w_stage = [&](int s) { return w_stages + s * SG_BN * SG_LD; };
+    auto x_stage = [&](int s) { return x_stages + s * M * SG_LD; };
 
     // One commit group per stage's weights, then (after the wait) one per stage's x.
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (c_begin + s < c_end)
-            stream_load<T, M, KC, true>(w_stages + s * SG_BN * LD, w, tile, c_begin + s, rows, N, K, gated);
+    for (int s = 0; s < SG_STAGES - 1; ++s) {
+        if (c_begin + s < c_end) stream_load<T, M>(w_stage(s), nullptr, w, x, tile, c_begin + s, rows, N, K, gated, true);
         asm volatile("cp.async.commit_group;\n" ::);
     }
     pdl_begin();
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (c_begin + s < c_end)
-            stream_load<T, M, KC, false>(x_stages + s * M * LD, x, tile, c_begin + s, rows, N, K, gated);
+    for (int s = 0; s < SG_STAGES - 1; ++s) {
+        if (c_begin + s < c_end) stream_load<T, M>(nullptr, x_stage(s), w, x, tile, c_begin + s, rows, N, K, gated, false);
         asm volatile("cp.async.commit_group;\n" ::);
     }
     float acc[2][NT][4];
@@ -129,26 +95,26 @@ __global__ void __launch_bounds__(128)
         for (int j = 0; j < NT; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
 
     for (int c = c_begin, it = 0; c < c_end; ++c, ++it) {
-        const int ahead = c + STAGES - 1, slot = (it + STAGES - 1) % STAGES;
+        const int ahead = c + SG_STAGES - 1, slot = (it + SG_STAGES - 1) % SG_STAGES;
         if (ahead < c_end) {
-            stream_load<T, M, KC, true>(w_stages + slot * SG_BN * LD, w, tile, ahead, rows, N, K, gated);
-            stream_load<T, M, KC, false>(x_stages + slot * M * LD, x, tile, ahead, rows, N, K, gated);
+            stream_load<T, M>(w_stage(slot), nullptr, w, x, tile, ahead, rows, N, K, gated, true);
+            stream_load<T, M>(nullptr, x_stage(slot), w, x, tile, ahead, rows, N, K, gated, false);
         }
         asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(SG_STAGES - 1));
         __syncthreads();
-        const T* ws = w_stages + (it % STAGES) * SG_BN * LD + warp * 32 * LD;
-        const T* xs = x_stages + (it % STAGES) * M * LD;
+        const T* ws = w_stage(it % SG_STAGES) + warp * 32 * SG_LD;
+        const T* xs = x_stage(it % SG_STAGES);
 #pragma unroll
-        for (int ks = 0; ks < KC / 16; ++ks) {
+        for (int ks = 0; ks < SG_KC / 16; ++ks) {
             unsigned a[2][4];   // weight rows 16 mt + (mi % 2) * 8 + mr, columns 16 ks + (mi / 2) * 8
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt)
-                ldmatrix_x4(a[mt], ws + (mt * 16 + (mi & 1) * 8 + mr) * LD + ks * 16 + (mi >> 1) * 8);
+                ldmatrix_x4(a[mt], ws + (mt * 16 + (mi & 1) * 8 + mr) * SG_LD + ks * 16 + (mi >> 1) * 8);
 #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 unsigned b[4];   // x rows 8 (j + mi / 2) + mr, columns 16 ks + (mi % 2) * 8
-                ldmatrix_x4(b, xs + ((j + (mi >> 1)) * 8 + mr) * LD + ks * 16 + (mi & 1) * 8);
+                ldmatrix_x4(b, xs + ((j + (mi >> 1)) * 8 + mr) * SG_LD + ks * 16 + (mi & 1) * 8);
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt) {
                     mma16816(acc[mt][j], a[mt], b[0], b[1], tag);
@@ -160,36 +126,59 @@ __global__ void __launch_bounds__(128)
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 
-    // acc[mt][j][e]: local row 32 warp + 16 mt + g + 8 (e / 2), x row 8 j + 2 t4 + e % 2.
-    if (splits == 1) {
+    // acc[mt][j][e]: local weight row 32 warp + 16 mt + g + 8 (e / 2), x row 8 j + 2 t4 + e % 2.
+    const int num_w = gated ? 2 * N : N, outputs = gated ? N : num_w;
+    if (num_splits == 1) {
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int m = 8 * j + 2 * t4 + (e & 1), r = warp * 32 + g + 8 * (e >> 1);
-                const long long n = stream_output(tile, r, gated);
-                if (m >= rows || n >= N) continue;
-                if (gated) {
-                    stream_put(y, m, n, N, acc[0][j][e], acc[1][j][e], 0, 1);
-                } else {
-                    stream_put(y, m, n, N, acc[0][j][e], 0.0f, accumulate, 0);
-                    if (n + 16 < N) stream_put(y, m, n + 16, N, acc[1][j][e], 0.0f, accumulate, 0);
+                const long long n = gated ? (long long)tile * (SG_BN / 2) + warp * 16 + g + 8 * (e >> 1)
+                                          : stream_weight_row(tile, r, N, 0);
+                if (m < rows && n < outputs) {
+                    if (gated) stream_put(y, m, n, N, acc[0][j][e], acc[1][j][e], 0, 1);
+                    else {
+                        stream_put(y, m, n, N, acc[0][j][e], 0.0f, accumulate, 0);
+                        if (n + 16 < outputs) stream_put(y, m, n + 16, N, acc[1][j][e], 0.0f, accumulate, 0);
+                    }
                 }
             }
         return;
     }
-    float* sums = reinterpret_cast<float*>(smem);   // [SG_BN][M + 4]: the stages are done with
+    // Partial sums [split][rows][2N or N] by weight row, then the last split of the tile adds them.
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = warp * 32 + mt * 16 + g + 8 * h, m = 8 * j + 2 * t4;
-                *reinterpret_cast<float2*>(sums + r * (M + 4) + m) = make_float2(acc[mt][j][2 * h],
-                                                                                 acc[mt][j][2 * h + 1]);
+            for (int e = 0; e < 4; ++e) {
+                const int m = 8 * j + 2 * t4 + (e & 1), r = warp * 32 + mt * 16 + g + 8 * (e >> 1);
+                const long long n = stream_weight_row(tile, r, N, gated);
+                const bool real = gated ? tile * (SG_BN / 2) + warp * 16 + g + 8 * (e >> 1) < N : n < num_w;
+                if (m < rows && real) partial[((long long)split * rows + m) * num_w + n] = acc[mt][j][e];
             }
-    cluster_sync();   // every split's sums are in place
-    stream_merge<T, M>(sums, y, tile, split, splits, rows, N, accumulate, gated);
-    cluster_sync();   // no block leaves while another reads its shared memory
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counters + tile, 1) == num_splits - 1;
+        if (last) counters[tile] = 0;   // ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int per_tile = gated ? SG_BN / 2 : SG_BN;
+    for (int idx = threadIdx.x; idx < per_tile * rows; idx += blockDim.x) {
+        const int m = idx / per_tile;
+        const long long n = (long long)tile * per_tile + idx % per_tile;
+        if (n >= outputs) continue;
+        float sum = 0.0f, up = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float* row = partial + ((long long)s * rows + m) * num_w;
+            sum += __ldcg(row + n);
+            if (gated) up += __ldcg(row + N + n);
+        }
+        stream_put(y, m, n, N, sum, up, accumulate, gated);
+    }
 }
