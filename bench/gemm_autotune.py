@@ -1,6 +1,5 @@
 """cuBLAS's default GEMM (cublasGemmEx) against the cuBLASLt algorithm kernels/gemm_lt.py
-measures per shape, and against kernels/stream_gemm.cu (5-64 rows), on Llama-3-8B's decode
-GEMMs, one GPU, bf16.
+measures per shape, on Llama-3-8B's decode GEMMs, one GPU, bf16.
 
 Run:  python -m bench.gemm_autotune --out bench/results/gemm_autotune.json
 
@@ -11,9 +10,6 @@ as in a graphed decode step, timed with CUDA events over a replay. The calls cyc
 through copies of the weight that together exceed 3x the L2 cache, so each call reads its
 weight from HBM. Reports GB/s of weight bytes against the device's copy ceiling (bytes
 read + written by a 1 GiB copy, as bench/llm.py measures it) and tuned / default speed.
-Where T is 5-64 it also times stream_gemm.cu the same way, with ordinary launches and
-with dependent launches (as in a captured decode step: each call starts loading its
-weight while the one before runs).
 """
 
 from __future__ import annotations
@@ -61,17 +57,6 @@ def time_gemm(gemm, x, weights: list, out, reps: int) -> float:
     return graph_seconds(run, reps)
 
 
-def time_stream(ops, x, weights: list, out, reps: int, dependent: bool) -> float:
-    """Seconds per stream_gemm.cu call, the calls cycling through the weight copies."""
-    import contextlib
-    calls = itertools.count()
-
-    def run():
-        ops._stream(x, weights[next(calls) % len(weights)], out)
-    with ops.dependent_launches() if dependent else contextlib.nullcontext():
-        return graph_seconds(run, reps)
-
-
 def tuned_choice(gemm, tokens: int, n: int, k: int) -> str:
     for key, record in gemm.tuner.records.items():
         if key[:3] == (tokens, n, k) and not key[4]:
@@ -81,9 +66,8 @@ def tuned_choice(gemm, tokens: int, n: int, k: int) -> str:
 
 def measure(args) -> dict:
     import cupy
-    from shardline.kernels.cuda_ops import CudaOps
     from shardline.kernels.gemm import CublasGemm
-    default, tuned, ops = CublasGemm(autotune=False), CublasGemm(autotune=True), CudaOps(0)
+    default, tuned = CublasGemm(autotune=False), CublasGemm(autotune=True)
     tuned.tuner.include_gemm_ex = not args.lt_only
     l2_bytes = cupy.cuda.Device().attributes["L2CacheSize"]
     report = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "dtype": "bfloat16",
@@ -102,11 +86,6 @@ def measure(args) -> dict:
                 "tuned_us": tuned_s * 1e6, "default_GBps": weight_bytes / default_s / 1e9,
                 "tuned_GBps": weight_bytes / tuned_s / 1e9, "speedup": default_s / tuned_s,
                 "choice": tuned_choice(tuned, tokens, n, k)})
-            if ops._stream_applies(x, weights[0]) and tokens >= 5:
-                for key, dependent in (("stream", False), ("stream_pdl", True)):
-                    stream_s = time_stream(ops, x, weights, out, args.reps, dependent)
-                    report["rows"][-1].update({f"{key}_us": stream_s * 1e6,
-                                               f"{key}_GBps": weight_bytes / stream_s / 1e9})
             print(json.dumps(report["rows"][-1]), flush=True)
         del weights
         cupy.get_default_memory_pool().free_all_blocks()
@@ -118,15 +97,11 @@ def measure(args) -> dict:
 def print_table(report: dict) -> None:
     print(f"\n{report['device']}, {report['dtype']}, weight GB/s (copy ceiling {report['copy_GBps']:.0f} GB/s), "
           f"{report['reps']} calls graphed\n")
-    print("| weight | N x K | T | default us | default GB/s | tuned us | tuned GB/s | tuned / default | choice "
-          "| stream us (GB/s) | stream, dependent launches us (GB/s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| weight | N x K | T | default us | default GB/s | tuned us | tuned GB/s | tuned / default | choice |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
-        stream = [f"{r[f'{key}_us']:.1f} ({r[f'{key}_GBps']:.0f})" if f"{key}_us" in r else ""
-                  for key in ("stream", "stream_pdl")]
         print(f"| {r['weight']} | {r['N']} x {r['K']} | {r['T']} | {r['default_us']:.1f} | {r['default_GBps']:.0f} | "
-              f"{r['tuned_us']:.1f} | {r['tuned_GBps']:.0f} | {r['speedup']:.2f} | {r['choice']} | "
-              f"{stream[0]} | {stream[1]} |")
+              f"{r['tuned_us']:.1f} | {r['tuned_GBps']:.0f} | {r['speedup']:.2f} | {r['choice']} |")
 
 
 def main() -> None:

@@ -75,14 +75,22 @@ class AttentionOps:
                           np.int32(num_heads), np.int32(head_dim), np.int32(num_splits)))
         return out
 
-    def _flash_shared_memory(self, key: tuple) -> int | None:
-        """Dynamic shared memory of a flash kernel's instantiation (None: not a flash kernel)."""
-        if key[0] not in ("flash_attention_kernel", "flash_decode_kernel"):
-            return None
-        parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES, KW"
-        head_dim = int(parts[1])
-        return (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
-                else flash_decode_smem_bytes(head_dim, tuple(int(part) for part in parts[2:])))
+    def _allow_flash_shared_memory(self) -> None:
+        """The flash kernels need more shared memory than the default 48 KiB: opt in once,
+        up front (never during a CUDA-graph capture); an instantiation needing more than
+        this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
+        optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
+        for key in [key for key in self._functions if key[0] in ("flash_attention_kernel", "flash_decode_kernel")]:
+            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES, KW"
+            head_dim = int(parts[1])
+            need = (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
+                    else flash_decode_smem_bytes(head_dim, tuple(int(part) for part in parts[2:])))
+            try:   # 1 KiB kept for the kernel's static shared memory (640 bytes: its tile scan)
+                if need > optin - 1024:
+                    raise ValueError(need)
+                self._functions[key].max_dynamic_shared_size_bytes = need
+            except (ValueError, cupy.cuda.driver.CUDADriverError):   # this GPU refuses: not this shape
+                del self._functions[key]
 
     def flash_applies(self, q, k_cache, v_cache, num_seqs: int) -> bool:
         """Whether a paged launch runs the tensor-core kernel: bf16 or fp16, a head size it is

@@ -39,8 +39,6 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
 # 107.2 / 104.9; 2 warps a block were no faster). SHARDLINE_FLASH_DECODE_TILES sets others.
 _FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES",
                                                    "16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
-# stream_gemm.cu's row counts (x's rows rounded up to one of them; more run cuBLAS).
-_STREAM_GEMM_ROWS, _STREAM_GEMM_COUNTERS = (16, 32, 64), 1024   # counters: tiles a split launch may have
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -58,8 +56,6 @@ _KERNELS = {
     "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {', '.join(map(str, tile))}"
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
-    "stream_gemm": {"stream_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
-                                                for m in _STREAM_GEMM_ROWS)},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
                                                 for m in range(1, 5))},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
@@ -91,26 +87,11 @@ _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 _FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
-_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm", "stream_gemm"})
+_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})
 # Modules compiled with other files in front of them (after common.cu).
-_PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common",),
-             "stream_gemm": ("flash_common",)}   # its cp.async, ldmatrix and mma wrappers
+_PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common",)}
 # Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
-
-
-def stream_gemm_smem_bytes(rows: int) -> int:
-    """Dynamic shared memory of stream_gemm_kernel<T, rows>: 4 stages of 128 weight rows and
-    `rows` x rows, 64 columns each (rows padded by 8): 108 KiB at 64 rows, two blocks an SM."""
-    return 4 * (128 + rows) * (64 + 8) * 2
-
-
-def stream_gemm_splits(tiles: int, chunks: int, multiprocessors: int) -> tuple[int, int]:
-    """(splits of K, 64-column chunks a split) for a stream_gemm launch of `tiles` blocks
-    over `chunks` chunks: splits fill about two blocks an SM, keeping 4 chunks or more each."""
-    splits = max(1, min(chunks // 4, round(2 * multiprocessors / tiles)))
-    per_split = -(-chunks // splits)
-    return -(-chunks // per_split), per_split
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:

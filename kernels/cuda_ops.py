@@ -43,14 +43,10 @@ from shardline.kernels.cuda_common import (
     _SKINNY_MAX_ROWS,
     _SKINNY_ROWS_PER_BLOCK,
     _SKINNY_THREADS,
-    _STREAM_GEMM_COUNTERS,
-    _STREAM_GEMM_ROWS,
     _same_dtype,
     _vectors,
     _word,
     bf16_bits,
-    stream_gemm_smem_bytes,
-    stream_gemm_splits,
 )
 from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
@@ -63,7 +59,6 @@ from shardline.kernels.gemm import CublasGemm
 class CudaOps(AttentionOps, CacheOps, SamplingOps):
     name = "cuda"
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
-    use_stream_gemm = "stream_gemm" not in gpu_paths_off()
     use_dependent_launch = "dependent_launch" not in gpu_paths_off()
 
     def __init__(self, device_id: int = 0):
@@ -75,8 +70,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-            self._stream_counters = cupy.zeros(_STREAM_GEMM_COUNTERS, dtype=cupy.int32)   # as _flash_counters
-            self._allow_shared_memory()
+            self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
         self._dependent = False
 
@@ -89,22 +83,6 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             yield
         finally:
             self._dependent = before
-
-    def _allow_shared_memory(self) -> None:
-        """The flash kernels and stream_gemm need more shared memory than the default 48 KiB: opt
-        in once, up front (never during a CUDA-graph capture); an instantiation needing more than
-        this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
-        optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
-        for key in list(self._functions):
-            need = (stream_gemm_smem_bytes(int(key[1].split(",")[1])) if key[0] == "stream_gemm_kernel"
-                    else self._flash_shared_memory(key))
-            try:   # 1 KiB kept for a kernel's static shared memory (640 bytes: the flash tile scan)
-                if need is not None and need > optin - 1024:
-                    raise ValueError(need)
-                if need is not None:
-                    self._functions[key].max_dynamic_shared_size_bytes = need
-            except (ValueError, cupy.cuda.driver.CUDADriverError):   # this GPU refuses: not this shape
-                del self._functions[key]
 
     def _launch(self, kernel: str, ctype, grid, block, args, shared_mem: int = 0) -> None:
         if 0 in grid:
@@ -189,8 +167,6 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
                          (bias, out, np.int64(x2.shape[0]), np.int32(num_out)))
         if out.size and x2.shape[1] and self._skinny_applies(x2, weight):
             self._skinny(x2, weight, out, accumulate=bias is not None)
-        elif out.size and x2.shape[1] and self._stream_applies(x2, weight):
-            self._stream(x2, weight, out, accumulate=bias is not None)
         elif out.size and x2.shape[1]:
             self._gemm.matmul_nt(x2, weight, out, accumulate=bias is not None)
         elif bias is None:
@@ -199,17 +175,15 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
 
     def gated_linear(self, x, weight, bias=None):
         """silu_and_mul(linear(x, weight, bias)): weight [2 * inter, in] holds the gate rows then
-        the up rows. Decode-sized inputs without a bias run one skinny or stream GEMM that
-        applies the gate (the same roundings as the two ops, one launch fewer)."""
+        the up rows. Decode-sized inputs without a bias run one skinny GEMM whose warps apply
+        the gate (the same roundings as the two ops, one launch fewer)."""
         x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        fused = (bias is None and weight.ndim == 2 and weight.shape[0] % 2 == 0 and x.shape[-1] == weight.shape[1]
-                 and x.dtype == weight.dtype and x2.size)
-        skinny = fused and self._skinny_applies(x2, weight)
-        if not skinny and not (fused and self._stream_applies(x2, weight)):
+        if bias is not None or weight.ndim != 2 or weight.shape[0] % 2 or x.shape[-1] != weight.shape[1] \
+                or x.dtype != weight.dtype or not x2.size or not self._skinny_applies(x2, weight):
             return self.silu_and_mul(self.linear(x, weight, bias))
         out = cupy.empty((x2.shape[0], weight.shape[0] // 2), dtype=x.dtype)
-        (self._skinny if skinny else self._stream)(x2, weight, out, gated=True)
+        self._skinny(x2, weight, out, gated=True)
         return out.reshape(x.shape[:-1] + (out.shape[1],))
 
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False) -> None:
@@ -218,26 +192,6 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
         self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}", (-(-num_out // per_block),), (_SKINNY_THREADS,),
                      (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
                       np.int32(gated)))
-
-    def _stream(self, x2, weight, out, accumulate: bool = False, gated: bool = False) -> None:
-        (rows, k), num_out = x2.shape, out.shape[1]
-        padded = next(m for m in _STREAM_GEMM_ROWS if rows <= m)
-        tiles = -(-num_out // (64 if gated else 128))   # gated: 64 outputs (128 weight rows) a block
-        splits, per_split = stream_gemm_splits(tiles, -(-k // 64), self._multiprocessors)
-        if tiles > self._stream_counters.size:
-            splits, per_split = 1, -(-k // 64)
-        partial = cupy.empty((splits, rows, weight.shape[0]) if splits > 1 else 1, dtype=cupy.float32)
-        self._launch("stream_gemm_kernel", f"{_ctype(x2, 'x')}, {padded}", (tiles, splits), (128,),
-                     (x2, weight, out, partial, self._stream_counters, np.int32(rows), np.int32(num_out),
-                      np.int32(k), np.int32(accumulate), np.int32(gated), np.int32(per_split)),
-                     shared_mem=stream_gemm_smem_bytes(padded))
-
-    def _stream_applies(self, x2, weight) -> bool:
-        """Decode batches of bf16/fp16 (5-64 rows) run stream_gemm.cu instead of cuBLAS."""
-        padded = next((m for m in _STREAM_GEMM_ROWS if x2.shape[0] <= m), None)
-        return (self.use_stream_gemm and padded is not None and x2.shape[1] % 8 == 0
-                and ("stream_gemm_kernel", f"{_ctype(x2, 'x')}, {padded}") in self._functions
-                and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
     def _skinny_applies(self, x2, weight) -> bool:
         """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""
