@@ -6,6 +6,8 @@ another's reservation decodes to the same tokens as one engine alone."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ import gpu_guard  # noqa: F401  (skips without a GPU)
 from engine_fixtures import VOCAB, export_then_commit, make_engine, random_prompts, save_tiny_llama, tiny_local
 from shardline.worker.sampling_params import SamplingParams
 from test_engine import mixed_workload, run_alone
-from test_gpu_models import train_bigram_llama
+from test_gpu_models import assert_parting_at_a_near_tie, train_bigram_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -90,9 +92,11 @@ def test_decode_ahead_equals_plain_on_gpu(local):
 def test_bf16_batched_mostly_equals_sequential(tmp_path):
     """bf16, batched against one request at a time, on a trained (confident) model. Batch
     shapes change the attention kernel's key splits and so its bf16 rounding of the
-    probabilities, which can flip a near-tie; a random-weight model's logits are almost
-    all near-ties (there flash attention gave 26-29 of 32 identical on an H100)."""
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+    probabilities, which can flip a near-tie (a random-weight model's logits are almost all
+    near-ties): a request whose tokens part must part at a near-tie of the model's own top
+    two, and most requests are identical (26-32 of 32 on an H100). SHARDLINE_TEST_SEED
+    replays a printed seed."""
+    seed = int(os.environ.get("SHARDLINE_TEST_SEED") or np.random.SeedSequence().entropy % 2**31)
     folder, _, _ = train_bigram_llama(tmp_path / "trained", seed, vocab=VOCAB)
     local = tiny_local(folder, backend="cuda", dtype="bfloat16")
     rng = np.random.default_rng(seed)
@@ -103,7 +107,10 @@ def test_bf16_batched_mostly_equals_sequential(tmp_path):
     alone = run_alone(local, prompts, params)
     same = sum(a == b for a, b in zip(batched, alone))
     print(f"bf16 (seed {seed}): {same}/{len(prompts)} requests identical batched vs alone")
-    assert same >= 0.9 * len(prompts)
+    for prompt, one, both in zip(prompts, alone, batched):
+        if one != both:
+            assert_parting_at_a_near_tie(local.model, prompt, one, both, ("alone", "batched"))
+    assert same >= 0.75 * len(prompts)
 
 
 def test_kv_export_and_commit_on_gpu(local):
