@@ -24,9 +24,12 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
     flash_decode.cu's tiles (keys per tile, tiles in flight, warps a block), each for launches
     of fewer blocks an SM (before key splits) than its bound; the last one has no bound."""
     entries = []
-    for value in text.split(","):
-        tile, _, bound = value.partition("<")
-        entries.append((tuple(int(part) for part in tile.split("x")), float(bound) if bound else math.inf))
+    try:
+        for value in text.split(","):
+            tile, _, bound = value.partition("<")
+            entries.append((tuple(int(part) for part in tile.split("x")), float(bound) if bound else math.inf))
+    except ValueError:
+        entries = []
     if not entries or entries[-1][1] != math.inf or any(
             len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4) for tile, _ in entries):
         raise ValueError(f"SHARDLINE_FLASH_DECODE_TILES: KEYSxSTAGESxWARPS<BLOCKS_PER_SM values, the last without "
