@@ -5,21 +5,18 @@ It registers and heartbeats (and registers again when forgotten), reports
 SERVING, streams the same tokens and text as offline generation, frees a
 cancelled request's blocks, rejects bad requests with INVALID_ARGUMENT naming
 the field, streams KV events (snapshot first), resumes after streamed tokens,
-and exits on SIGTERM (code 0) or when its parent dies.
+and refuses bad handoff input (Prefill, PushKV, an expired reservation).
+The process's lifecycle is in test_worker_service_lifecycle.py.
 """
 
 from __future__ import annotations
 
-import os
 import queue
-import shlex
-import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -318,67 +315,6 @@ def test_resumed_request_continues_like_the_uninterrupted_one(worker, reference)
     assert resumed == tokens[num_streamed:]
     assert "".join(texts[:num_streamed] + resumed_texts) == "".join(texts)
     assert responses[-1].finish_reason == shardline_pb2.FINISH_REASON_LENGTH
-
-
-@pytest.mark.parametrize("group, message", [("nope", "groups are: g0, g-term, g-orphan, g-tp"),
-                                            ("g-tp", "tp=2 needs an MPI world of 2 ranks")])
-def test_a_group_it_cannot_serve_is_a_clear_error(config_path, control, group, message):
-    result = subprocess.run(worker_command(config_path, group, control), capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 2 and message in result.stderr
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
-@dataclass
-class DoomedWorkers:
-    term: subprocess.Popen      # group g-term, for SIGTERM
-    term_address: str
-    launcher: subprocess.Popen  # `sh -c` running group g-orphan, to be killed
-    orphan_pid: int
-
-
-@pytest.fixture(scope="module")
-def doomed(request, config_path, control) -> DoomedWorkers:
-    """Two more workers started together, so their model loads overlap."""
-    term = launch_worker(request, config_path, "g-term", control)
-    log_path = shlex.quote(str(config_path.parent / "g-orphan.err"))
-    command = shlex.join(worker_command(config_path, "g-orphan", control))
-    launcher = subprocess.Popen(["sh", "-c", f"{command} 2>{log_path} & echo $!; wait"],
-                                stdout=subprocess.PIPE, text=True)
-    request.addfinalizer(lambda: stop_process(launcher))
-    orphan_pid = int(launcher.stdout.readline())
-    request.addfinalizer(lambda: process_gone(orphan_pid) or os.kill(orphan_pid, signal.SIGKILL))
-    term_address = wait_registered(control, "g-term", config_path.parent / "g-term.err")
-    wait_registered(control, "g-orphan", config_path.parent / "g-orphan.err")
-    return DoomedWorkers(term, term_address, launcher, orphan_pid)
-
-
-def test_sigterm_aborts_in_flight_requests_and_exits_0(doomed):
-    with grpc.insecure_channel(doomed.term_address) as channel:
-        stub = worker_pb2_grpc.WorkerStub(channel)
-        params = SamplingParams(max_tokens=3000, temperature=0.0, ignore_eos=True)
-        call = stub.Generate(generate_request("in-flight", [1, 2, 3], params), timeout=60)
-        next(call)
-        doomed.term.send_signal(signal.SIGTERM)
-        with pytest.raises(grpc.RpcError) as err:
-            list(call)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert doomed.term.wait(timeout=10) == 0
-
-
-def test_worker_exits_when_its_parent_dies(doomed):
-    doomed.launcher.kill()
-    doomed.launcher.wait(5)
-    deadline_s = time.monotonic() + 10
-    while not process_gone(doomed.orphan_pid):
-        assert time.monotonic() < deadline_s, "the worker outlived its parent"
-        time.sleep(0.05)
 
 
 def test_handoff_rpcs_refuse_bad_input_naming_the_field(worker):
