@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tp_decode import gpu_seconds, graph_seconds  # noqa: E402  (bench/llm.py's timers)
+from tables import print_markdown_table  # noqa: E402
 
 WEIGHTS = {   # Llama-3-8B: name -> (N, K) of weight [N, K]
     "qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -97,11 +98,11 @@ def measure(args) -> dict:
 def print_table(report: dict) -> None:
     print(f"\n{report['device']}, {report['dtype']}, weight GB/s (copy ceiling {report['copy_GBps']:.0f} GB/s), "
           f"{report['reps']} calls graphed\n")
-    print("| weight | N x K | T | default us | default GB/s | tuned us | tuned GB/s | tuned / default | choice |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in report["rows"]:
-        print(f"| {r['weight']} | {r['N']} x {r['K']} | {r['T']} | {r['default_us']:.1f} | {r['default_GBps']:.0f} | "
-              f"{r['tuned_us']:.1f} | {r['tuned_GBps']:.0f} | {r['speedup']:.2f} | {r['choice']} |")
+    print_markdown_table(
+        ["weight", "N x K", "T", "default us", "default GB/s", "tuned us", "tuned GB/s", "tuned / default", "choice"],
+        [[r["weight"], f"{r['N']} x {r['K']}", r["T"], f"{r['default_us']:.1f}", f"{r['default_GBps']:.0f}",
+          f"{r['tuned_us']:.1f}", f"{r['tuned_GBps']:.0f}", f"{r['speedup']:.2f}", r["choice"]]
+         for r in report["rows"]])
 
 
 def main() -> None:

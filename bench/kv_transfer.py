@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import LLAMA3_8B  # noqa: E402
+from tables import print_markdown_table  # noqa: E402
 from tp_decode import gpu_seconds  # noqa: E402  (the same timer)
 
 GIB = 1 << 30
@@ -265,24 +266,22 @@ def run(args) -> None:
 def print_table(r: dict) -> None:
     print(f"\nKV hand-off on {r['device']} x2, Llama-3-8B shape ({r['layers']} layers), bf16, "
           f"{r['transfer_tokens']}-token prompt = {r['kv_bytes'] / 2**20:.0f} MiB of KV\n")
-    print("| path | time ms | GB/s | vs link peak |")
-    print("|---|---|---|---|")
     peak = r["link_peak_GBps"]
-    print(f"| NCCL send 1 GiB (link peak) | {GIB / peak / 1e6:.2f} | {peak:.1f} | 1.00 |")
-    print(f"| NCCL send of the KV bytes, one buffer | {1e3 * r['plain_send_s']:.2f} | {r['plain_send_GBps']:.1f} | "
-          f"{r['plain_send_GBps'] / peak:.2f} |")
-    print(f"| hand-off: gather from paged cache, send per {r['chunk_tokens']}-token chunk, scatter into "
-          f"reserved blocks | {1e3 * r['handoff_move_s']:.2f} | {r['handoff_move_GBps']:.1f} | "
-          f"{r['handoff_move_GBps'] / peak:.2f} |")
+    paths = [("NCCL send 1 GiB (link peak)", GIB / peak / 1e9, peak),
+             ("NCCL send of the KV bytes, one buffer", r["plain_send_s"], r["plain_send_GBps"]),
+             (f"hand-off: gather from paged cache, send per {r['chunk_tokens']}-token chunk, scatter into "
+              f"reserved blocks", r["handoff_move_s"], r["handoff_move_GBps"])]
     if "served_link_s" in r:
-        print(f"| served pair link: read all layers from the cache, NcclLink send k and v, commit into the "
-              f"reservation | {1e3 * r['served_link_s']:.2f} | {r['served_link_GBps']:.1f} | "
-              f"{r['served_link_GBps'] / peak:.2f} |")
-    print("\n| prompt tokens | TTFT mixed ms | TTFT disaggregated ms | prefill on rank 0 ms | disagg / mixed |")
-    print("|---|---|---|---|---|")
-    for row in r["ttft"]:
-        print(f"| {row['prompt_tokens']} | {1e3 * row['mixed_ttft_s']:.1f} | {1e3 * row['disagg_ttft_s']:.1f} | "
-              f"{1e3 * row['prefill_s']:.1f} | {row['disagg_ttft_s'] / row['mixed_ttft_s']:.2f} |")
+        paths.append(("served pair link: read all layers from the cache, NcclLink send k and v, commit into the "
+                      "reservation", r["served_link_s"], r["served_link_GBps"]))
+    print_markdown_table(["path", "time ms", "GB/s", "vs link peak"],
+                         [[name, f"{1e3 * seconds:.2f}", f"{GBps:.1f}", f"{GBps / peak:.2f}"]
+                          for name, seconds, GBps in paths])
+    print()
+    print_markdown_table(
+        ["prompt tokens", "TTFT mixed ms", "TTFT disaggregated ms", "prefill on rank 0 ms", "disagg / mixed"],
+        [[row["prompt_tokens"], f"{1e3 * row['mixed_ttft_s']:.1f}", f"{1e3 * row['disagg_ttft_s']:.1f}",
+          f"{1e3 * row['prefill_s']:.1f}", f"{row['disagg_ttft_s'] / row['mixed_ttft_s']:.2f}"] for row in r["ttft"]])
 
 
 def main() -> None:

@@ -100,22 +100,19 @@ __device__ __forceinline__ unsigned movmatrix_trans(unsigned a) {
     return d;
 }
 
-// c += a b, m16n8k16, fp32 accumulate; the pointer argument picks the input type.
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
-                                         const __nv_bfloat16*) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,
-                                         const __half*) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// c += a b, m16n8k16, fp32 accumulate; the pointer argument picks the input type (one overload
+// a type: the PTX names it in the instruction, and asm takes only a literal).
+#define FLASH_MMA16816(T, PTX_TYPE)                                                                          \
+    __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1,  \
+                                             const T*) {                                                     \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 "                    \
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                      \
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                          \
+    }
+FLASH_MMA16816(__nv_bfloat16, "bf16")
+FLASH_MMA16816(__half, "f16")
+#undef FLASH_MMA16816
 
 // Two floats as two storage-type values in one register (lo in the low half).
 __device__ __forceinline__ unsigned pack2(float lo, float hi, const __nv_bfloat16*) {
