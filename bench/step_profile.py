@@ -4,8 +4,9 @@ pass alone (CUDA events), eager and replayed from the CUDA graph.
 
 Run:  python -m bench.step_profile --shape smollm2-135m --batch 1
 With --kernels it also lists the GPU time of every kernel name (CUPTI through
-torch.profiler, which sees cupy's launches too) in one eager decode forward and in
-the prefill of a --prefill-tokens prompt.
+torch.profiler, which sees cupy's launches too) in one eager decode forward, in one
+replay of its CUDA graph (dependent launches overlap there, so a kernel's time may
+include its wait for the one before) and in the prefill of a --prefill-tokens prompt.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def main() -> None:
     try:
         if args.kernels:
             report["decode_kernels"] = kernel_times(lambda: gpu_forward_s(engine, plan, graphed=False, reps=1))
+            report["graph_kernels"] = kernel_times(lambda: gpu_forward_s(engine, plan, graphed=True, reps=1))
             engine.scheduler.update_from_output(plan, engine.runner.execute(plan).sampled_token_ids)
             for b in range(batch):
                 engine.abort(f"r{b}")

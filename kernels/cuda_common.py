@@ -31,17 +31,19 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
     except ValueError:
         entries = []
     if not entries or entries[-1][1] != math.inf or any(
-            len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4) for tile, _ in entries):
+            len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4, 8) for tile, _ in entries):
         raise ValueError(f"SHARDLINE_FLASH_DECODE_TILES: KEYSxSTAGESxWARPS<BLOCKS_PER_SM values, the last without "
-                         f"a bound (keys a multiple of 16, stages >= 2, warps 1, 2 or 4), got {text!r}")
+                         f"a bound (keys a multiple of 16, stages >= 2, warps 1, 2, 4 or 8), got {text!r}")
     return tuple(entries)
 
 
 # flash_decode.cu's tiles by blocks an SM, as bench/flash_tile_sweep.py suggested on an H100 (1x
 # H100, us a layer at 512 keys, 3 deep / 2 deep: batch 48 49.1 / 43.4, 64 56.8 / 61.4, 128
-# 107.2 / 104.9; 2 warps a block were no faster). SHARDLINE_FLASH_DECODE_TILES sets others.
+# 107.2 / 104.9; 2 warps a block were no faster), with 8 warps below 1.5 blocks an SM (Llama-3-8B
+# heads, 4 / 8 warps: batch 1 8.9 / 7.9 us, 16 18.0 / 14.4, 32 28.0 / 30.2; SmolLM2 batch 32
+# 10.1 / 6.4). SHARDLINE_FLASH_DECODE_TILES sets others.
 _FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES",
-                                                   "16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
+                                                   "16x3x8<1.5,16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -88,6 +90,10 @@ _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # while the launch has fewer blocks than _FLASH_DECODE_SPLIT_TARGET an SM (more splits
 # were slower at every batch in bench/flash_tile_sweep.py).
 _FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
+# A split of flash_decode.cu takes at least this many key tiles a warp, so shorter contexts use
+# fewer of the launch's splits: a merge of splits costs about 4 us (1x H100, Llama-3-8B heads,
+# batch 1, 64 keys: 4.1 us in one split, 8.4 in nine; bench/notes/flash_decode_small_batch_h100.json).
+_FLASH_DECODE_MIN_WARP_TILES = 4
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % RW, kw = warp / RW;
     const int g = lane >> 2, t4 = lane & 3;
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
-                                         num_splits);
+                                         num_splits, 1);
     const int q_first = range.q_first, row0 = range.row0, rows_here = range.rows_here;
     const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;
     const int t_begin = range.t_begin, t_end = range.t_end;
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(FA_THREADS)
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
     }
 
-    const FlashSink<T, D> sink = {out, partial, num_heads, num_splits, split};
+    const FlashSink<T, D> sink = {out, partial, num_heads, num_splits, split, num_splits};
     if (KW == 1) {  // each warp's rows are its own
         for (int i = 0; i < 2; ++i) {
             if (!valid[i]) continue;
@@ -238,5 +238,6 @@ __global__ void __launch_bounds__(FA_THREADS)
     }
     if (num_splits > 1)
         flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
-                                 rows_here, row0, group, q_first, num_heads, kv_head);
+                                 num_splits, rows_here, row0, group, q_first, num_heads, kv_head,
+                                 reinterpret_cast<float*>(smem));
 }

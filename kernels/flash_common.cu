@@ -6,7 +6,9 @@
 
 #define FA_WARPS 4
 #define FA_THREADS (FA_WARPS * 32)
+#define FA_MAX_THREADS 256   // flash_decode.cu: 8 key warps
 #define FA_LOG2E 1.4426950408889634f
+#define FLASH_MAX_SPLITS 16   // cuda_common._FLASH_MAX_SPLITS
 
 // Sequence b's tile count.
 __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, int group, int bq) {
@@ -16,7 +18,7 @@ __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, in
 // (sequence, tile within it) of tile number `target`, or sequence -1 past the last tile.
 // Every thread of the block must call it (it synchronises).
 __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int group, int bq, int target) {
-    __shared__ int counts[FA_THREADS];   // blockDim.x <= FA_THREADS
+    __shared__ int counts[FA_MAX_THREADS];   // blockDim.x <= FA_MAX_THREADS
     __shared__ int2 found;
     const int tid = threadIdx.x, threads = blockDim.x, chunk = (num_seqs + threads - 1) / threads;
     const int lo = min(num_seqs, tid * chunk), hi = min(num_seqs, lo + chunk);
@@ -49,13 +51,16 @@ __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int gr
 
 // A block's rows and keys: sequence b's row tile `tile` (BQ packed rows from row0, rows_here
 // of them real) and its split's run [t_begin, t_end) of the key tiles (BK keys from k_lo) that
-// its rows see; first_pos is the position of the sequence's first query of the launch.
+// its rows see; first_pos is the position of the sequence's first query of the launch. A split
+// takes at least min_tiles key tiles, so a short context uses fewer than the launch's
+// num_splits: `splits` of them (the blocks of higher splits have nothing to do).
 struct FlashRange {
-    int q_first, num_q, row0, rows_here, first_pos, k_lo, k_hi, t_begin, t_end;
+    int q_first, num_q, row0, rows_here, first_pos, k_lo, k_hi, t_begin, t_end, splits;
 };
 
 __device__ __forceinline__ FlashRange flash_range(const int* query_start_loc, const int* seq_lens, int b, int tile,
-                                                  int bq, int bk, int group, int window, int split, int num_splits) {
+                                                  int bq, int bk, int group, int window, int split, int num_splits,
+                                                  int min_tiles) {
     FlashRange r;
     r.q_first = query_start_loc[b];
     r.num_q = query_start_loc[b + 1] - r.q_first;
@@ -64,7 +69,9 @@ __device__ __forceinline__ FlashRange flash_range(const int* query_start_loc, co
     r.first_pos = seq_lens[b] - r.num_q;
     r.k_hi = r.first_pos + (r.row0 + r.rows_here - 1) / group + 1;
     r.k_lo = window > 0 ? max(0, r.first_pos + r.row0 / group - window + 1) : 0;
-    const int tiles = (r.k_hi - r.k_lo + bk - 1) / bk, per_split = (tiles + num_splits - 1) / num_splits;
+    const int tiles = (r.k_hi - r.k_lo + bk - 1) / bk;
+    const int per_split = max(max(1, min_tiles), (tiles + num_splits - 1) / num_splits);
+    r.splits = max(1, min(num_splits, (tiles + per_split - 1) / per_split));
     r.t_begin = split * per_split;
     r.t_end = min(tiles, r.t_begin + per_split);
     return r;
@@ -156,20 +163,21 @@ __device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o
     }
 }
 
-// Where a finished row goes: out (normalised) when the launch has one split, else its
-// split's slot of `partial` (weighted values, then max in natural-log units and sum).
+// Where a finished row goes: out (normalised) when the tile's keys took one split, else its
+// split's slot of `partial` (weighted values, then max in natural-log units and sum), slots
+// num_splits (the launch's) apart.
 template <typename T, int D>
 struct FlashSink {
     T* out;
     float* partial;
-    int num_heads, num_splits, split;
+    int num_heads, num_splits, split, splits;
 
     __device__ __forceinline__ long long row(long long token, long long head) const {
         return token * num_heads + head;
     }
     // acc: sum of 2^(s - m) v over the row's keys; m in log2 units; l: sum of 2^(s - m).
     __device__ __forceinline__ void put2(long long r, int d, float acc0, float acc1, float l) const {
-        if (num_splits == 1) {
+        if (splits == 1) {
             const float inv = 1.0f / l;
             out[r * D + d] = from_f<T>(acc0 * inv);
             out[r * D + d + 1] = from_f<T>(acc1 * inv);
@@ -180,7 +188,7 @@ struct FlashSink {
         }
     }
     __device__ __forceinline__ void put_stats(long long r, float m, float l) const {
-        if (num_splits > 1) {
+        if (splits > 1) {
             float* slot = partial + (r * num_splits + split) * (D + 2);
             slot[D] = m == -SHARDLINE_INF ? m : m / FA_LOG2E;
             slot[D + 1] = l;
@@ -225,37 +233,50 @@ __device__ void flash_combine_key_warps(const float* ms, const float* ls, const 
 }
 
 // Called by every thread of a block after its rows' partial results are written: the
-// last of the tile's num_splits blocks to get here merges every split's (max, sum,
-// weighted values) of the tile's rows into out, as attention_combine_kernel does.
+// last of the tile's `splits` blocks to get here merges every split's (max, sum,
+// weighted values) of the tile's rows into out, as attention_combine_kernel does. Its
+// loads are independent of one another (a split's weight, then every split's value of
+// a dimension at once), so the merge costs two round trips to L2, not one a split.
+// `weights` is shared memory for rows_here * splits floats, free once every thread of the
+// block is here; splits <= num_splits <= FLASH_MAX_SPLITS.
 template <typename T, int D>
-__device__ void flash_merge_splits(const float* partial, T* out, int* counter, int num_splits, int rows_here,
-                                   long long row0, int group, long long q_first, int num_heads, int kv_head) {
+__device__ void flash_merge_splits(const float* partial, T* out, int* counter, int num_splits, int splits,
+                                   int rows_here, long long row0, int group, long long q_first, int num_heads,
+                                   int kv_head, float* weights) {
     __shared__ int last;
+    asm volatile("cp.async.wait_group 0;\n" ::);   // no copy in flight into the shared memory reused below
     __threadfence();   // this block's partial rows are visible before it is counted
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = atomicAdd(counter, 1) == num_splits - 1;
+        last = atomicAdd(counter, 1) == splits - 1;
         if (last) *counter = 0;   // every split has counted: ready for the next launch
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
+    auto row_of = [&](int r) {
+        const long long packed = row0 + r;
+        return (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
+    };
+    const int lane = threadIdx.x & 31;
+    for (int r = threadIdx.x >> 5; r < rows_here; r += blockDim.x >> 5) {   // a warp a row, a lane a split
+        const float* slot = partial + (row_of(r) * num_splits + lane) * (D + 2);
+        const float ms = lane < splits ? __ldcg(slot + D) : -SHARDLINE_INF;
+        const float ls = lane < splits ? __ldcg(slot + D + 1) : 0.0f;
+        const float m = warp_max(ms);
+        const float f = ms > -SHARDLINE_INF ? expf(ms - m) : 0.0f;
+        const float l = warp_sum(f * ls);
+        if (lane < splits) weights[r * splits + lane] = f / l;
+    }
+    __syncthreads();
     for (int idx = threadIdx.x; idx < rows_here * D; idx += blockDim.x) {
-        const long long packed = row0 + idx / D;
-        const int d = idx % D;
-        const long long r = (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
-        const float* parts = partial + r * num_splits * (D + 2);
-        float m = -SHARDLINE_INF;
-        for (int s = 0; s < num_splits; ++s) m = fmaxf(m, __ldcg(parts + s * (D + 2) + D));
-        float l = 0.0f, acc = 0.0f;
-        for (int s = 0; s < num_splits; ++s) {
-            const float ms = __ldcg(parts + s * (D + 2) + D);
-            if (ms > -SHARDLINE_INF) {
-                const float f = expf(ms - m);
-                l += f * __ldcg(parts + s * (D + 2) + D + 1);
-                acc += f * __ldcg(parts + s * (D + 2) + d);
-            }
-        }
-        out[r * D + d] = from_f<T>(acc / l);
+        const int r = idx / D, d = idx % D;
+        const long long row = row_of(r);
+        const float* parts = partial + row * num_splits * (D + 2) + d;
+        float acc = 0.0f;
+#pragma unroll
+        for (int s = 0; s < FLASH_MAX_SPLITS; ++s)
+            if (s < splits) acc += weights[r * splits + s] * __ldcg(parts + s * (D + 2));
+        out[row * D + d] = from_f<T>(acc);
     }
 }

@@ -8,6 +8,7 @@ skipped without CuPy or a GPU.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -142,7 +143,8 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, heads, kv_heads, head_dim, 
     """flash_decode.cu (keys as the mma's rows, 8 packed rows a block) against the float64
     reference: head groupings of 1-8, head sizes, windows, cache blocks of 1-16 keys, key
     splits (batch 2) and none (batch 40), a padding row, with each instantiated tile shape
-    (keys, stages, warps a block); and that this kernel is the one run."""
+    (keys, stages, warps a block), splits of any length and splits of at least 4 key tiles a
+    warp (fewer splits than the launch has); and that this kernel is the one run."""
     launched = flash_decode_on(ops, monkeypatch)
     seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, 600,
                                                                          block_size, kv_heads, head_dim)
@@ -151,13 +153,14 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, heads, kv_heads, head_dim, 
     scale = 1 / math.sqrt(head_dim)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
     tiles = dict.fromkeys(tile for tile, _ in ops.decode_tiles)
-    for tile in tiles:
+    for tile, min_warp_tiles in itertools.product(tiles, (0, 4)):
         monkeypatch.setattr(ops, "decode_tiles", ((tile, math.inf),))
+        monkeypatch.setattr(ops, "decode_min_warp_tiles", min_warp_tiles)
         out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
                                   cupy.asarray(qsl), scale, window)
-        assert_close(ops, out[:num_tokens], ref, dtype, f"flash decode kernel, tile {tile}")
+        assert_close(ops, out[:num_tokens], ref, dtype, f"flash decode kernel, tile {tile}, {min_warp_tiles}")
         assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-    assert launched == ["flash_decode_kernel"] * len(tiles)
+    assert launched == ["flash_decode_kernel"] * len(tiles) * 2
 
 
 def test_dependent_launches_match_ordinary_launches(ops, rng, monkeypatch):
