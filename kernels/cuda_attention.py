@@ -16,7 +16,6 @@ import numpy as np
 from shardline.kernels.cuda_common import (
     _ATTENTION_TARGET_BLOCKS,
     _ATTENTION_THREADS,
-    _FLASH_DECODE_MIN_WARP_TILES,
     _FLASH_DECODE_ROWS,
     _FLASH_DECODE_SPLIT_TARGET,
     _FLASH_DECODE_TILES,
@@ -42,7 +41,6 @@ class AttentionOps:
     use_flash_decode = "flash_decode" not in gpu_paths_off()
     decode_tiles = _FLASH_DECODE_TILES   # ((keys, stages, warps), below this many blocks an SM), ...
     decode_split_target = _FLASH_DECODE_SPLIT_TARGET
-    decode_min_warp_tiles = _FLASH_DECODE_MIN_WARP_TILES
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
         # single: (num_q, seq_len) of one contiguous sequence, else None (paged)
@@ -120,12 +118,12 @@ class AttentionOps:
         if decode_tile is not None:
             name, template = "flash_decode_kernel", f"{ctype}, {head_dim}, {', '.join(map(str, decode_tile))}"
             tile_rows, target, threads = _FLASH_DECODE_ROWS, self.decode_split_target, 32 * decode_tile[2]
-            smem, extra = flash_decode_smem_bytes(head_dim, decode_tile), (np.int32(self.decode_min_warp_tiles),)
+            smem = flash_decode_smem_bytes(head_dim, decode_tile)
         else:
             key_warps = 1 if rows >= _FLASH_PREFILL_ROWS * max(num_seqs, 1) else 4
             name, template, tile_rows, target = "flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", \
                 64 // key_warps, 2
-            smem, threads, extra = flash_smem_bytes(head_dim, key_warps), _FLASH_THREADS, ()
+            smem, threads = flash_smem_bytes(head_dim, key_warps), _FLASH_THREADS
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
         # the last tile exit, and one of them zeroes the rows past the last sequence.
         tiles = -(-rows // tile_rows) + num_seqs + 1
@@ -138,8 +136,8 @@ class AttentionOps:
                      (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]),
                       np.int32(k_cache.shape[1]), seq_lens, query_start_loc, np.int32(num_seqs),
                       np.int32(num_heads), np.int32(num_kv_heads), np.float32(scale),
-                      np.int32(sliding_window or 0), np.int32(splits), self._flash_counters, np.int32(q.shape[0]))
-                     + extra, shared_mem=smem)
+                      np.int32(sliding_window or 0), np.int32(splits), self._flash_counters, np.int32(q.shape[0])),
+                     shared_mem=smem)
         return out
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):

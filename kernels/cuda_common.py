@@ -39,11 +39,16 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
 
 # flash_decode.cu's tiles by blocks an SM, as bench/flash_tile_sweep.py suggested on an H100 (1x
 # H100, us a layer at 512 keys, 3 deep / 2 deep: batch 48 49.1 / 43.4, 64 56.8 / 61.4, 128
-# 107.2 / 104.9; 2 warps a block were no faster), with 8 warps below 1.5 blocks an SM (Llama-3-8B
-# heads, 4 / 8 warps: batch 1 8.9 / 7.9 us, 16 18.0 / 14.4, 32 28.0 / 30.2; SmolLM2 batch 32
-# 10.1 / 6.4). SHARDLINE_FLASH_DECODE_TILES sets others.
-_FLASH_DECODE_TILES = _decode_tiles(os.environ.get("SHARDLINE_FLASH_DECODE_TILES",
-                                                   "16x3x8<1.5,16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
+# 107.2 / 104.9; 2 warps a block were no faster), with 8 warps from 0.5 to 1.5 blocks an SM
+# (Llama-3-8B batch 16 decode step 6.97 -> 6.90 ms; at batch 1, where the launch splits keys over
+# 9 blocks, 8 warps were slower: 6.37 -> 6.45 ms; bench/notes/step_ab_*_h100.json).
+# SHARDLINE_FLASH_DECODE_TILES sets others.
+_FLASH_DECODE_TILES = _decode_tiles(os.environ.get(
+    "SHARDLINE_FLASH_DECODE_TILES", "16x3x4<0.5,16x3x8<1.5,16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
+# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0;
+# their K split over this many warps of a block (KS) as CudaOps.skinny_k_split picks.
+_SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
+_SKINNY_K_SPLITS = (1, 2, 4)
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -61,8 +66,8 @@ _KERNELS = {
     "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {', '.join(map(str, tile))}"
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
-    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}" for t in ("__half", "__nv_bfloat16")
-                                                for m in range(1, 5))},
+    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}, {ks}" for t in ("__half", "__nv_bfloat16")
+                                                for m in range(1, 5) for ks in _SKINNY_K_SPLITS)},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -90,17 +95,12 @@ _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # while the launch has fewer blocks than _FLASH_DECODE_SPLIT_TARGET an SM (more splits
 # were slower at every batch in bench/flash_tile_sweep.py).
 _FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
-# A split of flash_decode.cu takes at least this many key tiles a warp, so shorter contexts use
-# fewer of the launch's splits: a merge of splits costs about 4 us (1x H100, Llama-3-8B heads,
-# batch 1, 64 keys: 4.1 us in one split, 8.4 in nine; bench/notes/flash_decode_small_batch_h100.json).
-_FLASH_DECODE_MIN_WARP_TILES = 4
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})
 # Modules compiled with other files in front of them (after common.cu).
 _PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common",)}
-# Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0.
-_SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
+
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:

@@ -20,6 +20,7 @@ its callers.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import cupy
@@ -40,6 +41,7 @@ from shardline.kernels.cuda_common import (
     _index,
     _row_threads,
     _rows,
+    _SKINNY_K_SPLITS,
     _SKINNY_MAX_ROWS,
     _SKINNY_ROWS_PER_BLOCK,
     _SKINNY_THREADS,
@@ -54,11 +56,15 @@ from shardline.kernels.cuda_cache import CacheOps
 from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
+from shardline.kernels.gemm_lt import _capturing, _Timer
+
+log = logging.getLogger(__name__)
 
 
 class CudaOps(AttentionOps, CacheOps, SamplingOps):
     name = "cuda"
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
+    skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
     use_dependent_launch = "dependent_launch" not in gpu_paths_off()
 
     def __init__(self, device_id: int = 0):
@@ -66,6 +72,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
         with cupy.cuda.Device(device_id):
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
+            self._skinny_splits: dict[tuple, int] = {}
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
@@ -186,18 +193,40 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
         self._skinny(x2, weight, out, gated=True)
         return out.reshape(x.shape[:-1] + (out.shape[1],))
 
-    def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False) -> None:
+    def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
-        per_block = _SKINNY_ROWS_PER_BLOCK // 2 if gated else _SKINNY_ROWS_PER_BLOCK   # gated: a warp an output
-        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}", (-(-num_out // per_block),), (_SKINNY_THREADS,),
-                     (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
-                      np.int32(gated)))
+        k_split = k_split or self._skinny_k_split(x2, weight, gated)
+        # a warp (k_split warps) an output pair, gated: an output
+        per_block = (_SKINNY_ROWS_PER_BLOCK // 2 if gated else _SKINNY_ROWS_PER_BLOCK) // k_split
+        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}, {k_split}", (-(-num_out // per_block),),
+                     (_SKINNY_THREADS,), (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]),
+                                          np.int32(accumulate), np.int32(gated)))
+
+    def _skinny_k_split(self, x2, weight, gated: bool) -> int:
+        """Warps a skinny GEMM splits K over: skinny_k_split where set, else the fastest of
+        _SKINNY_K_SPLITS for the shape, timed (L2 flushed, as gemm_lt times cuBLASLt) the
+        first time the shape comes on a stream that does not capture; 1 until then."""
+        if self.skinny_k_split:
+            return self.skinny_k_split
+        key = (x2.shape[0], weight.shape[0], x2.shape[1], gated, x2.dtype.str)
+        if key not in self._skinny_splits:
+            if _capturing():
+                return 1
+            out = cupy.empty((x2.shape[0], weight.shape[0] // 2 if gated else weight.shape[0]), dtype=x2.dtype)
+            timer = _Timer(weight.nbytes, cupy.cuda.Device().attributes["L2CacheSize"])
+            seconds = {split: timer.median_s(lambda: self._skinny(x2, weight, out, gated=gated, k_split=split))
+                       for split in _SKINNY_K_SPLITS}
+            self._skinny_splits[key] = min(seconds, key=seconds.get)
+            log.info("skinny GEMM T=%d N=%d K=%d%s: K in %d warps (us by split: %s)", *key[:3],
+                     " gated" if gated else "", self._skinny_splits[key],
+                     ", ".join(f"{k} {1e6 * v:.1f}" for k, v in seconds.items()))
+        return self._skinny_splits[key]
 
     def _skinny_applies(self, x2, weight) -> bool:
         """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""
+        key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
         return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
-                and ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}") in self._functions
-                and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
+                and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
     def add(self, a, b):
         # b may repeat along a's leading dimensions (e.g. a bias row)

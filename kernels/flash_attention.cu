@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % RW, kw = warp / RW;
     const int g = lane >> 2, t4 = lane & 3;
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
-                                         num_splits, 1);
+                                         num_splits);
     const int q_first = range.q_first, row0 = range.row0, rows_here = range.rows_here;
     const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;
     const int t_begin = range.t_begin, t_end = range.t_end;

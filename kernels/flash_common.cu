@@ -51,16 +51,15 @@ __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int gr
 
 // A block's rows and keys: sequence b's row tile `tile` (BQ packed rows from row0, rows_here
 // of them real) and its split's run [t_begin, t_end) of the key tiles (BK keys from k_lo) that
-// its rows see; first_pos is the position of the sequence's first query of the launch. A split
-// takes at least min_tiles key tiles, so a short context uses fewer than the launch's
-// num_splits: `splits` of them (the blocks of higher splits have nothing to do).
+// its rows see; first_pos is the position of the sequence's first query of the launch. A
+// context of fewer key tiles than the launch's num_splits uses `splits` of them (the blocks
+// of higher splits have nothing to do).
 struct FlashRange {
     int q_first, num_q, row0, rows_here, first_pos, k_lo, k_hi, t_begin, t_end, splits;
 };
 
 __device__ __forceinline__ FlashRange flash_range(const int* query_start_loc, const int* seq_lens, int b, int tile,
-                                                  int bq, int bk, int group, int window, int split, int num_splits,
-                                                  int min_tiles) {
+                                                  int bq, int bk, int group, int window, int split, int num_splits) {
     FlashRange r;
     r.q_first = query_start_loc[b];
     r.num_q = query_start_loc[b + 1] - r.q_first;
@@ -70,7 +69,7 @@ __device__ __forceinline__ FlashRange flash_range(const int* query_start_loc, co
     r.k_hi = r.first_pos + (r.row0 + r.rows_here - 1) / group + 1;
     r.k_lo = window > 0 ? max(0, r.first_pos + r.row0 / group - window + 1) : 0;
     const int tiles = (r.k_hi - r.k_lo + bk - 1) / bk;
-    const int per_split = max(max(1, min_tiles), (tiles + num_splits - 1) / num_splits);
+    const int per_split = max(1, (tiles + num_splits - 1) / num_splits);
     r.splits = max(1, min(num_splits, (tiles + per_split - 1) / per_split));
     r.t_begin = split * per_split;
     r.t_end = min(tiles, r.t_begin + per_split);

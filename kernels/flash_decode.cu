@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                        int window, int num_splits, int* counters, int num_tokens, int min_warp_tiles) {
+                        int window, int num_splits, int* counters, int num_tokens) {
     constexpr int BQ = 8, LD = D + 8, MT = BK / 16, DT = D / 16, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
 
@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
     const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
-                                         num_splits, KW * min_warp_tiles);
-    if (split >= range.splits) return;   // the tile's keys need fewer splits (the same for the whole block)
+                                         num_splits);
+    if (split >= range.splits) return;   // fewer key tiles than splits (the same for the whole block)
     const int q_first = range.q_first, row0 = range.row0, rows_here = range.rows_here;
     const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;  // keys from first_pos on are new
     const int t_begin = range.t_begin, t_end = range.t_end;

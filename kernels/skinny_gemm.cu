@@ -12,6 +12,9 @@
 // silu_and_mul_kernel computes it from the unfused GEMM's output. Each warp
 // then owns one output feature and reads its gate and up rows.
 //
+// KS > 1 splits K over KS warps of a block (each owning the same output features), their
+// sums merged in shared memory: more loads in flight when N is small for the GPU.
+//
 // Requires K % 8 == 0 and 16-byte aligned x, w rows (checked on the host).
 // blockDim.x == SG_WARPS * 32.
 
@@ -39,9 +42,11 @@ __device__ __forceinline__ void skinny_step(const uint4* xv, int vecs, int v, co
     }
 }
 
-template <typename T, int M>
+template <typename T, int M, int KS>
 __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate, int gated) {
-    const int lane = threadIdx.x & 31, warp = blockIdx.x * SG_WARPS + (threadIdx.x >> 5), vecs = K / 8;
+    const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
+    const int warp = blockIdx.x * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
+    const int v_lo = (int)((long long)vecs * ks / KS), v_hi = (int)((long long)vecs * (ks + 1) / KS);
     const int n0 = gated ? warp : warp * SG_ROWS;   // this warp's first output feature
     const int rows = gated ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
     const long long row_vecs = gated ? (long long)N * vecs : vecs;   // weight row r of the warp is n0 + r (* N)
@@ -54,9 +59,9 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
     for (int p = 0; p < SG_PREFETCH; ++p)
 #pragma unroll
         for (int r = 0; r < SG_ROWS; ++r)
-            if (r < rows && lane + 32 * p < vecs) first[p][r] = __ldcs(wv + r * row_vecs + lane + 32 * p);
+            if (r < rows && v_lo + lane + 32 * p < v_hi) first[p][r] = __ldcs(wv + r * row_vecs + v_lo + lane + 32 * p);
     pdl_begin();
-    if (rows == 0) return;  // the whole warp
+    if (KS == 1 && rows == 0) return;  // the whole warp (KS > 1: its block's merge needs it)
     float acc[SG_ROWS][M];
 #pragma unroll
     for (int r = 0; r < SG_ROWS; ++r)
@@ -64,10 +69,10 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
         for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
 #pragma unroll
     for (int p = 0; p < SG_PREFETCH; ++p)
-        if (lane + 32 * p < vecs) skinny_step<T, M>(xv, vecs, lane + 32 * p, first[p], rows, acc);
+        if (v_lo + lane + 32 * p < v_hi) skinny_step<T, M>(xv, vecs, v_lo + lane + 32 * p, first[p], rows, acc);
 
 #pragma unroll 4
-    for (int v = lane + 32 * SG_PREFETCH; v < vecs; v += 32) {
+    for (int v = v_lo + lane + 32 * SG_PREFETCH; v < v_hi; v += 32) {
         uint4 wr[SG_ROWS];
 #pragma unroll
         for (int r = 0; r < SG_ROWS; ++r)
@@ -78,6 +83,22 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
     for (int r = 0; r < SG_ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+    if (KS > 1) {   // the KS warps of these features add their parts, in K order
+        __shared__ float parts[SG_WARPS][SG_ROWS][M];
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < SG_ROWS; ++r)
+#pragma unroll
+                for (int m = 0; m < M; ++m) parts[threadIdx.x >> 5][r][m] = acc[r][m];
+        __syncthreads();
+        if (ks != 0 || rows == 0) return;
+#pragma unroll
+        for (int j = 1; j < KS; ++j)
+#pragma unroll
+            for (int r = 0; r < SG_ROWS; ++r)
+#pragma unroll
+                for (int m = 0; m < M; ++m) acc[r][m] += parts[(threadIdx.x >> 5) + j][r][m];
+    }
     if (lane == 0 && gated) {
         for (int m = 0; m < M; ++m) {
             const float g = round_to<T>(acc[0][m]), up = round_to<T>(acc[1][m]);

@@ -8,7 +8,6 @@ skipped without CuPy or a GPU.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -33,28 +32,32 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("tokens,k,n", [(1, 4096, 6144), (2, 576, 37), (3, 8, 1), (4, 14336, 4096), (1, 72, 129)])
 def test_skinny_gemm(ops, rng, dtype, tokens, k, n, monkeypatch):
     """Decode-sized GEMMs run skinny_gemm.cu (not cuBLAS): odd feature counts, the shortest
-    K, a bias added through `accumulate`."""
+    K, a bias added through `accumulate`, K split over 1, 2 and 4 warps."""
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
     x, x64 = random_input(ops, rng, (tokens, k), dtype)
     w, w64 = random_input(ops, rng, (n, k), dtype, scale=1 / math.sqrt(k))
     b, b64 = random_input(ops, rng, (n,), dtype)
-    assert ops._skinny_applies(x, w)
-    assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, "skinny")
-    assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "skinny+bias")
+    for k_split in (1, 2, 4):
+        monkeypatch.setattr(ops, "skinny_k_split", k_split)
+        assert ops._skinny_applies(x, w)
+        assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, f"skinny, K in {k_split}")
+        assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, f"skinny+bias, K in {k_split}")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("tokens,k,inter", [(1, 4096, 14336), (2, 576, 1536), (4, 64, 3)])
 def test_skinny_gated_linear(ops, rng, dtype, tokens, k, inter, monkeypatch):
     """The gate fused into the skinny GEMM: against float64, and equal to the two unfused
-    ops (the same roundings) value for value."""
+    ops (the same roundings) value for value, K split over 1, 2 and 4 warps."""
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
     x, x64 = random_input(ops, rng, (tokens, k), dtype)
     w, w64 = random_input(ops, rng, (2 * inter, k), dtype, scale=2 / math.sqrt(k))
-    fused = ops.gated_linear(x, w)
-    assert fused.shape == (tokens, inter)
-    assert_close(ops, fused, numpy_ops.gated_linear(x64, w64), dtype, "gated skinny")
-    np.testing.assert_array_equal(ops.to_host(fused), ops.to_host(ops.silu_and_mul(ops.linear(x, w))))
+    for k_split in (1, 2, 4):
+        monkeypatch.setattr(ops, "skinny_k_split", k_split)
+        fused = ops.gated_linear(x, w)
+        assert fused.shape == (tokens, inter)
+        assert_close(ops, fused, numpy_ops.gated_linear(x64, w64), dtype, f"gated skinny, K in {k_split}")
+        np.testing.assert_array_equal(ops.to_host(fused), ops.to_host(ops.silu_and_mul(ops.linear(x, w))))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -130,7 +133,7 @@ def decode_step(ops, rng, dtype, batch, queries, max_len, block_size, kv_heads, 
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("batch", [2, 40])
+@pytest.mark.parametrize("batch,max_len", [(2, 600), (2, 40), (40, 600)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,queries,window", [
     (32, 8, 128, 16, 1, None),   # Llama-3-8B
     (9, 3, 64, 16, 1, None),     # SmolLM2: 3 heads a KV head
@@ -138,29 +141,28 @@ def decode_step(ops, rng, dtype, batch, queries, max_len, block_size, kv_heads, 
     (16, 2, 128, 1, 1, 100),     # 8 heads a KV head (all 8 rows), blocks of one key, a window
     (8, 2, 96, 16, 2, None),     # two queries a sequence (speculative decoding's shape)
 ])
-def test_flash_decode_kernel(ops, rng, dtype, batch, heads, kv_heads, head_dim, block_size, queries, window,
-                             monkeypatch):
+def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, head_dim, block_size, queries,
+                             window, monkeypatch):
     """flash_decode.cu (keys as the mma's rows, 8 packed rows a block) against the float64
     reference: head groupings of 1-8, head sizes, windows, cache blocks of 1-16 keys, key
-    splits (batch 2) and none (batch 40), a padding row, with each instantiated tile shape
-    (keys, stages, warps a block), splits of any length and splits of at least 4 key tiles a
-    warp (fewer splits than the launch has); and that this kernel is the one run."""
+    splits (batch 2; under 40 keys, fewer key tiles than the launch has splits) and none
+    (batch 40), a padding row, with each instantiated tile shape (keys, stages, warps a
+    block); and that this kernel is the one run."""
     launched = flash_decode_on(ops, monkeypatch)
-    seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, 600,
+    seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, max_len,
                                                                          block_size, kv_heads, head_dim)
     num_tokens = batch * queries
     q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
     scale = 1 / math.sqrt(head_dim)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
     tiles = dict.fromkeys(tile for tile, _ in ops.decode_tiles)
-    for tile, min_warp_tiles in itertools.product(tiles, (0, 4)):
+    for tile in tiles:
         monkeypatch.setattr(ops, "decode_tiles", ((tile, math.inf),))
-        monkeypatch.setattr(ops, "decode_min_warp_tiles", min_warp_tiles)
         out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
                                   cupy.asarray(qsl), scale, window)
-        assert_close(ops, out[:num_tokens], ref, dtype, f"flash decode kernel, tile {tile}, {min_warp_tiles}")
+        assert_close(ops, out[:num_tokens], ref, dtype, f"flash decode kernel, tile {tile}")
         assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-    assert launched == ["flash_decode_kernel"] * len(tiles) * 2
+    assert launched == ["flash_decode_kernel"] * len(tiles)
 
 
 def test_dependent_launches_match_ordinary_launches(ops, rng, monkeypatch):
