@@ -39,12 +39,12 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
 
 # flash_decode.cu's tiles by blocks an SM, as bench/flash_tile_sweep.py suggested on an H100 (1x
 # H100, us a layer at 512 keys, 3 deep / 2 deep: batch 48 49.1 / 43.4, 64 56.8 / 61.4, 128
-# 107.2 / 104.9; 2 warps a block were no faster), with 8 warps from 0.5 to 1.5 blocks an SM
-# (Llama-3-8B batch 16 decode step 6.97 -> 6.90 ms; at batch 1, where the launch splits keys over
-# 9 blocks, 8 warps were slower: 6.37 -> 6.45 ms; bench/notes/step_ab_*_h100.json).
+# 107.2 / 104.9; 2 warps a block were no faster), with 8 warps below 1.5 blocks an SM (decode
+# steps in one engine, 4 / 8 warps: Llama-3-8B batch 1 6.07 / 6.07 ms, batch 16 6.97 / 6.90;
+# SmolLM2 batch 1 0.74-0.87 / 0.70-0.71; bench/notes/step_ab*_h100.json).
 # SHARDLINE_FLASH_DECODE_TILES sets others.
 _FLASH_DECODE_TILES = _decode_tiles(os.environ.get(
-    "SHARDLINE_FLASH_DECODE_TILES", "16x3x4<0.5,16x3x8<1.5,16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
+    "SHARDLINE_FLASH_DECODE_TILES", "16x3x8<1.5,16x3x4<2.42,16x2x4<3.39,16x3x4<4.85,16x2x4"))
 # Decode-sized GEMMs (skinny_gemm.cu): at most this many rows of x, bf16/fp16, K % 8 == 0;
 # their K split over this many warps of a block (KS) as CudaOps.skinny_k_split picks.
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
