@@ -1,0 +1,65 @@
+"""Decode step time of one engine under CudaOps settings switched in place: an A/B of kernel
+choices without rebuilding the engine (the graphs are recaptured for each setting).
+
+Run:  python -m bench.decode_ab --shape llama3-8b --batch 1,16 \\
+          --config 'k1={"skinny_k_split": 1}' --config 'tuned={"skinny_k_split": null}'
+
+Each --config is NAME=JSON of CudaOps attributes (decode_tiles as a SHARDLINE_FLASH_DECODE_TILES
+string); the settings run in turn, --reps times over, each a median of --steps engine steps at
+--context tokens (decode ahead on, as bench.llm runs them). Settings compare only within one
+run: the same machine, the same engine. Writes JSON rows (shape, config, batch, rep, step_ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm import SHAPES, build_ours, decode_step_s  # noqa: E402
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """'name={"attr": value}' -> (name, {attr: value}); decode_tiles parsed as the env var is."""
+    from shardline.kernels.cuda_common import _decode_tiles
+    name, _, body = text.partition("=")
+    attrs = json.loads(body)
+    if "decode_tiles" in attrs:
+        attrs["decode_tiles"] = _decode_tiles(attrs["decode_tiles"])
+    return name, attrs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    p.add_argument("--config", action="append", required=True, help="NAME=JSON of CudaOps attributes")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", default="bench/results/decode_ab.json")
+    args = p.parse_args()
+    configs = dict(parse_config(text) for text in args.config)
+    args.ttft_tokens, args.max_num_seqs, args.decode_ahead = 2048, max(args.batch), None
+    backend, engine = build_ours(SHAPES[args.shape], args)
+    rng, rows = np.random.default_rng(0), []
+    for rep in range(args.reps):
+        for name, attrs in configs.items():
+            for attr, value in attrs.items():
+                setattr(backend.ops, attr, value)
+            engine.runner.graphs.close()   # recaptured under the new setting
+            for batch in args.batch:
+                seconds = decode_step_s(engine, batch, args.context, args.steps, rng)
+                rows.append({"shape": args.shape, "config": name, "batch": batch, "rep": rep,
+                             "step_ms": round(seconds * 1e3, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
