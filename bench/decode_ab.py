@@ -5,9 +5,11 @@ Run:  python -m bench.decode_ab --shape llama3-8b --batch 1,16 \\
           --config 'k1={"skinny_k_split": 1}' --config 'tuned={"skinny_k_split": null}'
 
 Each --config is NAME=JSON of CudaOps attributes (decode_tiles as a SHARDLINE_FLASH_DECODE_TILES
-string); the settings run in turn, --reps times over, each a median of --steps engine steps at
---context tokens (decode ahead on, as bench.llm runs them). Settings compare only within one
-run: the same machine, the same engine. Writes JSON rows (shape, config, batch, rep, step_ms).
+string; a tile never compiled falls back to the next in the table); attributes a setting does
+not name keep their defaults. The settings run in turn, --reps times over, each a median of
+--steps engine steps at --context tokens (decode ahead on, as bench.llm runs them). Settings
+compare only within one run: the same machine, the same engine. Writes JSON rows (shape,
+config, batch, rep, step_ms).
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def main() -> None:
     args.ttft_tokens, args.max_num_seqs, args.decode_ahead = 2048, max(args.batch), None
     backend, engine = build_ours(SHAPES[args.shape], args)
     rng, rows = np.random.default_rng(0), []
+    defaults = {attr: getattr(backend.ops, attr) for attrs in configs.values() for attr in attrs}
     for rep in range(args.reps):
         for name, attrs in configs.items():
-            for attr, value in attrs.items():
+            for attr, value in {**defaults, **attrs}.items():   # what a setting does not name: the default
                 setattr(backend.ops, attr, value)
             engine.runner.graphs.close()   # recaptured under the new setting
             for batch in args.batch:

@@ -85,7 +85,7 @@ class AttentionOps:
             head_dim = int(parts[1])
             need = (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
                     else flash_decode_smem_bytes(head_dim, tuple(int(part) for part in parts[2:])))
-            try:   # 2 KiB kept for the kernel's static shared memory (about 1.1 KiB: its tile scan)
+            try:   # 2 KiB kept for the kernel's static shared memory (about 1 KiB: its tile scan)
                 if need > optin - 2048:
                     raise ValueError(need)
                 self._functions[key].max_dynamic_shared_size_bytes = need
@@ -103,13 +103,18 @@ class AttentionOps:
 
     def _decode_tile(self, q, num_seqs: int, num_kv_heads: int) -> tuple | None:
         """flash_decode_kernel's (keys, stages, warps) for a launch of q over num_seqs sequences;
-        None where its rows are not a decode step's, or the kernel is off or missing."""
+        None where its rows are not a decode step's, or the kernel is off or has no instantiation
+        this GPU can run (16x3x8 needs 204 KiB of shared memory at head size 128)."""
         rows = q.shape[0] * (q.shape[1] // num_kv_heads)
         blocks_per_sm = max(num_seqs, -(-rows // _FLASH_DECODE_ROWS)) * num_kv_heads / self._multiprocessors
-        tile = next(tile for tile, bound in self.decode_tiles if blocks_per_sm < bound)
-        key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {', '.join(map(str, tile))}")
-        decode = rows <= _FLASH_DECODE_ROWS * (num_seqs + 1)
-        return tile if decode and self.use_flash_decode and key in self._functions else None
+        if rows > _FLASH_DECODE_ROWS * (num_seqs + 1) or not self.use_flash_decode:
+            return None
+        # the table's tile for this many blocks an SM, or the next one this GPU has shared memory for
+        for tile, bound in self.decode_tiles:
+            key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {', '.join(map(str, tile))}")
+            if blocks_per_sm < bound and key in self._functions:
+                return tile
+        return None
 
     def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
         ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]

@@ -102,7 +102,6 @@ _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"}
 _PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common",)}
 
 
-
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: STAGES of
     K and V tiles per key-warp group (rows padded by 8), reused at the end for the
@@ -141,7 +140,7 @@ def _include_options() -> tuple[str, ...]:
 
 def _compile_kernels() -> dict:
     common = (_KERNEL_DIR / "common.cu").read_text()
-    options = ("-std=c++17",) + _include_options()
+    options = ("-std=c++17", f"-DFLASH_MAX_SPLITS={_FLASH_MAX_SPLITS}") + _include_options()
     functions = {}
     for module_name, kernels in _KERNELS.items():
         names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}

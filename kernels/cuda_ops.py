@@ -205,8 +205,12 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
     def _skinny_k_split(self, x2, weight, gated: bool) -> int:
         """Warps a skinny GEMM splits K over: skinny_k_split where set, else the fastest of
         _SKINNY_K_SPLITS for the shape, timed (L2 flushed, as gemm_lt times cuBLASLt) the
-        first time the shape comes on a stream that does not capture; 1 until then."""
+        first time the shape comes on a stream that does not capture; 1 until then. The split
+        sets the order of the sum, so its bits may differ between processes (as cuBLASLt's
+        timed algorithms may)."""
         if self.skinny_k_split:
+            if self.skinny_k_split not in _SKINNY_K_SPLITS:
+                raise ValueError(f"skinny_k_split must be one of {_SKINNY_K_SPLITS}, got {self.skinny_k_split!r}")
             return self.skinny_k_split
         key = (x2.shape[0], weight.shape[0], x2.shape[1], gated, x2.dtype.str)
         if key not in self._skinny_splits:

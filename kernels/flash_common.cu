@@ -8,7 +8,10 @@
 #define FA_THREADS (FA_WARPS * 32)
 #define FA_MAX_THREADS 256   // flash_decode.cu: 8 key warps
 #define FA_LOG2E 1.4426950408889634f
-#define FLASH_MAX_SPLITS 16   // cuda_common._FLASH_MAX_SPLITS
+#ifndef FLASH_MAX_SPLITS   // cuda_common._compile_kernels passes cuda_common._FLASH_MAX_SPLITS
+#define FLASH_MAX_SPLITS 16
+#endif
+static_assert(FLASH_MAX_SPLITS <= 32, "flash_merge_splits reads a split's statistics a lane each");
 
 // Sequence b's tile count.
 __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, int group, int bq) {
@@ -51,9 +54,10 @@ __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int gr
 
 // A block's rows and keys: sequence b's row tile `tile` (BQ packed rows from row0, rows_here
 // of them real) and its split's run [t_begin, t_end) of the key tiles (BK keys from k_lo) that
-// its rows see; first_pos is the position of the sequence's first query of the launch. A
-// context of fewer key tiles than the launch's num_splits uses `splits` of them (the blocks
-// of higher splits have nothing to do).
+// its rows see; first_pos is the position of the sequence's first query of the launch. The
+// key tiles go to the splits in equal runs, so a context may fill only `splits` of the
+// launch's num_splits (fewer key tiles than splits, or runs rounded up); the blocks of the
+// higher splits have nothing to do.
 struct FlashRange {
     int q_first, num_q, row0, rows_here, first_pos, k_lo, k_hi, t_begin, t_end, splits;
 };

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
                                          num_splits);
-    if (split >= range.splits) return;   // fewer key tiles than splits (the same for the whole block)
+    if (split >= range.splits) return;   // no key tile for this split (the same for the whole block)
     const int q_first = range.q_first, row0 = range.row0, rows_here = range.rows_here;
     const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;  // keys from first_pos on are new
     const int t_begin = range.t_begin, t_end = range.t_end;

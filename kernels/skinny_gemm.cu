@@ -9,8 +9,8 @@
 //
 // gated: w is [2N, K], gate rows then up rows (a fused gate/up projection),
 // and y[m, n] = silu(gate) * up, both rounded to T first, exactly as
-// silu_and_mul_kernel computes it from the unfused GEMM's output. Each warp
-// then owns one output feature and reads its gate and up rows.
+// silu_and_mul_kernel computes it from the unfused GEMM's output (at the same
+// K split). Each warp then owns one output feature and reads its gate and up rows.
 //
 // KS > 1 splits K over KS warps of a block (each owning the same output features), their
 // sums merged in shared memory: more loads in flight when N is small for the GPU.
