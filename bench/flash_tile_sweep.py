@@ -58,7 +58,7 @@ def ops_with_tiles(decode: tuple[int, int, int], prefill: tuple[int, int]):
         return key_warps * stages * 2 * keys * (head_dim + 8) * 2
     common._KERNEL_DIR, common.flash_smem_bytes, attention.flash_smem_bytes = folder, smem, smem
     common._KERNELS["flash_decode"] = {"flash_decode_kernel": tuple(
-        f"{t}, {d}, {', '.join(map(str, decode))}" for t in ("__half", "__nv_bfloat16")
+        common.flash_decode_template(t, d, decode) for t in ("__half", "__nv_bfloat16")
         for d in common._FLASH_HEAD_DIMS)}
     ops = CudaOps(0)
     ops.decode_tiles = ((decode, float("inf")),)

@@ -31,6 +31,7 @@ from shardline.kernels.cuda_common import (
     _in_place,
     _same_dtype,
     flash_decode_smem_bytes,
+    flash_decode_template,
     flash_smem_bytes,
 )
 from shardline.kernels.backend import gpu_paths_off
@@ -106,13 +107,14 @@ class AttentionOps:
         None where its rows are not a decode step's, or the kernel is off or has no instantiation
         this GPU can run (16x3x8 needs 204 KiB of shared memory at head size 128)."""
         rows = q.shape[0] * (q.shape[1] // num_kv_heads)
-        blocks_per_sm = max(num_seqs, -(-rows // _FLASH_DECODE_ROWS)) * num_kv_heads / self._multiprocessors
         if rows > _FLASH_DECODE_ROWS * (num_seqs + 1) or not self.use_flash_decode:
             return None
+        blocks_per_sm = max(num_seqs, -(-rows // _FLASH_DECODE_ROWS)) * num_kv_heads / self._multiprocessors
         # the table's tile for this many blocks an SM, or the next one this GPU has shared memory for
+        ctype = _ctype(q, "q")
         for tile, bound in self.decode_tiles:
-            key = ("flash_decode_kernel", f"{_ctype(q, 'q')}, {q.shape[2]}, {', '.join(map(str, tile))}")
-            if blocks_per_sm < bound and key in self._functions:
+            if blocks_per_sm < bound and ("flash_decode_kernel",
+                                          flash_decode_template(ctype, q.shape[2], tile)) in self._functions:
                 return tile
         return None
 
@@ -121,7 +123,7 @@ class AttentionOps:
         num_seqs, rows = seq_lens.size, q.shape[0] * (num_heads // num_kv_heads)
         decode_tile = self._decode_tile(q, num_seqs, num_kv_heads)
         if decode_tile is not None:
-            name, template = "flash_decode_kernel", f"{ctype}, {head_dim}, {', '.join(map(str, decode_tile))}"
+            name, template = "flash_decode_kernel", flash_decode_template(ctype, head_dim, decode_tile)
             tile_rows, target, threads = _FLASH_DECODE_ROWS, self.decode_split_target, 32 * decode_tile[2]
             smem = flash_decode_smem_bytes(head_dim, decode_tile)
         else:

@@ -49,6 +49,13 @@ _FLASH_DECODE_TILES = _decode_tiles(os.environ.get(
 # their K split over this many warps of a block (KS) as CudaOps.skinny_k_split picks.
 _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROWS x SG_WARPS, 32 x SG_WARPS
 _SKINNY_K_SPLITS = (1, 2, 4)
+
+
+def flash_decode_template(ctype: str, head_dim: int, tile: tuple[int, int, int]) -> str:
+    """flash_decode_kernel's template arguments for a tile: "T, D, BK, STAGES, KW"."""
+    return f"{ctype}, {head_dim}, {', '.join(map(str, tile))}"
+
+
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
@@ -63,7 +70,7 @@ _KERNELS = {
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
-    "flash_decode": {"flash_decode_kernel": tuple(f"{t}, {d}, {', '.join(map(str, tile))}"
+    "flash_decode": {"flash_decode_kernel": tuple(flash_decode_template(t, d, tile)
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
     "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}, {ks}" for t in ("__half", "__nv_bfloat16")

@@ -42,6 +42,28 @@ __device__ __forceinline__ void skinny_step(const uint4* xv, int vecs, int v, co
     }
 }
 
+// KS > 1: the KS warps that own the same features add their sums (lane 0's), in K order,
+// into the first of them. Every thread of the block calls it (it synchronises); true for
+// the warps that then hold their features' whole sums.
+template <int M, int KS>
+__device__ __forceinline__ bool skinny_merge_k_parts(float (&acc)[SG_ROWS][M], int lane, int ks, int rows) {
+    __shared__ float parts[SG_WARPS][SG_ROWS][M];
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < SG_ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < M; ++m) parts[threadIdx.x >> 5][r][m] = acc[r][m];
+    __syncthreads();
+    if (ks != 0 || rows == 0) return false;
+#pragma unroll
+    for (int j = 1; j < KS; ++j)
+#pragma unroll
+        for (int r = 0; r < SG_ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[r][m] += parts[(threadIdx.x >> 5) + j][r][m];
+    return true;
+}
+
 template <typename T, int M, int KS>
 __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate, int gated) {
     const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
@@ -83,22 +105,7 @@ __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, i
     for (int r = 0; r < SG_ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-    if (KS > 1) {   // the KS warps of these features add their parts, in K order
-        __shared__ float parts[SG_WARPS][SG_ROWS][M];
-        if (lane == 0)
-#pragma unroll
-            for (int r = 0; r < SG_ROWS; ++r)
-#pragma unroll
-                for (int m = 0; m < M; ++m) parts[threadIdx.x >> 5][r][m] = acc[r][m];
-        __syncthreads();
-        if (ks != 0 || rows == 0) return;
-#pragma unroll
-        for (int j = 1; j < KS; ++j)
-#pragma unroll
-            for (int r = 0; r < SG_ROWS; ++r)
-#pragma unroll
-                for (int m = 0; m < M; ++m) acc[r][m] += parts[(threadIdx.x >> 5) + j][r][m];
-    }
+    if (KS > 1 && !skinny_merge_k_parts<M, KS>(acc, lane, ks, rows)) return;
     if (lane == 0 && gated) {
         for (int m = 0; m < M; ++m) {
             const float g = round_to<T>(acc[0][m]), up = round_to<T>(acc[1][m]);

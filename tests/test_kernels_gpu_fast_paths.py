@@ -16,6 +16,7 @@ import pytest
 from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
 
 from shardline.kernels import numpy_ops  # noqa: E402
+from shardline.kernels.cuda_common import _ctype, flash_decode_template  # noqa: E402
 from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
     assert_close,
     ops,
@@ -180,9 +181,8 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
     q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
     scale = 1 / math.sqrt(head_dim)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
-    ctype = "__nv_bfloat16" if dtype == "bfloat16" else "__half"
     tiles = [tile for tile in dict.fromkeys(tile for tile, _ in ops.decode_tiles)   # those this GPU can run
-             if ("flash_decode_kernel", f"{ctype}, {head_dim}, {', '.join(map(str, tile))}") in ops._functions]
+             if ("flash_decode_kernel", flash_decode_template(_ctype(q, "q"), head_dim, tile)) in ops._functions]
     for tile in tiles:
         monkeypatch.setattr(ops, "decode_tiles", ((tile, math.inf),))
         out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
