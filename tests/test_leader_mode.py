@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -52,6 +54,30 @@ def test_a_world_smaller_than_the_srun_step_fails_loudly():
         read_place(srun, 0, 1, mpi_local_rank=lambda: 0)
 
 
+ABORTING_CHILD = """
+import logging, os, sys
+from shardline.worker import leader_mode
+logging.basicConfig(level=logging.INFO)
+class World:
+    def Abort(self, code):
+        os._exit(code)
+leader_mode._abort(World(), "the reason " + "x" * 100)
+"""
+
+
+def test_abort_waits_until_the_launcher_has_read_the_reason():
+    # mpiexec dropped a rank's last lines when the abort came first (CI, 2026-11-28).
+    child = subprocess.Popen([sys.executable, "-c", ABORTING_CHILD], stderr=subprocess.PIPE, env=ENV)
+    try:
+        time.sleep(1.0)   # stderr unread: the child must still be waiting to abort
+        assert child.poll() is None
+        assert b"the reason xxx" in child.stderr.read()
+        assert child.wait(timeout=10) == 1
+    finally:
+        child.kill()
+        child.wait()
+
+
 @needs_mpi
 def test_four_ranks_two_tp2_groups_serve_and_stop_on_sigterm(tmp_path):
     config = write_leader_config(tmp_path, write_tiny_llama(tmp_path / "tiny"),
@@ -87,5 +113,5 @@ def test_group_not_registering_in_time_is_named_and_the_job_ends(tmp_path):
     command = [MPIEXEC, "-n", "2", SHARDLINE, "leader", "-c", str(config)]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode != 0
-    assert "group(s) a (rank 0), b (rank 1) did not register within 0.5 s" in result.stderr
+    assert "group(s) a (rank 0), b (rank 1) did not register within 0.5 s" in result.stderr, result.stderr[-4000:]
     assert wait_until_gone(str(config)) == []

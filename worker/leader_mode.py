@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import os
 import signal
+import stat
+import struct
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -69,7 +73,7 @@ def main(config_path: str, address_file: str | None = None) -> int:
         return code
     except Exception:
         log.exception("rank %d failed; aborting the job", place.world_rank)
-        world.Abort(EXIT_FAILED)   # the other ranks may wait in a collective for this one
+        _abort_after_logging(world)   # the other ranks may wait in a collective for this one
         return EXIT_FAILED
 
 
@@ -155,9 +159,31 @@ async def _wait_ready(cluster, slots: list[GroupSlot], worker: asyncio.Future, t
 
 def _abort(world: Any, message: str) -> None:
     log.error("%s; aborting the job", message)
+    _abort_after_logging(world)
+
+
+def _abort_after_logging(world: Any, drain_timeout_s: float = 2.0) -> None:
+    """MPI Abort once the launcher has read what this rank logged. mpiexec (hydra) kills the
+    job on the abort and may drop the rank's last stderr lines still in the pipe: the reason
+    the job ended. So wait, briefly, for the pipe to empty."""
     for handler in logging.getLogger().handlers:
         handler.flush()
+    sys.stderr.flush()
+    deadline_s = time.monotonic() + drain_timeout_s
+    while _unread_stderr_bytes() and time.monotonic() < deadline_s:
+        time.sleep(0.01)
     world.Abort(EXIT_FAILED)
+
+
+def _unread_stderr_bytes() -> int:
+    """Bytes written to stderr that its reader has not yet taken: Linux answers FIONREAD on
+    either end of a pipe. 0 for a terminal or file (nothing to wait for) or where unanswered."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(2).st_mode):
+            return 0
+        return struct.unpack("i", fcntl.ioctl(2, termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _write_atomically(path: Path, text: str) -> None:
