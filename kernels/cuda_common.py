@@ -51,6 +51,19 @@ _SKINNY_MAX_ROWS, _SKINNY_ROWS_PER_BLOCK, _SKINNY_THREADS = 4, 8, 128   # SG_ROW
 _SKINNY_K_SPLITS = (1, 2, 4)
 
 
+def _skinny_tiles(num_out: int, gated: bool, k_split: int) -> int:
+    """Blocks of a skinny GEMM launch (its tiles): a warp (k_split warps) an output pair, gated
+    an output."""
+    per_block = (_SKINNY_ROWS_PER_BLOCK // 2 if gated else _SKINNY_ROWS_PER_BLOCK) // k_split
+    return -(-num_out // per_block)
+
+
+def _resident_blocks(function, threads: int, shared_mem: int) -> int:
+    """Blocks of `function` (a RawKernel) an SM holds at once (the driver's occupancy count)."""
+    return max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.kernel.ptr, threads,
+                                                                             shared_mem))
+
+
 def flash_decode_template(ctype: str, head_dim: int, tile: tuple[int, int, int]) -> str:
     """flash_decode_kernel's template arguments for a tile: "T, D, BK, STAGES, KW"."""
     return f"{ctype}, {head_dim}, {', '.join(map(str, tile))}"
@@ -73,8 +86,9 @@ _KERNELS = {
     "flash_decode": {"flash_decode_kernel": tuple(flash_decode_template(t, d, tile)
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
-    "skinny_gemm": {"skinny_gemm_kernel": tuple(f"{t}, {m}, {ks}" for t in ("__half", "__nv_bfloat16")
-                                                for m in range(1, 5) for ks in _SKINNY_K_SPLITS)},
+    "skinny_gemm": {kernel: tuple(f"{t}, {m}, {ks}" for t in ("__half", "__nv_bfloat16")
+                                  for m in range(1, _SKINNY_MAX_ROWS + 1) for ks in _SKINNY_K_SPLITS)
+                    for kernel in ("skinny_gemm_kernel", "norm_skinny_gemm_kernel")},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }

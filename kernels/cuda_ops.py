@@ -43,9 +43,10 @@ from shardline.kernels.cuda_common import (
     _rows,
     _SKINNY_K_SPLITS,
     _SKINNY_MAX_ROWS,
-    _SKINNY_ROWS_PER_BLOCK,
     _SKINNY_THREADS,
+    _resident_blocks,
     _same_dtype,
+    _skinny_tiles,
     _vectors,
     _word,
     bf16_bits,
@@ -57,6 +58,7 @@ from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
 from shardline.kernels.gemm_lt import _capturing, _Timer
+from shardline.kernels.numpy_ops import rms_norm_linear
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
     name = "cuda"
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
+    # RMSNorm fused into the decode GEMM after it (rms_norm_linear). Off until measured: not
+    # yet run on a GPU. fused_norm_waves: its blocks, in waves of the blocks an SM holds
+    # (0: a block a tile).
+    fused_norm_gemm = False
+    fused_norm_waves = 1.0
     use_dependent_launch = "dependent_launch" not in gpu_paths_off()
 
     def __init__(self, device_id: int = 0):
@@ -73,6 +80,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
             self._skinny_splits: dict[tuple, int] = {}
+            self._resident: dict[tuple, int] = {}   # (kernel key, shared memory): blocks an SM holds
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
@@ -196,11 +204,57 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
         k_split = k_split or self._skinny_k_split(x2, weight, gated)
-        # a warp (k_split warps) an output pair, gated: an output
-        per_block = (_SKINNY_ROWS_PER_BLOCK // 2 if gated else _SKINNY_ROWS_PER_BLOCK) // k_split
-        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}, {k_split}", (-(-num_out // per_block),),
-                     (_SKINNY_THREADS,), (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]),
-                                          np.int32(accumulate), np.int32(gated)))
+        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}, {k_split}",
+                     (_skinny_tiles(num_out, gated, k_split),), (_SKINNY_THREADS,),
+                     (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
+                      np.int32(gated)))
+
+    def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False):
+        """numpy_ops.rms_norm_linear. Where fused_norm_gemm is on, decode-sized inputs run one
+        kernel (norm_skinny_gemm_kernel): bitwise the two ops' outputs at the same K split."""
+        fused = self._norm_gemm_threads(x, norm_weight, residual, weight, bias, gated)
+        if not fused:
+            return rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
+        rows, hidden = x.shape
+        ctype, res_in = _ctype(x, "x"), x if residual is None else residual
+        res_out = x if residual is None else cupy.empty_like(x)
+        num_out = weight.shape[0] // 2 if gated else weight.shape[0]
+        out = cupy.empty((rows, num_out), dtype=x.dtype)
+        if bias is not None:   # added as linear adds it: the GEMM accumulates onto it
+            self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
+                         (bias, out, np.int64(rows), np.int32(num_out)))
+        k_split = self._skinny_k_split(x, weight, gated)
+        key = ("norm_skinny_gemm_kernel", f"{ctype}, {rows}, {k_split}")
+        tiles, shared = _skinny_tiles(num_out, gated, k_split), x.nbytes   # x.nbytes: the normalised rows
+        grid = tiles
+        if self.fused_norm_waves:
+            if (key, shared) not in self._resident:
+                self._resident[key, shared] = _resident_blocks(self._functions[key], _SKINNY_THREADS, shared)
+            grid = min(tiles, math.ceil(self.fused_norm_waves * self._multiprocessors * self._resident[key, shared]))
+        self._launch(*key, (grid,), (_SKINNY_THREADS,),
+                     (x, res_in, norm_weight, res_out, np.int32(residual is not None), np.float32(eps),
+                      np.int32(fused), weight, out, np.int32(num_out), np.int32(hidden),
+                      np.int32(bias is not None), np.int32(gated), np.int32(tiles)), shared_mem=shared)
+        return out, res_out
+
+    def _norm_gemm_threads(self, x, norm_weight, residual, weight, bias, gated: bool) -> int:
+        """The norm's threads a row (rms_norm_vec_kernel's, as _norm picks them) where
+        norm_skinny_gemm_kernel applies: at most a skinny block's, so hidden <= 4096 and the
+        normalised rows fit 32 KiB of shared memory. 0 where it does not apply."""
+        hidden = x.shape[-1]
+        threads = 32 * -(-hidden // (8 * _NORM_VECS * 32))
+        rows = [a for a in (x, norm_weight, residual) if a is not None]   # read in 16-byte vectors
+        arrays = rows + [a for a in (weight, bias) if a is not None]
+        shapes = (x.ndim == 2 and weight.ndim == 2 and weight.shape[0] and weight.shape[1] == hidden
+                  and norm_weight.shape == (hidden,)
+                  and (residual is None or residual.shape == x.shape)
+                  and (bias is None or (not gated and bias.shape == (weight.shape[0],)))
+                  and not (gated and weight.shape[0] % 2))
+        applies = (self.fused_norm_gemm and shapes and x.size and threads <= _SKINNY_THREADS
+                   and all(a.dtype == x.dtype and a.flags.c_contiguous for a in arrays) and _vectors(hidden, *rows)
+                   and self._skinny_applies(x, weight)
+                   and ("norm_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
+        return threads if applies else 0
 
     def _skinny_k_split(self, x2, weight, gated: bool) -> int:
         """Warps a skinny GEMM splits K over: skinny_k_split where set, else the fastest of

@@ -10,6 +10,7 @@ to debug.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -90,6 +91,18 @@ def gated_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = No
     """silu_and_mul(linear(x, weight, bias)): the gate and up projections in one weight
     [2 * inter, in] (fused into one kernel on CUDA for decode-sized x)."""
     return silu_and_mul(linear(x, weight, bias))
+
+
+def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False, ops=None):
+    """(linear(rms_norm(x (+ residual))), the new residual stream: x + residual, or x itself
+    without a residual); gated: gated_linear. One kernel on CUDA for decode-sized x; `ops`
+    runs this composition on another op set (CUDA's inputs it does not fuse)."""
+    ops = ops or sys.modules[__name__]
+    if residual is None:
+        normed, residual = ops.rms_norm(x, norm_weight, eps), x
+    else:
+        normed, residual = ops.rms_norm(x, norm_weight, eps, residual)
+    return (ops.gated_linear if gated else ops.linear)(normed, weight, bias), residual
 
 
 def gelu(x: np.ndarray, approximate: str = "tanh") -> np.ndarray:

@@ -49,6 +49,14 @@ class Norm:
             return self.ops.rms_norm(x, self.weight, self.eps, residual)
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual)
 
+    def into_linear(self, x, residual, weight, bias=None, gated: bool = False):
+        """(linear(norm(x (+ residual))), the new residual: x itself without one); gated:
+        gated_linear. An RMSNorm may run fused into the GEMM (ops.rms_norm_linear)."""
+        if self.kind == "rms":
+            return self.ops.rms_norm_linear(x, self.weight, self.eps, residual, weight, bias, gated)
+        normed, residual = self(x, residual) if residual is not None else (self(x), x)
+        return (self.ops.gated_linear if gated else self.ops.linear)(normed, weight, bias), residual
+
 
 def rotary_table(backend: Backend, config: ModelConfig) -> Any:
     """The model's cos/sin table on the device, [max_positions, head_dim], shared by its layers."""
@@ -74,8 +82,9 @@ class RowParallelLinear:
 
 
 class Attention:
-    """Fused QKV projection (this rank's heads), attention through the
-    context, row-parallel output projection."""
+    """This rank's heads: the fused QKV weight (the block projects with it, together with
+    the norm before: Norm.into_linear), attention through the context, the row-parallel
+    output projection."""
 
     def __init__(self, backend: Backend, config: ModelConfig, heads: HeadSplit, qkv_weight, qkv_bias,
                  out: RowParallelLinear, cos_sin: Any | None):
@@ -87,9 +96,10 @@ class Attention:
         self.out = out
         self.cos_sin = cos_sin  # [max_positions, head_dim] or None
 
-    def __call__(self, x, positions, ctx: AttentionContext, layer_index: int):
-        num_tokens, qs, kvs = x.shape[0], self.q_size, self.kv_size
-        qkv = self.ops.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
+    def from_qkv(self, qkv, positions, ctx: AttentionContext, layer_index: int):
+        """Attention and the output projection from the QKV projection qkv [T, q + 2 kv] (made
+        with the norm before it: Norm.into_linear)."""
+        num_tokens, qs, kvs = qkv.shape[0], self.q_size, self.kv_size
         # Views of the projection's columns: the ops copy what they need contiguous
         # (CUDA's rope_write_kv reads them where they are).
         q = qkv[:, :qs].reshape(num_tokens, self.num_heads, self.head_dim)
@@ -158,10 +168,12 @@ class PreNormBlock:
     mlp: Any
 
     def __call__(self, x, residual, positions, ctx: AttentionContext):
-        if residual is None:
-            x, residual = self.input_norm(x), x
-        else:
-            x, residual = self.input_norm(x, residual)
-        x = self.attn(x, positions, ctx, self.index)
+        # Each norm goes with the projection after it (one kernel where the backend fuses them).
+        qkv, residual = self.input_norm.into_linear(x, residual, self.attn.qkv_weight, self.attn.qkv_bias)
+        x = self.attn.from_qkv(qkv, positions, ctx, self.index)
+        if isinstance(self.mlp, GatedMLP):
+            h, residual = self.post_norm.into_linear(x, residual, self.mlp.gate_up_weight, self.mlp.gate_up_bias,
+                                                     gated=True)
+            return self.mlp.down(h), residual
         x, residual = self.post_norm(x, residual)
         return self.mlp(x), residual

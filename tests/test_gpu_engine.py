@@ -134,3 +134,31 @@ def test_cuda_graph_decode_equals_eager(local):
     assert graphs.disabled is None and graphs.num_replays > 0
     assert graphed == eager
     engine.block_manager.check_integrity()
+
+
+def test_fused_norm_gemm_decodes_as_the_two_kernels(folder, monkeypatch):
+    """bf16 decode steps (at most 4 rows: the skinny GEMMs) with each RMSNorm fused into the
+    GEMM after it give the tokens of the unfused steps, in captured graphs and eager (the
+    fused kernel is bitwise the two it replaces at the same K split)."""
+    local = tiny_local(folder, backend="cuda", dtype="bfloat16")
+    ops = local.model.ops
+    monkeypatch.setattr(ops, "skinny_k_split", 2)
+    rng = np.random.default_rng()
+    prompts = random_prompts(rng, [5, 40, 3])
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in prompts]
+    fused_calls, threads = [], ops._norm_gemm_threads
+
+    def counted(*args):
+        fused_calls.append(threads(*args))
+        return fused_calls[-1]
+    monkeypatch.setattr(ops, "_norm_gemm_threads", counted)
+    for graphs in (False, True):
+        runs = {}
+        for fused in (False, True):
+            monkeypatch.setattr(ops, "fused_norm_gemm", fused)
+            engine = make_engine(local, cuda_graphs=graphs)
+            runs[fused] = [c.token_ids for c in engine.generate(prompts, params)]
+            if graphs:
+                assert engine.runner.graphs.disabled is None and engine.runner.graphs.num_replays > 0
+        assert any(fused_calls)   # the fused kernel ran
+        assert runs[True] == runs[False], f"cuda_graphs={graphs}"
