@@ -67,7 +67,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 yield worker_pb2.WorkerGenerateResponse(
                     token_ids=[token], text=f"<{token}>", num_prompt_tokens=len(prompt),
                     num_cached_tokens=num_cached, finish_reason=pb.FINISH_REASON_LENGTH if done else 0)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A call cancelled while grpc sends a response closes this generator at its yield
+            # (GeneratorExit) instead of cancelling it.
             self.cancelled.append(request.request_id)
             raise
         finally:
@@ -152,7 +154,9 @@ async def _link(group: FakeGroup, coordinator: str, interval_s: float) -> None:
 
 
 def write_config(folder: Path, num_groups: int = 2, **coordinator) -> Path:
-    settings = {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.5,
+    # A group misses heartbeats for 3 s before it is unhealthy: a loaded machine's pauses (a full
+    # garbage collection of this process takes 0.2-0.3 s) stay far inside it.
+    settings = {"host": "127.0.0.1", "port": 0, "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 3.0,
                 "startup_timeout_s": 10, **coordinator}
     data = {"model": "default", "served_model_name": "fake", "coordinator": settings,
             "groups": [{"name": "w", "replicas": num_groups}] if num_groups > 1 else [{"name": "w"}]}
@@ -242,3 +246,12 @@ async def read_rest(call) -> list:
 
 def tokens_of(responses) -> list[int]:
     return [t for r in responses for t in r.token_ids]
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    """Polls `condition` (every 10 ms) until it holds; fails after timeout_s."""
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")

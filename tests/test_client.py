@@ -210,8 +210,8 @@ def test_wait_ready_waits_for_serving(server, client):
     with pytest.raises(ShardlineError) as info:
         client.wait_ready(timeout_s=0.3)
     assert info.value.code == "DEADLINE_EXCEEDED"
+    start = time.monotonic()   # before the timer: a late start would shorten what is measured
     threading.Timer(0.3, server.set_serving, (True,)).start()
-    start = time.monotonic()
     client.wait_ready(timeout_s=5)
     assert time.monotonic() - start >= 0.25
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from coordinator_fakes import (MAX_MODEL_LEN, collect, expected_tokens, read_rest, request, run, shared_tokenizer,
-                               tokens_of)
+                               tokens_of, until)
 from shardline.coordinator.server import serve
 from shardline.proto import shardline_pb2 as pb
 
@@ -122,8 +122,7 @@ def test_abort_ends_the_stream_and_the_worker_request(tmp_path, tokenizer):
         assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
         assert rest[-1].usage.completion_tokens == len(tokens_of([first, *rest])) < 400
         assert not (await fake.stub.Abort(pb.AbortRequest(request_id="job-1"))).found
-        await asyncio.sleep(0.1)
-        assert "job-1" in [rid for g in fake.groups for rid in g.worker.cancelled]
+        await until(lambda: "job-1" in [rid for g in fake.groups for rid in g.worker.cancelled])
     run(tmp_path, tokenizer, scenario)
 
 
@@ -134,9 +133,8 @@ def test_client_cancel_and_deadline_cancel_the_worker_call(tmp_path, tokenizer):
         call.cancel()
         _, code, _ = await collect(fake.stub, request(max_tokens=400, request_id="late"), timeout=0.3)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.2)
-        assert {"gone", "late"} <= {rid for g in fake.groups for rid in g.worker.cancelled}
-        assert not any(g.worker.active for g in fake.groups)
+        await until(lambda: {"gone", "late"} <= {rid for g in fake.groups for rid in g.worker.cancelled}
+                    and not any(g.worker.active for g in fake.groups))
         stats = await fake.stub.GetStats(pb.GetStatsRequest())
         assert stats.queue_depth == 0 and all(g.in_flight == 0 for g in stats.groups)
     run(tmp_path, tokenizer, scenario)

@@ -86,13 +86,17 @@ def test_no_group_left_is_unavailable_quickly(tmp_path, tokenizer):
 def test_silent_group_turns_unhealthy_and_stalled_streams_move(tmp_path, tokenizer):
     async def scenario(fake):
         fake.groups[0].link.cancel()  # alive but silent: no more heartbeats
-        await asyncio.sleep(0.8)      # heartbeat_timeout_s = 0.5
-        stats = await fake.stub.GetStats(pb.GetStatsRequest())
+        await asyncio.sleep(1.0)      # heartbeat_timeout_s = 1
+        for _ in range(100):          # the registry notices within its check interval
+            stats = await fake.stub.GetStats(pb.GetStatsRequest())
+            if not stats.groups[0].healthy:
+                break
+            await asyncio.sleep(0.05)
         assert {g.name: g.healthy for g in stats.groups} == {"w-0": False, "w-1": True}
         for _ in range(4):
             responses, code, _ = await collect(fake.stub, request(max_tokens=2))
             assert code == grpc.StatusCode.OK and responses[0].group == "w-1"
-    run(tmp_path, tokenizer, scenario)
+    run(tmp_path, tokenizer, scenario, coordinator={"heartbeat_timeout_s": 1.0})
 
 
 def test_kv_aware_routing_follows_the_prefix(tmp_path, tokenizer):

@@ -37,7 +37,9 @@ from shardline.worker.sampling_params import SamplingParams
 from test_serving_tp import tiny_model_with_tokenizer
 
 torch = pytest.importorskip("torch")
-ENGINE = {"backend": "numpy", "num_kv_blocks": 384, "max_num_seqs": 64, "block_size_tokens": 16}
+# float64, as in test_serving_tp: tokens are compared with an offline engine's.
+ENGINE = {"backend": "numpy", "dtype": "float64", "num_kv_blocks": 384, "max_num_seqs": 64,
+          "block_size_tokens": 16}
 MIN_REMOTE_TOKENS = 40
 
 
@@ -60,7 +62,8 @@ def model_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(model_folder):
-    return LLMEngine(EngineConfig(**ENGINE), load_local(str(model_folder), backend="numpy", show_progress=False))
+    local = load_local(str(model_folder), backend="numpy", dtype=ENGINE["dtype"], show_progress=False)
+    return LLMEngine(EngineConfig(**ENGINE), local)
 
 
 def write_config(folder, model, prefill_tp: int = 1, timeout_s: float = 20.0, transport: str = "grpc",

@@ -12,6 +12,7 @@ import asyncio
 
 import grpc
 
+from coordinator_fakes import until
 from shardline.coordinator.kv_links import KVLinkBroker
 from shardline.coordinator.registry import Registry
 from shardline.proto import worker_pb2, worker_pb2_grpc
@@ -45,14 +46,6 @@ async def serve(worker: LinkWorker) -> tuple[grpc.aio.Server, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def run_pair(scenario, prefill_worker: LinkWorker, decode_worker: LinkWorker, transport: str = "tcp"):

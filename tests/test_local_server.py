@@ -104,8 +104,8 @@ def test_a_crashing_server_reports_its_output(fake):
 
 
 def test_startup_timeout_reports_the_output_tail(fake, tmp_path):
-    with pytest.raises(ServerStartError, match=r"not ready within 1 s(.|\n)*serving"):
-        with fake("never_ready", startup_timeout_s=1):
+    with pytest.raises(ServerStartError, match=r"not ready within 3 s(.|\n)*serving"):
+        with fake("never_ready", startup_timeout_s=3):
             pass
     time.sleep(0.2)
     assert not alive(child_pid(tmp_path))
@@ -114,7 +114,7 @@ def test_startup_timeout_reports_the_output_tail(fake, tmp_path):
 # A stand-in for `shardline serve`: a real Shardline gRPC server that answers
 # every prompt with "Paris.", stopping cleanly on SIGTERM.
 FAKE_CLUSTER = """
-import signal, sys, threading
+import os, signal, sys, threading
 from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -132,9 +132,10 @@ pb_grpc.add_ShardlineServicer_to_server(Paris(), server)
 health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
-open(sys.argv[4], "w").write(f"127.0.0.1:{port}")
 stopped = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stopped.set())
+signal.signal(signal.SIGTERM, lambda *a: stopped.set())   # before it says it is ready
+open(sys.argv[4] + ".tmp", "w").write(f"127.0.0.1:{port}")
+os.replace(sys.argv[4] + ".tmp", sys.argv[4])
 stopped.wait()
 server.stop(None)
 print("stopped cleanly", flush=True)

@@ -28,7 +28,10 @@ from shardline.proto import shardline_pb2_grpc
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = needs_mpi
-ENGINE = {"backend": "numpy", "num_kv_blocks": 256, "max_num_seqs": 32, "block_size_tokens": 16}
+# float64: served tokens are compared with an offline engine's, whose batches (and so BLAS's
+# summation orders) differ; float32 could flip a near-tie of a random model now and then.
+ENGINE = {"backend": "numpy", "dtype": "float64", "num_kv_blocks": 256, "max_num_seqs": 32,
+          "block_size_tokens": 16}
 CASES = prompts_of_mixed_lengths(16, seed_base=900, max_tokens=(4, 10))
 
 
@@ -71,7 +74,8 @@ def write_config(folder: Path, model: Path) -> Path:
 def references(model: Path) -> dict:
     from shardline.worker.engine import EngineConfig, LLMEngine
     from shardline.worker.offline import load_local
-    engine = LLMEngine(EngineConfig(**ENGINE), load_local(model, backend="numpy", show_progress=False))
+    local = load_local(model, backend="numpy", dtype=ENGINE["dtype"], show_progress=False)
+    engine = LLMEngine(EngineConfig(**ENGINE), local)
     done = engine.generate([c.text for c in CASES], [c.params() for c in CASES])
     return {c.key: (d.token_ids, d.text) for c, d in zip(CASES, done)}
 
