@@ -243,6 +243,11 @@ def _vectors(width: int, *arrays) -> bool:
     return width % 8 == 0 and all(a.itemsize == 2 and a.data.ptr % 16 == 0 for a in arrays)
 
 
+def _norm_vec_threads(hidden: int) -> int:
+    """rms_norm_vec_kernel's threads a row: NORM_VECS vectors of 8 a thread at most, whole warps."""
+    return min(1024, 32 * -(-hidden // (8 * _NORM_VECS * 32)))
+
+
 def _rows(x) -> int:
     return x.size // x.shape[-1] if x.shape[-1] else 0
 

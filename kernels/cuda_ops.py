@@ -6,8 +6,9 @@ float32) and every kernel accumulates in float32. The CUDA C++ lives in the
 cupy.RawModule, `common.cu` prepended to each, and `flash_common.cu` to the
 two flash kernels' files); GEMMs go through cuBLAS in gemm.py (cuBLASLt, with
 an algorithm measured per shape, for decode-sized inputs: gemm_lt.py). The
-attention, KV-cache and sampling ops are mixins in cuda_attention.py,
-cuda_cache.py and cuda_sampling.py. Shapes are checked here, on the host, before any launch.
+attention, KV-cache, sampling and decode-sized GEMM ops are mixins in
+cuda_attention.py, cuda_cache.py, cuda_sampling.py and cuda_skinny.py. Shapes are
+checked here, on the host, before any launch.
 
 Nothing here synchronises with the host, sorts on the host or reads device
 values to decide shapes, so a decode step built from these ops can be
@@ -20,7 +21,6 @@ its callers.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 
 import cupy
@@ -39,14 +39,10 @@ from shardline.kernels.cuda_common import (
     _grid_1d,
     _in_place,
     _index,
+    _norm_vec_threads,
     _row_threads,
     _rows,
-    _SKINNY_K_SPLITS,
-    _SKINNY_MAX_ROWS,
-    _SKINNY_THREADS,
-    _resident_blocks,
     _same_dtype,
-    _skinny_tiles,
     _vectors,
     _word,
     bf16_bits,
@@ -55,23 +51,13 @@ from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_cache import CacheOps
 from shardline.kernels.cuda_sampling import SamplingOps
+from shardline.kernels.cuda_skinny import SkinnyGemmOps
 from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
-from shardline.kernels.gemm_lt import _capturing, _Timer
-from shardline.kernels.numpy_ops import rms_norm_linear
-
-log = logging.getLogger(__name__)
 
 
-class CudaOps(AttentionOps, CacheOps, SamplingOps):
+class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
     name = "cuda"
-    use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
-    skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
-    # RMSNorm fused into the decode GEMM after it (rms_norm_linear). Off until measured: not
-    # yet run on a GPU. fused_norm_waves: its blocks, in waves of the blocks an SM holds
-    # (0: a block a tile).
-    fused_norm_gemm = False
-    fused_norm_waves = 1.0
     use_dependent_launch = "dependent_launch" not in gpu_paths_off()
 
     def __init__(self, device_id: int = 0):
@@ -166,7 +152,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
     def linear(self, x, weight, bias=None):
         # x [..., in], weight [out, in] (torch layout), bias [out] -> [..., out]
         x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-        ctype = _ctype(x, "x")
+        _ctype(x, "x")   # a storage dtype
         _same_dtype(x, weight)
         if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: x {x.shape} does not match weight {weight.shape} ([out, in])")
@@ -178,8 +164,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
             _same_dtype(x, bias)
             if bias.shape != (num_out,):
                 raise ValueError(f"linear: bias {bias.shape} must be ({num_out},)")
-            self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
-                         (bias, out, np.int64(x2.shape[0]), np.int32(num_out)))
+            self._fill_rows(out, bias)
         if out.size and x2.shape[1] and self._skinny_applies(x2, weight):
             self._skinny(x2, weight, out, accumulate=bias is not None)
         elif out.size and x2.shape[1]:
@@ -187,6 +172,11 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
         elif bias is None:
             out.fill(0)  # an empty sum
         return out.reshape(x.shape[:-1] + (num_out,))
+
+    def _fill_rows(self, out, row) -> None:
+        """Every row of out [T, N] set to row [N] (a bias the GEMM then accumulates onto)."""
+        self._launch("fill_rows_kernel", _ctype(out, "out"), _grid_1d(out.size), (_THREADS,),
+                     (row, out, np.int64(out.shape[0]), np.int32(out.shape[1])))
 
     def gated_linear(self, x, weight, bias=None):
         """silu_and_mul(linear(x, weight, bias)): weight [2 * inter, in] holds the gate rows then
@@ -200,91 +190,6 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
         out = cupy.empty((x2.shape[0], weight.shape[0] // 2), dtype=x.dtype)
         self._skinny(x2, weight, out, gated=True)
         return out.reshape(x.shape[:-1] + (out.shape[1],))
-
-    def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
-        num_out, ctype = out.shape[1], _ctype(x2, "x")
-        k_split = k_split or self._skinny_k_split(x2, weight, gated)
-        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}, {k_split}",
-                     (_skinny_tiles(num_out, gated, k_split),), (_SKINNY_THREADS,),
-                     (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
-                      np.int32(gated)))
-
-    def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False):
-        """numpy_ops.rms_norm_linear. Where fused_norm_gemm is on, decode-sized inputs run one
-        kernel (norm_skinny_gemm_kernel): bitwise the two ops' outputs at the same K split."""
-        fused = self._norm_gemm_threads(x, norm_weight, residual, weight, bias, gated)
-        if not fused:
-            return rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
-        rows, hidden = x.shape
-        ctype, res_in = _ctype(x, "x"), x if residual is None else residual
-        res_out = x if residual is None else cupy.empty_like(x)
-        num_out = weight.shape[0] // 2 if gated else weight.shape[0]
-        out = cupy.empty((rows, num_out), dtype=x.dtype)
-        if bias is not None:   # added as linear adds it: the GEMM accumulates onto it
-            self._launch("fill_rows_kernel", ctype, _grid_1d(out.size), (_THREADS,),
-                         (bias, out, np.int64(rows), np.int32(num_out)))
-        k_split = self._skinny_k_split(x, weight, gated)
-        key = ("norm_skinny_gemm_kernel", f"{ctype}, {rows}, {k_split}")
-        tiles, shared = _skinny_tiles(num_out, gated, k_split), x.nbytes   # x.nbytes: the normalised rows
-        grid = tiles
-        if self.fused_norm_waves:
-            if (key, shared) not in self._resident:
-                self._resident[key, shared] = _resident_blocks(self._functions[key], _SKINNY_THREADS, shared)
-            grid = min(tiles, math.ceil(self.fused_norm_waves * self._multiprocessors * self._resident[key, shared]))
-        self._launch(*key, (grid,), (_SKINNY_THREADS,),
-                     (x, res_in, norm_weight, res_out, np.int32(residual is not None), np.float32(eps),
-                      np.int32(fused), weight, out, np.int32(num_out), np.int32(hidden),
-                      np.int32(bias is not None), np.int32(gated), np.int32(tiles)), shared_mem=shared)
-        return out, res_out
-
-    def _norm_gemm_threads(self, x, norm_weight, residual, weight, bias, gated: bool) -> int:
-        """The norm's threads a row (rms_norm_vec_kernel's, as _norm picks them) where
-        norm_skinny_gemm_kernel applies: at most a skinny block's, so hidden <= 4096 and the
-        normalised rows fit 32 KiB of shared memory. 0 where it does not apply."""
-        hidden = x.shape[-1]
-        threads = 32 * -(-hidden // (8 * _NORM_VECS * 32))
-        rows = [a for a in (x, norm_weight, residual) if a is not None]   # read in 16-byte vectors
-        arrays = rows + [a for a in (weight, bias) if a is not None]
-        shapes = (x.ndim == 2 and weight.ndim == 2 and weight.shape[0] and weight.shape[1] == hidden
-                  and norm_weight.shape == (hidden,)
-                  and (residual is None or residual.shape == x.shape)
-                  and (bias is None or (not gated and bias.shape == (weight.shape[0],)))
-                  and not (gated and weight.shape[0] % 2))
-        applies = (self.fused_norm_gemm and shapes and x.size and threads <= _SKINNY_THREADS
-                   and all(a.dtype == x.dtype and a.flags.c_contiguous for a in arrays) and _vectors(hidden, *rows)
-                   and self._skinny_applies(x, weight)
-                   and ("norm_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
-        return threads if applies else 0
-
-    def _skinny_k_split(self, x2, weight, gated: bool) -> int:
-        """Warps a skinny GEMM splits K over: skinny_k_split where set, else the fastest of
-        _SKINNY_K_SPLITS for the shape, timed (L2 flushed, as gemm_lt times cuBLASLt) the
-        first time the shape comes on a stream that does not capture; 1 until then. The split
-        sets the order of the sum, so its bits may differ between processes (as cuBLASLt's
-        timed algorithms may)."""
-        if self.skinny_k_split:
-            if self.skinny_k_split not in _SKINNY_K_SPLITS:
-                raise ValueError(f"skinny_k_split must be one of {_SKINNY_K_SPLITS}, got {self.skinny_k_split!r}")
-            return self.skinny_k_split
-        key = (x2.shape[0], weight.shape[0], x2.shape[1], gated, x2.dtype.str)
-        if key not in self._skinny_splits:
-            if _capturing():
-                return 1
-            out = cupy.empty((x2.shape[0], weight.shape[0] // 2 if gated else weight.shape[0]), dtype=x2.dtype)
-            timer = _Timer(weight.nbytes, cupy.cuda.Device().attributes["L2CacheSize"])
-            seconds = {split: timer.median_s(lambda: self._skinny(x2, weight, out, gated=gated, k_split=split))
-                       for split in _SKINNY_K_SPLITS}
-            self._skinny_splits[key] = min(seconds, key=seconds.get)
-            log.info("skinny GEMM T=%d N=%d K=%d%s: K in %d warps (us by split: %s)", *key[:3],
-                     " gated" if gated else "", self._skinny_splits[key],
-                     ", ".join(f"{k} {1e6 * v:.1f}" for k, v in seconds.items()))
-        return self._skinny_splits[key]
-
-    def _skinny_applies(self, x2, weight) -> bool:
-        """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""
-        key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
-        return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
-                and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
     def add(self, a, b):
         # b may repeat along a's leading dimensions (e.g. a bias row)
@@ -367,7 +272,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps):
         hidden, threads = x.shape[-1], _row_threads(x.shape[-1])
         if kernel == "rms_norm_kernel" and _vectors(hidden, x, res_in, *params, out, res_out) \
                 and hidden <= 8 * _NORM_VECS * 1024:
-            kernel, threads = "rms_norm_vec_kernel", (min(1024, 32 * -(-hidden // (8 * _NORM_VECS * 32))),)
+            kernel, threads = "rms_norm_vec_kernel", (_norm_vec_threads(hidden),)
         self._launch(kernel, _ctype(x, "x"), (_rows(x),), threads,
                      (x, res_in, *params, out, res_out, np.int32(residual is not None), np.int32(hidden),
                       np.float32(eps)))
