@@ -68,16 +68,18 @@ class Backend:
         return self.ops.to_host(arr)
 
 
-GPU_PATHS = ("flash", "flash_decode", "skinny_gemm", "nccl_links", "dependent_launch", "gemm_autotune")
+GPU_PATHS = ("flash", "flash_decode", "skinny_gemm", "fused_norm_gemm", "nccl_links", "dependent_launch",
+             "gemm_autotune")
 
 
 def gpu_paths_off() -> frozenset[str]:
     """GPU fast paths switched off by SHARDLINE_GPU_OFF (e.g. flash,skinny_gemm), for A/B
     runs and as an escape hatch: the flash attention kernels (off: attention.cu's kernel),
     flash_decode.cu for decode steps (off: flash_attention.cu's decode shape), the skinny GEMM
-    (off: cuBLAS), NCCL pair links for the KV hand-off (off: over gRPC), dependent launches
-    in captured graphs (off: ordinary launches) and the per-shape cuBLASLt GEMM choice
-    (gemm_autotune; off: cublasGemmEx's default). All are on by default."""
+    (off: cuBLAS), the RMSNorm fused into it (off: rms_norm, then the GEMM), NCCL pair links
+    for the KV hand-off (off: over gRPC), dependent launches in captured graphs (off:
+    ordinary launches) and the per-shape cuBLASLt GEMM choice (gemm_autotune; off:
+    cublasGemmEx's default). All are on by default."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
     unknown = names - set(GPU_PATHS)
     if unknown:

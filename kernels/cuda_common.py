@@ -58,12 +58,6 @@ def _skinny_tiles(num_out: int, gated: bool, k_split: int) -> int:
     return -(-num_out // per_block)
 
 
-def _resident_blocks(function, threads: int, shared_mem: int) -> int:
-    """Blocks of `function` (a RawKernel) an SM holds at once (the driver's occupancy count)."""
-    return max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.kernel.ptr, threads,
-                                                                             shared_mem))
-
-
 def flash_decode_template(ctype: str, head_dim: int, tile: tuple[int, int, int]) -> str:
     """flash_decode_kernel's template arguments for a tile: "T, D, BK, STAGES, KW"."""
     return f"{ctype}, {head_dim}, {', '.join(map(str, tile))}"

@@ -8,8 +8,6 @@ no host sync.
 from __future__ import annotations
 
 import logging
-import math
-
 import cupy
 import numpy as np
 
@@ -19,8 +17,6 @@ from shardline.kernels.cuda_common import (
     _SKINNY_MAX_ROWS,
     _SKINNY_THREADS,
     _ctype,
-    _norm_vec_threads,
-    _resident_blocks,
     _skinny_tiles,
     _vectors,
 )
@@ -33,11 +29,14 @@ log = logging.getLogger(__name__)
 class SkinnyGemmOps:
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
-    # RMSNorm fused into the decode GEMM after it (rms_norm_linear). Off until measured: not
-    # yet run on a GPU. fused_norm_waves: its blocks, in waves of the blocks an SM holds
-    # (0: a block a tile).
-    fused_norm_gemm = False
-    fused_norm_waves = 1.0
+    # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
+    # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
+    # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
+    # step 13% faster at 1 row, 7% at 2, 10% slower at 4; Llama-3-8B's (QKV 48 MiB) 2% slower
+    # at 1 row.
+    fused_norm_gemm = "fused_norm_gemm" not in gpu_paths_off()
+    fused_norm_max_rows = 2
+    fused_norm_max_bytes = 8 << 20
 
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
@@ -49,37 +48,29 @@ class SkinnyGemmOps:
 
     def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False):
         """numpy_ops.rms_norm_linear. Where fused_norm_gemm is on, decode-sized inputs run one
-        kernel (norm_skinny_gemm_kernel): bitwise the two ops' outputs at the same K split."""
-        fused = self._norm_gemm_threads(x, norm_weight, residual, weight, bias, gated)
-        if not fused:
+        kernel (norm_skinny_gemm_kernel, the norm streamed with the weights): the new residual
+        bitwise rms_norm's, the output within rounding of the two ops' (it is not rounded
+        to storage between the norm and the GEMM)."""
+        if not self._norm_gemm_applies(x, norm_weight, residual, weight, bias, gated):
             return rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
         rows, hidden = x.shape
-        ctype, res_in = _ctype(x, "x"), x if residual is None else residual
         res_out = x if residual is None else cupy.empty_like(x)
         num_out = weight.shape[0] // 2 if gated else weight.shape[0]
         out = cupy.empty((rows, num_out), dtype=x.dtype)
         if bias is not None:   # added as linear adds it: the GEMM accumulates onto it
             self._fill_rows(out, bias)
         k_split = self._skinny_k_split(x, weight, gated)
-        key = ("norm_skinny_gemm_kernel", f"{ctype}, {rows}, {k_split}")
-        tiles, shared = _skinny_tiles(num_out, gated, k_split), x.nbytes   # x.nbytes: the normalised rows
-        grid = tiles
-        if self.fused_norm_waves:
-            if (key, shared) not in self._resident:
-                self._resident[key, shared] = _resident_blocks(self._functions[key], _SKINNY_THREADS, shared)
-            grid = min(tiles, math.ceil(self.fused_norm_waves * self._multiprocessors * self._resident[key, shared]))
-        self._launch(*key, (grid,), (_SKINNY_THREADS,),
-                     (x, res_in, norm_weight, res_out, np.int32(residual is not None), np.float32(eps),
-                      np.int32(fused), weight, out, np.int32(num_out), np.int32(hidden),
-                      np.int32(bias is not None), np.int32(gated), np.int32(tiles)), shared_mem=shared)
+        self._launch("norm_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {rows}, {k_split}",
+                     (_skinny_tiles(num_out, gated, k_split),), (_SKINNY_THREADS,),
+                     (x, x if residual is None else residual, norm_weight, res_out, np.int32(residual is not None),
+                      np.float32(eps), weight, out,
+                      np.int32(num_out), np.int32(hidden), np.int32(bias is not None), np.int32(gated)))
         return out, res_out
 
-    def _norm_gemm_threads(self, x, norm_weight, residual, weight, bias, gated: bool) -> int:
-        """The norm's threads a row (rms_norm_vec_kernel's, as _norm picks them) where
-        norm_skinny_gemm_kernel applies: at most a skinny block's, so hidden <= 4096 and the
-        normalised rows fit 32 KiB of shared memory. 0 where it does not apply."""
+    def _norm_gemm_applies(self, x, norm_weight, residual, weight, bias, gated: bool) -> bool:
+        """Where norm_skinny_gemm_kernel runs rms_norm_linear: a skinny GEMM's inputs, 16-bit
+        and read in 16-byte vectors, no gated bias, within the fused_norm_max_* bounds."""
         hidden = x.shape[-1]
-        threads = _norm_vec_threads(hidden)
         rows = [a for a in (x, norm_weight, residual) if a is not None]   # read in 16-byte vectors
         arrays = rows + [a for a in (weight, bias) if a is not None]
         shapes = (x.ndim == 2 and weight.ndim == 2 and weight.shape[0] and weight.shape[1] == hidden
@@ -87,11 +78,11 @@ class SkinnyGemmOps:
                   and (residual is None or residual.shape == x.shape)
                   and (bias is None or (not gated and bias.shape == (weight.shape[0],)))
                   and not (gated and weight.shape[0] % 2))
-        applies = (self.fused_norm_gemm and shapes and x.size and threads <= _SKINNY_THREADS
+        return bool(self.fused_norm_gemm and shapes and x.size and x.shape[0] <= self.fused_norm_max_rows
+                   and weight.nbytes <= self.fused_norm_max_bytes
                    and all(a.dtype == x.dtype and a.flags.c_contiguous for a in arrays) and _vectors(hidden, *rows)
                    and self._skinny_applies(x, weight)
                    and ("norm_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
-        return threads if applies else 0
 
     def _skinny_k_split(self, x2, weight, gated: bool) -> int:
         """Warps a skinny GEMM splits K over: skinny_k_split where set, else the fastest of

@@ -136,22 +136,26 @@ def test_cuda_graph_decode_equals_eager(local):
     engine.block_manager.check_integrity()
 
 
-def test_fused_norm_gemm_decodes_as_the_two_kernels(folder, monkeypatch):
+def test_fused_norm_gemm_decodes_as_the_two_kernels(tmp_path, monkeypatch):
     """bf16 decode steps (at most 4 rows: the skinny GEMMs) with each RMSNorm fused into the
-    GEMM after it give the tokens of the unfused steps, in captured graphs and eager (the
-    fused kernel is bitwise the two it replaces at the same K split)."""
+    GEMM after it give the tokens of the unfused steps, in captured graphs and eager, but where
+    the greedy chains part at a near-tie of the model: the fused kernel does not round the
+    normalised rows to bf16 before the GEMM. A trained model, so near-ties are few."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    folder, _, _ = train_bigram_llama(tmp_path / "trained", seed, vocab=VOCAB)
     local = tiny_local(folder, backend="cuda", dtype="bfloat16")
     ops = local.model.ops
     monkeypatch.setattr(ops, "skinny_k_split", 2)
-    rng = np.random.default_rng()
-    prompts = random_prompts(rng, [5, 40, 3])
+    monkeypatch.setattr(ops, "fused_norm_max_rows", 4)   # every decode batch here
+    rng = np.random.default_rng(seed)
+    prompts = random_prompts(rng, [5, 40, 3, 17])
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in prompts]
-    fused_calls, threads = [], ops._norm_gemm_threads
+    fused_calls, applies = [], ops._norm_gemm_applies
 
     def counted(*args):
-        fused_calls.append(threads(*args))
+        fused_calls.append(applies(*args))
         return fused_calls[-1]
-    monkeypatch.setattr(ops, "_norm_gemm_threads", counted)
+    monkeypatch.setattr(ops, "_norm_gemm_applies", counted)
     for graphs in (False, True):
         runs = {}
         for fused in (False, True):
@@ -161,4 +165,9 @@ def test_fused_norm_gemm_decodes_as_the_two_kernels(folder, monkeypatch):
             if graphs:
                 assert engine.runner.graphs.disabled is None and engine.runner.graphs.num_replays > 0
         assert any(fused_calls)   # the fused kernel ran
-        assert runs[True] == runs[False], f"cuda_graphs={graphs}"
+        same = sum(a == b for a, b in zip(runs[False], runs[True]))
+        print(f"seed {seed}, cuda_graphs={graphs}: {same}/{len(prompts)} requests identical fused vs unfused")
+        for prompt, two, one in zip(prompts, runs[False], runs[True]):
+            if two != one:
+                assert_parting_at_a_near_tie(local.model, prompt, two, one, ("two kernels", "fused"))
+        assert same >= len(prompts) - 1, f"cuda_graphs={graphs}"
