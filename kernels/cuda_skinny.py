@@ -1,13 +1,15 @@
 """The decode-sized GEMMs of CudaOps, mixed into it (they launch through CudaOps._launch):
 bf16/fp16 GEMMs of at most 4 rows run skinny_gemm.cu instead of cuBLAS, K split over 1, 2 or 4
-warps of a block as timed per shape, and rms_norm_linear runs the RMSNorm before such a GEMM
-inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is on. Same meaning as numpy_ops;
-no host sync.
+warps of a block as timed per shape; rms_norm_linear runs the RMSNorm before such a GEMM
+inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is on, and rms_norm_qkv_rope a QKV
+projection's RoPE and KV-cache write in its epilogue (skinny_gemm_rope_kernel) where
+fused_rope_gemm is on. Same meaning as numpy_ops; no host sync.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import cupy
 import numpy as np
 
@@ -16,12 +18,14 @@ from shardline.kernels.cuda_common import (
     _SKINNY_K_SPLITS,
     _SKINNY_MAX_ROWS,
     _SKINNY_THREADS,
+    _as,
     _ctype,
+    _index,
     _skinny_tiles,
     _vectors,
 )
 from shardline.kernels.gemm_lt import _capturing, _Timer
-from shardline.kernels.numpy_ops import rms_norm_linear
+from shardline.kernels import numpy_ops
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class SkinnyGemmOps:
     fused_norm_gemm = "fused_norm_gemm" not in gpu_paths_off()
     fused_norm_max_rows = 2
     fused_norm_max_bytes = 8 << 20
+    # RoPE and the KV-cache write in the QKV projection's epilogue (rms_norm_qkv_rope).
+    fused_rope_gemm = "fused_rope_gemm" not in gpu_paths_off()
 
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
@@ -52,7 +58,7 @@ class SkinnyGemmOps:
         bitwise rms_norm's, the output within rounding of the two ops' (it is not rounded
         to storage between the norm and the GEMM)."""
         if not self._norm_gemm_applies(x, norm_weight, residual, weight, bias, gated):
-            return rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
+            return numpy_ops.rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
         rows, hidden = x.shape
         res_out = x if residual is None else cupy.empty_like(x)
         num_out = weight.shape[0] // 2 if gated else weight.shape[0]
@@ -66,6 +72,52 @@ class SkinnyGemmOps:
                       np.float32(eps), weight, out,
                       np.int32(num_out), np.int32(hidden), np.int32(bias is not None), np.int32(gated)))
         return out, res_out
+
+    def rms_norm_qkv_rope(self, x, norm_weight, eps: float, residual, weight, bias, positions, cos_sin,
+                          num_heads: int, k_cache, v_cache, slot_mapping):
+        """numpy_ops.rms_norm_qkv_rope. Where fused_rope_gemm is on, decode-sized inputs run one
+        kernel: the skinny GEMM's outputs go rotated into q and the cache as rope_write_kv_kernel
+        writes them (bitwise), the norm streamed with it where rms_norm_linear would fuse it."""
+        if not self._rope_gemm_applies(x, norm_weight, weight, bias, num_heads, cos_sin, k_cache, v_cache):
+            return numpy_ops.rms_norm_qkv_rope(x, norm_weight, eps, residual, weight, bias, positions, cos_sin,
+                                               num_heads, k_cache, v_cache, slot_mapping, ops=self)
+        rows, (kv_heads, head_dim) = x.shape[0], k_cache.shape[2:]
+        positions, cos_sin, slots = _index(positions), _as(cos_sin, cupy.float32), _index(slot_mapping)
+        if positions.size != rows or slots.size != rows:
+            raise ValueError(f"rms_norm_qkv_rope: {positions.size} positions and {slots.size} slots for {rows} "
+                             "tokens")
+        q = cupy.empty((rows, num_heads, head_dim), dtype=x.dtype)
+        k_split = self._skinny_k_split(x, weight, False)
+        grid, template = (_skinny_tiles(weight.shape[0], False, k_split),), f"{_ctype(x, 'x')}, {rows}, {k_split}"
+        gemm = (weight, np.int32(weight.shape[0]), np.int32(x.shape[1]))
+        rope = (q, k_cache, v_cache, positions, cos_sin, slots, np.int64(math.prod(k_cache.shape[:2])),
+                np.int32(num_heads), np.int32(kv_heads), np.int32(head_dim))
+        if self._norm_gemm_applies(x, norm_weight, residual, weight, None, False):
+            res_out = x if residual is None else cupy.empty_like(x)
+            self._launch("norm_skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,),
+                         (x, x if residual is None else residual, norm_weight, res_out,
+                          np.int32(residual is not None), np.float32(eps), *gemm, *rope))
+            return q, res_out
+        if residual is None:
+            normed, res_out = self.rms_norm(x, norm_weight, eps), x
+        else:
+            normed, res_out = self.rms_norm(x, norm_weight, eps, residual)
+        self._launch("skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
+        return q, res_out
+
+    def _rope_gemm_applies(self, x, norm_weight, weight, bias, num_heads: int, cos_sin, k_cache, v_cache) -> bool:
+        """Where rms_norm_qkv_rope runs the fused kernel: a bias-free skinny GEMM whose rows are
+        the q, k, v heads of the (equal, contiguous) caches, in their dtype."""
+        if not (self.fused_rope_gemm and bias is None and x.ndim == 2 and weight.ndim == 2 and k_cache.ndim == 4
+                and v_cache.shape == k_cache.shape and x.flags.c_contiguous and weight.flags.c_contiguous
+                and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+            return False
+        kv_heads, head_dim = k_cache.shape[2:]
+        return (x.size > 0 and head_dim % 2 == 0 and weight.shape == ((num_heads + 2 * kv_heads) * head_dim, x.shape[1])
+                and norm_weight.shape == (x.shape[1],) and cos_sin.ndim == 2 and cos_sin.shape[1] == head_dim
+                and all(a.dtype == x.dtype for a in (norm_weight, weight, k_cache, v_cache))
+                and self._skinny_applies(x, weight)
+                and ("skinny_gemm_rope_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
 
     def _norm_gemm_applies(self, x, norm_weight, residual, weight, bias, gated: bool) -> bool:
         """Where norm_skinny_gemm_kernel runs rms_norm_linear: a skinny GEMM's inputs, 16-bit

@@ -105,6 +105,25 @@ def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gat
     return (ops.gated_linear if gated else ops.linear)(normed, weight, bias), residual
 
 
+def rms_norm_qkv_rope(x, norm_weight, eps: float, residual, weight, bias, positions, cos_sin, num_heads: int,
+                      k_cache, v_cache, slot_mapping, ops=None):
+    """An attention block's start over the paged cache: the QKV projection [T, (heads + 2
+    kv_heads) * head_dim] of rms_norm(x (+ residual)) split into q, k, v, then
+    rope_write_kv. Returns (the rotated q [T, heads, head_dim], the new residual stream).
+    One kernel on CUDA for decode-sized x; `ops` as in rms_norm_linear."""
+    ops = ops or sys.modules[__name__]
+    qkv, residual = ops.rms_norm_linear(x, norm_weight, eps, residual, weight, bias)
+    tokens, (kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
+    q_size, kv_size = num_heads * head_dim, kv_heads * head_dim
+    if qkv.shape[1] != q_size + 2 * kv_size:
+        raise ValueError(f"QKV projection width {qkv.shape[1]} != {num_heads} heads + 2 x {kv_heads} kv heads "
+                         f"of {head_dim}")
+    q = qkv[:, :q_size].reshape(tokens, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].reshape(tokens, kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].reshape(tokens, kv_heads, head_dim)
+    return ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping), residual
+
+
 def gelu(x: np.ndarray, approximate: str = "tanh") -> np.ndarray:
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)

@@ -36,6 +36,49 @@ struct NormIn {
     float eps;
 };
 
+// RoPE and the KV-cache write after a QKV projection (skinny_gemm_rope_kernel): w's rows are
+// the heads of q, then k, then v, head_dim each (bias-free). Each warp owns one rotate-half
+// pair of a head, rows n0 and n0 + head_dim / 2, and does what rope_write_kv_kernel does with
+// them once rounded to T: q rotated into q_out [M, num_heads, head_dim], k rotated and v copied
+// into the token's cache slot (skipped when out of range), the same float math.
+template <typename T>
+struct RopeOut {
+    T* q_out;
+    T* k_cache;
+    T* v_cache;
+    const long long* positions;   // [M]
+    const float* cos_sin;         // [max_positions, head_dim]: cos | sin
+    const long long* slots;       // [M]
+    long long num_slots;
+    int num_heads, num_kv_heads, head_dim;
+};
+
+template <typename T, int M>
+__device__ __forceinline__ void rope_store(const RopeOut<T>& rope, int pair, const float (&acc)[SG_ROWS][M]) {
+    const int half = rope.head_dim / 2, head = pair / half, i = pair % half;
+    const int kv_width = rope.num_kv_heads * rope.head_dim;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const float x1 = round_to<T>(acc[0][m]), x2 = round_to<T>(acc[1][m]);
+        const long long slot = rope.slots[m];
+        const bool store = slot >= 0 && slot < rope.num_slots;
+        if (head < rope.num_heads + rope.num_kv_heads) {
+            const float* table = rope.cos_sin + rope.positions[m] * rope.head_dim;
+            const float c = table[i], s = table[half + i];
+            T* dst = head < rope.num_heads ? rope.q_out + ((long long)m * rope.num_heads + head) * rope.head_dim
+                                           : rope.k_cache + slot * kv_width + (head - rope.num_heads) * rope.head_dim;
+            if (head < rope.num_heads || store) {
+                dst[i] = from_f<T>(x1 * c - x2 * s);
+                dst[half + i] = from_f<T>(x2 * c + x1 * s);
+            }
+        } else if (store) {
+            T* dst = rope.v_cache + slot * kv_width + (head - rope.num_heads - rope.num_kv_heads) * rope.head_dim;
+            dst[i] = from_f<T>(x1);
+            dst[half + i] = from_f<T>(x2);
+        }
+    }
+}
+
 // A warp's work on one 16-byte step v of its rows: acc[r][m] += w_r[v] . x_m[v] (NORM: with
 // x_m[v] = h_m[v] g[v], and sum_sq[m] += h_m[v] . h_m[v]).
 template <typename T, int M, bool NORM>
@@ -106,17 +149,21 @@ __device__ __forceinline__ bool skinny_merge_k_parts(float (&acc)[SG_ROWS][M], f
 }
 
 // One block's tile of output features (SG_WARPS / KS warps' worth). NORM: x is the RMSNorm's
-// input (see NormIn) and the GEMM reads its output, K = the norm's width.
-template <typename T, int M, int KS, bool NORM>
-__device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, const T* w, T* y, int N, int K,
-                                            int accumulate, int gated) {
+// input (see NormIn) and the GEMM reads its output, K = the norm's width. ROPE: y unused,
+// the outputs go where RopeOut says (not gated, no accumulate).
+template <typename T, int M, int KS, bool NORM, bool ROPE>
+__device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope, const T* w,
+                                            T* y, int N, int K, int accumulate, int gated) {
     const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
     const int warp = blockIdx.x * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
     const int v_lo = (int)((long long)vecs * ks / KS), v_hi = (int)((long long)vecs * (ks + 1) / KS);
-    const int n0 = gated ? warp : warp * SG_ROWS;   // this warp's first output feature
-    const int rows = gated ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
+    // This warp's first output feature, and its rows' distance: gated N (gate, up), ROPE
+    // head_dim / 2 (a rotate-half pair), else 1.
+    const int half = ROPE ? rope.head_dim / 2 : 1;
+    const int n0 = gated ? warp : ROPE ? warp / half * rope.head_dim + warp % half : warp * SG_ROWS;
+    const int rows = gated || ROPE ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
     const bool writes_residual = NORM && warp == 0;   // rows > 0: N >= 1
-    const long long row_vecs = gated ? (long long)N * vecs : vecs;   // weight row r of the warp is n0 + r (* N)
+    const long long row_vecs = (long long)(gated ? N : half) * vecs;   // weight row r of the warp: n0 + r * that
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(n0, N - 1)) * K);
     // The weight is no kernel's output: its first SG_PREFETCH steps are loaded before
@@ -163,7 +210,9 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
 #pragma unroll
             for (int r = 0; r < SG_ROWS; ++r) acc[r][m] *= inv_rms;
         }
-    if (lane == 0 && gated) {
+    if (ROPE) {
+        if (lane == 0) rope_store<T, M>(rope, warp, acc);
+    } else if (lane == 0 && gated) {
         for (int m = 0; m < M; ++m) {
             const float g = round_to<T>(acc[0][m]), up = round_to<T>(acc[1][m]);
             y[(long long)m * N + n0] = from_f<T>(silu_mul(g, up));
@@ -179,7 +228,7 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
 
 template <typename T, int M, int KS>
 __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate, int gated) {
-    skinny_tile<T, M, KS, false>(x, NormIn<T>{}, w, y, N, K, accumulate, gated);
+    skinny_tile<T, M, KS, false, false>(x, NormIn<T>{}, RopeOut<T>{}, w, y, N, K, accumulate, gated);
 }
 
 // y = linear(rms_norm(x (+ residual), norm_weight), w) in one launch, the norm streamed with
@@ -189,5 +238,24 @@ __global__ void norm_skinny_gemm_kernel(const T* x, const T* residual, const T* 
                                         int has_residual, float eps, const T* w, T* y, int N, int K, int accumulate,
                                         int gated) {
     const NormIn<T> norm{has_residual ? residual : nullptr, norm_weight, residual_out, eps};
-    skinny_tile<T, M, KS, true>(x, norm, w, y, N, K, accumulate, gated);
+    skinny_tile<T, M, KS, true, false>(x, norm, RopeOut<T>{}, w, y, N, K, accumulate, gated);
+}
+
+// The QKV projection with RoPE and the KV-cache write (RopeOut): skinny_gemm_rope_kernel from
+// the normalised rows x, norm_skinny_gemm_rope_kernel with the RMSNorm before it (NormIn).
+#define SG_ROPE_PARAMS                                                                                         \
+    T *q_out, T *k_cache, T *v_cache, const long long *positions, const float *cos_sin, const long long *slots, \
+        long long num_slots, int num_heads, int num_kv_heads, int head_dim
+#define SG_ROPE_ARGS q_out, k_cache, v_cache, positions, cos_sin, slots, num_slots, num_heads, num_kv_heads, head_dim
+
+template <typename T, int M, int KS>
+__global__ void skinny_gemm_rope_kernel(const T* x, const T* w, int N, int K, SG_ROPE_PARAMS) {
+    skinny_tile<T, M, KS, false, true>(x, NormIn<T>{}, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
+}
+
+template <typename T, int M, int KS>
+__global__ void norm_skinny_gemm_rope_kernel(const T* x, const T* residual, const T* norm_weight, T* residual_out,
+                                             int has_residual, float eps, const T* w, int N, int K, SG_ROPE_PARAMS) {
+    const NormIn<T> norm{has_residual ? residual : nullptr, norm_weight, residual_out, eps};
+    skinny_tile<T, M, KS, true, true>(x, norm, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
 }

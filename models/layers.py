@@ -34,6 +34,13 @@ from shardline.parallel.sharding import HeadSplit, TensorParallel, vocab_range
 class AttentionContext(Protocol):
     def attend(self, layer_index: int, q: Any, k: Any, v: Any, positions: Any, cos_sin: Any | None) -> Any: ...
 
+    def paged_cache(self, layer_index: int) -> tuple[Any, Any, Any] | None:
+        """(k_cache, v_cache, slot_mapping) where the projection may write k and v itself
+        (then attend_rotated), else None."""
+
+    def attend_rotated(self, layer_index: int, q: Any) -> Any:
+        """Attention of the rotated q over the cache paged_cache named, k and v already in it."""
+
 
 class Norm:
     """RMSNorm or LayerNorm (replicated on every rank), with the fused residual add."""
@@ -56,6 +63,13 @@ class Norm:
             return self.ops.rms_norm_linear(x, self.weight, self.eps, residual, weight, bias, gated)
         normed, residual = self(x, residual) if residual is not None else (self(x), x)
         return (self.ops.gated_linear if gated else self.ops.linear)(normed, weight, bias), residual
+
+    def into_qkv_rope(self, x, residual, attn: "Attention", positions, cache):
+        """(q rotated, the new residual): attn's QKV projection of the RMSNorm of x (+ residual),
+        RoPE, and k and v into cache (k_cache, v_cache, slot_mapping); one kernel where the
+        backend fuses them (ops.rms_norm_qkv_rope)."""
+        return self.ops.rms_norm_qkv_rope(x, self.weight, self.eps, residual, attn.qkv_weight, attn.qkv_bias,
+                                          positions, attn.cos_sin, attn.num_heads, *cache)
 
 
 def rotary_table(backend: Backend, config: ModelConfig) -> Any:
@@ -95,6 +109,12 @@ class Attention:
         self.qkv_weight, self.qkv_bias = qkv_weight, qkv_bias  # [q + 2 kv (this rank), hidden]
         self.out = out
         self.cos_sin = cos_sin  # [max_positions, head_dim] or None
+
+    def from_rotated(self, q, ctx: AttentionContext, layer_index: int):
+        """Attention and the output projection from the rotated q [T, heads, head_dim], its k
+        and v already in the paged cache (Norm.into_qkv_rope)."""
+        out = ctx.attend_rotated(layer_index, q)
+        return self.out(out.reshape(q.shape[0], self.q_size))
 
     def from_qkv(self, qkv, positions, ctx: AttentionContext, layer_index: int):
         """Attention and the output projection from the QKV projection qkv [T, q + 2 kv] (made
@@ -168,9 +188,15 @@ class PreNormBlock:
     mlp: Any
 
     def __call__(self, x, residual, positions, ctx: AttentionContext):
-        # Each norm goes with the projection after it (one kernel where the backend fuses them).
-        qkv, residual = self.input_norm.into_linear(x, residual, self.attn.qkv_weight, self.attn.qkv_bias)
-        x = self.attn.from_qkv(qkv, positions, ctx, self.index)
+        # Each norm goes with the projection after it (one kernel where the backend fuses them),
+        # over a paged cache with RoPE and the KV write too.
+        cache = ctx.paged_cache(self.index) if self.attn.cos_sin is not None and self.input_norm.kind == "rms" else None
+        if cache is not None:
+            q, residual = self.input_norm.into_qkv_rope(x, residual, self.attn, positions, cache)
+            x = self.attn.from_rotated(q, ctx, self.index)
+        else:
+            qkv, residual = self.input_norm.into_linear(x, residual, self.attn.qkv_weight, self.attn.qkv_bias)
+            x = self.attn.from_qkv(qkv, positions, ctx, self.index)
         if isinstance(self.mlp, GatedMLP):
             h, residual = self.post_norm.into_linear(x, residual, self.mlp.gate_up_weight, self.mlp.gate_up_bias,
                                                      gated=True)

@@ -136,11 +136,12 @@ def test_cuda_graph_decode_equals_eager(local):
     engine.block_manager.check_integrity()
 
 
-def test_fused_norm_gemm_decodes_as_the_two_kernels(tmp_path, monkeypatch):
+def test_fused_gemms_decode_as_the_kernels_they_replace(tmp_path, monkeypatch):
     """bf16 decode steps (at most 4 rows: the skinny GEMMs) with each RMSNorm fused into the
-    GEMM after it give the tokens of the unfused steps, in captured graphs and eager, but where
-    the greedy chains part at a near-tie of the model: the fused kernel does not round the
-    normalised rows to bf16 before the GEMM. A trained model, so near-ties are few."""
+    GEMM after it and RoPE and the KV write into the QKV projection give the tokens of the
+    unfused steps, in captured graphs and eager, but where the greedy chains part at a
+    near-tie of the model: the fused norm does not round the normalised rows to bf16 before
+    the GEMM. A trained model, so near-ties are few."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     folder, _, _ = train_bigram_llama(tmp_path / "trained", seed, vocab=VOCAB)
     local = tiny_local(folder, backend="cuda", dtype="bfloat16")
@@ -150,21 +151,27 @@ def test_fused_norm_gemm_decodes_as_the_two_kernels(tmp_path, monkeypatch):
     rng = np.random.default_rng(seed)
     prompts = random_prompts(rng, [5, 40, 3, 17])
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in prompts]
-    fused_calls, applies = [], ops._norm_gemm_applies
+    fused_calls = {"_norm_gemm_applies": [], "_rope_gemm_applies": []}
 
-    def counted(*args):
-        fused_calls.append(applies(*args))
-        return fused_calls[-1]
-    monkeypatch.setattr(ops, "_norm_gemm_applies", counted)
+    def counted(name):
+        applies = getattr(ops, name)
+
+        def count(*args):
+            fused_calls[name].append(applies(*args))
+            return fused_calls[name][-1]
+        return count
+    for name in fused_calls:
+        monkeypatch.setattr(ops, name, counted(name))
     for graphs in (False, True):
         runs = {}
         for fused in (False, True):
             monkeypatch.setattr(ops, "fused_norm_gemm", fused)
+            monkeypatch.setattr(ops, "fused_rope_gemm", fused)
             engine = make_engine(local, cuda_graphs=graphs)
             runs[fused] = [c.token_ids for c in engine.generate(prompts, params)]
             if graphs:
                 assert engine.runner.graphs.disabled is None and engine.runner.graphs.num_replays > 0
-        assert any(fused_calls)   # the fused kernel ran
+        assert all(any(calls) for calls in fused_calls.values())   # the fused kernels ran
         same = sum(a == b for a, b in zip(runs[False], runs[True]))
         print(f"seed {seed}, cuda_graphs={graphs}: {same}/{len(prompts)} requests identical fused vs unfused")
         for prompt, two, one in zip(prompts, runs[False], runs[True]):

@@ -65,8 +65,14 @@ class PagedAttentionContext:
             ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
         else:
             q = ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, self.slot_mapping)
-        return ops.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
-                                   self.query_start_loc, self.scale, self.sliding_window)
+        return self.attend_rotated(layer_index, q)
+
+    def paged_cache(self, layer_index: int) -> tuple[Any, Any, Any]:
+        return self.kv.k[layer_index], self.kv.v[layer_index], self.slot_mapping
+
+    def attend_rotated(self, layer_index: int, q: Any) -> Any:
+        return self.ops.paged_attention(q, self.kv.k[layer_index], self.kv.v[layer_index], self.block_tables,
+                                        self.seq_lens, self.query_start_loc, self.scale, self.sliding_window)
 
 
 @dataclass(frozen=True)

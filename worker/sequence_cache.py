@@ -46,3 +46,6 @@ class SequenceKVCache:
         self.v[layer_index][start:end] = v
         return self.backend.ops.attention(q, self.k[layer_index][:end], self.v[layer_index][:end],
                                           self.scale, self.sliding_window)
+
+    def paged_cache(self, layer_index: int) -> None:
+        return None   # not paged: the projection's k and v come to attend
