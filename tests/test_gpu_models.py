@@ -104,16 +104,17 @@ def train_bigram_llama(folder, seed: int, vocab: int = 4096):
 
 
 def assert_parting_at_a_near_tie(model, prompt, tokens, got, names=("reference", "other")) -> None:
-    """Where two greedy chains part, the two tokens must be the model's own top two there (its
-    logits for the prompt and `tokens` so far), within four bf16 steps (at the top logit's
-    magnitude) of each other: a rounding flip, not a bug."""
+    """Where two greedy chains part, both tokens must be among the model's top logits there (its
+    logits for the prompt and `tokens` so far): within four bf16 steps (at the top logit's
+    magnitude) of the top one, a rounding flip, not a bug. Ties of three or more count too."""
     i = next(j for j, (a, b) in enumerate(zip(got, tokens)) if a != b)
     row = prompt_logits(model, prompt + tokens[:i])[-1]
-    second, first = (int(t) for t in np.argsort(row)[-2:])
-    margin, step = row[first] - row[second], 2.0 ** (np.floor(np.log2(abs(row[first]))) - 7)
-    print(f"greedy chains part at token {i}: {tokens[i]} ({names[0]}) vs {got[i]} ({names[1]}); the model's "
-          f"top two {first}, {second} differ by {margin:.4f} ({margin / step:.1f} bf16 steps)")
-    assert {got[i], tokens[i]} == {first, second} and margin <= 4 * step
+    top = int(np.argmax(row))
+    step = 2.0 ** (np.floor(np.log2(abs(row[top]))) - 7)
+    below = {t: float(row[top] - row[t]) for t in (tokens[i], got[i])}
+    print(f"greedy chains part at token {i}: {tokens[i]} ({names[0]}) vs {got[i]} ({names[1]}); below the model's "
+          f"top logit ({top}) by " + ", ".join(f"{b:.4f} ({b / step:.1f} bf16 steps)" for b in below.values()))
+    assert all(b <= 4 * step for b in below.values())
 
 
 def test_trained_model_top1_agrees_with_hf_bf16(tmp_path):
