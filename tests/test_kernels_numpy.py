@@ -91,6 +91,32 @@ def test_rope_matches_hf_rotate_half(rng):
     assert_matches(k_out, hf_rope(t(k), cos_half, sin_half))
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_qkv_rope_against_torch(rng, with_residual):
+    """The attention block's start over a paged cache: RMSNorm, the q, k, v projections,
+    rotate-half rope on q and k, k and v into their slots (torch's ops, HF's rope)."""
+    tokens, hidden, heads, kv_heads, head_dim, blocks, block_size = 3, 80, 5, 1, 16, 4, 4
+    x, weight_norm = rng.standard_normal((tokens, hidden)), rng.standard_normal(hidden)
+    residual = rng.standard_normal((tokens, hidden)) if with_residual else None
+    wq, wk, wv = (rng.standard_normal((n * head_dim, hidden)) for n in (heads, kv_heads, kv_heads))
+    table, positions = rope_cos_sin(head_dim, 64, 10000.0), rng.integers(0, 64, size=tokens)
+    slots = rng.choice(blocks * block_size, size=tokens, replace=False)
+    k_cache, v_cache = np.zeros((2, blocks, block_size, kv_heads, head_dim))
+    q, new_residual = numpy_ops.rms_norm_qkv_rope(x, weight_norm, 1e-5, residual, np.concatenate([wq, wk, wv]), None,
+                                                  positions, table, heads, k_cache, v_cache, slots)
+    h = t(x) + (t(residual) if with_residual else 0)
+    normed = F.rms_norm(h, (hidden,), t(weight_norm), eps=1e-5)
+    cos_half, sin_half = t(table[positions, :head_dim // 2]), t(table[positions, head_dim // 2:])
+    want_q, want_k = (hf_rope((normed @ t(w).T).reshape(tokens, -1, head_dim), cos_half, sin_half) for w in (wq, wk))
+    assert_matches(q, want_q)
+    assert_matches(new_residual, h)
+    assert_matches(k_cache.reshape(-1, kv_heads, head_dim)[slots], want_k)
+    assert_matches(v_cache.reshape(-1, kv_heads, head_dim)[slots], (normed @ t(wv).T).reshape(tokens, -1, head_dim))
+    with pytest.raises(ValueError, match="QKV projection width 96 != 5 heads"):
+        numpy_ops.rms_norm_qkv_rope(x, weight_norm, 1e-5, None, np.concatenate([wq, wk]), None, positions, table,
+                                    heads, k_cache, v_cache, slots)
+
+
 @pytest.mark.parametrize("num_q,seq_len,heads,kv_heads,window", [
     (1, 37, 5, 1, None), (13, 13, 8, 2, None), (6, 40, 6, 3, 9), (40, 40, 4, 4, 1)])
 def test_attention_matches_sdpa(rng, num_q, seq_len, heads, kv_heads, window):
