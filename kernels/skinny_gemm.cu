@@ -61,17 +61,15 @@ __device__ __forceinline__ void rope_store(const RopeOut<T>& rope, int pair, con
     for (int m = 0; m < M; ++m) {
         const float x1 = round_to<T>(acc[0][m]), x2 = round_to<T>(acc[1][m]);
         const long long slot = rope.slots[m];
-        const bool store = slot >= 0 && slot < rope.num_slots;
+        if (head >= rope.num_heads && (slot < 0 || slot >= rope.num_slots)) continue;   // k, v of a padding row
         if (head < rope.num_heads + rope.num_kv_heads) {
             const float* table = rope.cos_sin + rope.positions[m] * rope.head_dim;
             const float c = table[i], s = table[half + i];
             T* dst = head < rope.num_heads ? rope.q_out + ((long long)m * rope.num_heads + head) * rope.head_dim
                                            : rope.k_cache + slot * kv_width + (head - rope.num_heads) * rope.head_dim;
-            if (head < rope.num_heads || store) {
-                dst[i] = from_f<T>(x1 * c - x2 * s);
-                dst[half + i] = from_f<T>(x2 * c + x1 * s);
-            }
-        } else if (store) {
+            dst[i] = from_f<T>(x1 * c - x2 * s);
+            dst[half + i] = from_f<T>(x2 * c + x1 * s);
+        } else {
             T* dst = rope.v_cache + slot * kv_width + (head - rope.num_heads - rope.num_kv_heads) * rope.head_dim;
             dst[i] = from_f<T>(x1);
             dst[half + i] = from_f<T>(x2);

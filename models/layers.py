@@ -7,7 +7,7 @@ holds its rank's slice and does its own collective (`TensorParallel`):
 column-parallel projections need none, row-parallel ones (attention output,
 MLP down) all-reduce once, with their bias added after the reduction.
 Per-step metadata arrives as an argument: `positions` and an attention
-context with one method,
+context (AttentionContext) with three methods,
 
     attend(layer_index, q, k, v, positions, cos_sin) -> out
         q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads,
@@ -16,6 +16,12 @@ context with one method,
         The context applies RoPE, stores k/v in its KV cache (one fused
         kernel where the backend has it) and returns attention over each
         whole sequence, [num_tokens, num_heads, head_dim].
+    paged_cache(layer_index) -> (k_cache, v_cache, slot_mapping) or None
+        Where not None, an RMSNorm model with RoPE projects, rotates and
+        stores k/v itself (ops.rms_norm_qkv_rope: one kernel for decode-sized
+        steps on CUDA), then calls
+    attend_rotated(layer_index, q) -> out
+        attention of the rotated q over that cache.
 """
 
 from __future__ import annotations
