@@ -60,7 +60,7 @@ class SkinnyGemmOps:
         if not self._norm_gemm_applies(x, norm_weight, residual, weight, bias, gated):
             return numpy_ops.rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
         rows, hidden = x.shape
-        res_out = x if residual is None else cupy.empty_like(x)
+        norm_args, res_out = self._norm_in(x, norm_weight, eps, residual)
         num_out = weight.shape[0] // 2 if gated else weight.shape[0]
         out = cupy.empty((rows, num_out), dtype=x.dtype)
         if bias is not None:   # added as linear adds it: the GEMM accumulates onto it
@@ -68,10 +68,18 @@ class SkinnyGemmOps:
         k_split = self._skinny_k_split(x, weight, gated)
         self._launch("norm_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {rows}, {k_split}",
                      (_skinny_tiles(num_out, gated, k_split),), (_SKINNY_THREADS,),
-                     (x, x if residual is None else residual, norm_weight, res_out, np.int32(residual is not None),
-                      np.float32(eps), weight, out,
-                      np.int32(num_out), np.int32(hidden), np.int32(bias is not None), np.int32(gated)))
+                     (*norm_args, weight, out, np.int32(num_out), np.int32(hidden), np.int32(bias is not None),
+                      np.int32(gated)))
         return out, res_out
+
+    @staticmethod
+    def _norm_in(x, norm_weight, eps: float, residual) -> tuple:
+        """The norm_skinny_gemm kernels' first arguments (x, residual, norm_weight, residual_out,
+        has_residual, eps: NormIn) and the new residual stream they write (x itself without a
+        residual: nothing is written)."""
+        res_out = x if residual is None else cupy.empty_like(x)
+        return (x, x if residual is None else residual, norm_weight, res_out, np.int32(residual is not None),
+                np.float32(eps)), res_out
 
     def rms_norm_qkv_rope(self, x, norm_weight, eps: float, residual, weight, bias, positions, cos_sin,
                           num_heads: int, k_cache, v_cache, slot_mapping):
@@ -93,16 +101,11 @@ class SkinnyGemmOps:
         rope = (q, k_cache, v_cache, positions, cos_sin, slots, np.int64(math.prod(k_cache.shape[:2])),
                 np.int32(num_heads), np.int32(kv_heads), np.int32(head_dim))
         if self._norm_gemm_applies(x, norm_weight, residual, weight, None, False):
-            res_out = x if residual is None else cupy.empty_like(x)
-            self._launch("norm_skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,),
-                         (x, x if residual is None else residual, norm_weight, res_out,
-                          np.int32(residual is not None), np.float32(eps), *gemm, *rope))
-            return q, res_out
-        if residual is None:
-            normed, res_out = self.rms_norm(x, norm_weight, eps), x
+            norm_args, res_out = self._norm_in(x, norm_weight, eps, residual)
+            self._launch("norm_skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,), (*norm_args, *gemm, *rope))
         else:
-            normed, res_out = self.rms_norm(x, norm_weight, eps, residual)
-        self._launch("skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
+            normed, res_out = numpy_ops.rms_norm_residual(x, norm_weight, eps, residual, ops=self)
+            self._launch("skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
         return q, res_out
 
     def _rope_gemm_applies(self, x, norm_weight, weight, bias, num_heads: int, cos_sin, k_cache, v_cache) -> bool:

@@ -98,11 +98,17 @@ def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gat
     without a residual); gated: gated_linear. One kernel on CUDA for decode-sized x; `ops`
     runs this composition on another op set (CUDA's inputs it does not fuse)."""
     ops = ops or sys.modules[__name__]
-    if residual is None:
-        normed, residual = ops.rms_norm(x, norm_weight, eps), x
-    else:
-        normed, residual = ops.rms_norm(x, norm_weight, eps, residual)
+    normed, residual = rms_norm_residual(x, norm_weight, eps, residual, ops)
     return (ops.gated_linear if gated else ops.linear)(normed, weight, bias), residual
+
+
+def rms_norm_residual(x, norm_weight, eps: float, residual, ops=None):
+    """(rms_norm(x (+ residual)), the new residual stream: x + residual, or x itself without
+    one), on `ops` (this module by default)."""
+    ops = ops or sys.modules[__name__]
+    if residual is None:
+        return ops.rms_norm(x, norm_weight, eps), x
+    return ops.rms_norm(x, norm_weight, eps, residual)
 
 
 def rms_norm_qkv_rope(x, norm_weight, eps: float, residual, weight, bias, positions, cos_sin, num_heads: int,
