@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class SkinnyGemmOps:
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
+    # At one row the largest split within this fraction of the fastest is taken (pick_k_split).
+    skinny_split_tie = 0.03
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -140,8 +142,8 @@ class SkinnyGemmOps:
                    and ("norm_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
 
     def _skinny_k_split(self, x2, weight, gated: bool) -> int:
-        """Warps a skinny GEMM splits K over: skinny_k_split where set, else the fastest of
-        _SKINNY_K_SPLITS for the shape, timed (L2 flushed, as gemm_lt times cuBLASLt) the
+        """Warps a skinny GEMM splits K over: skinny_k_split where set, else pick_k_split's choice
+        from _SKINNY_K_SPLITS for the shape, timed (L2 flushed, as gemm_lt times cuBLASLt) the
         first time the shape comes on a stream that does not capture; 1 until then. The split
         sets the order of the sum, so its bits may differ between processes (as cuBLASLt's
         timed algorithms may)."""
@@ -157,7 +159,7 @@ class SkinnyGemmOps:
             timer = _Timer(weight.nbytes, cupy.cuda.Device().attributes["L2CacheSize"])
             seconds = {split: timer.median_s(lambda: self._skinny(x2, weight, out, gated=gated, k_split=split))
                        for split in _SKINNY_K_SPLITS}
-            self._skinny_splits[key] = min(seconds, key=seconds.get)
+            self._skinny_splits[key] = pick_k_split(seconds, x2.shape[0], self.skinny_split_tie)
             log.info("skinny GEMM T=%d N=%d K=%d%s: K in %d warps (us by split: %s)", *key[:3],
                      " gated" if gated else "", self._skinny_splits[key],
                      ", ".join(f"{k} {1e6 * v:.1f}" for k, v in seconds.items()))
@@ -168,3 +170,16 @@ class SkinnyGemmOps:
         key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
         return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
                 and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
+
+
+def pick_k_split(seconds: dict[int, float], rows: int, tie: float) -> int:
+    """The K split to keep from each split's time for a GEMM run alone: the fastest, but at one
+    row the largest within `tie` of the fastest. There the shorter warps of a larger split end
+    the kernel sooner in a captured step, where the next kernel starts during its tail
+    (dependent launches), which timing it alone does not see: on an H100, Llama-3-8B's batch-1
+    step took 5.90-5.93 ms with every split 4 against 6.00-6.01 with the fastest alone (ties
+    within 2% there); at 2 and 4 rows the fastest alone was the better choice (bench/notes/RESULTS.md)."""
+    fastest = min(seconds.values())
+    if rows == 1:
+        return max(split for split, s in seconds.items() if s <= fastest * (1 + tie))
+    return min(seconds, key=seconds.get)
