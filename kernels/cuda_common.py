@@ -82,7 +82,8 @@ _KERNELS = {
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
     "skinny_gemm": {kernel: tuple(f"{t}, {m}, {ks}" for t in ("__half", "__nv_bfloat16")
                                   for m in range(1, _SKINNY_MAX_ROWS + 1) for ks in _SKINNY_K_SPLITS)
-                    for kernel in ("skinny_gemm_kernel", "norm_skinny_gemm_kernel", "skinny_gemm_rope_kernel",
+                    for kernel in ("skinny_gemm_kernel", "skinny_gemm_looped_kernel", "norm_skinny_gemm_kernel",
+                                   "skinny_gemm_rope_kernel", "skinny_gemm_rope_looped_kernel",
                                    "norm_skinny_gemm_rope_kernel")},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},

@@ -3,7 +3,8 @@ bf16/fp16 GEMMs of at most 4 rows run skinny_gemm.cu instead of cuBLAS, K split 
 warps of a block as timed per shape; rms_norm_linear runs the RMSNorm before such a GEMM
 inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is on, and rms_norm_qkv_rope a QKV
 projection's RoPE and KV-cache write in its epilogue (skinny_gemm_rope_kernel) where
-fused_rope_gemm is on. Same meaning as numpy_ops; no host sync.
+fused_rope_gemm is on; with skinny_blocks_per_sm set, fewer blocks loop over the tiles (the
+*_looped kernels). Same meaning as numpy_ops; no host sync.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class SkinnyGemmOps:
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
     # At one row the largest split within this fraction of the fastest is taken (pick_k_split).
     skinny_split_tie = 0.03
+    # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs launch at most n blocks
+    # an SM, each looping over tiles (the *_looped kernels), so the whole GEMM is resident from
+    # its start and the kernel after it may be scheduled beside it; not yet measured, so off.
+    skinny_blocks_per_sm = 0
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -49,8 +54,8 @@ class SkinnyGemmOps:
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
         k_split = k_split or self._skinny_k_split(x2, weight, gated)
-        self._launch("skinny_gemm_kernel", f"{ctype}, {x2.shape[0]}, {k_split}",
-                     (_skinny_tiles(num_out, gated, k_split),), (_SKINNY_THREADS,),
+        kernel, grid = self._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split)
+        self._launch(kernel, f"{ctype}, {x2.shape[0]}, {k_split}", grid, (_SKINNY_THREADS,),
                      (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
                       np.int32(gated)))
 
@@ -73,6 +78,15 @@ class SkinnyGemmOps:
                      (*norm_args, weight, out, np.int32(num_out), np.int32(hidden), np.int32(bias is not None),
                       np.int32(gated)))
         return out, res_out
+
+    def _skinny_grid(self, kernel: str, num_out: int, gated: bool, k_split: int) -> tuple[str, tuple[int]]:
+        """(kernel, grid) of a plain or RoPE skinny GEMM: a block a tile, or where that is more
+        than skinny_blocks_per_sm blocks an SM, the kernel's *_looped variant on that many."""
+        tiles = _skinny_tiles(num_out, gated, k_split)
+        blocks = self.skinny_blocks_per_sm * self._multiprocessors
+        if 0 < blocks < tiles:
+            return kernel.replace("_kernel", "_looped_kernel"), (blocks,)
+        return kernel, (tiles,)
 
     @staticmethod
     def _norm_in(x, norm_weight, eps: float, residual) -> tuple:
@@ -98,16 +112,18 @@ class SkinnyGemmOps:
                              "tokens")
         q = cupy.empty((rows, num_heads, head_dim), dtype=x.dtype)
         k_split = self._skinny_k_split(x, weight, False)
-        grid, template = (_skinny_tiles(weight.shape[0], False, k_split),), f"{_ctype(x, 'x')}, {rows}, {k_split}"
+        template = f"{_ctype(x, 'x')}, {rows}, {k_split}"
         gemm = (weight, np.int32(weight.shape[0]), np.int32(x.shape[1]))
         rope = (q, k_cache, v_cache, positions, cos_sin, slots, np.int64(math.prod(k_cache.shape[:2])),
                 np.int32(num_heads), np.int32(kv_heads), np.int32(head_dim))
         if self._norm_gemm_applies(x, norm_weight, residual, weight, None, False):
             norm_args, res_out = self._norm_in(x, norm_weight, eps, residual)
-            self._launch("norm_skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,), (*norm_args, *gemm, *rope))
+            self._launch("norm_skinny_gemm_rope_kernel", template, (_skinny_tiles(weight.shape[0], False, k_split),),
+                         (_SKINNY_THREADS,), (*norm_args, *gemm, *rope))
         else:
             normed, res_out = numpy_ops.rms_norm_residual(x, norm_weight, eps, residual, ops=self)
-            self._launch("skinny_gemm_rope_kernel", template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
+            kernel, grid = self._skinny_grid("skinny_gemm_rope_kernel", weight.shape[0], False, k_split)
+            self._launch(kernel, template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
         return q, res_out
 
     def _rope_gemm_applies(self, x, norm_weight, weight, bias, num_heads: int, cos_sin, k_cache, v_cache) -> bool:

@@ -120,18 +120,22 @@ __device__ __forceinline__ void skinny_step(const uint4* xv, const NormIn<T>& no
 
 // KS > 1: the KS warps that own the same features add their sums (lane 0's), in K order,
 // into the first of them (NORM: their sums of squares too). Every thread of the block calls it
-// (it synchronises); true for the warps that then hold their features' whole sums.
-template <int M, int KS, bool NORM>
+// (it synchronises); true for the warps that then hold their features' whole sums. LOOP: a
+// block's tiles alternate between two buffers (round: its tile count so far), so a warp may
+// write the next tile's sums while another still reads this one's: the barrier of the next
+// merge keeps it from getting further ahead.
+template <int M, int KS, bool NORM, bool LOOP>
 __device__ __forceinline__ bool skinny_merge_k_parts(float (&acc)[SG_ROWS][M], float (&sum_sq)[M], int lane, int ks,
-                                                     int rows) {
-    __shared__ float parts[SG_WARPS][SG_ROWS + NORM][M];
+                                                     int rows, int round) {
+    __shared__ float parts[LOOP ? 2 : 1][SG_WARPS][SG_ROWS + NORM][M];
+    float(&mine)[SG_WARPS][SG_ROWS + NORM][M] = parts[LOOP ? round & 1 : 0];
     const int warp = threadIdx.x >> 5;
     if (lane == 0)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
 #pragma unroll
-            for (int r = 0; r < SG_ROWS; ++r) parts[warp][r][m] = acc[r][m];
-            if (NORM) parts[warp][SG_ROWS][m] = sum_sq[m];
+            for (int r = 0; r < SG_ROWS; ++r) mine[warp][r][m] = acc[r][m];
+            if (NORM) mine[warp][SG_ROWS][m] = sum_sq[m];
         }
     __syncthreads();
     if (ks != 0 || rows == 0) return false;
@@ -140,20 +144,20 @@ __device__ __forceinline__ bool skinny_merge_k_parts(float (&acc)[SG_ROWS][M], f
 #pragma unroll
         for (int m = 0; m < M; ++m) {
 #pragma unroll
-            for (int r = 0; r < SG_ROWS; ++r) acc[r][m] += parts[warp + j][r][m];
-            if (NORM) sum_sq[m] += parts[warp + j][SG_ROWS][m];
+            for (int r = 0; r < SG_ROWS; ++r) acc[r][m] += mine[warp + j][r][m];
+            if (NORM) sum_sq[m] += mine[warp + j][SG_ROWS][m];
         }
     return true;
 }
 
-// One block's tile of output features (SG_WARPS / KS warps' worth). NORM: x is the RMSNorm's
-// input (see NormIn) and the GEMM reads its output, K = the norm's width. ROPE: y unused,
-// the outputs go where RopeOut says (not gated, no accumulate).
-template <typename T, int M, int KS, bool NORM, bool ROPE>
+// One tile of output features (SG_WARPS / KS warps' worth), the block's round-th. NORM: x is
+// the RMSNorm's input (see NormIn) and the GEMM reads its output, K = the norm's width. ROPE: y
+// unused, the outputs go where RopeOut says (not gated, no accumulate).
+template <typename T, int M, int KS, bool NORM, bool ROPE, bool LOOP>
 __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope, const T* w,
-                                            T* y, int N, int K, int accumulate, int gated) {
+                                            T* y, int N, int K, int accumulate, int gated, int tile, int round) {
     const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
-    const int warp = blockIdx.x * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
+    const int warp = tile * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
     const int v_lo = (int)((long long)vecs * ks / KS), v_hi = (int)((long long)vecs * (ks + 1) / KS);
     // This warp's first output feature, and its rows' distance: gated N (gate, up), ROPE
     // head_dim / 2 (a rotate-half pair), else 1.
@@ -165,7 +169,8 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(n0, N - 1)) * K);
     // The weight is no kernel's output: its first SG_PREFETCH steps are loaded before
-    // waiting for the kernel before (dependent launch), overlapping that kernel's tail.
+    // waiting for the kernel before (dependent launch), overlapping that kernel's tail (in a
+    // block's later tiles the wait has returned already).
     uint4 first[SG_PREFETCH][SG_ROWS];
 #pragma unroll
     for (int p = 0; p < SG_PREFETCH; ++p)
@@ -200,7 +205,7 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
 #pragma unroll
         for (int r = 0; r < SG_ROWS; ++r) acc[r][m] = warp_sum(acc[r][m]);
     }
-    if (KS > 1 && !skinny_merge_k_parts<M, KS, NORM>(acc, sum_sq, lane, ks, rows)) return;
+    if (KS > 1 && !skinny_merge_k_parts<M, KS, NORM, LOOP>(acc, sum_sq, lane, ks, rows, round)) return;
     if (NORM)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
@@ -224,9 +229,33 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
     }
 }
 
+// The launch's tiles: one a block (the grid _skinny_tiles counts), or LOOP (the *_looped
+// kernels, CudaOps.skinny_blocks_per_sm) block b takes tiles b, b + gridDim.x, ..., so the whole
+// GEMM is resident from its start. A tile holds SG_WARPS / KS warps' output features (gated: one
+// a warp; ROPE: N counts weight rows, two a warp). The loop costs registers, so the one-tile
+// kernels keep their own code.
+template <typename T, int M, int KS, bool NORM, bool ROPE, bool LOOP>
+__device__ __forceinline__ void skinny_tiles(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope, const T* w,
+                                             T* y, int N, int K, int accumulate, int gated) {
+    if (!LOOP) {
+        skinny_tile<T, M, KS, NORM, ROPE, false>(x, norm, rope, w, y, N, K, accumulate, gated, blockIdx.x, 0);
+        return;
+    }
+    const int per_tile = (gated ? 1 : SG_ROWS) * (SG_WARPS / KS);
+    const int tiles = (N + per_tile - 1) / per_tile;
+    int round = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++round)
+        skinny_tile<T, M, KS, NORM, ROPE, true>(x, norm, rope, w, y, N, K, accumulate, gated, tile, round);
+}
+
 template <typename T, int M, int KS>
 __global__ void skinny_gemm_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate, int gated) {
-    skinny_tile<T, M, KS, false, false>(x, NormIn<T>{}, RopeOut<T>{}, w, y, N, K, accumulate, gated);
+    skinny_tiles<T, M, KS, false, false, false>(x, NormIn<T>{}, RopeOut<T>{}, w, y, N, K, accumulate, gated);
+}
+
+template <typename T, int M, int KS>
+__global__ void skinny_gemm_looped_kernel(const T* x, const T* w, T* y, int N, int K, int accumulate, int gated) {
+    skinny_tiles<T, M, KS, false, false, true>(x, NormIn<T>{}, RopeOut<T>{}, w, y, N, K, accumulate, gated);
 }
 
 // y = linear(rms_norm(x (+ residual), norm_weight), w) in one launch, the norm streamed with
@@ -236,7 +265,7 @@ __global__ void norm_skinny_gemm_kernel(const T* x, const T* residual, const T* 
                                         int has_residual, float eps, const T* w, T* y, int N, int K, int accumulate,
                                         int gated) {
     const NormIn<T> norm{has_residual ? residual : nullptr, norm_weight, residual_out, eps};
-    skinny_tile<T, M, KS, true, false>(x, norm, RopeOut<T>{}, w, y, N, K, accumulate, gated);
+    skinny_tiles<T, M, KS, true, false, false>(x, norm, RopeOut<T>{}, w, y, N, K, accumulate, gated);
 }
 
 // The QKV projection with RoPE and the KV-cache write (RopeOut): skinny_gemm_rope_kernel from
@@ -248,12 +277,17 @@ __global__ void norm_skinny_gemm_kernel(const T* x, const T* residual, const T* 
 
 template <typename T, int M, int KS>
 __global__ void skinny_gemm_rope_kernel(const T* x, const T* w, int N, int K, SG_ROPE_PARAMS) {
-    skinny_tile<T, M, KS, false, true>(x, NormIn<T>{}, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
+    skinny_tiles<T, M, KS, false, true, false>(x, NormIn<T>{}, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
+}
+
+template <typename T, int M, int KS>
+__global__ void skinny_gemm_rope_looped_kernel(const T* x, const T* w, int N, int K, SG_ROPE_PARAMS) {
+    skinny_tiles<T, M, KS, false, true, true>(x, NormIn<T>{}, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
 }
 
 template <typename T, int M, int KS>
 __global__ void norm_skinny_gemm_rope_kernel(const T* x, const T* residual, const T* norm_weight, T* residual_out,
                                              int has_residual, float eps, const T* w, int N, int K, SG_ROPE_PARAMS) {
     const NormIn<T> norm{has_residual ? residual : nullptr, norm_weight, residual_out, eps};
-    skinny_tile<T, M, KS, true, true>(x, norm, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
+    skinny_tiles<T, M, KS, true, true, false>(x, norm, RopeOut<T>{SG_ROPE_ARGS}, w, nullptr, N, K, 0, 0);
 }

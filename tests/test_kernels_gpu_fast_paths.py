@@ -16,7 +16,7 @@ import pytest
 from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
 
 from shardline.kernels import numpy_ops  # noqa: E402
-from shardline.kernels.cuda_common import _ctype, flash_decode_template  # noqa: E402
+from shardline.kernels.cuda_common import _ctype, _skinny_tiles, flash_decode_template  # noqa: E402
 from shardline.kernels.cuda_skinny import pick_k_split  # noqa: E402
 from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
     assert_close,
@@ -69,6 +69,39 @@ def test_skinny_k_split_timed_per_shape(ops, rng, monkeypatch):
     monkeypatch.setattr(ops, "skinny_k_split", 3)
     with pytest.raises(ValueError, match="skinny_k_split"):
         ops.linear(x, w)
+
+
+@pytest.mark.parametrize("tokens,k,n,gated", [(1, 4096, 6144, False), (4, 1024, 3000, False), (2, 576, 37, False),
+                                              (3, 512, 2 * 4099, True), (1, 2048, 1000, True)])
+def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng, tokens, k, n, gated, monkeypatch):
+    """skinny_blocks_per_sm: at most that many blocks an SM, each looping over tiles (the
+    *_looped kernels), give the bits of a block a tile at every K split (the K merge's two
+    buffers alternate between a block's tiles), with dependent launches; a launch of no more
+    tiles than that keeps the plain kernel."""
+    monkeypatch.setattr(ops, "use_skinny_gemm", True)
+    x, x64 = random_input(ops, rng, (tokens, k), "bfloat16")
+    w, w64 = random_input(ops, rng, (n, k), "bfloat16", scale=1 / math.sqrt(k))
+    want = numpy_ops.gated_linear(x64, w64) if gated else numpy_ops.linear(x64, w64)
+    num_out = n // 2 if gated else n
+    looped = 0
+    for k_split in (1, 2, 4):
+        monkeypatch.setattr(ops, "skinny_k_split", k_split)
+        outs = {}
+        for per_sm in (0, 1, 3):
+            monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
+            kernel, grid = ops._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split)
+            tiles = _skinny_tiles(num_out, gated, k_split)
+            loops = 0 < per_sm * ops._multiprocessors < tiles
+            assert (kernel, grid) == (("skinny_gemm_looped_kernel", (per_sm * ops._multiprocessors,)) if loops
+                                      else ("skinny_gemm_kernel", (tiles,)))
+            looped += loops
+            with ops.dependent_launches():   # as in captured graphs
+                outs[per_sm] = ops.gated_linear(x, w) if gated else ops.linear(x, w)
+        for per_sm in (1, 3):
+            np.testing.assert_array_equal(ops.to_host(outs[per_sm]), ops.to_host(outs[0]),
+                                          err_msg=f"{per_sm} blocks an SM, K in {k_split}")
+        assert_close(ops, outs[1], want, "bfloat16", f"looped skinny GEMM, K in {k_split}")
+    assert looped or n * k < 10 ** 6   # the small shapes keep a block a tile on any GPU
 
 
 def test_pick_k_split_takes_the_largest_near_tie_at_one_row():

@@ -179,6 +179,40 @@ def test_qkv_rope_gemm_against_float64_and_the_kernels_it_replaces(ops, rng, dty
             assert_close(ops, res1, want_res64, dtype, f"residual, {what}")
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_qkv_rope_gemm_looped_is_the_one_block_a_tile_launch_bitwise(ops, rng, tokens, monkeypatch):
+    """Llama-3-8B's QKV projection with RoPE and the cache write on one block an SM looping
+    over its tiles (skinny_gemm_rope_looped_kernel): q, the k and v caches bitwise those of a
+    block a tile, at every K split."""
+    monkeypatch.setattr(ops, "use_skinny_gemm", True)
+    monkeypatch.setattr(ops, "fused_rope_gemm", True)
+    heads, kv_heads, head_dim, hidden = 32, 8, 128, 4096
+    x, _ = random_input(ops, rng, (tokens, hidden), "bfloat16")
+    norm, _ = random_input(ops, rng, (hidden,), "bfloat16")
+    w, _ = random_input(ops, rng, ((heads + 2 * kv_heads) * head_dim, hidden), "bfloat16", scale=1 / 64)
+    cache_shape = (4, 16, kv_heads, head_dim)
+    k_start, _ = random_input(ops, rng, cache_shape, "bfloat16")
+    v_start, _ = random_input(ops, rng, cache_shape, "bfloat16")
+    positions = cupy.asarray(rng.integers(0, 4096, size=tokens))
+    slots = cupy.asarray(rng.choice(64, size=tokens, replace=False))
+    table = cupy.asarray(rope_cos_sin(head_dim, 4096, 500000.0), dtype=cupy.float32)
+    for k_split in (1, 2, 4):
+        monkeypatch.setattr(ops, "skinny_k_split", k_split)
+        runs = []
+        for per_sm in (0, 1):
+            monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
+            assert ops._skinny_grid("skinny_gemm_rope_kernel", w.shape[0], False, k_split)[0] == \
+                ("skinny_gemm_rope_looped_kernel" if per_sm else "skinny_gemm_rope_kernel")
+            k_cache, v_cache = k_start.copy(), v_start.copy()
+            with ops.dependent_launches():
+                q, _ = ops.rms_norm_qkv_rope(x, norm, 1e-5, None, w, None, positions, table, heads, k_cache, v_cache,
+                                             slots)
+            runs.append([ops.to_host(a) for a in (q, k_cache, v_cache)])
+        for got, want, name in zip(runs[1], runs[0], ("q", "k cache", "v cache")):
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}, K in {k_split}")
+        assert not np.array_equal(runs[0][1], ops.to_host(k_start))   # the tokens' keys were written
+
+
 def test_qkv_rope_gemm_falls_back_where_it_does_not_apply(ops, rng, monkeypatch):
     """A bias (Qwen2's), too many rows, a projection that is not the caches' heads: the
     norm, GEMM and rope_write_kv run as separate ops, with the same results."""
