@@ -1,0 +1,53 @@
+"""bench/step_parts.py on the NumPy backend with a shrunk Llama shape: every part and batch is
+reported, the synthetic step reads as many weight bytes as bench/shapes.py's roofline counts
+(itself checked against transformers), each part changes what the step computes, and a shape
+with experts is refused."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from shapes import LLAMA3_8B, MIXTRAL_8X7B, weight_bytes_per_step  # noqa: E402
+from step_parts import PARTS, SyntheticStep, run  # noqa: E402
+
+from shardline.kernels.backend import create_backend  # noqa: E402
+
+SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 8, "num_key_value_heads": 2,
+         "vocab_size": 500, "num_hidden_layers": 2}
+
+
+def differs(a, b) -> bool:
+    return float(np.linalg.norm(a - b)) > 1e-3 * float(np.linalg.norm(b))
+
+
+def test_every_part_and_batch_is_reported():
+    rows = run(SimpleNamespace(backend="numpy", shape={**LLAMA3_8B, **SMALL}, config=None, batch=[1, 3],
+                               context=37, reps=1))
+    assert [(r["batch"], r["parts"]) for r in rows] == [(b, "+".join(PARTS[:n])) for b in (1, 3)
+                                                       for n in range(1, len(PARTS) + 1)]
+    assert all(r["step_ms"] > 0 and r["config"] == "default" for r in rows)
+
+
+def test_the_step_reads_the_roofline_weights_and_each_part_counts():
+    backend = create_backend("numpy", "float32")
+    hf = {**LLAMA3_8B, **SMALL}
+    step = SyntheticStep(backend, hf, batch=2, context=21, seed=1)
+    assert step.weight_bytes == weight_bytes_per_step(hf, 2, itemsize=4)
+    logits = {n: step.forward(set(PARTS[:n])) for n in range(1, len(PARTS) + 1)}
+    assert all(out.shape == (2, hf["vocab_size"]) and np.isfinite(out).all() for out in logits.values())
+    for n in range(2, len(PARTS) + 1):   # each part changes the result
+        assert differs(logits[n], logits[n - 1]), PARTS[n - 1]
+    for cache in step.k_caches:           # attention reads the cache: other keys, other logits
+        cache[:] = np.random.default_rng(2).standard_normal(cache.shape)
+    assert differs(step.forward(set(PARTS[:3])), logits[3])
+
+
+def test_a_shape_with_experts_is_refused():
+    with pytest.raises(ValueError, match="dense"):
+        SyntheticStep(create_backend("numpy", "float32"), {**MIXTRAL_8X7B, **SMALL}, batch=1, context=8)
