@@ -77,11 +77,13 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
     """skinny_blocks_per_sm: at most that many blocks an SM, each looping over tiles (the
     *_looped kernels), give the bits of a block a tile at every K split (the K merge's two
     buffers alternate between a block's tiles), with dependent launches; a launch of no more
-    tiles than that keeps the plain kernel."""
+    tiles than that keeps the plain kernel. With a bias (added onto the output), a tile run
+    twice would add it twice."""
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
     x, x64 = random_input(ops, rng, (tokens, k), "bfloat16")
     w, w64 = random_input(ops, rng, (n, k), "bfloat16", scale=1 / math.sqrt(k))
-    want = numpy_ops.gated_linear(x64, w64) if gated else numpy_ops.linear(x64, w64)
+    b, b64 = random_input(ops, rng, (n,), "bfloat16")
+    want = numpy_ops.gated_linear(x64, w64) if gated else numpy_ops.linear(x64, w64, b64)
     num_out = n // 2 if gated else n
     looped = 0
     for k_split in (1, 2, 4):
@@ -96,7 +98,7 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
                                       else ("skinny_gemm_kernel", (tiles,)))
             looped += loops
             with ops.dependent_launches():   # as in captured graphs
-                outs[per_sm] = ops.gated_linear(x, w) if gated else ops.linear(x, w)
+                outs[per_sm] = ops.gated_linear(x, w) if gated else ops.linear(x, w, b)
         for per_sm in (1, 3):
             np.testing.assert_array_equal(ops.to_host(outs[per_sm]), ops.to_host(outs[0]),
                                           err_msg=f"{per_sm} blocks an SM, K in {k_split}")
