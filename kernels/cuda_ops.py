@@ -73,6 +73,25 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
         self._dependent = False
+        self._shared_carveout: int | None = None
+
+    @property
+    def shared_carveout(self) -> int | None:
+        """The shared-memory share of L1 (0-100 %) every kernel of ours asks for; None: the
+        driver's choice for each. An SM runs blocks of one carveout at a time, so a kernel
+        wanting more shared memory than the one before waits for SMs to drain (flash_decode
+        after the skinny GEMMs); for A/B runs (bench.decode_ab, bench.step_parts). All at 100
+        made Llama-3-8B's synthetic batch-1 step 5.85 -> 6.37 ms: the skinny GEMM needs L1."""
+        return self._shared_carveout
+
+    @shared_carveout.setter
+    def shared_carveout(self, percent: int | None) -> None:
+        if percent is not None and not 0 <= percent <= 100:
+            raise ValueError(f"shared_carveout must be None or 0-100 (%), got {percent!r}")
+        with cupy.cuda.Device(self.device_id):
+            for function in self._functions.values():
+                function.preferred_shared_memory_carveout = -1 if percent is None else percent
+        self._shared_carveout = percent
 
     @contextlib.contextmanager
     def dependent_launches(self):

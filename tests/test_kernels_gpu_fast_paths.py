@@ -106,6 +106,26 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
     assert looped or n * k < 10 ** 6   # the small shapes keep a block a tile on any GPU
 
 
+def test_shared_carveout_reaches_every_kernel_and_changes_no_result(ops, rng, monkeypatch):
+    """CudaOps.shared_carveout sets every kernel's preferred shared-memory share and None
+    gives the choice back to the driver; results are the same bits either way; a share
+    outside 0-100 is refused."""
+    monkeypatch.setattr(ops, "use_skinny_gemm", True)
+    x, _ = random_input(ops, rng, (1, 4096), "bfloat16")
+    w, _ = random_input(ops, rng, (1000, 4096), "bfloat16", scale=1 / 64)
+    before = ops.to_host(ops.linear(x, w))
+    try:
+        ops.shared_carveout = 50
+        assert all(f.preferred_shared_memory_carveout == 50 for f in ops._functions.values())
+        np.testing.assert_array_equal(ops.to_host(ops.linear(x, w)), before)
+    finally:
+        ops.shared_carveout = None
+    assert ops.shared_carveout is None
+    np.testing.assert_array_equal(ops.to_host(ops.linear(x, w)), before)
+    with pytest.raises(ValueError, match="shared_carveout"):
+        ops.shared_carveout = 150
+
+
 def test_pick_k_split_takes_the_largest_near_tie_at_one_row():
     """At one row the largest split within the tie of the fastest alone; at more rows, or
     outside the tie, the fastest."""
