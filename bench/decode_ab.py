@@ -27,12 +27,25 @@ from llm import SHAPES, build_ours, decode_step_s  # noqa: E402
 
 def parse_config(text: str) -> tuple[str, dict]:
     """'name={"attr": value}' -> (name, {attr: value}); decode_tiles parsed as the env var is."""
-    from shardline.kernels.cuda_common import _decode_tiles
     name, _, body = text.partition("=")
     attrs = json.loads(body)
     if "decode_tiles" in attrs:
+        from shardline.kernels.cuda_common import _decode_tiles   # CuPy: only for a CUDA setting
         attrs["decode_tiles"] = _decode_tiles(attrs["decode_tiles"])
     return name, attrs
+
+
+class Settings:
+    """The --config settings of CudaOps attributes, applied in turn to one ops object; what a
+    setting does not name goes back to the value the ops had before the first."""
+
+    def __init__(self, ops, texts: list[str]):
+        self.ops, self.configs = ops, dict(parse_config(text) for text in texts)
+        self.defaults = {attr: getattr(ops, attr) for attrs in self.configs.values() for attr in attrs}
+
+    def apply(self, name: str) -> None:
+        for attr, value in {**self.defaults, **self.configs[name]}.items():
+            setattr(self.ops, attr, value)
 
 
 def main() -> None:
@@ -45,15 +58,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default="bench/results/decode_ab.json")
     args = p.parse_args()
-    configs = dict(parse_config(text) for text in args.config)
     args.ttft_tokens, args.max_num_seqs, args.decode_ahead = 2048, max(args.batch), None
     backend, engine = build_ours(SHAPES[args.shape], args)
+    settings = Settings(backend.ops, args.config)
     rng, rows = np.random.default_rng(0), []
-    defaults = {attr: getattr(backend.ops, attr) for attrs in configs.values() for attr in attrs}
     for rep in range(args.reps):
-        for name, attrs in configs.items():
-            for attr, value in {**defaults, **attrs}.items():   # what a setting does not name: the default
-                setattr(backend.ops, attr, value)
+        for name in settings.configs:
+            settings.apply(name)
             engine.runner.graphs.close()   # recaptured under the new setting
             for batch in args.batch:
                 seconds = decode_step_s(engine, batch, args.context, args.steps, rng)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_ab import parse_config  # noqa: E402
+from decode_ab import Settings  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 from tp_decode import graph_seconds  # noqa: E402
 
@@ -150,8 +150,7 @@ def run(args) -> list[dict]:
     from shardline.kernels.backend import create_backend
     backend = create_backend(args.backend, "bfloat16" if args.backend == "cuda" else "float32")
     hf = SHAPES[args.shape] if isinstance(args.shape, str) else args.shape
-    configs = dict(parse_config(text) for text in args.config) if args.config else {"default": {}}
-    defaults = {attr: getattr(backend.ops, attr) for attrs in configs.values() for attr in attrs}
+    settings = Settings(backend.ops, args.config or ["default={}"])
     read = read_rate_GBps() if backend.name == "cuda" else None
     rows = []
     for batch in args.batch:
@@ -160,11 +159,10 @@ def run(args) -> list[dict]:
             step.forward(set(PARTS[:n]))      # engine's first, eager steps time them), not in the graphs' warm-up
         for n in range(1, len(PARTS) + 1):
             parts = set(PARTS[:n])
-            times: dict[str, list[float]] = {name: [] for name in configs}
+            times: dict[str, list[float]] = {name: [] for name in settings.configs}
             for _ in range(args.reps):
-                for name, attrs in configs.items():
-                    for attr, value in {**defaults, **attrs}.items():
-                        setattr(backend.ops, attr, value)
+                for name in settings.configs:
+                    settings.apply(name)
                     times[name].append(step_seconds(step, parts))
             for name, seconds in times.items():
                 s = float(np.median(seconds))

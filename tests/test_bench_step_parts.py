@@ -1,7 +1,7 @@
 """bench/step_parts.py on the NumPy backend with a shrunk Llama shape: every part and batch is
 reported, the synthetic step reads as many weight bytes as bench/shapes.py's roofline counts
 (itself checked against transformers), each part changes what the step computes, and a shape
-with experts is refused."""
+with experts is refused; the --config settings it shares with bench/decode_ab.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from shapes import LLAMA3_8B, MIXTRAL_8X7B, weight_bytes_per_step  # noqa: E402
+from decode_ab import Settings  # noqa: E402
 from step_parts import PARTS, SyntheticStep, run  # noqa: E402
 
 from shardline.kernels.backend import create_backend  # noqa: E402
@@ -51,3 +52,15 @@ def test_the_step_reads_the_roofline_weights_and_each_part_counts():
 def test_a_shape_with_experts_is_refused():
     with pytest.raises(ValueError, match="dense"):
         SyntheticStep(create_backend("numpy", "float32"), {**MIXTRAL_8X7B, **SMALL}, batch=1, context=8)
+
+
+def test_settings_apply_in_turn_and_restore_what_they_do_not_name():
+    ops = SimpleNamespace(skinny_k_split=None, skinny_blocks_per_sm=0, other=7)
+    settings = Settings(ops, ['pinned={"skinny_k_split": 4}', 'looped={"skinny_blocks_per_sm": 3}', "plain={}"])
+    assert list(settings.configs) == ["pinned", "looped", "plain"]
+    settings.apply("pinned")
+    assert (ops.skinny_k_split, ops.skinny_blocks_per_sm) == (4, 0)
+    settings.apply("looped")
+    assert (ops.skinny_k_split, ops.skinny_blocks_per_sm) == (None, 3)
+    settings.apply("plain")
+    assert (ops.skinny_k_split, ops.skinny_blocks_per_sm, ops.other) == (None, 0, 7)
