@@ -65,7 +65,8 @@ def build_ours(hf: dict, args):
                                      WeightReader(RandomCheckpoint(hf), backend, False))
     config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 8192),
                           decode_ahead=args.decode_ahead,   # None: the engine's default (on for one GPU)
-                          max_num_seqs=max(args.batch + [args.max_num_seqs]), gpu_memory_fraction=0.5,
+                          max_num_seqs=max(args.batch + [args.max_num_seqs]),
+                          gpu_memory_fraction=args.gpu_memory_fraction,
                           enable_prefix_caching=False)
     return backend, LLMEngine(config, LocalModel(model, None))
 
@@ -188,7 +189,8 @@ def run(args) -> dict:
     rng = np.random.default_rng(0)
     report = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "context": args.context,
               "ttft_tokens": args.ttft_tokens, "offline_requests": args.offline_requests,
-              "max_num_seqs": args.max_num_seqs, "decode_ahead": args.decode_ahead, "shapes": {}}
+              "max_num_seqs": args.max_num_seqs, "gpu_memory_fraction": args.gpu_memory_fraction,
+              "decode_ahead": args.decode_ahead, "shapes": {}}
     for name in args.shapes:
         hf = SHAPES[name]
         ours = measure_ours(hf, args, rng)
@@ -242,6 +244,8 @@ def main() -> None:
                    help="requests of the offline run (vLLM's throughput benchmark sends 1000)")
     p.add_argument("--max-num-seqs", type=int, default=512,
                    help="the engine's running requests at most (8192 batched tokens a step)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.5,
+                   help="of the free GPU memory after the weights, for the KV cache (the engine's default: 0.85)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_const", const=False, default=None,
                    help="engine.decode_ahead off (on by default: plan step n+1 while step n runs)")

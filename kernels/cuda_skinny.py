@@ -36,10 +36,16 @@ class SkinnyGemmOps:
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
     # At one row the largest split within this fraction of the fastest is taken (pick_k_split).
     skinny_split_tie = 0.03
-    # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs launch at most n blocks
-    # an SM, each looping over tiles (the *_looped kernels), so the whole GEMM is resident from
-    # its start and the kernel after it may be scheduled beside it; not yet measured, so off.
-    skinny_blocks_per_sm = 0
+    # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs of at least
+    # skinny_looped_min_rows rows launch at most n blocks an SM, each looping over tiles (the
+    # *_looped kernels), so the whole GEMM is resident from its start (4: the looped kernels'
+    # occupancy from 2 rows on at K split 2 or 4, 121-128 registers). Llama-3-8B's step on an H100 (bench.decode_ab,
+    # K splits retimed, medians in ms at 1 / 2 / 4 rows): a block a tile 5.89 / 6.26 / 7.19,
+    # 4 an SM 7.56 / 6.10 / 6.71, 8 an SM 6.00 / 6.10 / 6.70; these defaults 5.90 / 6.11 / 6.78
+    # against 5.90 / 6.27 / 7.19. At one row a block a tile is the faster (its kernels fit 6
+    # blocks an SM, the looped ones 5), so one row keeps it. SmolLM2 moved by under 2%.
+    skinny_blocks_per_sm = 4
+    skinny_looped_min_rows = 2
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -54,7 +60,7 @@ class SkinnyGemmOps:
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
         k_split = k_split or self._skinny_k_split(x2, weight, gated)
-        kernel, grid = self._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split)
+        kernel, grid = self._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split, x2.shape[0])
         self._launch(kernel, f"{ctype}, {x2.shape[0]}, {k_split}", grid, (_SKINNY_THREADS,),
                      (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
                       np.int32(gated)))
@@ -79,12 +85,13 @@ class SkinnyGemmOps:
                       np.int32(gated)))
         return out, res_out
 
-    def _skinny_grid(self, kernel: str, num_out: int, gated: bool, k_split: int) -> tuple[str, tuple[int]]:
+    def _skinny_grid(self, kernel: str, num_out: int, gated: bool, k_split: int, rows: int) -> tuple[str, tuple[int]]:
         """(kernel, grid) of a plain or RoPE skinny GEMM: a block a tile, or where that is more
-        than skinny_blocks_per_sm blocks an SM, the kernel's *_looped variant on that many."""
+        than skinny_blocks_per_sm blocks an SM (of at least skinny_looped_min_rows rows), the
+        kernel's *_looped variant on that many."""
         tiles = _skinny_tiles(num_out, gated, k_split)
         blocks = self.skinny_blocks_per_sm * self._multiprocessors
-        if 0 < blocks < tiles:
+        if 0 < blocks < tiles and rows >= self.skinny_looped_min_rows:
             return kernel.replace("_kernel", "_looped_kernel"), (blocks,)
         return kernel, (tiles,)
 
@@ -122,7 +129,7 @@ class SkinnyGemmOps:
                          (_SKINNY_THREADS,), (*norm_args, *gemm, *rope))
         else:
             normed, res_out = numpy_ops.rms_norm_residual(x, norm_weight, eps, residual, ops=self)
-            kernel, grid = self._skinny_grid("skinny_gemm_rope_kernel", weight.shape[0], False, k_split)
+            kernel, grid = self._skinny_grid("skinny_gemm_rope_kernel", weight.shape[0], False, k_split, rows)
             self._launch(kernel, template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
         return q, res_out
 

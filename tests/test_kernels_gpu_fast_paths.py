@@ -80,6 +80,7 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
     tiles than that keeps the plain kernel. With a bias (added onto the output), a tile run
     twice would add it twice."""
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
+    monkeypatch.setattr(ops, "skinny_looped_min_rows", 1)
     x, x64 = random_input(ops, rng, (tokens, k), "bfloat16")
     w, w64 = random_input(ops, rng, (n, k), "bfloat16", scale=1 / math.sqrt(k))
     b, b64 = random_input(ops, rng, (n,), "bfloat16")
@@ -91,7 +92,7 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
         outs = {}
         for per_sm in (0, 1, 3):
             monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
-            kernel, grid = ops._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split)
+            kernel, grid = ops._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split, tokens)
             tiles = _skinny_tiles(num_out, gated, k_split)
             loops = 0 < per_sm * ops._multiprocessors < tiles
             assert (kernel, grid) == (("skinny_gemm_looped_kernel", (per_sm * ops._multiprocessors,)) if loops
@@ -99,6 +100,9 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
             looped += loops
             with ops.dependent_launches():   # as in captured graphs
                 outs[per_sm] = ops.gated_linear(x, w) if gated else ops.linear(x, w, b)
+            monkeypatch.setattr(ops, "skinny_looped_min_rows", tokens + 1)
+            assert ops._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split, tokens)[0] == "skinny_gemm_kernel"
+            monkeypatch.setattr(ops, "skinny_looped_min_rows", 1)
         for per_sm in (1, 3):
             np.testing.assert_array_equal(ops.to_host(outs[per_sm]), ops.to_host(outs[0]),
                                           err_msg=f"{per_sm} blocks an SM, K in {k_split}")

@@ -187,6 +187,7 @@ def test_qkv_rope_gemm_looped_is_the_one_block_a_tile_launch_bitwise(ops, rng, t
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
     monkeypatch.setattr(ops, "fused_rope_gemm", True)
     monkeypatch.setattr(ops, "fused_norm_gemm", False)   # the norm apart: skinny_gemm_rope_kernel, which loops
+    monkeypatch.setattr(ops, "skinny_looped_min_rows", 1)
     heads, kv_heads, head_dim, hidden = 32, 8, 128, 4096
     x, _ = random_input(ops, rng, (tokens, hidden), "bfloat16")
     norm, _ = random_input(ops, rng, (hidden,), "bfloat16")
@@ -202,7 +203,7 @@ def test_qkv_rope_gemm_looped_is_the_one_block_a_tile_launch_bitwise(ops, rng, t
         runs = []
         for per_sm in (0, 1):
             monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
-            assert ops._skinny_grid("skinny_gemm_rope_kernel", w.shape[0], False, k_split)[0] == \
+            assert ops._skinny_grid("skinny_gemm_rope_kernel", w.shape[0], False, k_split, tokens)[0] == \
                 ("skinny_gemm_rope_looped_kernel" if per_sm else "skinny_gemm_rope_kernel")
             k_cache, v_cache = k_start.copy(), v_start.copy()
             with ops.dependent_launches():
