@@ -14,7 +14,8 @@ files) it measures, on the same GPU and in the same run as the ceilings
 - TTFT of a --ttft-tokens prompt against the compute bound (2 x parameters
   x tokens + causal attention FLOPs / measured GEMM rate);
 - offline throughput of --offline-requests requests of 128 in / 128 out, at most
-  --max-num-seqs running at once;
+  --max-num-seqs running at once, against a bound (shapes.offline_seconds: prefills at
+  the GEMM rate plus decode waves at the copy rate), and where its time went (offline_run);
 - HF transformers eager (torch bf16, KV cache) batch-1 decode step and TTFT;
 - the engine's peak device memory beside its weight and KV cache sizes.
 MoE rooflines count the experts a batch's tokens are expected to touch.
@@ -24,6 +25,7 @@ Writes JSON and prints a markdown table with the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -35,10 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_transfer import mixed_ttft  # noqa: E402  (TTFT through the engine)
-from shapes import SHAPES, rooflines  # noqa: E402
+from shapes import SHAPES, offline_seconds, rooflines  # noqa: E402
 from tp_decode import gpu_seconds  # noqa: E402
 
 GIB = 1 << 30
+OFFLINE_TOKENS = 128   # prompt and output tokens a request of the offline run
 
 
 def ceilings(backend) -> dict:
@@ -91,13 +94,62 @@ def decode_step_s(engine, batch: int, context: int, steps: int, rng) -> float:
     return float(np.median(times))
 
 
-def offline_tokens_per_s(engine, num_requests: int, rng) -> float:
+def offline_run(engine, num_requests: int, rng) -> dict:
+    """Offline throughput: num_requests prompts of OFFLINE_TOKENS random tokens, each to
+    OFFLINE_TOKENS output tokens (engine.generate). And where the time went: each plan's span
+    (from the scheduler taking the previous plan's tokens to taking its own: the plan's GPU
+    time while the GPU is the bottleneck, decoding ahead), summed over plans with prompt tokens
+    and over decode-only plans; and the host's time in the scheduler, the runner's launch and
+    the engine's output stream, which decoding ahead overlaps with the GPU."""
     from shardline.worker.sampling_params import SamplingParams
     vocab = engine.local.model.config.vocab_size
-    prompts = [rng.integers(0, vocab, 128).tolist() for _ in range(num_requests)]
-    begin = time.perf_counter()
-    engine.generate(prompts, SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
-    return 128 * num_requests / (time.perf_counter() - begin)
+    prompts = [rng.integers(0, vocab, OFFLINE_TOKENS).tolist() for _ in range(num_requests)]
+    plans: list[tuple[float, bool, int]] = []   # (tokens taken at, has prompt tokens, rows sampled)
+    host: dict[str, float] = {}
+    runner_launch = "launch" if hasattr(engine.runner, "launch") else "execute"
+    with timed(engine.scheduler, ("schedule", "update_from_output"), host), timed(engine, ("_stream",), host), \
+            timed(engine.runner, (runner_launch,), host, "runner_" + runner_launch):
+        update = engine.scheduler.update_from_output
+
+        def update_and_note(plan, sampled):
+            update(plan, sampled)
+            plans.append((time.perf_counter(), bool((np.asarray(plan.num_scheduled_tokens) > 1).any()),
+                          int(np.asarray(plan.sample_rows).size)))
+
+        engine.scheduler.update_from_output = update_and_note
+        begin = time.perf_counter()
+        engine.generate(prompts, SamplingParams(max_tokens=OFFLINE_TOKENS, temperature=0.0, ignore_eos=True))
+        total = time.perf_counter() - begin
+    spans = np.diff([begin] + [at for at, _, _ in plans])
+    prompt = np.array([p for _, p, _ in plans], dtype=bool)
+    rows = np.array([r for _, _, r in plans])
+    return {"offline_tokens_per_s": OFFLINE_TOKENS * num_requests / total, "offline_s": total,
+            "offline_plans": len(plans), "offline_prompt_plans": int(prompt.sum()),
+            "offline_prompt_plans_s": float(spans[prompt].sum()), "offline_decode_plans_s": float(spans[~prompt].sum()),
+            "offline_decode_rows_mean": float(rows[~prompt].mean()) if (~prompt).any() else 0.0,
+            "offline_host_s": host}
+
+
+@contextlib.contextmanager
+def timed(obj, names, spent: dict[str, float], key: str | None = None):
+    """obj's methods `names` add their seconds to spent[name] (or spent[key]) while inside;
+    the class's methods again after."""
+    def timing(name, method):
+        def call(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[key or name] = spent.get(key or name, 0.0) + time.perf_counter() - begin
+        return call
+
+    for name in names:
+        setattr(obj, name, timing(name, getattr(obj, name)))
+    try:
+        yield spent
+    finally:
+        for name in names:
+            del obj.__dict__[name]
 
 
 class DeviceMemory:
@@ -138,7 +190,7 @@ def measure_ours(hf: dict, args, rng) -> dict:
     mixed_ttft(engine, prompt)
     result["ttft_s"] = mixed_ttft(engine, prompt)
     memory.sample()
-    result["offline_tokens_per_s"] = offline_tokens_per_s(engine, args.offline_requests, rng)
+    result.update(offline_run(engine, args.offline_requests, rng))
     memory.sample()
     result["peak_device_bytes"] = memory.peak_bytes
     del engine, backend
@@ -197,6 +249,9 @@ def run(args) -> dict:
         c = ours["ceilings"]
         entry = {"ours": ours, "roofline": rooflines(hf, args.batch, args.context, args.ttft_tokens,
                                                      c["copy_GBps"] * 1e9, c["gemm_TFLOPs"] * 1e12)}
+        entry["roofline"]["offline_s"] = offline_seconds(
+            hf, args.offline_requests, max(args.batch + [args.max_num_seqs]), OFFLINE_TOKENS, OFFLINE_TOKENS,
+            c["copy_GBps"] * 1e9, c["gemm_TFLOPs"] * 1e12)
         if not args.skip_hf:
             entry["hf"] = measure_hf(hf, args, rng)
         report["shapes"][name] = entry
@@ -220,8 +275,18 @@ def print_table(report: dict) -> None:
             hf_s = hf.get("decode_s_batch1") if batch == 1 else None
             row(name, f"decode step, batch {batch}, CUDA graphs (ms)", step_s, hf_s, roof["decode_s"][batch])
         row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
-        print(f"| {name} | offline 128/128, {report['offline_requests']} requests (output tok/s) | "
-              f"{ours['offline_tokens_per_s']:.0f} | | | | |")
+        tokens, roof_s = report["offline_requests"] * OFFLINE_TOKENS, roof.get("offline_s")
+        bound = "" if roof_s is None else f"{tokens / roof_s:.0f} | {tokens / ours['offline_tokens_per_s'] / roof_s:.2f}"
+        print(f"| {name} | offline {OFFLINE_TOKENS}/{OFFLINE_TOKENS}, {report['offline_requests']} requests "
+              f"(output tok/s; roofline: prefills at the GEMM rate + decode waves at the copy rate) | "
+              f"{ours['offline_tokens_per_s']:.0f} | | {bound or ' |'} | |")
+        if "offline_plans" in ours:
+            host_ms = 1e3 * sum(ours["offline_host_s"].values()) / max(ours["offline_plans"], 1)
+            print(f"| {name} | offline split (s): {ours['offline_prompt_plans']} plans with prompt tokens / "
+                  f"{ours['offline_plans'] - ours['offline_prompt_plans']} decode-only plans "
+                  f"({ours['offline_decode_rows_mean']:.0f} rows on average); host ms a plan | "
+                  f"{ours['offline_prompt_plans_s']:.2f} / {ours['offline_decode_plans_s']:.2f}; {host_ms:.2f} "
+                  f"| | | | |")
         print(f"| {name} | peak device memory (GB): weights {roof['weights_GB']:.2f}, KV cache "
               f"{ours['kv_cache_bytes'] / 1e9:.2f} | {ours['peak_device_bytes'] / 1e9:.2f} | | | | |")
 

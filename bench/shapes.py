@@ -81,13 +81,32 @@ def kv_bytes_per_token(hf: dict, itemsize: int = 2) -> int:
     return 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * itemsize
 
 
+def prefill_flops(hf: dict, prompt_tokens: int) -> float:
+    """FLOPs of one prompt's prefill: 2 x active layer parameters x tokens, causal attention,
+    the head for the last token only."""
+    n, layers, h = prompt_tokens, hf["num_hidden_layers"], hf["hidden_size"]
+    attention_flops = layers * 2 * n * n * h   # QK^T and PV, the causal half of 4 n^2 h
+    return 2 * active_layer_params(hf) * n + attention_flops + 2 * hf["vocab_size"] * h
+
+
+def offline_seconds(hf: dict, requests: int, running: int, prompt: int, output: int, copy_Bps: float,
+                    gemm_flops: float) -> float:
+    """A bound for an offline run of `requests` prompts of `prompt` tokens to `output` tokens
+    each, at most `running` at once: every prefill at the GEMM rate (prefill_flops), plus
+    decode steps at the copy rate, the requests in waves of `running`, each wave's output - 1
+    steps (the first token comes from its prefill) reading the weights and its KV so far."""
+    kv = kv_bytes_per_token(hf)
+    decode_bytes = 0.0
+    for first in range(0, requests, running):
+        batch = min(running, requests - first)
+        decode_bytes += sum(weight_bytes_per_step(hf, batch) + batch * (prompt + i) * kv for i in range(1, output))
+    return requests * prefill_flops(hf, prompt) / gemm_flops + decode_bytes / copy_Bps
+
+
 def rooflines(hf: dict, batches: list[int], context: int, prompt_tokens: int, copy_Bps: float,
               gemm_flops: float) -> dict:
     """Decode step seconds per batch (weights + KV read at the copy rate) and prefill
-    seconds of one prompt (2 x active layer parameters x tokens, causal attention, the
-    head for the last token only, at the GEMM rate)."""
+    seconds of one prompt (prefill_flops at the GEMM rate)."""
     decode = {b: (weight_bytes_per_step(hf, b) + b * context * kv_bytes_per_token(hf)) / copy_Bps for b in batches}
-    n, layers, h = prompt_tokens, hf["num_hidden_layers"], hf["hidden_size"]
-    attention_flops = layers * 2 * n * n * h   # QK^T and PV, the causal half of 4 n^2 h
-    flops = 2 * active_layer_params(hf) * n + attention_flops + 2 * hf["vocab_size"] * h
-    return {"decode_s": decode, "ttft_s": flops / gemm_flops, "weights_GB": 2 * param_count(hf) / 1e9}
+    return {"decode_s": decode, "ttft_s": prefill_flops(hf, prompt_tokens) / gemm_flops,
+            "weights_GB": 2 * param_count(hf) / 1e9}

@@ -13,7 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shapes import (LLAMA3_8B, MIXTRAL_8X7B, SHAPES, SMOLLM2_135M, active_layer_params,  # noqa: E402
-                          experts_touched, param_count, rooflines, weight_bytes_per_step)
+                          experts_touched, kv_bytes_per_token, offline_seconds, param_count, prefill_flops,
+                          rooflines, weight_bytes_per_step)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -58,3 +59,18 @@ def test_rooflines_of_every_shape_are_positive_and_ordered():
         assert 0 < r["decode_s"][1] < r["decode_s"][64], name
         assert r["ttft_s"] > 0 and r["weights_GB"] > 0, name
     assert rooflines(LLAMA3_8B, [1], 512, 2048, 3.0e12, 800e12)["decode_s"][1] == pytest.approx(5.0e-3, rel=0.1)
+
+
+def test_offline_bound_is_prefills_plus_decode_waves():
+    """offline_seconds: the prefills at the GEMM rate plus, per wave of requests, a decode step
+    a new token reading the weights and the wave's KV so far, at the copy rate."""
+    copy, gemm = 3.0e12, 800e12
+    one = offline_seconds(LLAMA3_8B, 1, 1, 128, 2, copy, gemm)   # one prefill, then one step at 129 tokens
+    step = (weight_bytes_per_step(LLAMA3_8B, 1) + 129 * kv_bytes_per_token(LLAMA3_8B)) / copy
+    assert one == pytest.approx(prefill_flops(LLAMA3_8B, 128) / gemm + step)
+    whole = offline_seconds(LLAMA3_8B, 1024, 512, 128, 128, copy, gemm)
+    assert whole == pytest.approx(1024 * 128 / 27_000, rel=0.1)   # ~27k tok/s by hand: 2.3 s + 2.45 s
+    assert offline_seconds(LLAMA3_8B, 1024, 512, 128, 128, 2 * copy, 2 * gemm) == pytest.approx(whole / 2)
+    # Waves: one of 1024 reads the weights half as often as two of 512.
+    assert offline_seconds(LLAMA3_8B, 1024, 1024, 128, 128, copy, gemm) < whole
+    assert offline_seconds(LLAMA3_8B, 1000, 512, 128, 128, copy, gemm) < whole
