@@ -39,11 +39,12 @@ class SkinnyGemmOps:
     # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs of at least
     # skinny_looped_min_rows rows launch at most n blocks an SM, each looping over tiles (the
     # *_looped kernels), so the whole GEMM is resident from its start (4: the looped kernels'
-    # occupancy from 2 rows on at K split 2 or 4, 121-128 registers). Llama-3-8B's step on an H100 (bench.decode_ab,
-    # K splits retimed, medians in ms at 1 / 2 / 4 rows): a block a tile 5.89 / 6.26 / 7.19,
-    # 4 an SM 7.56 / 6.10 / 6.71, 8 an SM 6.00 / 6.10 / 6.70; these defaults 5.90 / 6.11 / 6.78
-    # against 5.90 / 6.27 / 7.19. At one row a block a tile is the faster (its kernels fit 6
-    # blocks an SM, the looped ones 5), so one row keeps it. SmolLM2 moved by under 2%.
+    # occupancy from 2 rows on at K split 2 or 4, 121-128 registers). Llama-3-8B's step on an
+    # H100 (bench.decode_ab, K splits retimed, medians in ms at 1 / 2 / 4 rows): a block a
+    # tile 5.89 / 6.26 / 7.19, 4 an SM 7.56 / 6.10 / 6.71, 8 an SM 6.00 / 6.10 / 6.70; these
+    # defaults 5.90 / 6.11 / 6.78 against 5.90 / 6.27 / 7.19. At one row a block a tile is the
+    # faster (its kernels fit 6 blocks an SM, the looped ones 5), so one row keeps it. SmolLM2
+    # moved by under 2%.
     skinny_blocks_per_sm = 4
     skinny_looped_min_rows = 2
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
