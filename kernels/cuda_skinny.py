@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+
 import cupy
 import numpy as np
 
