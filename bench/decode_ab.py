@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm import SHAPES, build_ours, decode_step_s  # noqa: E402
+from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s  # noqa: E402
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/decode_ab.json")
     args = p.parse_args()
     args.ttft_tokens, args.max_num_seqs, args.decode_ahead = 2048, max(args.batch), None
+    args.gpu_memory_fraction = GPU_MEMORY_FRACTION
     backend, engine = build_ours(SHAPES[args.shape], args)
     settings = Settings(backend.ops, args.config)
     rng, rows = np.random.default_rng(0), []

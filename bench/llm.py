@@ -42,6 +42,7 @@ from tp_decode import gpu_seconds  # noqa: E402
 
 GIB = 1 << 30
 OFFLINE_TOKENS = 128   # prompt and output tokens a request of the offline run
+GPU_MEMORY_FRACTION = 0.5   # of the free memory after the weights, for the KV cache
 
 
 def ceilings(backend) -> dict:
@@ -75,8 +76,11 @@ def build_ours(hf: dict, args):
 
 
 def decode_step_s(engine, batch: int, context: int, steps: int, rng) -> float:
+    """Median wall seconds of an engine step decoding `batch` requests of `context` tokens."""
     from shardline.worker.sampling_params import SamplingParams
-    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    # The first requests decode a token a step while the later ones prefill: enough tokens for all.
+    prefill_steps = -(-batch * context // engine.config.max_num_batched_tokens)
+    params = SamplingParams(max_tokens=steps + prefill_steps + 4, temperature=0.0, ignore_eos=True)
     ids = [f"d{b}" for b in range(batch)]
     for rid in ids:
         engine.add_request(rid, rng.integers(0, engine.local.model.config.vocab_size, context).tolist(), params)
@@ -86,8 +90,10 @@ def decode_step_s(engine, batch: int, context: int, steps: int, rng) -> float:
     times = []
     for _ in range(steps):
         begin = time.perf_counter()
-        engine.step()
+        outputs = engine.step()
         times.append(time.perf_counter() - begin)
+        if len(outputs) != batch:
+            raise RuntimeError(f"decode step of batch {batch}: {len(outputs)} requests got a token")
     for rid in ids:
         engine.abort(rid)
     engine.step()
@@ -309,7 +315,7 @@ def main() -> None:
                    help="requests of the offline run (vLLM's throughput benchmark sends 1000)")
     p.add_argument("--max-num-seqs", type=int, default=512,
                    help="the engine's running requests at most (8192 batched tokens a step)")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.5,
+    p.add_argument("--gpu-memory-fraction", type=float, default=GPU_MEMORY_FRACTION,
                    help="of the free GPU memory after the weights, for the KV cache (the engine's default: 0.85)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_const", const=False, default=None,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm import SHAPES, build_ours  # noqa: E402
+from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours  # noqa: E402
 
 
 def phases(engine, steps: int) -> dict[str, float]:
@@ -115,6 +115,7 @@ def main() -> None:
     batch = args.batch
     # what build_ours reads; the phases below step the runner one plan at a time
     args.ttft_tokens, args.max_num_seqs, args.batch, args.decode_ahead = 2048, batch, [batch], False
+    args.gpu_memory_fraction = GPU_MEMORY_FRACTION
     hf = SHAPES[args.shape]
     _, engine = build_ours(hf, args)
     from shardline.worker.sampling_params import SamplingParams

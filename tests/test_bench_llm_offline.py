@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.llm import OFFLINE_TOKENS, offline_run  # noqa: E402
+from bench.llm import OFFLINE_TOKENS, decode_step_s, offline_run  # noqa: E402
 from engine_fixtures import make_engine, save_tiny_llama, tiny_local  # noqa: E402
 
 
@@ -33,4 +33,23 @@ def test_offline_run_counts_plans_and_splits_their_time(tmp_path):
     assert all(seconds > 0 for seconds in host.values())
     assert not {"schedule", "update_from_output"} & set(vars(engine.scheduler))   # the class's methods again
     assert "_stream" not in vars(engine) and "launch" not in vars(engine.runner)
+    assert not engine.has_unfinished()
+
+
+def test_decode_step_times_steps_of_the_whole_batch(tmp_path):
+    """Prefilling the batch takes a plan a request, while the first requests decode: every
+    timed step still decodes all of them."""
+    local = tiny_local(save_tiny_llama(tmp_path / "tiny", seed=4), dtype="float32")
+    batch, context, steps = 8, 32, 6
+    engine = make_engine(local, num_kv_blocks=64, max_num_batched_tokens=context, max_num_seqs=batch)
+    rows: list[int] = []
+    update = engine.scheduler.update_from_output
+
+    def update_and_count(plan, sampled):
+        rows.append(len(plan.request_ids))
+        update(plan, sampled)
+    engine.scheduler.update_from_output = update_and_count
+    assert decode_step_s(engine, batch, context, steps, np.random.default_rng(1)) > 0
+    assert rows[:batch] == list(range(1, batch + 1))   # a prompt a plan, the ones before decoding
+    assert rows[-steps:] == [batch] * steps            # the timed steps (none after the aborts)
     assert not engine.has_unfinished()

@@ -2,7 +2,8 @@
 
 A pure decode plan (every request one new token, all of them sampling, no
 block copies, penalties or log-probabilities) on a single-rank CUDA engine
-runs as: the plan's arrays copied into the bucket's static device buffers
+runs as: the plan's arrays written into the bucket's pinned host staging
+buffer and copied in one asynchronous copy into its static device buffers
 (padded rows write no KV: slot -1), one graph launch (embedding, every
 layer, final norm, LM head, sampling: hundreds of kernels, one launch), one
 readback of the tokens. A bucket's graph is captured the first time a plan
@@ -41,13 +42,28 @@ def is_pure_decode(plan: StepPlan) -> bool:
 
 
 @dataclass
+class _Staging:
+    """Pinned host arrays laid out as a bucket's device buffer: one copy moves them all,
+    without the stream sync a copy from pageable memory may take."""
+
+    raw: np.ndarray                   # [nbytes] uint8, pinned
+    arrays: dict[str, np.ndarray]     # name -> view into raw
+    copied: Any = None                # CUDA event after the last copy out of raw
+
+
+@dataclass
 class _Bucket:
-    """Static device buffers of one batch size; the captured graph reads and writes only these."""
+    """Static device buffers of one batch size (views into one allocation); the captured
+    graph reads and writes only these."""
 
     size: int
+    raw: Any                          # [nbytes] uint8 on the device
     arrays: dict[str, Any]            # name -> device array, [size] (block_tables [size, max_blocks])
+    staging: tuple[_Staging, _Staging]   # used in turn: one may still be copying while the next is filled
+    idle: dict[str, np.ndarray]       # the padding's values
     graph: Any = None
     tokens: Any = None                # [size] int32, the graph's output
+    turn: int = 0
 
 
 class DecodeGraphs:
@@ -84,11 +100,11 @@ class DecodeGraphs:
         bucket = self._captured.get(size) or self._capture(size)
         if bucket is None:
             return None
-        for name, host in _padded_inputs(plan, size, self.max_blocks_per_seq).items():
-            bucket.arrays[name].set(host, stream=self._stream)
-        if plan.takes_pending_tokens:
+        pending = self._stage(bucket, plan)
+        if pending:
             with self._stream:
-                with_pending_tokens(self._cupy, bucket.arrays["token_ids"], plan, previous)
+                with_pending_tokens(self._cupy, bucket.arrays["token_ids"], plan, previous,
+                                    (bucket.arrays["pending_rows"][:pending], bucket.arrays["pending_sources"][:pending]))
         bucket.graph.launch(stream=self._stream)
         self.num_replays += 1
         tokens = bucket.tokens[:len(plan.request_ids)]
@@ -96,10 +112,21 @@ class DecodeGraphs:
             return Launched.read_back(self.runner.backend, tokens, True, stream=self._stream)
         return Launched(tokens, tokens.get(stream=self._stream))
 
+    def _stage(self, bucket: _Bucket, plan: StepPlan) -> int:
+        """The plan's inputs into the bucket's device buffers through the next staging
+        buffer, queued on the graphs' stream; returns the pending tokens' count."""
+        staging = bucket.staging[bucket.turn % 2]
+        bucket.turn += 1
+        if staging.copied is not None:
+            staging.copied.synchronize()   # two launches ago: done unless far more is queued
+        _fill(staging.arrays, bucket.idle, plan)
+        bucket.raw.set(staging.raw, stream=self._stream)
+        staging.copied = self._stream.record()
+        return int(np.count_nonzero(plan.token_sources >= 0))
+
     def _capture(self, size: int) -> _Bucket | None:
         cupy = self._cupy
-        idle = _padded_inputs(None, size, self.max_blocks_per_seq)
-        bucket = _Bucket(size, {name: cupy.asarray(host) for name, host in idle.items()})
+        bucket = self._new_bucket(size)
         try:
             # Our kernels go in as dependent launches, each allowed to start while the one before
             # finishes (the warm-up runs them so too, so a launch error shows before the capture).
@@ -121,6 +148,25 @@ class DecodeGraphs:
         self._captured[size] = bucket
         return bucket
 
+    def _new_bucket(self, size: int) -> _Bucket:
+        import cupyx
+        idle = _idle_inputs(size, self.max_blocks_per_seq)
+        offsets, nbytes = _layout(idle)
+        raw = self._cupy.zeros(nbytes, np.uint8)
+
+        def views(buffer):
+            return {name: buffer[at:at + idle[name].nbytes].view(idle[name].dtype).reshape(idle[name].shape)
+                    for name, at in offsets.items()}
+        staging = []
+        for _ in range(2):
+            host = cupyx.empty_pinned(nbytes, np.uint8)
+            arrays = views(host)
+            for name, value in idle.items():
+                arrays[name][...] = value
+            staging.append(_Staging(host, arrays))
+        raw.set(staging[0].raw)   # the padding's values, before the warm-up and capture read them
+        return _Bucket(size, raw, views(raw), tuple(staging), idle)
+
     def _forward(self, bucket: _Bucket):
         """Tokens [size] int32 of one decode step over the bucket's buffers."""
         a, runner = bucket.arrays, self.runner
@@ -132,11 +178,41 @@ class DecodeGraphs:
                                          a["offsets"], min_p=a["min_p"])
 
 
-def _padded_inputs(plan: StepPlan | None, size: int, max_blocks: int) -> dict[str, np.ndarray]:
-    """The plan's decode inputs padded to `size` rows (None: all padding). A padding
-    row is a one-token sequence over block 0 whose K/V go nowhere (slot -1)."""
-    n = 0 if plan is None else len(plan.request_ids)
-    arrays = {
+def _layout(arrays: dict[str, np.ndarray], align: int = 16) -> tuple[dict[str, int], int]:
+    """Byte offsets of the arrays packed one after another (each `align`-aligned), and the total."""
+    offsets, at = {}, 0
+    for name, array in arrays.items():
+        offsets[name] = at
+        at += -(-array.nbytes // align) * align
+    return offsets, at
+
+
+def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> None:
+    """The plan's decode inputs into a bucket's staging `arrays`: its rows first, padding
+    (`idle`'s values) after them; the pending tokens' rows and their sources in the previous
+    step's sample rows first in pending_rows / pending_sources."""
+    n, width = len(plan.request_ids), plan.block_tables.shape[1]
+    for name in _PLAN_INPUTS:
+        arrays[name][:n] = getattr(plan, name)
+    for name in _SAMPLING_INPUTS:
+        arrays[name][:n] = getattr(plan.sampling, name)
+    arrays["block_tables"][:n, :width] = plan.block_tables
+    arrays["block_tables"][:n, width:] = 0
+    for name in _PLAN_INPUTS + _SAMPLING_INPUTS + ("block_tables",):
+        arrays[name][n:] = idle[name][n:]
+    rows = np.flatnonzero(plan.token_sources >= 0)
+    arrays["pending_rows"][:rows.size] = rows
+    arrays["pending_sources"][:rows.size] = plan.token_sources[rows]
+
+
+_PLAN_INPUTS = ("token_ids", "positions", "slot_mapping", "seq_lens")
+_SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "min_p", "seeds", "offsets")
+
+
+def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:
+    """A bucket's decode inputs, all padding: a padding row is a one-token sequence over
+    block 0 whose K/V go nowhere (slot -1)."""
+    return {
         "token_ids": np.zeros(size, np.int32), "positions": np.zeros(size, np.int64),
         "slot_mapping": np.full(size, -1, np.int64), "seq_lens": np.ones(size, np.int32),
         "query_start_loc": np.arange(size + 1, dtype=np.int32),
@@ -144,13 +220,5 @@ def _padded_inputs(plan: StepPlan | None, size: int, max_blocks: int) -> dict[st
         "temperature": np.zeros(size, np.float32), "top_k": np.zeros(size, np.int32),
         "top_p": np.ones(size, np.float32), "min_p": np.zeros(size, np.float32),
         "seeds": np.zeros(size, np.uint64), "offsets": np.zeros(size, np.int64),
+        "pending_rows": np.zeros(size, np.int64), "pending_sources": np.zeros(size, np.int64),
     }
-    if plan is None:
-        return arrays
-    for name in ("token_ids", "positions", "slot_mapping", "seq_lens"):
-        arrays[name][:n] = getattr(plan, name)
-    arrays["block_tables"][:n, :plan.block_tables.shape[1]] = plan.block_tables
-    s = plan.sampling
-    for name in ("temperature", "top_k", "top_p", "min_p", "seeds", "offsets"):
-        arrays[name][:n] = getattr(s, name)
-    return arrays

@@ -111,15 +111,18 @@ class Launched:
         return StepResult(np.array(self.host, dtype=np.int32), self.logprobs)
 
 
-def with_pending_tokens(xp: Any, token_ids: Any, plan: StepPlan, previous: Launched | None) -> Any:
+def with_pending_tokens(xp: Any, token_ids: Any, plan: StepPlan, previous: Launched | None,
+                        on_device: tuple[Any, Any] | None = None) -> Any:
     """`token_ids` (on the device) with the rows the plan takes from the previous step's
-    sampled tokens (decode ahead) filled in there, without a host sync."""
+    sampled tokens (decode ahead) filled in there, without a host sync. `on_device`: those
+    rows and their sources (the previous step's sample rows), already on the device."""
     rows = np.flatnonzero(plan.token_sources >= 0)
     if rows.size == 0:
         return token_ids
     if previous is None:
         raise ValueError(f"plan {plan.step_id}: {rows.size} pending token(s) but no step launched before it")
-    token_ids[xp.asarray(rows)] = previous.tokens[xp.asarray(plan.token_sources[rows])].astype(token_ids.dtype)
+    dest, sources = on_device or (xp.asarray(rows), xp.asarray(plan.token_sources[rows]))
+    token_ids[dest] = previous.tokens[sources].astype(token_ids.dtype)
     return token_ids
 
 
