@@ -169,9 +169,10 @@ class BlockManager:
         nothing, when the free list is too short.
         """
         table = self._tables.get(request.request_id)
+        # The common decode step: the table already covers it (num_blocks_for(n) <= len(table), inlined).
         if computed is None and table is not None \
-                and self.num_blocks_for(request.num_computed_tokens + num_new_tokens) <= len(table):
-            return True   # the common decode step: the table already covers it
+                and request.num_computed_tokens + num_new_tokens <= len(table) * self.block_size_tokens:
+            return True
         computed = computed or NO_PREFIX_HIT
         table = [] if table is None else table
         if computed.block_ids and table:

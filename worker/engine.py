@@ -33,7 +33,7 @@ from shardline.worker.scheduler_config import SchedulerConfig
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)   # slots: one is made per request per step
 class EngineOutput:
     request_id: str
     new_token_ids: list[int]
@@ -265,30 +265,31 @@ class LLMEngine:
                           for rid in self.handoff.waiting_pieces()]   # pieces of prompts still computing
 
     def _stream(self, outputs: list[RequestOutput], logprobs: dict[str, list]) -> list[EngineOutput]:
-        results = []
+        results, detokenizers = [], self._detokenizers
         for out in outputs:
-            if out.request_id not in self._detokenizers:
+            request_id, new_tokens = out.request_id, out.new_token_ids
+            if request_id not in detokenizers:
                 continue
-            detok = self._detokenizers[out.request_id]
+            detok = detokenizers[request_id]
             text, stop = "", None
-            for token in out.new_token_ids if detok else ():
+            for token in new_tokens if detok else ():
                 delta = detok.push(token)
                 text += delta.text
                 stop = stop or delta.stop
             finished, reason = out.finished, out.finish_reason
             if stop is not None and not finished:
-                self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED, stop)
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop)
                 self.scheduler.take_outputs()  # its finished output is this one
                 finished, reason = True, "stop"
             elif finished and stop is None and detok:
                 text += detok.flush().text
-            export = self.handoff.pop_piece(out.request_id)
+            export = self.handoff.pop_piece(request_id)
             if finished:
-                del self._detokenizers[out.request_id]
-                self.handoff.forget(out.request_id)
-            results.append(EngineOutput(out.request_id, list(out.new_token_ids), text, finished, reason,
+                del detokenizers[request_id]
+                self.handoff.forget(request_id)
+            results.append(EngineOutput(request_id, list(new_tokens), text, finished, reason,
                                         out.error, out.num_prompt_tokens, out.num_cached_tokens,
-                                        _take(logprobs, out.request_id, len(out.new_token_ids)), export))
+                                        _take(logprobs, request_id, len(new_tokens)), export))
         return results
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
@@ -317,6 +318,8 @@ class LLMEngine:
 def _take(logprobs: dict[str, list], request_id: str, num_tokens: int) -> list:
     """The first `num_tokens` log-probability entries of the request (a committed first
     token and the next step's token may both arrive in one step)."""
-    entries = logprobs.get(request_id, [])
+    entries = logprobs.get(request_id)
+    if entries is None:   # the common case: no log-probabilities asked for
+        return []
     taken, entries[:num_tokens] = entries[:num_tokens], []
     return taken

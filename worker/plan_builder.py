@@ -5,6 +5,8 @@ nothing (that is the Scheduler's) and imports no kernel or model code.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 
 from shardline.worker.request import Request
@@ -18,27 +20,29 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
     `ahead`: requests also in the plan in flight -> (tokens they compute there, the row of
     the token they sample there among its sampled tokens, or -1): their tokens here start
     after those, and with a row the one token here is that pending one."""
+    # Per-row values are gathered in Python lists and turned into arrays once: at hundreds
+    # of rows, per-row NumPy calls cost more than the step's other host work.
     ahead = ahead or {}
     requests = [r for r, _ in scheduled]
-    counts = np.array([n for _, n in scheduled], dtype=np.int32)               # [B]
+    count_list = [n for _, n in scheduled]
     skip = [ahead.get(r.request_id, (0, -1)) for r in requests]                  # (in flight, pending row)
-    starts = np.array([r.num_computed_tokens + s for r, (s, _) in zip(requests, skip)], dtype=np.int32)
+    start_list = [r.num_computed_tokens + s for r, (s, _) in zip(requests, skip)]
+    row_list = [row for _, row in skip]
+    counts = np.array(count_list, dtype=np.int32)                              # [B]
+    starts = np.array(start_list, dtype=np.int32)                              # [B]
     seq_lens = starts + counts                                                   # [B]
     query_start_loc = np.zeros(len(requests) + 1, dtype=np.int32)
     np.cumsum(counts, out=query_start_loc[1:])
-    token_ids = np.array([t for (r, n), start, (_, row) in zip(scheduled, starts.tolist(), skip)
-                          for t in ((0,) if row >= 0 else r.tokens(start, start + n))], dtype=np.int32)   # [T]
-    token_sources = np.repeat(np.array([row for _, row in skip], dtype=np.int32), counts)            # [T]
+    token_ids = np.array(_known_tokens(requests, start_list, count_list, row_list), dtype=np.int32)   # [T]
+    pending_rows = np.array(row_list, dtype=np.int32)                          # [B]
+    token_sources = np.repeat(pending_rows, counts)                              # [T]
     row_of_token = np.repeat(np.arange(len(requests)), counts)                   # [T]
     positions = (np.arange(token_ids.shape[0], dtype=np.int32)
                  - np.repeat(query_start_loc[:-1], counts) + np.repeat(starts, counts))
-    num_table_blocks = -(-seq_lens // block_size_tokens)
-    block_tables = np.zeros((len(requests), int(num_table_blocks.max())), dtype=np.int32)
-    for row, (table, num_blocks) in enumerate(zip(tables, num_table_blocks)):
-        block_tables[row, :num_blocks] = table[:num_blocks]
+    block_tables, _ = _pad_rows(tables, -(-seq_lens // block_size_tokens))      # [B, max_blocks]
     slot_mapping = (block_tables[row_of_token, positions // block_size_tokens].astype(np.int64) * block_size_tokens
                     + positions % block_size_tokens)
-    pending = np.array([row >= 0 for _, row in skip], dtype=bool)               # [B]
+    pending = pending_rows >= 0                                                  # [B]
     samples = (np.array([r.num_tokens for r in requests], dtype=np.int32) == seq_lens) | pending
     sample_request_index = np.flatnonzero(samples).astype(np.int32)              # [S]
     return StepPlan(
@@ -47,8 +51,20 @@ def build_step_plan(step_id: int, scheduled: list[tuple[Request, int]], tables: 
         query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
         sample_rows=(query_start_loc[1:][samples] - 1).astype(np.int32),
         sample_request_index=sample_request_index,
-        sampling=build_sampling_batch([requests[i] for i in sample_request_index], pending[sample_request_index]),
+        sampling=build_sampling_batch([requests[i] for i in sample_request_index.tolist()],
+                                      pending[sample_request_index]),
         block_copies=np.array(copies, dtype=np.int32).reshape(len(copies), 2), token_sources=token_sources)
+
+
+def _known_tokens(requests: list[Request], starts: list[int], counts: list[int], pending_rows: list[int]) -> list[int]:
+    """The rows' tokens back to back; a pending token (decode ahead) is a 0 the device overwrites."""
+    tokens: list[int] = []
+    for request, start, count, row in zip(requests, starts, counts, pending_rows):
+        if row >= 0:
+            tokens.append(0)
+        else:
+            tokens += request.tokens(start, start + count)
+    return tokens
 
 
 def build_sampling_batch(requests: list[Request], pending: np.ndarray | None = None) -> SamplingBatch:
@@ -59,14 +75,15 @@ def build_sampling_batch(requests: list[Request], pending: np.ndarray | None = N
     pending = np.zeros(len(requests), dtype=bool) if pending is None else pending
 
     def column(name: str, dtype: type) -> np.ndarray:
-        return np.array([getattr(p, name) for p in params], dtype=dtype)
+        return np.array(list(map(attrgetter(name), params)), dtype=dtype)
 
-    uses_penalties = any(p.uses_penalties for p in params)
-    prompts = [r.prompt_token_ids for r in requests] if uses_penalties else [() for _ in requests]
-    outputs = ([r.output_token_ids + [0] * int(p) for r, p in zip(requests, pending)] if uses_penalties
-               else [() for _ in requests])
-    prompt_ids, prompt_lens = _pad_rows(prompts)
-    output_ids, output_lens = _pad_rows(outputs)
+    if any(p.uses_penalties for p in params):
+        prompt_ids, prompt_lens = _pad_rows([r.prompt_token_ids for r in requests])
+        output_ids, output_lens = _pad_rows([r.output_token_ids + [0] * int(p) for r, p in zip(requests, pending)])
+    else:   # no row uses a penalty: no history, width 0
+        num_rows = len(requests)
+        prompt_ids, output_ids = np.zeros((num_rows, 0), dtype=np.int32), np.zeros((num_rows, 0), dtype=np.int32)
+        prompt_lens, output_lens = np.zeros(num_rows, dtype=np.int32), np.zeros(num_rows, dtype=np.int32)
     return SamplingBatch(
         temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
         top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
@@ -79,10 +96,15 @@ def build_sampling_batch(requests: list[Request], pending: np.ndarray | None = N
         num_logprobs=column("logprobs", np.int32))
 
 
-def _pad_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
-    """[S, max_len] int32 padded with 0, and [S] int32 lengths."""
-    lens = np.array([len(row) for row in rows], dtype=np.int32)
+def _pad_rows(rows: list, lens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[S, max_len] int32: row i holds rows[i][:lens[i]] (all of it by default), then 0s;
+    and the [S] int32 lengths."""
+    if lens is None:
+        lens = np.fromiter(map(len, rows), dtype=np.int32, count=len(rows))
+    flat: list[int] = []
+    for row, length in zip(rows, lens.tolist()):
+        flat += row[:length]
     padded = np.zeros((len(rows), int(lens.max()) if len(rows) else 0), dtype=np.int32)
-    for index, row in enumerate(rows):
-        padded[index, :len(row)] = row
+    # Boolean-mask assignment fills row by row, in order: one conversion instead of one per row.
+    padded[np.arange(padded.shape[1]) < lens[:, None]] = flat
     return padded, lens

@@ -28,7 +28,7 @@ from shardline.worker.plan_builder import build_step_plan
 from shardline.worker.step_plan import StepPlan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)   # slots: one is made per request per step
 class RequestOutput:
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -203,14 +203,20 @@ class Scheduler:
             return None
         tables = [self.block_manager.block_table(r.request_id) for r, _ in scheduled]
         plan = build_step_plan(self._num_steps, scheduled, tables, copies, self.config.block_size_tokens, ahead)
+        request_ids = plan.request_ids
         self._in_flight.append(_InFlight(
             plan.step_id, {r.request_id: r for r, _ in scheduled}, {r.request_id: n for r, n in scheduled},
-            {plan.request_ids[i]: row for row, i in enumerate(plan.sample_request_index)}))
+            {request_ids[i]: row for row, i in enumerate(plan.sample_request_index.tolist())}))
         self._num_steps += 1
         return plan
 
     def _in_a_plan(self, request: Request) -> bool:
-        return any(request.request_id in plan.requests for plan in self._in_flight)
+        # A plain loop: called for every running request each step, over at most a few plans.
+        request_id = request.request_id
+        for plan in self._in_flight:
+            if request_id in plan.requests:
+                return True
+        return False
 
     def _schedule_ahead(self, request: Request, scheduled: list[tuple[Request, int]],
                         ahead: dict[str, tuple[int, int]], budget_tokens: int) -> int:
@@ -219,9 +225,9 @@ class Scheduler:
         computed and dropped. No preemption for a step ahead. Returns the budget left."""
         if not self.config.decode_ahead or len(self._in_flight) != 1:
             return budget_tokens
-        plan = self._in_flight[0]
-        in_flight = plan.tokens[request.request_id]
-        row = plan.sample_rows.get(request.request_id)
+        plan, request_id = self._in_flight[0], request.request_id
+        in_flight = plan.tokens[request_id]
+        row = plan.sample_rows.get(request_id)
         if row is None:   # mid-prompt: the next chunk, whose tokens are known
             num_new, row = min(request.num_tokens_to_compute - in_flight, budget_tokens), -1
         elif self._ends_by_length(request, 1):
@@ -231,7 +237,7 @@ class Scheduler:
         if num_new < 1 or not self.block_manager.allocate_slots(request, in_flight + num_new):
             return budget_tokens
         scheduled.append((request, num_new))
-        ahead[request.request_id] = (in_flight, row)
+        ahead[request_id] = (in_flight, row)
         self._num_ahead_tokens += row >= 0
         return budget_tokens - num_new
 
@@ -301,15 +307,16 @@ class Scheduler:
         if sampled.shape != plan.sample_rows.shape:
             raise ValueError(f"sampled_token_ids: expected shape {plan.sample_rows.shape}, got {sampled.shape}")
         planned = self._in_flight.popleft().requests
-        for request_id, num_tokens in zip(plan.request_ids, plan.num_scheduled_tokens):
-            request = self._running_request(request_id, planned)
+        # Looked up once: appending a token can finish only the request it goes to.
+        live = [self._running_request(request_id, planned) for request_id in plan.request_ids]
+        for request, num_tokens in zip(live, plan.num_scheduled_tokens.tolist()):
             if request is not None:
-                request.num_computed_tokens += int(num_tokens)
+                request.num_computed_tokens += num_tokens
                 self.block_manager.cache_full_blocks(request)
-        for row, request_index in enumerate(plan.sample_request_index):
-            request = self._running_request(plan.request_ids[request_index], planned)
+        for request_index, token_id in zip(plan.sample_request_index.tolist(), sampled.tolist()):
+            request = live[request_index]
             if request is not None:   # else finished (aborted) while the step ran
-                self._append_token(request, int(sampled[row]))
+                self._append_token(request, int(token_id))
 
     def _running_request(self, request_id: str, planned: dict[str, Request]) -> Request | None:
         """The running request the plan was made for (not a later one given its id)."""
@@ -330,8 +337,9 @@ class Scheduler:
 
     def _ends_by_length(self, request: Request, more: int = 0) -> bool:
         """Whether the request, with `more` tokens beyond those it has, is at max_tokens or max_model_len."""
-        return (request.num_output_tokens + more >= request.params.max_tokens
-                or request.num_tokens + more >= self.config.max_model_len)
+        num_output_tokens = request.num_output_tokens + more
+        return (num_output_tokens >= request.params.max_tokens
+                or request.num_prompt_tokens + num_output_tokens >= self.config.max_model_len)
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason: str | int | None = None,
                 error: str | None = None, new_tokens: tuple[int, ...] = ()) -> None:
@@ -346,7 +354,7 @@ class Scheduler:
 
     def _emit(self, request: Request, new_tokens: tuple[int, ...]) -> None:
         self._outputs.append(RequestOutput(
-            request_id=request.request_id, new_token_ids=new_tokens, finished=request.is_finished,
+            request_id=request.request_id, new_token_ids=new_tokens, finished=request.status.is_finished,
             status=request.status, finish_reason=request.finish_reason, error=request.error,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=request.num_cached_tokens,
             stop_reason=request.stop_reason))
