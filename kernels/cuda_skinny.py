@@ -48,6 +48,9 @@ class SkinnyGemmOps:
     # moved by under 2%.
     skinny_blocks_per_sm = 4
     skinny_looped_min_rows = 2
+    # Blocks an SM below skinny_looped_min_rows rows (0: a block a tile): per GPU, CudaOps sets
+    # few_rows_blocks_per_sm(its name).
+    skinny_blocks_per_sm_few_rows = 0
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -89,11 +92,12 @@ class SkinnyGemmOps:
 
     def _skinny_grid(self, kernel: str, num_out: int, gated: bool, k_split: int, rows: int) -> tuple[str, tuple[int]]:
         """(kernel, grid) of a plain or RoPE skinny GEMM: a block a tile, or where that is more
-        than skinny_blocks_per_sm blocks an SM (of at least skinny_looped_min_rows rows), the
-        kernel's *_looped variant on that many."""
+        than skinny_blocks_per_sm blocks an SM (skinny_blocks_per_sm_few_rows below
+        skinny_looped_min_rows rows), the kernel's *_looped variant on that many."""
         tiles = _skinny_tiles(num_out, gated, k_split)
-        blocks = self.skinny_blocks_per_sm * self._multiprocessors
-        if 0 < blocks < tiles and rows >= self.skinny_looped_min_rows:
+        per_sm = self.skinny_blocks_per_sm if rows >= self.skinny_looped_min_rows else self.skinny_blocks_per_sm_few_rows
+        blocks = per_sm * self._multiprocessors
+        if 0 < blocks < tiles:
             return kernel.replace("_kernel", "_looped_kernel"), (blocks,)
         return kernel, (tiles,)
 
@@ -195,6 +199,15 @@ class SkinnyGemmOps:
         key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
         return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
                 and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
+
+
+def few_rows_blocks_per_sm(device_name: str) -> int:
+    """skinny_blocks_per_sm_few_rows for a GPU. Llama-3-8B's batch-1 step (bench.decode_ab, K
+    splits retimed, ms of two runs): on an H200 a block a tile 4.83 / 4.82, looped on 8 an SM
+    4.77 / 4.75, on 16 an SM 4.66 / 4.66; on an H100 16 an SM took 5.95 against 5.89 (its
+    one-tile kernels fit 6 blocks an SM, the looped ones 5; the H200 streams its weights 1.4x
+    faster, so more of them must be in flight at once)."""
+    return 16 if "H200" in device_name else 0
 
 
 def pick_k_split(seconds: dict[int, float], rows: int, tie: float) -> int:

@@ -100,8 +100,13 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
             looped += loops
             with ops.dependent_launches():   # as in captured graphs
                 outs[per_sm] = ops.gated_linear(x, w) if gated else ops.linear(x, w, b)
-            monkeypatch.setattr(ops, "skinny_looped_min_rows", tokens + 1)
+            monkeypatch.setattr(ops, "skinny_looped_min_rows", tokens + 1)   # below it: the few rows' setting
+            monkeypatch.setattr(ops, "skinny_blocks_per_sm_few_rows", 0)
             assert ops._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split, tokens)[0] == "skinny_gemm_kernel"
+            monkeypatch.setattr(ops, "skinny_blocks_per_sm_few_rows", per_sm)
+            monkeypatch.setattr(ops, "skinny_blocks_per_sm", 0)
+            assert ops._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split, tokens) == (kernel, grid)
+            monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
             monkeypatch.setattr(ops, "skinny_looped_min_rows", 1)
         for per_sm in (1, 3):
             np.testing.assert_array_equal(ops.to_host(outs[per_sm]), ops.to_host(outs[0]),
