@@ -51,6 +51,8 @@ class KVHandoff:
     def take_exports(self, plan: StepPlan) -> None:
         """Reads the KV of the prompt tokens this plan makes ready for flagged requests
         (call before the scheduler sees the plan's output, which frees finished requests' blocks)."""
+        if not self._export_from:   # the common step: no request exports (every step, every row)
+            return
         for request_id, num_tokens in zip(plan.request_ids, plan.num_scheduled_tokens):
             start = self._export_from.get(request_id)
             request = self.scheduler.get_request(request_id)
