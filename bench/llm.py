@@ -9,13 +9,15 @@ files) it measures, on the same GPU and in the same run as the ceilings
 (copy bandwidth, bf16 GEMM rate):
 - decode step time per batch size (whole engine step: plan, forward,
   sampling, token readback; CUDA graphs, and batch 1 eager too) at
-  --context tokens, against the bandwidth roofline (weights + KV bytes
-  read / measured copy rate);
+  --context tokens, against the roofline (shapes.decode_step_seconds: the
+  matmuls at the slower of their weight bytes at the measured copy rate and
+  their FLOPs at the measured GEMM rate, then the KV bytes at the copy rate);
 - TTFT of a --ttft-tokens prompt against the compute bound (2 x parameters
   x tokens + causal attention FLOPs / measured GEMM rate);
 - offline throughput of --offline-requests requests of 128 in / 128 out, at most
   --max-num-seqs running at once, against a bound (shapes.offline_seconds: prefills at
-  the GEMM rate plus decode waves at the copy rate), and where its time went (offline_run);
+  the GEMM rate plus the decode waves' steps at their roofline), and where its time went
+  (offline_run);
 - HF transformers eager (torch bf16, KV cache) batch-1 decode step and TTFT;
 - the engine's peak device memory beside its weight and KV cache sizes.
 MoE rooflines count the experts a batch's tokens are expected to touch.
@@ -284,7 +286,7 @@ def print_table(report: dict) -> None:
         tokens, roof_s = report["offline_requests"] * OFFLINE_TOKENS, roof.get("offline_s")
         bound = "" if roof_s is None else f"{tokens / roof_s:.0f} | {tokens / ours['offline_tokens_per_s'] / roof_s:.2f}"
         print(f"| {name} | offline {OFFLINE_TOKENS}/{OFFLINE_TOKENS}, {report['offline_requests']} requests "
-              f"(output tok/s; roofline: prefills at the GEMM rate + decode waves at the copy rate) | "
+              f"(output tok/s; roofline: prefills at the GEMM rate + decode steps at theirs) | "
               f"{ours['offline_tokens_per_s']:.0f} | | {bound or ' |'} | |")
         if "offline_plans" in ours:
             host_ms = 1e3 * sum(ours["offline_host_s"].values()) / max(ours["offline_plans"], 1)

@@ -89,24 +89,34 @@ def prefill_flops(hf: dict, prompt_tokens: int) -> float:
     return 2 * active_layer_params(hf) * n + attention_flops + 2 * hf["vocab_size"] * h
 
 
+def decode_step_seconds(hf: dict, batch: int, context: int, copy_Bps: float, gemm_flops: float) -> float:
+    """A bound for one decode step of `batch` tokens, each over `context` tokens of KV, its two
+    phases one after the other as the kernels run them: the layers' and the head's matmuls at
+    the slower of reading their weights at the copy rate and doing their FLOPs at the GEMM
+    rate (FLOPs bound them from a few hundred rows on), then attention reading the KV at the
+    copy rate (its FLOPs are a few per byte)."""
+    matmul_flops = 2 * batch * (active_layer_params(hf) + hf["vocab_size"] * hf["hidden_size"])
+    matmuls = max(weight_bytes_per_step(hf, batch) / copy_Bps, matmul_flops / gemm_flops)
+    return matmuls + batch * context * kv_bytes_per_token(hf) / copy_Bps
+
+
 def offline_seconds(hf: dict, requests: int, running: int, prompt: int, output: int, copy_Bps: float,
                     gemm_flops: float) -> float:
     """A bound for an offline run of `requests` prompts of `prompt` tokens to `output` tokens
     each, at most `running` at once: every prefill at the GEMM rate (prefill_flops), plus
-    decode steps at the copy rate, the requests in waves of `running`, each wave's output - 1
-    steps (the first token comes from its prefill) reading the weights and its KV so far."""
-    kv = kv_bytes_per_token(hf)
-    decode_bytes = 0.0
+    decode steps (decode_step_seconds), the requests in waves of `running`, each wave's
+    output - 1 steps (the first token comes from its prefill) over its KV so far."""
+    decode = 0.0
     for first in range(0, requests, running):
         batch = min(running, requests - first)
-        decode_bytes += sum(weight_bytes_per_step(hf, batch) + batch * (prompt + i) * kv for i in range(1, output))
-    return requests * prefill_flops(hf, prompt) / gemm_flops + decode_bytes / copy_Bps
+        decode += sum(decode_step_seconds(hf, batch, prompt + i, copy_Bps, gemm_flops) for i in range(1, output))
+    return requests * prefill_flops(hf, prompt) / gemm_flops + decode
 
 
 def rooflines(hf: dict, batches: list[int], context: int, prompt_tokens: int, copy_Bps: float,
               gemm_flops: float) -> dict:
-    """Decode step seconds per batch (weights + KV read at the copy rate) and prefill
-    seconds of one prompt (prefill_flops at the GEMM rate)."""
-    decode = {b: (weight_bytes_per_step(hf, b) + b * context * kv_bytes_per_token(hf)) / copy_Bps for b in batches}
+    """Decode step seconds per batch (decode_step_seconds) and prefill seconds of one prompt
+    (prefill_flops at the GEMM rate)."""
+    decode = {b: decode_step_seconds(hf, b, context, copy_Bps, gemm_flops) for b in batches}
     return {"decode_s": decode, "ttft_s": prefill_flops(hf, prompt_tokens) / gemm_flops,
             "weights_GB": 2 * param_count(hf) / 1e9}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.shapes import (LLAMA3_8B, MIXTRAL_8X7B, SHAPES, SMOLLM2_135M, active_layer_params,  # noqa: E402
-                          experts_touched, kv_bytes_per_token, offline_seconds, param_count, prefill_flops,
-                          rooflines, weight_bytes_per_step)
+from bench.shapes import (LLAMA3_8B, MIXTRAL_8X7B, SHAPES, SMOLLM2_135M,  # noqa: E402
+                          active_layer_params, decode_step_seconds, experts_touched, kv_bytes_per_token,
+                          offline_seconds, param_count, prefill_flops, rooflines, weight_bytes_per_step)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,16 +61,34 @@ def test_rooflines_of_every_shape_are_positive_and_ordered():
     assert rooflines(LLAMA3_8B, [1], 512, 2048, 3.0e12, 800e12)["decode_s"][1] == pytest.approx(5.0e-3, rel=0.1)
 
 
+def test_decode_step_bound_is_the_slower_of_weights_and_flops_then_the_kv():
+    """decode_step_seconds: the matmuls at the slower of their weight bytes at the copy rate
+    and their FLOPs at the GEMM rate, plus the KV at the copy rate. Llama-3-8B at 3 TB/s
+    and 800 TFLOP/s: weights 5.4 ms; FLOPs 2 x 7.5e9 a token, 0.019 ms, so bytes bound a
+    step up to ~280 rows and FLOPs from there."""
+    copy, gemm = 3.0e12, 800e12
+    kv = kv_bytes_per_token(LLAMA3_8B)
+    flops_per_token = 2 * (active_layer_params(LLAMA3_8B) + LLAMA3_8B["vocab_size"] * LLAMA3_8B["hidden_size"])
+    for batch in (1, 64):
+        assert decode_step_seconds(LLAMA3_8B, batch, 512, copy, gemm) == pytest.approx(
+            (weight_bytes_per_step(LLAMA3_8B, batch) + batch * 512 * kv) / copy)
+    assert decode_step_seconds(LLAMA3_8B, 512, 512, copy, gemm) == pytest.approx(
+        512 * flops_per_token / gemm + 512 * 512 * kv / copy)
+    assert 250 < weight_bytes_per_step(LLAMA3_8B, 1) / copy / (flops_per_token / gemm) < 310
+
+
 def test_offline_bound_is_prefills_plus_decode_waves():
     """offline_seconds: the prefills at the GEMM rate plus, per wave of requests, a decode step
-    a new token reading the weights and the wave's KV so far, at the copy rate."""
+    a new token over the wave's KV so far (decode_step_seconds)."""
     copy, gemm = 3.0e12, 800e12
     one = offline_seconds(LLAMA3_8B, 1, 1, 128, 2, copy, gemm)   # one prefill, then one step at 129 tokens
     step = (weight_bytes_per_step(LLAMA3_8B, 1) + 129 * kv_bytes_per_token(LLAMA3_8B)) / copy
     assert one == pytest.approx(prefill_flops(LLAMA3_8B, 128) / gemm + step)
     whole = offline_seconds(LLAMA3_8B, 1024, 512, 128, 128, copy, gemm)
-    assert whole == pytest.approx(1024 * 128 / 27_000, rel=0.1)   # ~27k tok/s by hand: 2.3 s + 2.45 s
+    # ~22.5k tok/s by hand: 2.3 s of prefill + 254 steps of 9.6 ms of FLOPs and ~4.3 ms of KV
+    assert whole == pytest.approx(1024 * 128 / 22_500, rel=0.1)
     assert offline_seconds(LLAMA3_8B, 1024, 512, 128, 128, 2 * copy, 2 * gemm) == pytest.approx(whole / 2)
-    # Waves: one of 1024 reads the weights half as often as two of 512.
-    assert offline_seconds(LLAMA3_8B, 1024, 1024, 128, 128, copy, gemm) < whole
+    # Waves of 512 or 1024 are FLOP-bound, so the same; waves of 64 read the weights 16 times as often.
+    assert offline_seconds(LLAMA3_8B, 1024, 1024, 128, 128, copy, gemm) == pytest.approx(whole)
+    assert offline_seconds(LLAMA3_8B, 1024, 64, 128, 128, copy, gemm) > 2 * whole
     assert offline_seconds(LLAMA3_8B, 1000, 512, 128, 128, copy, gemm) < whole
