@@ -1,0 +1,62 @@
+"""The graphed decode step's staging (worker/cuda_graphs.py), on the host alone: the packed
+layout, and a plan's inputs written into a bucket's staging arrays with the padding after
+its rows, whatever an earlier (wider) plan left there."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shardline.worker.cuda_graphs import _fill, _idle_inputs, _layout
+from shardline.worker.plan_builder import build_step_plan
+from shardline.worker.request import Request
+from shardline.worker.sampling_params import SamplingParams
+
+SIZE, MAX_BLOCKS, BLOCK = 8, 6, 4
+
+
+def decoding(request_id: str, prompt: int, seed: int) -> Request:
+    request = Request(request_id, tuple(range(1, prompt + 1)), SamplingParams(max_tokens=8, seed=seed, top_k=5),
+                      output_token_ids=[7])
+    request.num_computed_tokens = prompt   # the output token is the one to compute
+    return request
+
+
+def staging_views() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    idle = _idle_inputs(SIZE, MAX_BLOCKS)
+    offsets, nbytes = _layout(idle)
+    raw = np.zeros(nbytes, np.uint8)
+    arrays = {name: raw[at:at + idle[name].nbytes].view(idle[name].dtype).reshape(idle[name].shape)
+              for name, at in offsets.items()}
+    for name, value in idle.items():
+        arrays[name][...] = value
+    return arrays, idle
+
+
+def test_layout_packs_every_array_aligned_and_apart():
+    idle = _idle_inputs(SIZE, MAX_BLOCKS)
+    offsets, nbytes = _layout(idle)
+    spans = sorted((at, at + idle[name].nbytes) for name, at in offsets.items())
+    assert all(at % 16 == 0 for at, _ in spans)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))   # no overlap
+    assert spans[-1][1] <= nbytes < spans[-1][1] + 16
+
+
+def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
+    arrays, idle = staging_views()
+    wide = [decoding(f"w{i}", 19, i) for i in range(5)]   # 20 tokens: 5 blocks of the table
+    _fill(arrays, idle, build_step_plan(0, [(r, 1) for r in wide], [[i + 1] * 5 for i in range(5)], [], BLOCK))
+    a, b = decoding("a", 3, 11), decoding("b", 6, 12)      # 4 and 7 tokens: 1 and 2 blocks
+    # b's token is the one the plan in flight samples at its row 1 (decode ahead): pending
+    plan = build_step_plan(1, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK, ahead={"b": (0, 1)})
+    _fill(arrays, idle, plan)
+    np.testing.assert_array_equal(arrays["block_tables"][:2], [[9, 0, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(arrays["block_tables"][2:], 0)
+    for name in ("token_ids", "positions", "slot_mapping", "seq_lens"):
+        np.testing.assert_array_equal(arrays[name][:2], getattr(plan, name), err_msg=name)
+        np.testing.assert_array_equal(arrays[name][2:], idle[name][2:], err_msg=name)
+    np.testing.assert_array_equal(arrays["positions"][:2], [3, 6])
+    np.testing.assert_array_equal(arrays["slot_mapping"][:2], [9 * BLOCK + 3, 4 * BLOCK + 2])
+    np.testing.assert_array_equal(arrays["top_k"][:3], [5, 5, 0])
+    np.testing.assert_array_equal(arrays["seeds"][:3], [11, 12, 0])
+    np.testing.assert_array_equal(arrays["slot_mapping"][2:], -1)   # padding rows write no KV
+    assert (arrays["pending_rows"][0], arrays["pending_sources"][0]) == (1, 1)
