@@ -43,9 +43,8 @@ class SkinnyGemmOps:
     # occupancy from 2 rows on at K split 2 or 4, 121-128 registers). Llama-3-8B's step on an
     # H100 (bench.decode_ab, K splits retimed, medians in ms at 1 / 2 / 4 rows): a block a
     # tile 5.89 / 6.26 / 7.19, 4 an SM 7.56 / 6.10 / 6.71, 8 an SM 6.00 / 6.10 / 6.70; these
-    # defaults 5.90 / 6.11 / 6.78 against 5.90 / 6.27 / 7.19. At one row a block a tile is the
-    # faster (its kernels fit 6 blocks an SM, the looped ones 5), so one row keeps it. SmolLM2
-    # moved by under 2%.
+    # defaults 5.90 / 6.11 / 6.78 against 5.90 / 6.27 / 7.19; SmolLM2 moved by under 2%. Below
+    # skinny_looped_min_rows rows skinny_blocks_per_sm_few_rows applies instead (per GPU).
     skinny_blocks_per_sm = 4
     skinny_looped_min_rows = 2
     # Blocks an SM below skinny_looped_min_rows rows (0: a block a tile): per GPU, CudaOps sets
