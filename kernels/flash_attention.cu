@@ -134,22 +134,43 @@ __global__ void __launch_bounds__(FA_THREADS)
     float o[DT][4];
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
     float m[2] = {-SHARDLINE_INF, -SHARDLINE_INF}, l[2] = {0.0f, 0.0f};
-    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: exp2f below
+    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: flash_exp2 below
+    const int block_shift = flash_block_shift(block_size);
 
     T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this group's [STAGES][K|V][BK][LD]
     const int gtid = tid - kw * RW * 32;
+    // Each thread copies 16 bytes of a row at a time: column lc of rows lr0, lr0 + STEP, ...
+    // of a tile when the group's threads cover whole rows (D = 64, 128: everything but the
+    // key's cache row is fixed a thread), else columns and rows computed a copy (D = 80).
+    constexpr int STEP = (RW * 32) % VECS == 0 ? RW * 32 / VECS : 0;
+    const int lr0 = STEP ? gtid / VECS : 0, lc = STEP ? (gtid % VECS) * 8 : 0;
+    const T* k_base = k_cache + (long long)kv_head * D + lc;
+    const T* v_base = v_cache + (long long)kv_head * D + lc;
+    auto cache_off = [&](int j) {   // key j's row of the cache, in elements
+        const int blk = flash_block_of(j, block_size, block_shift);
+        return (long long)(__ldg(table + blk) * block_size + (j - blk * block_size)) * kv_stride;
+    };
     auto load = [&](int t, int stage) {
         T* ks = stages + stage * 2 * BK * LD;
         T* vs = ks + BK * LD;
         const int kb = k_lo + t * BK;
-        for (int i = gtid; i < BK * VECS; i += RW * 32) {
-            const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
-            const bool ok = j < k_hi;
-            const long long off = ok ? ((long long)table[j / block_size] * block_size + j % block_size) * kv_stride
-                                           + (long long)kv_head * D + c
-                                     : 0;
-            cp_async16(ks + r * LD + c, k_cache + off, ok);
-            cp_async16(vs + r * LD + c, v_cache + off, ok);
+        if constexpr (STEP > 0) {
+#pragma unroll
+            for (int k = 0; k < BK / STEP; ++k) {
+                const int r = lr0 + k * STEP, j = kb + r;
+                const bool ok = j < k_hi;
+                const long long off = ok ? cache_off(j) : 0;
+                cp_async16(ks + r * LD + lc, k_base + off, ok);
+                cp_async16(vs + r * LD + lc, v_base + off, ok);
+            }
+        } else {
+            for (int i = gtid; i < BK * VECS; i += RW * 32) {
+                const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
+                const bool ok = j < k_hi;
+                const long long off = ok ? cache_off(j) + c : 0;
+                cp_async16(ks + r * LD + c, k_base + off, ok);
+                cp_async16(vs + r * LD + c, v_base + off, ok);
+            }
         }
     };
     auto group_sync = [&]() {
@@ -189,16 +210,25 @@ __global__ void __launch_bounds__(FA_THREADS)
             float mx[2] = {m[0], m[1]};
             const bool unmasked = warp_full && kb + BK <= k_hi && kb + BK - 1 <= warp_pos_lo
                                   && (window <= 0 || kb > warp_pos_hi - window);
+            if (unmasked) {   // most tiles: no per-element test
 #pragma unroll
-            for (int n = 0; n < NT; ++n)
+                for (int n = 0; n < NT; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = e >> 1, j = kb + n * 8 + 2 * t4 + (e & 1);
-                    const bool seen = unmasked || (valid[i] && j < k_hi && j <= pos[i]
-                                                   && (window <= 0 || j > pos[i] - window));
-                    s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
-                    mx[i] = fmaxf(mx[i], s[n][e]);
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        s[n][e] *= scale2;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+                    }
+            } else {
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = e >> 1, j = kb + n * 8 + 2 * t4 + (e & 1);
+                        const bool seen = valid[i] && j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window);
+                        s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
+                        mx[i] = fmaxf(mx[i], s[n][e]);
+                    }
+            }
             for (int i = 0; i < 2; ++i) {   // a row's scores are spread over the 4 lanes of one g
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));

@@ -124,6 +124,26 @@ FLASH_MMA16816(__nv_bfloat16, "bf16")
 FLASH_MMA16816(__half, "f16")
 #undef FLASH_MMA16816
 
+// 2^x on the special function unit (ex2.approx, denormals flushed to zero; 2^-inf = 0): exp2f
+// wraps the same instruction in range checks that softmax weights, rounded to bf16 or fp16 for
+// the P V mma, have no use for.
+__device__ __forceinline__ float flash_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// log2(block_size) when block_size is a power of two (the usual), else -1: a key's cache block
+// and place in it are then a shift and a mask, not an integer division (tens of instructions,
+// once per 16 bytes a kernel loads).
+__device__ __forceinline__ int flash_block_shift(int block_size) {
+    return (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
+}
+
+__device__ __forceinline__ int flash_block_of(int j, int block_size, int shift) {
+    return shift >= 0 ? j >> shift : j / block_size;
+}
+
 // Two floats as two storage-type values in one register (lo in the low half).
 __device__ __forceinline__ unsigned pack2(float lo, float hi, const __nv_bfloat16*) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -144,18 +164,19 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi, const __half*) {
 template <int ROW_SHIFT, int N, int DT>
 __device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o)[DT][4], float (&m)[2],
                                                     float (&l)[2], const float (&mx)[2]) {
-    float alpha[2];
+    float alpha[2], base[2];
     for (int i = 0; i < 2; ++i) {
-        alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : exp2f(m[i] - mx[i]);  // 0 while m was -inf
+        alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : flash_exp2(m[i] - mx[i]);  // 0 while m was -inf
         m[i] = mx[i];
         l[i] *= alpha[i];
+        base[i] = m[i] == -SHARDLINE_INF ? 0.0f : m[i];  // a row that saw no key: its s are all -inf, 2^s = 0
     }
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = (e >> ROW_SHIFT) & 1;
-            s[n][e] = m[i] == -SHARDLINE_INF ? 0.0f : exp2f(s[n][e] - m[i]);
+            s[n][e] = flash_exp2(s[n][e] - base[i]);
             l[i] += s[n][e];
         }
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {

@@ -59,13 +59,14 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
 #pragma unroll
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
     float m[2] = {-SHARDLINE_INF, -SHARDLINE_INF}, l[2] = {0.0f, 0.0f};
-    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: exp2f below
+    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: flash_exp2 below
+    const int block_shift = flash_block_shift(block_size);
 
     T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this warp's [STAGES][K|V][BK][LD]
     // The cache block of key (lane % BK) of tile t: looked up a tile before its loads need it.
     auto page_of = [&](int t) {
         const int j = k_lo + t * BK + lane % BK;
-        return t < t_end && j < k_hi ? __ldg(table + j / block_size) : 0;
+        return t < t_end && j < k_hi ? __ldg(table + flash_block_of(j, block_size, block_shift)) : 0;
     };
     auto load = [&](int t, int stage, int page) {
         T* ks = stages + stage * 2 * BK * LD;
@@ -76,7 +77,8 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
             const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
             const int p = __shfl_sync(0xffffffffu, page, r);
             const bool ok = j < k_hi;
-            const long long off = ok ? ((long long)p * block_size + j % block_size) * kv_stride
+            const int within = block_shift >= 0 ? j & (block_size - 1) : j % block_size;
+            const long long off = ok ? ((long long)p * block_size + within) * kv_stride
                                            + (long long)kv_head * D + c
                                      : 0;
             cp_async16(ks + r * LD + c, k_cache + off, ok);
