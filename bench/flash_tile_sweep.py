@@ -2,7 +2,7 @@
 depth constants of kernels/flash_decode.cu (decode steps) and kernels/flash_attention.cu
 (prefill) were chosen.
 
-Run:  python -m bench.flash_tile_sweep --decode 16x3x8,16x3x4 --prefill 32x3 --out bench/results/flash_tiles.json
+Run:  python -m bench.flash_tile_sweep --decode 16x3x8,16x3x4 --prefill 64x2 --out bench/results/flash_tiles.json
 
 Each value is keys per tile, optionally x tiles in flight (BK and STAGES; 2 when left out),
 and for decode optionally x warps a block (KW; 4 when left out). For each it compiles a copy
@@ -134,7 +134,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--decode", default="16x3x8,16x3x4,16x2x4,16x3x2",
                    help="keys per tile [x stages [x warps]] of flash_decode.cu to try")
-    p.add_argument("--prefill", default="32x3", help="keys per tile [x stages] of the prefill shape to try")
+    p.add_argument("--prefill", default="64x2", help="keys per tile [x stages] of the prefill shape to try")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rng = np.random.default_rng(0)

@@ -56,7 +56,8 @@ class AttentionOps:
             raise ValueError(f"attention: {num_kv_heads} KV heads do not divide {num_heads} query heads")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-        if single is None and self.flash_applies(q, k_cache, v_cache, seq_lens.size):
+        # The flash kernels take each tile's max over unscaled scores: a positive scale only.
+        if single is None and scale > 0 and self.flash_applies(q, k_cache, v_cache, seq_lens.size):
             return self._flash(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window)
         num_q, seq_len = single or (0, 0)
         out = cupy.empty_like(q)

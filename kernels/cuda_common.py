@@ -123,7 +123,7 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     """Dynamic shared memory of flash_attention_kernel<T, head_dim, key_warps>: STAGES of
     K and V tiles per key-warp group (rows padded by 8), reused at the end for the
     groups' merge (float32 max, sum and output rows)."""
-    keys, stages = (32, 3) if key_warps == 1 else (16, 2)   # at head_dim 128: 51 and 34 KiB
+    keys, stages = (64, 2) if key_warps == 1 else (16, 2)   # at head_dim 128: 68 and 34 KiB
     return max(key_warps * stages * 2 * keys * (head_dim + 8) * 2,
                (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 

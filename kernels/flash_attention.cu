@@ -12,13 +12,12 @@
 // come from mma.sync m16n8k16 with K read by ldmatrix; the probabilities are
 // rounded to the storage type and reused in registers as the A operand of
 // P V, with V read by ldmatrix.trans. K and V tiles go global -> shared
-// memory by cp.async, STAGES tiles deep (3 for prefill, 2 for decode: see
-// bench/flash_tile_sweep.py), rows padded to D + 8 elements so ldmatrix
-// meets no bank conflict.
+// memory by cp.async, 2 tiles deep (bench/flash_tile_sweep.py), rows padded
+// to D + 8 elements so ldmatrix meets no bank conflict.
 //
 // KW (template) says how the 4 warps split the work:
 // - KW = 1 (prefill): the warps own 64 rows of one sequence and share every
-//   32-key tile;
+//   64-key tile;
 // - KW = 4 (decode): the warps own the same 16 rows and take every 4th
 //   16-key tile each, merging their partial softmax in shared memory at
 //   the end.
@@ -76,8 +75,8 @@ __global__ void __launch_bounds__(FA_THREADS)
     pdl_begin();
     constexpr int RW = FA_WARPS / KW;      // warps over rows
     constexpr int BQ = 16 * RW;            // packed rows per block
-    constexpr int BK = KW == 1 ? 32 : 16;  // keys per tile
-    constexpr int STAGES = KW == 1 ? 3 : 2;  // K/V tiles a warp group has in flight
+    constexpr int BK = KW == 1 ? 64 : 16;  // keys per tile
+    constexpr int STAGES = KW == 1 ? 2 : 2;  // K/V tiles a warp group has in flight (swept apart)
     constexpr int LD = D + 8;              // shared row stride, elements
     constexpr int NT = BK / 8, DT = D / 8, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -134,8 +133,8 @@ __global__ void __launch_bounds__(FA_THREADS)
     float o[DT][4];
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
     float m[2] = {-SHARDLINE_INF, -SHARDLINE_INF}, l[2] = {0.0f, 0.0f};
-    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: flash_exp2 below
-    const int block_shift = flash_block_shift(block_size);
+    const float scale2 = scale * FA_LOG2E;  // to log2 units, in flash_softmax_update (scale > 0)
+    const FlashDivisor per_block(block_size);
 
     T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this group's [STAGES][K|V][BK][LD]
     const int gtid = tid - kw * RW * 32;
@@ -144,30 +143,33 @@ __global__ void __launch_bounds__(FA_THREADS)
     // key's cache row is fixed a thread), else columns and rows computed a copy (D = 80).
     constexpr int STEP = (RW * 32) % VECS == 0 ? RW * 32 / VECS : 0;
     const int lr0 = STEP ? gtid / VECS : 0, lc = STEP ? (gtid % VECS) * 8 : 0;
-    const T* k_base = k_cache + (long long)kv_head * D + lc;
-    const T* v_base = v_cache + (long long)kv_head * D + lc;
-    auto cache_off = [&](int j) {   // key j's row of the cache, in elements
-        const int blk = flash_block_of(j, block_size, block_shift);
-        return (long long)(__ldg(table + blk) * block_size + (j - blk * block_size)) * kv_stride;
+    const char* k_base = reinterpret_cast<const char*>(k_cache + (long long)kv_head * D + lc);
+    const char* v_base = reinterpret_cast<const char*>(v_cache + (long long)kv_head * D + lc);
+    const unsigned row_bytes = (unsigned)kv_stride * sizeof(T);
+    auto cache_bytes = [&](int j) {   // where key j's row starts in the cache, in bytes
+        const int blk = per_block.div(j);
+        return (unsigned long long)(unsigned)(__ldg(table + blk) * block_size + (j - blk * block_size)) * row_bytes;
     };
+    const unsigned stage0 = smem_u32(stages + lr0 * LD + lc);
     auto load = [&](int t, int stage) {
-        T* ks = stages + stage * 2 * BK * LD;
-        T* vs = ks + BK * LD;
         const int kb = k_lo + t * BK;
         if constexpr (STEP > 0) {
+            const unsigned ks = stage0 + stage * 2 * BK * LD * sizeof(T), vs = ks + BK * LD * sizeof(T);
 #pragma unroll
             for (int k = 0; k < BK / STEP; ++k) {
-                const int r = lr0 + k * STEP, j = kb + r;
+                const int j = kb + lr0 + k * STEP;
                 const bool ok = j < k_hi;
-                const long long off = ok ? cache_off(j) : 0;
-                cp_async16(ks + r * LD + lc, k_base + off, ok);
-                cp_async16(vs + r * LD + lc, v_base + off, ok);
+                const unsigned long long off = ok ? cache_bytes(j) : 0;
+                cp_async16_at(ks + k * STEP * LD * sizeof(T), k_base + off, ok);
+                cp_async16_at(vs + k * STEP * LD * sizeof(T), v_base + off, ok);
             }
         } else {
+            T* ks = stages + stage * 2 * BK * LD;
+            T* vs = ks + BK * LD;
             for (int i = gtid; i < BK * VECS; i += RW * 32) {
                 const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
                 const bool ok = j < k_hi;
-                const long long off = ok ? cache_off(j) + c : 0;
+                const unsigned long long off = ok ? cache_bytes(j) + c * sizeof(T) : 0;
                 cp_async16(ks + r * LD + c, k_base + off, ok);
                 cp_async16(vs + r * LD + c, v_base + off, ok);
             }
@@ -207,17 +209,14 @@ __global__ void __launch_bounds__(FA_THREADS)
                     mma16816(s[2 * np], qf[kk], kf[0], kf[1], tag);
                     mma16816(s[2 * np + 1], qf[kk], kf[2], kf[3], tag);
                 }
-            float mx[2] = {m[0], m[1]};
+            float mx[2] = {-SHARDLINE_INF, -SHARDLINE_INF};   // the tile's max raw score a row
             const bool unmasked = warp_full && kb + BK <= k_hi && kb + BK - 1 <= warp_pos_lo
                                   && (window <= 0 || kb > warp_pos_hi - window);
             if (unmasked) {   // most tiles: no per-element test
 #pragma unroll
                 for (int n = 0; n < NT; ++n)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        s[n][e] *= scale2;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-                    }
+                    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
             } else {
 #pragma unroll
                 for (int n = 0; n < NT; ++n)
@@ -225,7 +224,7 @@ __global__ void __launch_bounds__(FA_THREADS)
                     for (int e = 0; e < 4; ++e) {
                         const int i = e >> 1, j = kb + n * 8 + 2 * t4 + (e & 1);
                         const bool seen = valid[i] && j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window);
-                        s[n][e] = seen ? s[n][e] * scale2 : -SHARDLINE_INF;
+                        s[n][e] = seen ? s[n][e] : -SHARDLINE_INF;
                         mx[i] = fmaxf(mx[i], s[n][e]);
                     }
             }
@@ -233,7 +232,7 @@ __global__ void __launch_bounds__(FA_THREADS)
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
             }
-            flash_softmax_update<1>(s, o, m, l, mx);
+            flash_softmax_update<1>(s, o, m, l, mx, scale2);
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk) {
                 const unsigned pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1], tag), pack2(s[2 * kk][2], s[2 * kk][3], tag),

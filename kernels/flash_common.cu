@@ -133,15 +133,22 @@ __device__ __forceinline__ float flash_exp2(float x) {
     return y;
 }
 
-// log2(block_size) when block_size is a power of two (the usual), else -1: a key's cache block
-// and place in it are then a shift and a mask, not an integer division (tens of instructions,
-// once per 16 bytes a kernel loads).
-__device__ __forceinline__ int flash_block_shift(int block_size) {
-    return (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
-}
+// n / d for one divisor d >= 1 and many n in [0, 2^31): a multiply-high, an add and a shift
+// (Granlund and Montgomery's division by an invariant integer) where an integer division takes
+// tens of instructions. The kernels divide key positions by the cache's block size with it,
+// once per 16 bytes they copy.
+struct FlashDivisor {
+    unsigned m, l;
+    __device__ explicit FlashDivisor(int d) {
+        l = 32 - __clz(d - 1);   // ceil(log2 d): 0 for d = 1
+        m = (unsigned)(((1ull << 32) * ((1ull << l) - d)) / d + 1);
+    }
+    __device__ __forceinline__ int div(int n) const { return (int)((__umulhi((unsigned)n, m) + (unsigned)n) >> l); }
+};
 
-__device__ __forceinline__ int flash_block_of(int j, int block_size, int shift) {
-    return shift >= 0 ? j >> shift : j / block_size;
+// 16 bytes global -> shared at a shared-memory address, as cp_async16.
+__device__ __forceinline__ void cp_async16_at(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 
 // Two floats as two storage-type values in one register (lo in the low half).
@@ -155,28 +162,30 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi, const __half*) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// The online softmax's step over one tile of a warp's scores s (log2 units), given mx, the
-// rows' running max over the tile and m (reduced over the lanes sharing a row): l and the
-// output o scale by 2^(m - mx) (skipped once no row's max moves), m becomes mx, and s
-// becomes 2^(s - m), added to l. This lane's accumulator element e belongs to its row
-// (e >> ROW_SHIFT) & 1 of two: flash_attention.cu's rows are the mma's M (ROW_SHIFT 1),
-// flash_decode.cu's its N (ROW_SHIFT 0).
+// The online softmax's step over one tile of a warp's raw scores s (q . k; -inf where masked),
+// given tile_max, each row's max of them (reduced over the lanes sharing a row), and scale2 > 0
+// (the softmax scale in log2 units). m, the running max, is in scaled log2 units: it becomes
+// mx = max(m, tile_max * scale2), l and the output o scale by 2^(m - mx) (skipped once no row's
+// max moves), and s becomes 2^(s * scale2 - mx) (one fma and one ex2), added to l. This lane's
+// accumulator element e belongs to its row (e >> ROW_SHIFT) & 1 of two: flash_attention.cu's
+// rows are the mma's M (ROW_SHIFT 1), flash_decode.cu's its N (ROW_SHIFT 0).
 template <int ROW_SHIFT, int N, int DT>
 __device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o)[DT][4], float (&m)[2],
-                                                    float (&l)[2], const float (&mx)[2]) {
+                                                    float (&l)[2], const float (&tile_max)[2], float scale2) {
     float alpha[2], base[2];
     for (int i = 0; i < 2; ++i) {
-        alpha[i] = mx[i] == -SHARDLINE_INF ? 1.0f : flash_exp2(m[i] - mx[i]);  // 0 while m was -inf
-        m[i] = mx[i];
+        const float mx = fmaxf(m[i], tile_max[i] * scale2);
+        alpha[i] = mx == -SHARDLINE_INF ? 1.0f : flash_exp2(m[i] - mx);  // 0 while m was -inf
+        m[i] = mx;
         l[i] *= alpha[i];
-        base[i] = m[i] == -SHARDLINE_INF ? 0.0f : m[i];  // a row that saw no key: its s are all -inf, 2^s = 0
+        base[i] = mx == -SHARDLINE_INF ? 0.0f : mx;  // a row that saw no key: its s are all -inf, 2^s = 0
     }
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = (e >> ROW_SHIFT) & 1;
-            s[n][e] = flash_exp2(s[n][e] - base[i]);
+            s[n][e] = flash_exp2(fmaf(s[n][e], scale2, -base[i]));
             l[i] += s[n][e];
         }
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {

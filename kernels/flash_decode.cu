@@ -59,14 +59,14 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
 #pragma unroll
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
     float m[2] = {-SHARDLINE_INF, -SHARDLINE_INF}, l[2] = {0.0f, 0.0f};
-    const float scale2 = scale * FA_LOG2E;  // scores in log2 units: flash_exp2 below
-    const int block_shift = flash_block_shift(block_size);
+    const float scale2 = scale * FA_LOG2E;  // to log2 units, in flash_softmax_update (scale > 0)
+    const FlashDivisor per_block(block_size);
 
     T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this warp's [STAGES][K|V][BK][LD]
     // The cache block of key (lane % BK) of tile t: looked up a tile before its loads need it.
     auto page_of = [&](int t) {
         const int j = k_lo + t * BK + lane % BK;
-        return t < t_end && j < k_hi ? __ldg(table + flash_block_of(j, block_size, block_shift)) : 0;
+        return t < t_end && j < k_hi ? __ldg(table + per_block.div(j)) : 0;
     };
     auto load = [&](int t, int stage, int page) {
         T* ks = stages + stage * 2 * BK * LD;
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
             const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
             const int p = __shfl_sync(0xffffffffu, page, r);
             const bool ok = j < k_hi;
-            const int within = block_shift >= 0 ? j & (block_size - 1) : j % block_size;
+            const int within = j - per_block.div(j) * block_size;
             const long long off = ok ? ((long long)p * block_size + within) * kv_stride
                                            + (long long)kv_head * D + c
                                      : 0;
@@ -132,20 +132,20 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
             }
         // s[mt][e]: key kb + mt * 16 + g + 8 (e / 2), row 2 t4 + e % 2.
         const bool unmasked = kb + BK <= k_hi && kb + BK - 1 <= pos_lo && (window <= 0 || kb > pos_hi - window);
-        float mx[2] = {m[0], m[1]};
+        float mx[2] = {-SHARDLINE_INF, -SHARDLINE_INF};   // the tile's max raw score a row
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = e & 1, j = kb + mt * 16 + g + 8 * (e >> 1);
                 const bool seen = unmasked || (j < k_hi && j <= pos[i] && (window <= 0 || j > pos[i] - window));
-                s[mt][e] = seen ? s[mt][e] * scale2 : -SHARDLINE_INF;
+                s[mt][e] = seen ? s[mt][e] : -SHARDLINE_INF;
                 mx[i] = fmaxf(mx[i], s[mt][e]);
             }
         for (int i = 0; i < 2; ++i)   // a row's keys are spread over the 8 lanes of one t4
             for (int offset = 4; offset < 32; offset <<= 1)
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], offset));
-        flash_softmax_update<0>(s, o, m, l, mx);
+        flash_softmax_update<0>(s, o, m, l, mx, scale2);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             // P^T as B (keys x rows): the transposes of the two 8 x 8 (key, row) halves.
