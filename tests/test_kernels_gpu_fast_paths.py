@@ -188,6 +188,26 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, monk
     assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
 
 
+def test_paged_attention_negative_scale(ops, rng, monkeypatch):
+    """The flash kernels take each tile's max over unscaled scores, right for a positive scale
+    only: a negative one goes to the general kernel and still matches the float64 reference."""
+    monkeypatch.setattr(ops, "use_flash", True)
+    heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
+    seq_lens = np.array([90, 40], dtype=np.int32)
+    new_tokens = np.array([90, 1], dtype=np.int32)
+    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
+    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
+    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
+    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
+    q, q64 = random_input(ops, rng, (int(qsl[-1]), heads, head_dim), "bfloat16")
+    assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
+    scale = -1 / math.sqrt(head_dim)
+    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                              cupy.asarray(qsl), scale)
+    ref = numpy_ops.paged_attention(q64, k64, v64, tables, seq_lens, qsl, scale)
+    assert_close(ops, out, ref, "bfloat16", "negative scale")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("batch", [48, 3])
 @pytest.mark.parametrize("decode_kernel", [True, False])
