@@ -124,3 +124,23 @@ def test_abort_frees_blocks(local):
     engine.block_manager.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
     assert engine.stats()["num_running"] == 0
+
+
+def test_token_ids_checked_whatever_their_container(local):
+    """Prompts as lists, NumPy arrays of any integer type or other sequences of numbers reach
+    the request as the same ints; an id outside the vocabulary is a ValueError naming the
+    field, from the vectorised check and from the per-value one alike."""
+    vocab = local.model.config.vocab_size
+    rng = np.random.default_rng()
+    ids = rng.integers(0, vocab, 50)
+    engine = make_engine(local)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    for i, prompt in enumerate([ids.tolist(), ids, ids.astype(np.int32), tuple(ids.tolist()),
+                                [float(t) for t in ids]]):
+        engine.add_request(f"r{i}", prompt, params)
+        assert list(engine.scheduler._requests[f"r{i}"].prompt_token_ids) == ids.tolist()
+    for i, bad in enumerate([[0, vocab], np.array([3, -1]), [1.0, float(vocab)]]):
+        with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, "):
+            engine.add_request(f"bad{i}", bad, params)
+    with pytest.raises(ValueError, match="output_token_ids token ids must be in"):
+        engine.add_request("bad_out", ids.tolist(), params, output_token_ids=np.array([vocab + 5]))

@@ -25,7 +25,7 @@ from shardline.worker.kv_handoff import KVExport, KVHandoff
 from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.pipeline_runner import make_runner
-from shardline.worker.request import Request, RequestStatus
+from shardline.worker.request import Request, RequestStatus, token_ids
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import RequestOutput, Scheduler
 from shardline.worker.scheduler_config import SchedulerConfig
@@ -166,14 +166,11 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
             raise ValueError("prompt: this engine has no tokenizer; pass token ids and no stop strings")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        vocab_size = self.local.model.config.vocab_size
+        ids = token_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, "prompt", vocab_size)
         if not ids:
             raise ValueError("prompt must hold at least one token")
-        vocab_size = self.local.model.config.vocab_size
-        outputs = [int(t) for t in output_token_ids]
-        for name, tokens in (("prompt", ids), ("output_token_ids", outputs)):
-            if any(not 0 <= t < vocab_size for t in tokens):
-                raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
+        outputs = token_ids(output_token_ids, "output_token_ids", vocab_size)
         return Request(request_id=request_id, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
                        priority=priority, eos_token_ids=self.eos_token_ids, output_token_ids=outputs)
 

@@ -15,8 +15,27 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
 
 from shardline.worker.sampling_params import SamplingParams
+
+
+def token_ids(values: Sequence[int], name: str, vocab_size: int) -> list[int]:
+    """`values` as a list of ints in [0, vocab_size), else a ValueError naming `name`. Integer
+    arrays and lists are checked in one NumPy pass (a long prompt's per-token Python loop took
+    most of a millisecond); anything else goes through int() a value."""
+    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer):
+        ids = arr.tolist()
+        bad = arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size)
+    else:
+        ids = [int(t) for t in values]
+        bad = any(not 0 <= t < vocab_size for t in ids)
+    if bad:
+        raise ValueError(f"{name} token ids must be in [0, {vocab_size})")
+    return ids
 
 
 class RequestStatus(enum.Enum):
@@ -67,7 +86,7 @@ class Request:
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"request_id must be a non-empty string, got {self.request_id!r}")
-        self.prompt_token_ids = tuple(int(t) for t in self.prompt_token_ids)
+        self.prompt_token_ids = tuple(map(int, self.prompt_token_ids))
         self.eos_token_ids = frozenset(int(t) for t in self.eos_token_ids)
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must hold at least one token")
