@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(FA_THREADS)
     constexpr int RW = FA_WARPS / KW;      // warps over rows
     constexpr int BQ = 16 * RW;            // packed rows per block
     constexpr int BK = KW == 1 ? 64 : 16;  // keys per tile
-    constexpr int STAGES = KW == 1 ? 2 : 2;  // K/V tiles a warp group has in flight (swept apart)
+    constexpr int STAGES = KW == 1 ? 2 : 2;  // K/V tiles in flight: equal now, apart so bench.flash_tile_sweep can patch prefill's
     constexpr int LD = D + 8;              // shared row stride, elements
     constexpr int NT = BK / 8, DT = D / 8, VECS = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];

@@ -26,10 +26,10 @@ def token_ids(values: Sequence[int], name: str, vocab_size: int) -> list[int]:
     """`values` as a list of ints in [0, vocab_size), else a ValueError naming `name`. Integer
     arrays and lists are checked in one NumPy pass (a long prompt's per-token Python loop took
     most of a millisecond); anything else goes through int() a value."""
-    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    arr = np.asarray(values)
     if arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer):
         ids = arr.tolist()
-        bad = arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size)
+        bad = arr.size > 0 and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size)
     else:
         ids = [int(t) for t in values]
         bad = any(not 0 <= t < vocab_size for t in ids)
