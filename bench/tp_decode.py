@@ -109,6 +109,8 @@ def graph_seconds(run, reps: int = 20) -> float:
     """Seconds of GPU time per call of `run`, replayed from one CUDA graph of `reps` calls, so
     the host's launch cost (tens of us for a small kernel) stays out of the figure."""
     import cupy
+    # The stream below does not wait for the default stream: the inputs' writes must be done.
+    cupy.cuda.Device().synchronize()
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     with cupy.cuda.using_allocator(pool.malloc), stream:
         run()   # warm-up: the pool then holds every block the capture needs

@@ -31,9 +31,9 @@ def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
     except ValueError:
         entries = []
     if not entries or entries[-1][1] != math.inf or any(
-            len(tile) != 3 or tile[0] % 16 or tile[1] < 2 or tile[2] not in (1, 2, 4, 8) for tile, _ in entries):
+            len(tile) != 3 or tile[0] not in (16, 32) or tile[1] < 2 or tile[2] not in (1, 2, 4, 8) for tile, _ in entries):
         raise ValueError(f"SHARDLINE_FLASH_DECODE_TILES: KEYSxSTAGESxWARPS<BLOCKS_PER_SM values, the last without "
-                         f"a bound (keys a multiple of 16, stages >= 2, warps 1, 2, 4 or 8), got {text!r}")
+                         f"a bound (keys 16 or 32, stages >= 2, warps 1, 2, 4 or 8), got {text!r}")
     return tuple(entries)
 
 

@@ -17,12 +17,13 @@
 // and become the B operand of V^T P^T (keys as columns) by movmatrix.
 
 template <typename T, int D, int BK, int STAGES, int KW>
-__global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128, no spill
+__global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D = 128, no spill
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
                         int window, int num_splits, int* counters, int num_tokens) {
     constexpr int BQ = 8, LD = D + 8, MT = BK / 16, DT = D / 16, VECS = D / 8;
+    static_assert(BK <= 32, "a tile's cache rows are looked up a lane a key");
     extern __shared__ __align__(128) unsigned char smem[];
 
     // Until pdl_begin() (dependent launches: the kernel before may still run) this reads only
@@ -63,26 +64,46 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
     const FlashDivisor per_block(block_size);
 
     T* stages = reinterpret_cast<T*>(smem) + kw * (STAGES * 2 * BK * LD);  // this warp's [STAGES][K|V][BK][LD]
-    // The cache block of key (lane % BK) of tile t: looked up a tile before its loads need it.
-    auto page_of = [&](int t) {
+    // The cache row (block * block_size + offset) of key k_lo + t * BK + lane % BK, 0 past the keys:
+    // looked up a tile before the loads that need it, which take it by shuffle.
+    auto cache_row_of = [&](int t) {
         const int j = k_lo + t * BK + lane % BK;
-        return t < t_end && j < k_hi ? __ldg(table + per_block.div(j)) : 0;
+        if (t >= t_end || j >= k_hi) return 0;
+        const int blk = per_block.div(j);
+        return __ldg(table + blk) * block_size + (j - blk * block_size);
     };
-    auto load = [&](int t, int stage, int page) {
-        T* ks = stages + stage * 2 * BK * LD;
-        T* vs = ks + BK * LD;
-        const int kb = k_lo + t * BK;
+    // Each lane copies 16 bytes of a row at a time: column lc of rows lr0, lr0 + STEP, ... of a
+    // tile when a warp covers whole rows (D = 16, 32, 64, 128: only the key's cache row changes
+    // a copy), else columns and rows computed a copy (D = 80, 96).
+    constexpr int STEP = 32 % VECS == 0 ? 32 / VECS : 0;
+    const int lr0 = STEP ? lane / VECS : 0, lc = STEP ? (lane % VECS) * 8 : 0;
+    const char* k_base = reinterpret_cast<const char*>(k_cache + (long long)kv_head * D + lc);
+    const char* v_base = reinterpret_cast<const char*>(v_cache + (long long)kv_head * D + lc);
+    const unsigned row_bytes = (unsigned)kv_stride * sizeof(T);
+    const unsigned stage0 = smem_u32(stages + lr0 * LD + lc);
+    auto load = [&](int t, int stage, int rows) {
+        const int left = k_hi - (k_lo + t * BK);   // keys of the tile that exist
+        if constexpr (STEP > 0) {
+            const unsigned ks = stage0 + stage * 2 * BK * LD * sizeof(T), vs = ks + BK * LD * sizeof(T);
 #pragma unroll
-        for (int i = lane; i < BK * VECS; i += 32) {   // BK * VECS is a multiple of 32
-            const int r = i / VECS, c = (i % VECS) * 8, j = kb + r;
-            const int p = __shfl_sync(0xffffffffu, page, r);
-            const bool ok = j < k_hi;
-            const int within = j - per_block.div(j) * block_size;
-            const long long off = ok ? ((long long)p * block_size + within) * kv_stride
-                                           + (long long)kv_head * D + c
-                                     : 0;
-            cp_async16(ks + r * LD + c, k_cache + off, ok);
-            cp_async16(vs + r * LD + c, v_cache + off, ok);
+            for (int k = 0; k < BK / STEP; ++k) {
+                const int r = lr0 + k * STEP;
+                const unsigned long long off = (unsigned long long)(unsigned)__shfl_sync(0xffffffffu, rows, r)
+                                               * row_bytes;
+                cp_async16_at(ks + k * STEP * LD * sizeof(T), k_base + off, r < left);
+                cp_async16_at(vs + k * STEP * LD * sizeof(T), v_base + off, r < left);
+            }
+        } else {
+            T* ks = stages + stage * 2 * BK * LD;
+            T* vs = ks + BK * LD;
+#pragma unroll
+            for (int i = lane; i < BK * VECS; i += 32) {   // BK * VECS is a multiple of 32
+                const int r = i / VECS, c = (i % VECS) * 8;
+                const unsigned long long off = (unsigned long long)(unsigned)__shfl_sync(0xffffffffu, rows, r)
+                                               * row_bytes + c * sizeof(T);
+                cp_async16(ks + r * LD + c, k_base + off, r < left);
+                cp_async16(vs + r * LD + c, v_base + off, r < left);
+            }
         }
     };
 
@@ -90,13 +111,13 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
     // first slots' tiles go before the wait while they hold no new key (as in a decode step).
     int t = t_begin + kw, st = 0;
     for (; st < STAGES - 1 && k_lo + (t + st * KW + 1) * BK <= first_pos; ++st) {
-        if (t + st * KW < t_end) load(t + st * KW, st, page_of(t + st * KW));
+        if (t + st * KW < t_end) load(t + st * KW, st, cache_row_of(t + st * KW));
         asm volatile("cp.async.commit_group;\n" ::);
     }
-    int ahead = page_of(t + (STAGES - 1) * KW);
+    int ahead = cache_row_of(t + (STAGES - 1) * KW);
     pdl_begin();
     for (; st < STAGES - 1; ++st) {
-        if (t + st * KW < t_end) load(t + st * KW, st, page_of(t + st * KW));
+        if (t + st * KW < t_end) load(t + st * KW, st, cache_row_of(t + st * KW));
         asm volatile("cp.async.commit_group;\n" ::);
     }
     // Q as the B operand (dims x rows): row g, dims 2 t4 (+1) and 2 t4 + 8 (+1) of each 16.
@@ -113,7 +134,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 95 registers at D = 128
     for (int it = 0; t < t_end; ++it, t += KW) {
         if (t + (STAGES - 1) * KW < t_end) load(t + (STAGES - 1) * KW, (it + STAGES - 1) % STAGES, ahead);
         asm volatile("cp.async.commit_group;\n" ::);
-        ahead = page_of(t + STAGES * KW);
+        ahead = cache_row_of(t + STAGES * KW);
         asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
         __syncwarp();
         const int kb = k_lo + t * BK;
