@@ -45,6 +45,7 @@ def phases(engine, steps: int) -> dict[str, float]:
 def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20) -> tuple[float, float]:
     """(GPU seconds of one step's forward as CUDA events see it, host seconds to issue it)."""
     import cupy
+    from shardline.worker.model_runner import upload_step_inputs
     runner = engine.runner
     if graphed:
         bucket = runner.graphs._captured[next(b for b in runner.graphs.buckets if b >= len(plan.request_ids))]
@@ -56,10 +57,9 @@ def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20) -> tuple[float, f
         stream = cupy.cuda.get_current_stream()
 
         def once():
-            ctx = runner.begin_step(plan)
-            xp = runner.backend.xp
-            positions = xp.asarray(plan.positions, dtype=np.int64)   # as the runner passes them
-            runner.model.compute_logits(runner.model.forward(xp.asarray(plan.token_ids), positions, ctx))
+            inputs = upload_step_inputs(runner.backend, plan)   # as the runner passes them
+            ctx = runner.begin_step(plan, inputs)
+            runner.model.compute_logits(runner.model.forward(inputs["token_ids"], inputs["positions"], ctx))
     once()
     begin, end = cupy.cuda.Event(), cupy.cuda.Event()
     begin.record(stream)

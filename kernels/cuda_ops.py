@@ -54,6 +54,7 @@ from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.cuda_skinny import SkinnyGemmOps, few_rows_blocks_per_sm
 from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
+from shardline.kernels.staging import Uploader
 
 
 class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
@@ -74,6 +75,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             self.skinny_blocks_per_sm_few_rows = few_rows_blocks_per_sm(name.decode() if isinstance(name, bytes) else name)
             self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
+        self._uploader = Uploader()
         self._dependent = False
         self._shared_carveout: int | None = None
 
@@ -125,6 +127,11 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
         if dtype == "bfloat16":
             return bf16_bits(device32)  # rounded on the device: weights are GBs
         return device32.astype(_STORAGE_DTYPES[dtype])
+
+    def upload(self, arrays: dict[str, np.ndarray]) -> dict:
+        """Host arrays -> fresh device arrays of the same dtypes and shapes, in one
+        asynchronous copy on the current stream (kernels/staging.py)."""
+        return self._uploader(arrays)
 
     def to_host(self, arr) -> np.ndarray:
         host = cupy.asnumpy(arr)

@@ -241,6 +241,11 @@ def sample(logits, temperature, top_k, top_p, seeds, offsets, min_p=None):
     return out
 
 
+def upload(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # host arrays -> fresh arrays the caller may write (CudaOps: on the device, in one copy)
+    return {name: np.array(array) for name, array in arrays.items()}
+
+
 # -- paged KV cache ------------------------------------------------------------------
 # k_cache / v_cache: [num_blocks, block_size_tokens, num_kv_heads, head_dim];
 # a token's slot is block_id * block_size_tokens + offset in the block.

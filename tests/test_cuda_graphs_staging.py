@@ -1,12 +1,13 @@
 """The graphed decode step's staging (worker/cuda_graphs.py), on the host alone: the packed
-layout, and a plan's inputs written into a bucket's staging arrays with the padding after
+layout (kernels/staging.py), and a plan's inputs written into a bucket's staging arrays with the padding after
 its rows, whatever an earlier (wider) plan left there."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from shardline.worker.cuda_graphs import _fill, _idle_inputs, _layout
+from shardline.kernels.staging import packed_layout, views
+from shardline.worker.cuda_graphs import _fill, _idle_inputs
 from shardline.worker.plan_builder import build_step_plan
 from shardline.worker.request import Request
 from shardline.worker.sampling_params import SamplingParams
@@ -23,10 +24,8 @@ def decoding(request_id: str, prompt: int, seed: int) -> Request:
 
 def staging_views() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     idle = _idle_inputs(SIZE, MAX_BLOCKS)
-    offsets, nbytes = _layout(idle)
-    raw = np.zeros(nbytes, np.uint8)
-    arrays = {name: raw[at:at + idle[name].nbytes].view(idle[name].dtype).reshape(idle[name].shape)
-              for name, at in offsets.items()}
+    offsets, nbytes = packed_layout(idle)
+    arrays = views(np.zeros(nbytes, np.uint8), offsets, idle)
     for name, value in idle.items():
         arrays[name][...] = value
     return arrays, idle
@@ -34,7 +33,7 @@ def staging_views() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 def test_layout_packs_every_array_aligned_and_apart():
     idle = _idle_inputs(SIZE, MAX_BLOCKS)
-    offsets, nbytes = _layout(idle)
+    offsets, nbytes = packed_layout(idle)
     spans = sorted((at, at + idle[name].nbytes) for name, at in offsets.items())
     assert all(at % 16 == 0 for at, _ in spans)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))   # no overlap

@@ -17,6 +17,7 @@ import pytest
 from engine_fixtures import make_engine, random_prompts, save_tiny_llama, tiny_local
 from shardline.worker.block_manager import BlockManager
 from shardline.worker.engine_config import EngineConfig
+from shardline.worker.model_runner import upload_step_inputs
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import Scheduler
 from shardline.worker.scheduler_config import SchedulerConfig
@@ -219,9 +220,9 @@ def test_penalties_count_the_pending_token(local):
     assert ahead.takes_pending_tokens
     logits = np.zeros((1, engine.local.model.config.vocab_size))
     logits[0, 11], logits[0, 12] = 2.0, 1.0
-    token_ids = ahead.token_ids.copy()
-    token_ids[0] = 11                          # the pending token, as the device filled it
-    assert engine.runner._sample(logits, ahead, False, token_ids).result().sampled_token_ids[0] == 12
+    inputs = upload_step_inputs(engine.runner.backend, ahead)
+    inputs["token_ids"][0] = 11                # the pending token, as the device filled it
+    assert engine.runner._sample(logits, ahead, False, inputs).result().sampled_token_ids[0] == 12
 
 
 def test_engine_small_pool_preempts_and_equals_without_decode_ahead(local):

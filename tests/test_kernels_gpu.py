@@ -344,3 +344,32 @@ def test_graph_capture_replays_gemm_norm_and_sampling(ops, rng):
         eager_tokens = step()[2]
         stream.synchronize()
     np.testing.assert_array_equal(cupy.asnumpy(tokens), cupy.asnumpy(eager_tokens))
+
+
+def test_upload_copies_a_steps_arrays_in_one_go(ops, rng):
+    """ops.upload (a step's inputs packed into one pinned buffer, one copy): arrays of mixed
+    dtypes and shapes, one of them empty, come back on the device equal to the host's, in
+    fresh memory of their own. Uploads in turn that outgrow the staging buffers leave the
+    earlier ones intact, and host arrays changed after an upload do not reach the device."""
+    uploads = []
+    for n in (5, 3000, 70000, 7):   # the third outgrows both staging buffers
+        arrays = {"token_ids": rng.integers(0, 1 << 30, n).astype(np.int32),
+                  "positions": rng.integers(0, 1 << 40, n),
+                  "block_tables": rng.integers(0, 100, (n % 13 + 1, 9)).astype(np.int32),
+                  "temperature": rng.random(n).astype(np.float32),
+                  "seeds": rng.integers(0, 1 << 63, n, dtype=np.uint64),
+                  "none": np.zeros(0, np.float32), "flags": rng.random(n) < 0.5}
+        kept = {name: array.copy() for name, array in arrays.items()}
+        device = ops.upload(arrays)
+        for array in arrays.values():
+            array[...] = 0   # the caller's arrays are its own again once upload returns
+        uploads.append((kept, device))
+    for kept, device in uploads:
+        assert device.keys() == kept.keys()
+        for name, host in kept.items():
+            got = cupy.asnumpy(device[name])
+            assert got.dtype == host.dtype and got.shape == host.shape, name
+            np.testing.assert_array_equal(got, host, err_msg=name)
+    first, second = uploads[0][1]["token_ids"], uploads[1][1]["token_ids"]
+    first[...] = -1
+    np.testing.assert_array_equal(cupy.asnumpy(second), uploads[1][0]["token_ids"])

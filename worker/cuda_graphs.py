@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from shardline.kernels.staging import packed_layout, views
 from shardline.worker.model_runner import Launched, PagedAttentionContext, with_pending_tokens
 from shardline.worker.step_plan import StepPlan
 
@@ -151,40 +152,27 @@ class DecodeGraphs:
     def _new_bucket(self, size: int) -> _Bucket:
         import cupyx
         idle = _idle_inputs(size, self.max_blocks_per_seq)
-        offsets, nbytes = _layout(idle)
+        offsets, nbytes = packed_layout(idle)
         raw = self._cupy.zeros(nbytes, np.uint8)
-
-        def views(buffer):
-            return {name: buffer[at:at + idle[name].nbytes].view(idle[name].dtype).reshape(idle[name].shape)
-                    for name, at in offsets.items()}
         staging = []
         for _ in range(2):
             host = cupyx.empty_pinned(nbytes, np.uint8)
-            arrays = views(host)
+            arrays = views(host, offsets, idle)
             for name, value in idle.items():
                 arrays[name][...] = value
             staging.append(_Staging(host, arrays))
         raw.set(staging[0].raw)   # the padding's values, before the warm-up and capture read them
-        return _Bucket(size, raw, views(raw), tuple(staging), idle)
+        return _Bucket(size, raw, views(raw, offsets, idle), tuple(staging), idle)
 
     def _forward(self, bucket: _Bucket):
         """Tokens [size] int32 of one decode step over the bucket's buffers."""
         a, runner = bucket.arrays, self.runner
-        ctx = PagedAttentionContext.on_device(runner.backend, runner.config, runner.kv, a["slot_mapping"],
-                                              a["block_tables"], a["seq_lens"], a["query_start_loc"])
+        ctx = PagedAttentionContext(runner.backend, runner.config, runner.kv, a["slot_mapping"], a["block_tables"],
+                                    a["seq_lens"], a["query_start_loc"])
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
         logits = runner.model.compute_logits(hidden)
         return runner.backend.ops.sample(logits, a["temperature"], a["top_k"], a["top_p"], a["seeds"],
                                          a["offsets"], min_p=a["min_p"])
-
-
-def _layout(arrays: dict[str, np.ndarray], align: int = 16) -> tuple[dict[str, int], int]:
-    """Byte offsets of the arrays packed one after another (each `align`-aligned), and the total."""
-    offsets, at = {}, 0
-    for name, array in arrays.items():
-        offsets[name] = at
-        at += -(-array.nbytes // align) * align
-    return offsets, at
 
 
 def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> None:

@@ -38,21 +38,9 @@ class PagedKVCache:
 class PagedAttentionContext:
     """The model's attention context for one step over the paged cache."""
 
-    def __init__(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, plan: StepPlan):
-        xp = backend.xp
-        self._set(backend, config, kv, xp.asarray(plan.slot_mapping), xp.asarray(plan.block_tables),
-                  xp.asarray(plan.seq_lens), xp.asarray(plan.query_start_loc))
-
-    @classmethod
-    def on_device(cls, backend: Backend, config: ModelConfig, kv: PagedKVCache, slot_mapping: Any,
-                  block_tables: Any, seq_lens: Any, query_start_loc: Any) -> "PagedAttentionContext":
-        """Over arrays already on the device (a CUDA graph's static buffers)."""
-        ctx = cls.__new__(cls)
-        ctx._set(backend, config, kv, slot_mapping, block_tables, seq_lens, query_start_loc)
-        return ctx
-
-    def _set(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, slot_mapping: Any, block_tables: Any,
-             seq_lens: Any, query_start_loc: Any) -> None:
+    def __init__(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, slot_mapping: Any,
+                 block_tables: Any, seq_lens: Any, query_start_loc: Any):
+        """Over the step's arrays on the device (upload_step_inputs, or a CUDA graph's static buffers)."""
         self.ops, self.kv = backend.ops, kv
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.seq_lens, self.query_start_loc = seq_lens, query_start_loc
@@ -109,6 +97,19 @@ class Launched:
         if self.done is not None:
             self.done.synchronize()
         return StepResult(np.array(self.host, dtype=np.int32), self.logprobs)
+
+
+_STEP_INPUTS = ("token_ids", "slot_mapping", "block_tables", "seq_lens", "query_start_loc", "sample_rows")
+_SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "seeds", "offsets", "min_p")
+
+
+def upload_step_inputs(backend: Any, plan: StepPlan) -> dict[str, Any]:
+    """The plan's per-step arrays on the device, in one copy (ops.upload): fresh arrays, so
+    token_ids may take the pending tokens in place."""
+    arrays = {name: getattr(plan, name) for name in _STEP_INPUTS}
+    arrays["positions"] = np.asarray(plan.positions, dtype=np.int64)   # the kernels' index type
+    arrays.update((name, getattr(plan.sampling, name)) for name in _SAMPLING_INPUTS)
+    return backend.ops.upload(arrays)
 
 
 def with_pending_tokens(xp: Any, token_ids: Any, plan: StepPlan, previous: Launched | None,
@@ -180,39 +181,41 @@ class ModelRunner:
             launched = self.graphs.launch(plan, previous, defer)
             if launched is not None:
                 return launched
-        ctx = self.begin_step(plan)
-        xp = self.backend.xp
-        token_ids = xp.array(plan.token_ids) if plan.takes_pending_tokens else xp.asarray(plan.token_ids)
-        token_ids = with_pending_tokens(xp, token_ids, plan, previous)
-        positions = xp.asarray(plan.positions, dtype=np.int64)   # the kernels' index type: no copy per layer
-        hidden = self.model.forward(token_ids, positions, ctx)
-        return self._finish_launch(plan, hidden, sample, defer, token_ids)
+        inputs = upload_step_inputs(self.backend, plan)
+        ctx = self.begin_step(plan, inputs)
+        token_ids = with_pending_tokens(self.backend.xp, inputs["token_ids"], plan, previous)
+        hidden = self.model.forward(token_ids, inputs["positions"], ctx)
+        return self._finish_launch(plan, hidden, sample, inputs, defer)
 
-    def begin_step(self, plan: StepPlan) -> PagedAttentionContext:
-        """Copies the plan's copy-on-write blocks; the step's attention context."""
+    def begin_step(self, plan: StepPlan, inputs: dict[str, Any]) -> PagedAttentionContext:
+        """Copies the plan's copy-on-write blocks; the step's attention context over `inputs`
+        (upload_step_inputs)."""
         backend, xp = self.backend, self.backend.xp
         if plan.block_copies.size:
             copies = xp.asarray(plan.block_copies)
             for k_cache, v_cache in zip(self.kv.k, self.kv.v):
                 backend.ops.copy_blocks(k_cache, v_cache, copies)
-        return PagedAttentionContext(backend, self.config, self.kv, plan)
+        return PagedAttentionContext(backend, self.config, self.kv, inputs["slot_mapping"], inputs["block_tables"],
+                                     inputs["seq_lens"], inputs["query_start_loc"])
 
-    def finish_step(self, plan: StepPlan, hidden: Any, sample: bool) -> StepResult:
+    def finish_step(self, plan: StepPlan, hidden: Any, sample: bool, inputs: dict[str, Any]) -> StepResult:
         """Logits of the plan's sample rows of `hidden` [num_tokens, hidden], sampled."""
-        return self._finish_launch(plan, hidden, sample).result()
+        return self._finish_launch(plan, hidden, sample, inputs).result()
 
-    def _finish_launch(self, plan: StepPlan, hidden: Any, sample: bool, defer: bool = False,
-                       token_ids: Any = None) -> Launched:
-        backend, xp = self.backend, self.backend.xp
+    def _finish_launch(self, plan: StepPlan, hidden: Any, sample: bool, inputs: dict[str, Any],
+                       defer: bool = False) -> Launched:
+        backend = self.backend
         if plan.sample_rows.size == 0:
             return Launched.read_back(backend, np.zeros(0, dtype=np.int32))
-        logits = self.model.compute_logits(backend.ops.index_rows(hidden, xp.asarray(plan.sample_rows)))
+        logits = self.model.compute_logits(backend.ops.index_rows(hidden, inputs["sample_rows"]))
         if not sample:
             return Launched.read_back(backend, np.zeros(0, dtype=np.int32))
-        return self._sample(logits, plan, defer, token_ids)
+        return self._sample(logits, plan, defer, inputs)
 
-    def _sample(self, logits: Any, plan: StepPlan, defer: bool, token_ids: Any = None) -> Launched:
-        ops, xp, s = self.backend.ops, self.backend.xp, plan.sampling
+    def _sample(self, logits: Any, plan: StepPlan, defer: bool, inputs: dict[str, Any]) -> Launched:
+        """`inputs` (upload_step_inputs): the sampling parameters, and the token ids with the
+        pending tokens filled in."""
+        ops, xp, s, token_ids = self.backend.ops, self.backend.xp, plan.sampling, inputs["token_ids"]
         if s.prompt_ids.shape[1] or s.output_ids.shape[1]:
             output_ids = xp.array(s.output_ids)
             pending = np.flatnonzero(plan.token_sources[plan.sample_rows] >= 0)
@@ -222,8 +225,8 @@ class ModelRunner:
             logits = ops.apply_penalties(logits, *(xp.asarray(a) for a in (
                 s.prompt_ids, s.prompt_lens, output_ids, s.output_lens, s.repetition_penalty,
                 s.presence_penalty, s.frequency_penalty)))
-        args = [xp.asarray(a) for a in (s.temperature, s.top_k, s.top_p, s.seeds, s.offsets)]
-        tokens = ops.sample(logits, *args, min_p=xp.asarray(s.min_p))
+        args = [inputs[name] for name in ("temperature", "top_k", "top_p", "seeds", "offsets")]
+        tokens = ops.sample(logits, *args, min_p=inputs["min_p"])
         if s.num_logprobs.any():   # read on the host now: the step is finished here
             host = self.backend.to_numpy(tokens)
             return Launched(tokens, host, None, self._logprobs(logits, s.num_logprobs, host))

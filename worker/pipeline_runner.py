@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from shardline.parallel.pipeline import StageLinks
-from shardline.worker.model_runner import ModelRunner, StepResult
+from shardline.worker.model_runner import ModelRunner, StepResult, upload_step_inputs
 from shardline.worker.step_plan import StepPlan
 
 TOKENS_TAG, LOGPROBS_TAG = 71, 72
@@ -43,24 +43,25 @@ class PipelineRunner:
         """Runs this stage's part and passes the activations on. None on the
         leader of a multi-stage pipeline: its tokens come later (`collect`),
         so it can start the next micro-batch meanwhile."""
-        links, xp = self.links, self.backend.xp
-        ctx = self.runner.begin_step(plan)
-        positions = xp.asarray(plan.positions, dtype=np.int64)   # the kernels' index type
-        x, residual = self._stage_input(plan, positions)
+        links = self.links
+        inputs = upload_step_inputs(self.backend, plan)
+        ctx = self.runner.begin_step(plan, inputs)
+        positions = inputs["positions"]
+        x, residual = self._stage_input(plan, inputs["token_ids"], positions)
         x, residual = self.model.run_layers(x, residual, positions, ctx)  # [num_tokens, hidden] each
         if not links.is_last:
             links.send_next(x)
             links.send_next(residual)
             return None if links.is_leader else _empty()
         hidden = self.model.final_norm(x, residual)
-        result = self.runner.finish_step(plan, hidden, sample=links.returns_tokens)
+        result = self.runner.finish_step(plan, hidden, links.returns_tokens, inputs)
         if links.returns_tokens and not links.is_leader:
             send_result(links, plan, result)
         return result
 
-    def _stage_input(self, plan: StepPlan, positions: Any) -> tuple[Any, Any]:
+    def _stage_input(self, plan: StepPlan, token_ids: Any, positions: Any) -> tuple[Any, Any]:
         if self.links.is_first:
-            return self.model.embed_tokens(self.backend.xp.asarray(plan.token_ids), positions), None
+            return self.model.embed_tokens(token_ids, positions), None
         like = self.backend.zeros((plan.num_tokens, self.model.config.hidden_size))
         x = self.links.recv_prev(like)
         return x, self.links.recv_prev(like)
