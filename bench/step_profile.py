@@ -6,7 +6,9 @@ Run:  python -m bench.step_profile --shape smollm2-135m --batch 1
 With --kernels it also lists the GPU time of every kernel name (CUPTI through
 torch.profiler, which sees cupy's launches too) in one eager decode forward, in one
 replay of its CUDA graph (dependent launches overlap there, so a kernel's time may
-include its wait for the one before) and in the prefill of a --prefill-tokens prompt.
+include its wait for the one before) and in the prefill of a --prefill-tokens prompt;
+and splits three TTFTs of such a prompt into GPU busy time, the GPU's idle gaps, and
+the host's time before the first GPU activity and after the last (gpu_timeline).
 """
 
 from __future__ import annotations
@@ -89,6 +91,53 @@ def kernel_times(run, reps: int = 3, top: int = 20) -> list[dict]:
     return [{"kernel": "(all)", "us": total, "calls": sum(r["calls"] for r in rows)}] + rows[:top]
 
 
+def gpu_timeline(intervals: list[tuple[float, float, str]], wall_us: float, top: int = 8) -> dict:
+    """Where a run's wall time went, from its GPU activities (start, end, name), in us: the span
+    from the first start to the last end; busy, the time some activity ran (their union); the
+    activities' own sum (above busy where they overlap, as dependent launches do); the idle
+    time inside the span and its longest gaps, each with the activity that waited; and the
+    wall time outside the span (the host before the first activity and after the last)."""
+    spans = sorted(intervals)
+    busy, idle, gaps = 0.0, 0.0, []
+    run_start, run_end = spans[0][0], spans[0][1]
+    for start, end, name in spans[1:]:
+        if start > run_end:   # the GPU idled until this one
+            busy += run_end - run_start
+            gaps.append((start - run_end, name))
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    busy += run_end - run_start
+    span = max(end for _, end, _ in spans) - spans[0][0]
+    gaps.sort(key=lambda gap: -gap[0])
+    return {"wall_ms": wall_us / 1e3, "gpu_span_ms": span / 1e3, "gpu_busy_ms": busy / 1e3,
+            "activity_sum_ms": sum(end - start for start, end, _ in spans) / 1e3,
+            "idle_in_span_ms": (span - busy) / 1e3, "outside_span_ms": (wall_us - span) / 1e3,
+            "activities": len(spans),
+            "longest_gaps": [{"us": gap, "before": name[:80]} for gap, name in gaps[:top]]}
+
+
+def prefill_timeline(engine, tokens: int, rng) -> dict:
+    """gpu_timeline of one TTFT: a fresh `tokens`-token prompt in, its first token out (torch.profiler,
+    which sees cupy's kernels and copies too)."""
+    import cupy
+    from torch.profiler import ProfilerActivity, profile
+    from shardline.worker.sampling_params import SamplingParams
+    prompt = rng.integers(0, engine.local.model.config.vocab_size, tokens).tolist()
+    cupy.cuda.Device().synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        begin = time.perf_counter()
+        engine.add_request("timeline", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while not any(out.new_token_ids for out in engine.step()):
+            pass
+        wall = time.perf_counter() - begin
+    engine.abort("timeline")
+    engine.step()
+    intervals = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if str(e.device_type).endswith("CUDA") and e.time_range.end > e.time_range.start]
+    return gpu_timeline(intervals, wall * 1e6)
+
+
 def prefill_once(engine, tokens: int, rng):
     """A run() that prefills a fresh `tokens`-token prompt in one engine step, then drops it."""
     from shardline.worker.sampling_params import SamplingParams
@@ -142,6 +191,7 @@ def main() -> None:
                 engine.abort(f"r{b}")
             engine.step()
             report["prefill_kernels"] = kernel_times(prefill_once(engine, args.prefill_tokens, rng), reps=2)
+            report["prefill_timeline"] = [prefill_timeline(engine, args.prefill_tokens, rng) for _ in range(3)]
     finally:
         print(json.dumps(report, indent=1))
 

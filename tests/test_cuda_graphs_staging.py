@@ -43,11 +43,12 @@ def test_layout_packs_every_array_aligned_and_apart():
 def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
     arrays, idle = staging_views()
     wide = [decoding(f"w{i}", 19, i) for i in range(5)]   # 20 tokens: 5 blocks of the table
-    _fill(arrays, idle, build_step_plan(0, [(r, 1) for r in wide], [[i + 1] * 5 for i in range(5)], [], BLOCK))
+    assert _fill(arrays, idle, build_step_plan(0, [(r, 1) for r in wide], [[i + 1] * 5 for i in range(5)], [],
+                                               BLOCK)) == 0
     a, b = decoding("a", 3, 11), decoding("b", 6, 12)      # 4 and 7 tokens: 1 and 2 blocks
     # b's token is the one the plan in flight samples at its row 1 (decode ahead): pending
     plan = build_step_plan(1, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK, ahead={"b": (0, 1)})
-    _fill(arrays, idle, plan)
+    assert _fill(arrays, idle, plan) == 1
     np.testing.assert_array_equal(arrays["block_tables"][:2], [[9, 0, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]])
     np.testing.assert_array_equal(arrays["block_tables"][2:], 0)
     for name in ("token_ids", "positions", "slot_mapping", "seq_lens"):

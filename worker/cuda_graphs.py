@@ -120,10 +120,10 @@ class DecodeGraphs:
         bucket.turn += 1
         if staging.copied is not None:
             staging.copied.synchronize()   # two launches ago: done unless far more is queued
-        _fill(staging.arrays, bucket.idle, plan)
+        pending = _fill(staging.arrays, bucket.idle, plan)
         bucket.raw.set(staging.raw, stream=self._stream)
         staging.copied = self._stream.record()
-        return int(np.count_nonzero(plan.token_sources >= 0))
+        return pending
 
     def _capture(self, size: int) -> _Bucket | None:
         cupy = self._cupy
@@ -175,10 +175,10 @@ class DecodeGraphs:
                                          a["offsets"], min_p=a["min_p"])
 
 
-def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> None:
+def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> int:
     """The plan's decode inputs into a bucket's staging `arrays`: its rows first, padding
     (`idle`'s values) after them; the pending tokens' rows and their sources in the previous
-    step's sample rows first in pending_rows / pending_sources."""
+    step's sample rows first in pending_rows / pending_sources. Returns how many are pending."""
     n, width = len(plan.request_ids), plan.block_tables.shape[1]
     for name in _PLAN_INPUTS:
         arrays[name][:n] = getattr(plan, name)
@@ -191,6 +191,7 @@ def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: Step
     rows = np.flatnonzero(plan.token_sources >= 0)
     arrays["pending_rows"][:rows.size] = rows
     arrays["pending_sources"][:rows.size] = plan.token_sources[rows]
+    return rows.size
 
 
 _PLAN_INPUTS = ("token_ids", "positions", "slot_mapping", "seq_lens")

@@ -1,0 +1,42 @@
+"""bench/step_profile.py's TTFT split (gpu_timeline), on made-up GPU activities: busy time,
+idle gaps and the time outside the span against a microsecond raster of the same intervals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from step_profile import gpu_timeline  # noqa: E402
+
+
+def test_timeline_against_a_raster():
+    rng = np.random.default_rng()
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        starts = np.sort(rng.integers(100, 5000, n))
+        lengths = rng.integers(1, 300, n)   # some overlap the next (dependent launches), some leave gaps
+        intervals = [(float(s), float(s + d), f"k{i}") for i, (s, d) in enumerate(zip(starts, lengths))]
+        order = rng.permutation(n)           # the profiler's order is not the start order
+        wall = float((starts + lengths).max()) + float(rng.integers(0, 500))
+        got = gpu_timeline([intervals[i] for i in order], wall)
+        covered = np.zeros(int(wall) + 1, bool)
+        for start, end, _ in intervals:
+            covered[int(start):int(end)] = True
+        first, last = int(starts.min()), int((starts + lengths).max())
+        assert got["gpu_busy_ms"] * 1e3 == pytest.approx(covered.sum())
+        assert got["gpu_span_ms"] * 1e3 == pytest.approx(last - first)
+        assert got["idle_in_span_ms"] * 1e3 == pytest.approx((last - first) - covered.sum())
+        assert got["outside_span_ms"] * 1e3 == pytest.approx(wall - (last - first))
+        assert got["activity_sum_ms"] * 1e3 == pytest.approx(lengths.sum())
+        # each gap: an idle run of the raster, ended by the activity that starts there
+        idle = ~covered[first:last]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], idle.astype(int), [0]])))
+        runs = sorted((int(b - a) for a, b in zip(edges[::2], edges[1::2])), reverse=True)
+        assert [gap["us"] for gap in got["longest_gaps"]] == pytest.approx(runs[:8])
+        for gap in got["longest_gaps"]:
+            start = next(s for s, _, name in intervals if name == gap["before"])
+            assert not covered[int(start - gap["us"]):int(start)].any() and covered[int(start) - int(gap["us"]) - 1]
