@@ -139,6 +139,8 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(0)
     decode, prefill = _shapes(args.decode, (2, 4)), _shapes(args.prefill, (2,))
+    if any(tile[0] not in (16, 32) for tile in decode):   # flash_decode.cu looks a tile's rows up a lane a key
+        p.error(f"--decode: keys per tile must be 16 or 32, got {args.decode}")
     rows = []
     for i in range(max(len(decode), len(prefill))):   # pairs, the shorter list repeating its last value
         pair = decode[min(i, len(decode) - 1)], prefill[min(i, len(prefill) - 1)]

@@ -97,8 +97,10 @@ def gpu_timeline(intervals: list[tuple[float, float, str]], wall_us: float, top:
     activities' own sum (above busy where they overlap, as dependent launches do); the idle
     time inside the span and its longest gaps, each with the activity that waited; and the
     wall time outside the span (the host before the first activity and after the last)."""
+    if not intervals:
+        raise ValueError("gpu_timeline: no GPU activity was recorded")
     spans = sorted(intervals)
-    busy, idle, gaps = 0.0, 0.0, []
+    busy, gaps = 0.0, []
     run_start, run_end = spans[0][0], spans[0][1]
     for start, end, name in spans[1:]:
         if start > run_end:   # the GPU idled until this one
@@ -128,7 +130,7 @@ def prefill_timeline(engine, tokens: int, rng) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         begin = time.perf_counter()
         engine.add_request("timeline", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        while not any(out.new_token_ids for out in engine.step()):
+        while not any(out.new_token_ids or out.finished for out in engine.step()):
             pass
         wall = time.perf_counter() - begin
     engine.abort("timeline")

@@ -96,9 +96,9 @@ class AttentionOps:
 
     def flash_applies(self, q, k_cache, v_cache, num_seqs: int) -> bool:
         """Whether a paged launch runs the tensor-core kernel: bf16 or fp16, a head size it is
-        built for, 16-byte aligned caches."""
+        built for, 16-byte aligned caches of fewer than 2^31 token slots (the kernels' int rows)."""
         head_dim = q.shape[2]
-        return (self.use_flash and head_dim in _FLASH_HEAD_DIMS
+        return (self.use_flash and head_dim in _FLASH_HEAD_DIMS and k_cache.shape[0] * k_cache.shape[1] < 2 ** 31
                 and ("flash_attention_kernel", f"{_ctype(q, 'q')}, {head_dim}, 4") in self._functions
                 and ("flash_attention_kernel", f"{_ctype(q, 'q')}, {head_dim}, 1") in self._functions
                 and all(a.data.ptr % 16 == 0 for a in (k_cache, v_cache)))

@@ -44,7 +44,7 @@ class Uploader:
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         import cupy
         import cupyx
-        arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+        arrays = {name: np.asarray(array, order="C") for name, array in arrays.items()}   # 0-d stays 0-d
         offsets, nbytes = packed_layout(arrays)
         device = cupy.empty(nbytes, np.uint8)
         if nbytes:

@@ -14,7 +14,9 @@ from step_profile import gpu_timeline  # noqa: E402
 
 
 def test_timeline_against_a_raster():
-    rng = np.random.default_rng()
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
     for _ in range(20):
         n = int(rng.integers(1, 40))
         starts = np.sort(rng.integers(100, 5000, n))
@@ -40,3 +42,8 @@ def test_timeline_against_a_raster():
         for gap in got["longest_gaps"]:
             start = next(s for s, _, name in intervals if name == gap["before"])
             assert not covered[int(start - gap["us"]):int(start)].any() and covered[int(start) - int(gap["us"]) - 1]
+
+
+def test_timeline_without_activity_is_refused():
+    with pytest.raises(ValueError, match="no GPU activity"):
+        gpu_timeline([], 100.0)

@@ -370,6 +370,8 @@ def test_upload_copies_a_steps_arrays_in_one_go(ops, rng):
             got = cupy.asnumpy(device[name])
             assert got.dtype == host.dtype and got.shape == host.shape, name
             np.testing.assert_array_equal(got, host, err_msg=name)
+    empty = ops.upload({"none": np.zeros(0, np.int32), "rows": np.zeros((0, 4), np.int64)})
+    assert empty["none"].shape == (0,) and empty["rows"].shape == (0, 4) and empty["rows"].dtype == np.int64
     first, second = uploads[0][1]["token_ids"], uploads[1][1]["token_ids"]
     first[...] = -1
     np.testing.assert_array_equal(cupy.asnumpy(second), uploads[1][0]["token_ids"])
