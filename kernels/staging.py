@@ -29,17 +29,37 @@ def views(raw: Any, offsets: dict[str, int], like: dict[str, np.ndarray]) -> dic
             for name, at in offsets.items()}
 
 
-class Uploader:
-    """Host arrays -> fresh device arrays, in one asynchronous copy on the current stream.
+class CopyTurns:
+    """Two host buffers used in turn for asynchronous copies to the device: before a buffer is
+    refilled, the copy out of it two turns ago is waited for (done unless far more is queued),
+    so no copy ever reads memory that was refilled or freed after it was queued."""
 
-    Two pinned staging buffers are used in turn: the one being filled was last copied out
-    two uploads ago, which is waited for (done unless far more is queued). A buffer too
-    small is replaced only after that wait, so no copy ever reads freed pinned memory."""
+    def __init__(self):
+        self._copied: list[Any] = [None, None]   # the event after each buffer's last copy
+        self._turn = 0
+
+    def next(self) -> int:
+        """The buffer (0 or 1) to fill now; its last copy out is done."""
+        slot = self._turn % 2
+        self._turn += 1
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        return slot
+
+    def copy(self, slot: int, host: np.ndarray, device: Any, stream: Any) -> None:
+        """`host` (buffer `slot`'s, filled) into `device`, queued on `stream`."""
+        device.set(host, stream=stream)
+        self._copied[slot] = stream.record()
+
+
+class Uploader:
+    """Host arrays -> fresh device arrays, in one asynchronous copy on the current stream,
+    through two pinned staging buffers used in turn (CopyTurns). A buffer too small is
+    replaced when its turn comes, after its last copy out is done."""
 
     def __init__(self):
         self._host: list[np.ndarray | None] = [None, None]
-        self._copied: list[Any] = [None, None]
-        self._turn = 0
+        self._turns = CopyTurns()
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         import cupy
@@ -48,16 +68,11 @@ class Uploader:
         offsets, nbytes = packed_layout(arrays)
         device = cupy.empty(nbytes, np.uint8)
         if nbytes:
-            slot = self._turn % 2
-            self._turn += 1
-            if self._copied[slot] is not None:
-                self._copied[slot].synchronize()
+            slot = self._turns.next()
             host = self._host[slot]
             if host is None or host.nbytes < nbytes:
                 host = self._host[slot] = cupyx.empty_pinned(max(2 * nbytes, 1 << 16), np.uint8)
             for name, array in arrays.items():
                 host[offsets[name]:offsets[name] + array.nbytes] = array.reshape(-1).view(np.uint8)
-            stream = cupy.cuda.get_current_stream()
-            device.set(host[:nbytes], stream=stream)
-            self._copied[slot] = stream.record()
+            self._turns.copy(slot, host[:nbytes], device, cupy.cuda.get_current_stream())
         return views(device, offsets, arrays)

@@ -1,12 +1,12 @@
 """The graphed decode step's staging (worker/cuda_graphs.py), on the host alone: the packed
-layout (kernels/staging.py), and a plan's inputs written into a bucket's staging arrays with the padding after
+layout and the turns of its two buffers (kernels/staging.py, shared with ops.upload), and a plan's inputs written into a bucket's staging arrays with the padding after
 its rows, whatever an earlier (wider) plan left there."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from shardline.kernels.staging import packed_layout, views
+from shardline.kernels.staging import CopyTurns, packed_layout, views
 from shardline.worker.cuda_graphs import _fill, _idle_inputs
 from shardline.worker.plan_builder import build_step_plan
 from shardline.worker.request import Request
@@ -60,3 +60,45 @@ def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
     np.testing.assert_array_equal(arrays["seeds"][:3], [11, 12, 0])
     np.testing.assert_array_equal(arrays["slot_mapping"][2:], -1)   # padding rows write no KV
     assert (arrays["pending_rows"][0], arrays["pending_sources"][0]) == (1, 1)
+
+
+class _Event:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append(("wait", self.name))
+
+
+class _Stream:
+    def __init__(self, log: list):
+        self.log, self.count = log, 0
+
+    def record(self):
+        self.count += 1
+        return _Event(self.log, f"copy{self.count}")
+
+
+class _Device:
+    def __init__(self, log: list):
+        self.log = log
+
+    def set(self, host, stream):
+        self.log.append(("copy", bytes(host), stream))
+
+
+def test_copy_turns_wait_for_the_copy_out_of_the_buffer_they_hand_out():
+    """Buffers alternate; a buffer is handed out again only after the copy out of it two turns
+    ago is waited for (never the other buffer's newer copy), and each copy goes on the stream."""
+    log: list = []
+    turns, stream, device = CopyTurns(), _Stream(log), _Device(log)
+    buffers = [np.zeros(4, np.uint8), np.zeros(4, np.uint8)]
+    for step in range(5):
+        slot = turns.next()
+        assert slot == step % 2
+        buffers[slot][:] = step
+        turns.copy(slot, buffers[slot], device, stream)
+    assert log == [("copy", bytes([0] * 4), stream), ("copy", bytes([1] * 4), stream),
+                   ("wait", "copy1"), ("copy", bytes([2] * 4), stream),
+                   ("wait", "copy2"), ("copy", bytes([3] * 4), stream),
+                   ("wait", "copy3"), ("copy", bytes([4] * 4), stream)]

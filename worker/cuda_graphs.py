@@ -21,13 +21,13 @@ Must not schedule or decide what is graphable beyond the plan's shape.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from shardline.kernels.staging import packed_layout, views
-from shardline.worker.model_runner import Launched, PagedAttentionContext, with_pending_tokens
+from shardline.kernels.staging import CopyTurns, packed_layout, views
+from shardline.worker.model_runner import SAMPLING_INPUTS, Launched, PagedAttentionContext, with_pending_tokens
 from shardline.worker.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ class _Staging:
 
     raw: np.ndarray                   # [nbytes] uint8, pinned
     arrays: dict[str, np.ndarray]     # name -> view into raw
-    copied: Any = None                # CUDA event after the last copy out of raw
 
 
 @dataclass
@@ -62,9 +61,9 @@ class _Bucket:
     arrays: dict[str, Any]            # name -> device array, [size] (block_tables [size, max_blocks])
     staging: tuple[_Staging, _Staging]   # used in turn: one may still be copying while the next is filled
     idle: dict[str, np.ndarray]       # the padding's values
+    turns: CopyTurns = field(default_factory=CopyTurns)
     graph: Any = None
     tokens: Any = None                # [size] int32, the graph's output
-    turn: int = 0
 
 
 class DecodeGraphs:
@@ -116,13 +115,9 @@ class DecodeGraphs:
     def _stage(self, bucket: _Bucket, plan: StepPlan) -> int:
         """The plan's inputs into the bucket's device buffers through the next staging
         buffer, queued on the graphs' stream; returns the pending tokens' count."""
-        staging = bucket.staging[bucket.turn % 2]
-        bucket.turn += 1
-        if staging.copied is not None:
-            staging.copied.synchronize()   # two launches ago: done unless far more is queued
-        pending = _fill(staging.arrays, bucket.idle, plan)
-        bucket.raw.set(staging.raw, stream=self._stream)
-        staging.copied = self._stream.record()
+        slot = bucket.turns.next()
+        pending = _fill(bucket.staging[slot].arrays, bucket.idle, plan)
+        bucket.turns.copy(slot, bucket.staging[slot].raw, bucket.raw, self._stream)
         return pending
 
     def _capture(self, size: int) -> _Bucket | None:
@@ -171,8 +166,8 @@ class DecodeGraphs:
                                     a["seq_lens"], a["query_start_loc"])
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
         logits = runner.model.compute_logits(hidden)
-        return runner.backend.ops.sample(logits, a["temperature"], a["top_k"], a["top_p"], a["seeds"],
-                                         a["offsets"], min_p=a["min_p"])
+        *args, min_p = (a[name] for name in SAMPLING_INPUTS)
+        return runner.backend.ops.sample(logits, *args, min_p=min_p)
 
 
 def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> int:
@@ -182,11 +177,11 @@ def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: Step
     n, width = len(plan.request_ids), plan.block_tables.shape[1]
     for name in _PLAN_INPUTS:
         arrays[name][:n] = getattr(plan, name)
-    for name in _SAMPLING_INPUTS:
+    for name in SAMPLING_INPUTS:
         arrays[name][:n] = getattr(plan.sampling, name)
     arrays["block_tables"][:n, :width] = plan.block_tables
     arrays["block_tables"][:n, width:] = 0
-    for name in _PLAN_INPUTS + _SAMPLING_INPUTS + ("block_tables",):
+    for name in _PLAN_INPUTS + SAMPLING_INPUTS + ("block_tables",):
         arrays[name][n:] = idle[name][n:]
     rows = np.flatnonzero(plan.token_sources >= 0)
     arrays["pending_rows"][:rows.size] = rows
@@ -195,7 +190,6 @@ def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: Step
 
 
 _PLAN_INPUTS = ("token_ids", "positions", "slot_mapping", "seq_lens")
-_SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "min_p", "seeds", "offsets")
 
 
 def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:

@@ -100,7 +100,7 @@ class Launched:
 
 
 _STEP_INPUTS = ("token_ids", "slot_mapping", "block_tables", "seq_lens", "query_start_loc", "sample_rows")
-_SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "seeds", "offsets", "min_p")
+SAMPLING_INPUTS = ("temperature", "top_k", "top_p", "seeds", "offsets", "min_p")   # ops.sample's, in its order
 
 
 def upload_step_inputs(backend: Any, plan: StepPlan) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def upload_step_inputs(backend: Any, plan: StepPlan) -> dict[str, Any]:
     token_ids may take the pending tokens in place."""
     arrays = {name: getattr(plan, name) for name in _STEP_INPUTS}
     arrays["positions"] = np.asarray(plan.positions, dtype=np.int64)   # the kernels' index type
-    arrays.update((name, getattr(plan.sampling, name)) for name in _SAMPLING_INPUTS)
+    arrays.update((name, getattr(plan.sampling, name)) for name in SAMPLING_INPUTS)
     return backend.ops.upload(arrays)
 
 
@@ -225,8 +225,8 @@ class ModelRunner:
             logits = ops.apply_penalties(logits, *(xp.asarray(a) for a in (
                 s.prompt_ids, s.prompt_lens, output_ids, s.output_lens, s.repetition_penalty,
                 s.presence_penalty, s.frequency_penalty)))
-        args = [inputs[name] for name in ("temperature", "top_k", "top_p", "seeds", "offsets")]
-        tokens = ops.sample(logits, *args, min_p=inputs["min_p"])
+        *args, min_p = (inputs[name] for name in SAMPLING_INPUTS)
+        tokens = ops.sample(logits, *args, min_p=min_p)
         if s.num_logprobs.any():   # read on the host now: the step is finished here
             host = self.backend.to_numpy(tokens)
             return Launched(tokens, host, None, self._logprobs(logits, s.num_logprobs, host))
