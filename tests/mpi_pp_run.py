@@ -23,10 +23,9 @@ from mpi4py import MPI
 from mpi_tp_run import resident_bytes
 from shardline.models.loader import load_model
 from shardline.parallel.pipeline import ParallelConfig
-from shardline.worker.engine import EngineConfig, LLMEngine, graphs_apply, max_model_len_for, num_blocks_for
-from shardline.worker.group import agree_on_blocks, create_group, follow
+from shardline.worker.engine import EngineConfig, LLMEngine, follower_runner
+from shardline.worker.group import create_group, follow
 from shardline.worker.offline import LocalModel
-from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.sequence_cache import SequenceKVCache
 
@@ -119,11 +118,7 @@ def run_engine(path, tp, pp, split, jobs_path, out) -> None:
     model = load_model(path, group.backend, False, group.tp, group.placement).model
     config = EngineConfig(backend=backend, dtype=spec.get("dtype"), **spec["engine"])
     if not group.is_leader:
-        num_blocks = agree_on_blocks(group, num_blocks_for(config, LocalModel(model, None)))
-        runner = make_runner(model, num_blocks, config.block_size_tokens, group.links)
-        if graphs_apply(config, runner, grouped=True):   # as rank_main.run_follower: the leader captures the same steps
-            runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, model.config))
-        follow(group, runner)
+        follow(group, follower_runner(config, LocalModel(model, None), group))
         return
     engine = LLMEngine(config, LocalModel(model, None), group)
     results = {"jobs": {job["name"]: run_job(engine, job) for job in spec["jobs"]}}

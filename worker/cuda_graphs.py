@@ -86,6 +86,14 @@ class DecodeGraphs:
         self._captured.clear()
         self._pool.free_all_blocks()
 
+    def capture_all(self) -> None:
+        """Captures every bucket's graph now, largest first (the smaller ones then take their
+        buffers from the blocks the larger left in the pool), so that no step waits on a
+        capture, nor on the GEMM tuning of its warm-up; stops where one fails (graphs off)."""
+        for size in reversed(self.buckets):
+            if size not in self._captured and self._capture(size) is None:
+                return
+
     def accepts(self, plan: StepPlan) -> bool:
         return (self.disabled is None and len(plan.request_ids) <= self.buckets[-1]
                 and plan.block_tables.shape[1] <= self.max_blocks_per_seq and is_pure_decode(plan))

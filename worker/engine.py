@@ -69,6 +69,24 @@ def graphs_apply(config: EngineConfig, runner: Any, grouped: bool) -> bool:
             and (not grouped or config.tp_cuda_graphs))
 
 
+def runner_for(config: EngineConfig, model: Any, num_blocks: int, links: StageLinks, grouped: bool):
+    """A rank's runner over num_blocks KV blocks, with CUDA graphs where they apply, every
+    bucket's captured now with cuda_graphs_at_start. The leader's engine and each follower
+    build theirs so, capturing the same buckets in the same order (their collectives match)."""
+    runner = make_runner(model, num_blocks, config.block_size_tokens, links)
+    if graphs_apply(config, runner, grouped):
+        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, model.config),
+                                  config.cuda_graphs_at_start)
+    return runner
+
+
+def follower_runner(config: EngineConfig, local: LocalModel, group: GroupContext):
+    """A non-leader rank's runner: the KV pool agreed with the group (agree_on_blocks, as the
+    leader's engine does), then runner_for."""
+    num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
+    return runner_for(config, local.model, num_blocks, group.links, grouped=True)
+
+
 def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
     if config.num_kv_blocks:
         return config.num_kv_blocks
@@ -107,10 +125,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, block_size_tokens=config.block_size_tokens,
             policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight,
             decode_ahead=self.decode_ahead), self.block_manager)
-        self.runner = make_runner(self.local.model, self.num_kv_blocks, config.block_size_tokens,
-                                  group.links if group is not None else StageLinks())
-        if graphs_apply(config, self.runner, group is not None):   # followers of a group do the same (rank_main.run_follower)
-            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        self.runner = runner_for(config, self.local.model, self.num_kv_blocks,   # followers: follower_runner
+                                 group.links if group is not None else StageLinks(), group is not None)
         if group is not None:
             self.runner = BroadcastingRunner(group, self.runner)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()

@@ -33,6 +33,11 @@ class EngineConfig(BaseModel):
     # NCCL collectives inside (on 2x H100 a Llama-3-8B tp=2 decode step went from 24.6 to
     # 8.7 ms); False: such groups step eagerly.
     tp_cuda_graphs: bool = True
+    # Capture every batch-size bucket's graph when the engine starts (as vLLM and TensorRT-LLM
+    # do), largest first, so no request waits on a capture or its GEMM tuning; False: a bucket
+    # the first time a step needs it. On one H200 (Llama-3-8B, 512 sequences) the ten buckets
+    # take 1.3 s at start, and the first 1024-request offline run went from 8.6 to 7.5 s.
+    cuda_graphs_at_start: bool = True
     # Decode ahead (single-rank engines): plan and queue step n+1 while the GPU runs step n,
     # requests still decoding taking their next token from step n's output on the device.
     # None: on for single-rank CUDA engines of mixed groups (on one H100 it took Llama-3-8B

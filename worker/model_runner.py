@@ -9,7 +9,9 @@ plan asks for. It never decides what to schedule: that is the Scheduler's.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,8 @@ import numpy as np
 from shardline.kernels.backend import Backend
 from shardline.models.config import ModelConfig
 from shardline.worker.step_plan import StepPlan
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(model: Any, block_size_tokens: int) -> int:
@@ -140,9 +144,16 @@ class ModelRunner:
             self.graphs.close()
             self.graphs = None
 
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, capture_now: bool = False) -> None:
+        """Decode steps of up to max_batch rows from CUDA graphs, each bucket's captured now
+        (`capture_now`) or the first time a step needs it."""
         from shardline.worker.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self, max_batch, -(-max_model_len // self.kv.block_size_tokens))
+        if capture_now:
+            began = time.perf_counter()
+            self.graphs.capture_all()
+            log.info("CUDA graphs of %d decode buckets captured in %.2f s%s", len(self.graphs.buckets),
+                     time.perf_counter() - began, f" (off: {self.graphs.disabled})" if self.graphs.disabled else "")
 
     def read_kv(self, slots: np.ndarray, to_host: bool = True) -> tuple[Any, Any]:
         """This rank's K and V at cache `slots` (block * block_size + offset), [num_layers,

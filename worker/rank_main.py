@@ -29,12 +29,11 @@ from shardline.coordinator.cluster_config import ClusterConfig, ClusterConfigErr
 from shardline.kernels.backend import create_backend
 from shardline.parallel.pipeline import ParallelConfig
 from shardline.proto import worker_pb2, worker_pb2_grpc
-from shardline.worker.engine import LLMEngine, graphs_apply, max_model_len_for, num_blocks_for
+from shardline.worker.engine import LLMEngine, follower_runner
 from shardline.worker.engine_config import EngineConfig
 from shardline.worker.engine_loop import EngineLoop
-from shardline.worker.group import GroupContext, agree_on_blocks, create_group, follow
+from shardline.worker.group import GroupContext, create_group, follow
 from shardline.worker.offline import load_local
-from shardline.worker.pipeline_runner import make_runner
 from shardline.worker.service import WorkerIdentity, WorkerService, format_address, start_worker_server
 
 log = logging.getLogger("shardline.worker")
@@ -112,11 +111,8 @@ def run_follower(spec: GroupSpec, group: GroupContext) -> int:
     config = spec.engine
     local = load_local(config.model, group.backend, show_progress=False, tp=group.tp, placement=group.placement,
                        ep=group.ep)
-    num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
-    log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, num_blocks)
-    runner = make_runner(local.model, num_blocks, config.block_size_tokens, group.links)
-    if graphs_apply(config, runner, grouped=True):   # the leader's engine captures the same steps
-        runner.enable_cuda_graphs(config.max_num_seqs, max_model_len_for(config, local.model.config))
+    runner = follower_runner(config, local, group)
+    log.info("rank %d of %d following", group.rank, spec.tp * spec.pp)
     follow(group, runner)
     return EXIT_OK
 
