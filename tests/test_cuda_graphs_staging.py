@@ -1,13 +1,14 @@
 """The graphed decode step's staging (worker/cuda_graphs.py), on the host alone: the packed
-layout and the turns of its two buffers (kernels/staging.py, shared with ops.upload), and a plan's inputs written into a bucket's staging arrays with the padding after
-its rows, whatever an earlier (wider) plan left there."""
+layout and the turns of its two buffers (kernels/staging.py, shared with ops.upload), a
+plan's inputs written into a bucket's staging arrays with the padding after its rows,
+whatever an earlier (wider) plan left there, and the buckets' sizes."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from shardline.kernels.staging import CopyTurns, packed_layout, views
-from shardline.worker.cuda_graphs import _fill, _idle_inputs
+from shardline.worker.cuda_graphs import _fill, _idle_inputs, graph_buckets
 from shardline.worker.plan_builder import build_step_plan
 from shardline.worker.request import Request
 from shardline.worker.sampling_params import SamplingParams
@@ -102,3 +103,10 @@ def test_copy_turns_wait_for_the_copy_out_of_the_buffer_they_hand_out():
                    ("wait", "copy1"), ("copy", bytes([2] * 4), stream),
                    ("wait", "copy2"), ("copy", bytes([3] * 4), stream),
                    ("wait", "copy3"), ("copy", bytes([4] * 4), stream)]
+
+
+def test_graph_buckets_end_at_max_batch_once():
+    assert graph_buckets(1) == (1,)
+    assert graph_buckets(24) == (1, 2, 4, 8, 16, 24)
+    assert graph_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert graph_buckets(512) == graph_buckets(4096) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

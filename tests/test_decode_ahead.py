@@ -273,3 +273,7 @@ def test_decode_ahead_default_is_on_only_for_single_rank_cuda_engines_of_mixed_g
         assert engine_config_for(group_spec(role, engine)).decode_ahead is expected
     pinned = engine.model_copy(update={"decode_ahead": True})
     assert engine_config_for(group_spec("prefill", pinned)).decode_ahead is True
+    # Prefill groups never decode: no decode graphs captured when they start (leader and followers alike).
+    assert engine.cuda_graphs_at_start
+    for role, expected in (("mixed", True), ("prefill", False), ("decode", True)):
+        assert engine_config_for(group_spec(role, pinned)).cuda_graphs_at_start is expected

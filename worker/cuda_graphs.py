@@ -6,10 +6,12 @@ runs as: the plan's arrays written into the bucket's pinned host staging
 buffer and copied in one asynchronous copy into its static device buffers
 (padded rows write no KV: slot -1), one graph launch (embedding, every
 layer, final norm, LM head, sampling: hundreds of kernels, one launch), one
-readback of the tokens. A bucket's graph is captured the first time a plan
-of its size comes: one eager warm-up on the padded buffers (nothing is
-written to the cache), then the capture, both drawing from a memory pool of
-the graphs' own so the intermediates keep their addresses for replays.
+readback of the tokens. Every bucket's graph is captured when the engine
+starts (capture_all, largest first), or else the first time a plan of its
+size comes: one eager warm-up on the padded buffers (nothing is written to
+the cache), then the capture, both drawing from a memory pool of the graphs'
+own so the intermediates keep their addresses for replays (the graphs share
+its blocks: they replay one at a time, on one stream).
 cuBLAS runs through nvmath on a handle with its own workspace, which is
 capturable (cupy's own matmul is not).
 
@@ -33,6 +35,12 @@ from shardline.worker.step_plan import StepPlan
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def graph_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes graphs are captured for: BUCKETS below max_batch, then max_batch itself
+    (at most the last of BUCKETS; larger decode steps run eagerly)."""
+    return tuple(sorted({b for b in BUCKETS if b < max_batch} | {min(max_batch, BUCKETS[-1])}))
 
 
 def is_pure_decode(plan: StepPlan) -> bool:
@@ -70,7 +78,7 @@ class DecodeGraphs:
     def __init__(self, runner: Any, max_batch: int, max_blocks_per_seq: int):
         import cupy
         self.runner, self.max_blocks_per_seq = runner, max_blocks_per_seq
-        self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (min(max_batch, BUCKETS[-1]),)
+        self.buckets = graph_buckets(max_batch)
         self._cupy = cupy
         self._pool = cupy.cuda.MemoryPool()
         self._stream = cupy.cuda.Stream()   # blocking: ordered with the eager steps on the default stream

@@ -69,7 +69,7 @@ def graphs_apply(config: EngineConfig, runner: Any, grouped: bool) -> bool:
             and (not grouped or config.tp_cuda_graphs))
 
 
-def runner_for(config: EngineConfig, model: Any, num_blocks: int, links: StageLinks, grouped: bool):
+def runner_for(config: EngineConfig, model: Any, num_blocks: int, links: StageLinks, grouped: bool) -> Any:
     """A rank's runner over num_blocks KV blocks, with CUDA graphs where they apply, every
     bucket's captured now with cuda_graphs_at_start. The leader's engine and each follower
     build theirs so, capturing the same buckets in the same order (their collectives match)."""
@@ -80,9 +80,10 @@ def runner_for(config: EngineConfig, model: Any, num_blocks: int, links: StageLi
     return runner
 
 
-def follower_runner(config: EngineConfig, local: LocalModel, group: GroupContext):
+def follower_runner(config: EngineConfig, local: LocalModel, group: GroupContext) -> Any:
     """A non-leader rank's runner: the KV pool agreed with the group (agree_on_blocks, as the
-    leader's engine does), then runner_for."""
+    leader's engine does), then runner_for. `config` must be the leader's: the buckets and
+    whether to capture them at start come from it."""
     num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
     return runner_for(config, local.model, num_blocks, group.links, grouped=True)
 
@@ -126,7 +127,7 @@ class LLMEngine:
             policy=config.scheduling_policy, max_plans_in_flight=self.max_plans_in_flight,
             decode_ahead=self.decode_ahead), self.block_manager)
         self.runner = runner_for(config, self.local.model, self.num_kv_blocks,   # followers: follower_runner
-                                 group.links if group is not None else StageLinks(), group is not None)
+                                 group.links if group is not None else StageLinks(), grouped=group is not None)
         if group is not None:
             self.runner = BroadcastingRunner(group, self.runner)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()

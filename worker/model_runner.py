@@ -152,8 +152,9 @@ class ModelRunner:
         if capture_now:
             began = time.perf_counter()
             self.graphs.capture_all()
-            log.info("CUDA graphs of %d decode buckets captured in %.2f s%s", len(self.graphs.buckets),
-                     time.perf_counter() - began, f" (off: {self.graphs.disabled})" if self.graphs.disabled else "")
+            if self.graphs.disabled is None:
+                log.info("CUDA graphs of %d decode buckets (1-%d rows) captured in %.2f s", len(self.graphs.buckets),
+                         self.graphs.buckets[-1], time.perf_counter() - began)
 
     def read_kv(self, slots: np.ndarray, to_host: bool = True) -> tuple[Any, Any]:
         """This rank's K and V at cache `slots` (block * block_size + offset), [num_layers,

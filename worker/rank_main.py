@@ -108,11 +108,11 @@ def join_group(spec: GroupSpec) -> GroupContext | None:
 
 def run_follower(spec: GroupSpec, group: GroupContext) -> int:
     """A non-leader rank: load this rank's shard, agree on the KV pool, run the leader's steps."""
-    config = spec.engine
+    config = engine_config_for(spec)   # the leader's: its graph buckets and when they are captured
     local = load_local(config.model, group.backend, show_progress=False, tp=group.tp, placement=group.placement,
                        ep=group.ep)
     runner = follower_runner(config, local, group)
-    log.info("rank %d of %d following", group.rank, spec.tp * spec.pp)
+    log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, runner.kv.num_blocks)
     follow(group, runner)
     return EXIT_OK
 
@@ -186,11 +186,15 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event, poll_s: float) -> N
 
 
 def engine_config_for(spec) -> EngineConfig:
-    """The group's engine settings; decode ahead left to the engine only in mixed groups
-    (prefill groups export KV, which it cannot)."""
-    if spec.role == "mixed" or spec.engine.decode_ahead is not None:
-        return spec.engine
-    return spec.engine.model_copy(update={"decode_ahead": False})
+    """The group's engine settings, the same on its leader and followers: decode ahead left
+    to the engine only in mixed groups (prefill groups export KV, which it cannot), and no
+    decode graphs captured at start in prefill groups (they never decode)."""
+    update = {}
+    if spec.role != "mixed" and spec.engine.decode_ahead is None:
+        update["decode_ahead"] = False
+    if spec.role == "prefill":
+        update["cuda_graphs_at_start"] = False
+    return spec.engine.model_copy(update=update) if update else spec.engine
 
 
 async def build_engine_unless_stopped(config: EngineConfig, stop: asyncio.Event,
