@@ -1,7 +1,7 @@
 """The worker process's lifecycle, against the control plane of
 test_worker_service: a group it cannot serve is a clear error (exit code 2),
-SIGTERM aborts in-flight requests and exits 0, and a worker exits when its
-parent dies. Same fixtures as test_worker_service.py (control, config_path);
+SIGTERM aborts in-flight requests and exits 0, a worker exits when its
+parent dies, and its start-up objects leave the collector. Same fixtures as test_worker_service.py (control, config_path);
 every worker started here is killed at module teardown.
 """
 
@@ -90,3 +90,29 @@ def test_worker_exits_when_its_parent_dies(doomed):
     while not process_gone(doomed.orphan_pid):
         assert time.monotonic() < deadline_s, "the worker outlived its parent"
         time.sleep(0.05)
+
+
+def test_startup_objects_leave_the_collectors_generations():
+    """Once its engine is up, a worker (and each follower rank) freezes what is alive
+    (rank_main.freeze_startup_objects): later collections skip it. Garbage made before is
+    collected first, not frozen."""
+    import gc
+    import weakref
+
+    from shardline.worker.rank_main import freeze_startup_objects
+
+    class Node:
+        pass
+    garbage = Node()
+    garbage.me = garbage
+    collected = weakref.ref(garbage)
+    del garbage
+    alive = Node()
+    alive.me = alive
+    try:
+        freeze_startup_objects()
+        assert collected() is None
+        assert gc.get_freeze_count() > 0 and not any(o is alive for o in gc.get_objects())
+    finally:
+        gc.unfreeze()   # the test process goes on collecting as before
+    assert any(o is alive for o in gc.get_objects())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -113,6 +114,7 @@ def run_follower(spec: GroupSpec, group: GroupContext) -> int:
                        ep=group.ep)
     runner = follower_runner(config, local, group)
     log.info("rank %d of %d following (%d KV blocks)", group.rank, spec.tp * spec.pp, runner.kv.num_blocks)
+    freeze_startup_objects()
     follow(group, runner)
     return EXIT_OK
 
@@ -133,6 +135,7 @@ async def serve(config: ClusterConfig, spec: GroupSpec, args: argparse.Namespace
         return EXIT_FAILED
     if engine is None:
         return EXIT_OK
+    freeze_startup_objects()
     engine_loop = EngineLoop(engine)
     engine_loop.start()
     limits = config.coordinator.limits
@@ -183,6 +186,16 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event, poll_s: float) -> N
         await asyncio.sleep(poll_s)
     log.warning("parent process %d is gone", parent_pid)
     stop.set()
+
+
+def freeze_startup_objects() -> None:
+    """The objects alive once the engine is up (model, caches, graphs, imported modules) live
+    as long as this process: they leave the collector's generations (after one collection),
+    so the collections while serving scan only what requests make. With the model stubbed out,
+    1024 offline requests at 512 sequences spent 0.11-0.14 s of 1.1 s in the collector, 0.03-0.04
+    s frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 def engine_config_for(spec) -> EngineConfig:
