@@ -81,14 +81,17 @@ def runner_for(config: EngineConfig, model: Any, num_blocks: int, links: StageLi
 
 
 def follower_runner(config: EngineConfig, local: LocalModel, group: GroupContext) -> Any:
-    """A non-leader rank's runner: the KV pool agreed with the group (agree_on_blocks, as the
+    """A non-leader rank's runner: the KV pool agreed with the group (num_blocks_for, as the
     leader's engine does), then runner_for. `config` must be the leader's: the buckets and
     whether to capture them at start come from it."""
-    num_blocks = agree_on_blocks(group, num_blocks_for(config, local))
-    return runner_for(config, local.model, num_blocks, group.links, grouped=True)
+    return runner_for(config, local.model, num_blocks_for(config, local, group), group.links, grouped=True)
 
 
-def num_blocks_for(config: EngineConfig, local: LocalModel) -> int:
+def num_blocks_for(config: EngineConfig, local: LocalModel, group: GroupContext | None = None) -> int:
+    """KV blocks of this rank's pool: set, or sized from free memory; in a group, the smallest
+    any rank can hold (every rank allocates the same pool)."""
+    if group is not None:
+        return agree_on_blocks(group, num_blocks_for(config, local))
     if config.num_kv_blocks:
         return config.num_kv_blocks
     backend = local.model.backend
@@ -109,9 +112,7 @@ class LLMEngine:
         self.tokenizer = self.local.tokenizer
         model_config = self.local.model.config
         self.max_model_len = max_model_len_for(config, model_config)
-        self.num_kv_blocks = num_blocks_for(config, self.local)
-        if group is not None:
-            self.num_kv_blocks = agree_on_blocks(group, self.num_kv_blocks)
+        self.num_kv_blocks = num_blocks_for(config, self.local, group)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size_tokens,
                                           config.enable_prefix_caching)
         # One micro-batch per pipeline stage in flight, so no stage idles; decoding ahead, two.
