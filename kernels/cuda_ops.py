@@ -67,6 +67,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             self._functions = _compile_kernels()
             self._gemm = CublasGemm()
             self._skinny_splits: dict[tuple, int] = {}
+            self._residency: dict[tuple, int] = {}   # (kernel, template) -> blocks an SM
             self._zero_i32 = cupy.zeros(1, dtype=cupy.int32)  # the one-block table of a contiguous k, v
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)

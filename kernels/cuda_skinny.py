@@ -26,6 +26,7 @@ from shardline.kernels.cuda_common import (
     _skinny_tiles,
     _vectors,
 )
+from shardline.kernels.dependent_launch import resident_blocks
 from shardline.kernels.gemm_lt import _capturing, _Timer
 from shardline.kernels import numpy_ops
 
@@ -40,11 +41,14 @@ class SkinnyGemmOps:
     # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs of at least
     # skinny_looped_min_rows rows launch at most n blocks an SM, each looping over tiles (the
     # *_looped kernels), so the whole GEMM is resident from its start (4: the looped kernels'
-    # occupancy from 2 rows on at K split 2 or 4, 121-128 registers). Llama-3-8B's step on an
-    # H100 (bench.decode_ab, K splits retimed, medians in ms at 1 / 2 / 4 rows): a block a
-    # tile 5.89 / 6.26 / 7.19, 4 an SM 7.56 / 6.10 / 6.71, 8 an SM 6.00 / 6.10 / 6.70; these
-    # defaults 5.90 / 6.11 / 6.78 against 5.90 / 6.27 / 7.19; SmolLM2 moved by under 2%. Below
-    # skinny_looped_min_rows rows skinny_blocks_per_sm_few_rows applies instead (per GPU).
+    # occupancy from 2 rows on at K split 2 or 4, 118-128 registers). Never more than fit an SM
+    # at once (the driver's occupancy calculator): past that the rest wait for a second, partial
+    # wave (on an H200, Llama-3-8B's GEMMs at 4 rows, 4 fitting: 6.77 ms on 5 an SM against 5.47
+    # capped). Llama-3-8B's step on an H100 (bench.decode_ab, K splits retimed, medians in ms at
+    # 1 / 2 / 4 rows): a block a tile 5.89 / 6.26 / 7.19, 4 an SM 7.56 / 6.10 / 6.71, 8 an SM
+    # 6.00 / 6.10 / 6.70; these defaults 5.90 / 6.11 / 6.78 against 5.90 / 6.27 / 7.19; SmolLM2
+    # moved by under 2%. Below skinny_looped_min_rows rows skinny_blocks_per_sm_few_rows applies
+    # instead (per GPU, not capped).
     skinny_blocks_per_sm = 4
     skinny_looped_min_rows = 2
     # Blocks an SM below skinny_looped_min_rows rows (0: a block a tile): per GPU, CudaOps sets
@@ -64,8 +68,9 @@ class SkinnyGemmOps:
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
         k_split = k_split or self._skinny_k_split(x2, weight, gated)
-        kernel, grid = self._skinny_grid("skinny_gemm_kernel", num_out, gated, k_split, x2.shape[0])
-        self._launch(kernel, f"{ctype}, {x2.shape[0]}, {k_split}", grid, (_SKINNY_THREADS,),
+        template = f"{ctype}, {x2.shape[0]}, {k_split}"
+        kernel, grid = self._skinny_grid("skinny_gemm_kernel", template, num_out, gated, k_split, x2.shape[0])
+        self._launch(kernel, template, grid, (_SKINNY_THREADS,),
                      (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
                       np.int32(gated)))
 
@@ -89,16 +94,31 @@ class SkinnyGemmOps:
                       np.int32(gated)))
         return out, res_out
 
-    def _skinny_grid(self, kernel: str, num_out: int, gated: bool, k_split: int, rows: int) -> tuple[str, tuple[int]]:
+    def _skinny_grid(self, kernel: str, template: str, num_out: int, gated: bool, k_split: int,
+                     rows: int) -> tuple[str, tuple[int]]:
         """(kernel, grid) of a plain or RoPE skinny GEMM: a block a tile, or where that is more
-        than skinny_blocks_per_sm blocks an SM (skinny_blocks_per_sm_few_rows below
-        skinny_looped_min_rows rows), the kernel's *_looped variant on that many."""
+        than skinny_blocks_per_sm blocks an SM (capped at what fits one) or, below
+        skinny_looped_min_rows rows, skinny_blocks_per_sm_few_rows, the kernel's *_looped
+        variant on that many."""
         tiles = _skinny_tiles(num_out, gated, k_split)
-        per_sm = self.skinny_blocks_per_sm if rows >= self.skinny_looped_min_rows else self.skinny_blocks_per_sm_few_rows
+        looped = kernel.replace("_kernel", "_looped_kernel")
+        if rows < self.skinny_looped_min_rows:
+            per_sm = self.skinny_blocks_per_sm_few_rows
+        elif self.skinny_blocks_per_sm:
+            per_sm = min(self.skinny_blocks_per_sm, self._resident_blocks(looped, template))
+        else:
+            per_sm = 0
         blocks = per_sm * self._multiprocessors
         if 0 < blocks < tiles:
-            return kernel.replace("_kernel", "_looped_kernel"), (blocks,)
+            return looped, (blocks,)
         return kernel, (tiles,)
+
+    def _resident_blocks(self, kernel: str, template: str) -> int:
+        """Blocks of a skinny kernel instantiation that fit one SM at once (its registers)."""
+        key = (kernel, template)
+        if key not in self._residency:
+            self._residency[key] = resident_blocks(self._functions[key], _SKINNY_THREADS)
+        return self._residency[key]
 
     @staticmethod
     def _norm_in(x, norm_weight, eps: float, residual) -> tuple:
@@ -134,7 +154,8 @@ class SkinnyGemmOps:
                          (_SKINNY_THREADS,), (*norm_args, *gemm, *rope))
         else:
             normed, res_out = numpy_ops.rms_norm_residual(x, norm_weight, eps, residual, ops=self)
-            kernel, grid = self._skinny_grid("skinny_gemm_rope_kernel", weight.shape[0], False, k_split, rows)
+            kernel, grid = self._skinny_grid("skinny_gemm_rope_kernel", template, weight.shape[0], False, k_split,
+                                             rows)
             self._launch(kernel, template, grid, (_SKINNY_THREADS,), (normed, *gemm, *rope))
         return q, res_out
 
@@ -205,7 +226,10 @@ def few_rows_blocks_per_sm(device_name: str) -> int:
     splits retimed, ms of two runs): on an H200 a block a tile 4.83 / 4.82, looped on 8 an SM
     4.77 / 4.75, on 16 an SM 4.66 / 4.66; on an H100 16 an SM took 5.95 against 5.89 (its
     one-tile kernels fit 6 blocks an SM, the looped ones 5; the H200 streams its weights 1.4x
-    faster, so more of them must be in flight at once)."""
+    faster, so more of them must be in flight at once). Not capped at what fits: with each
+    block's next tile loaded ahead (116 registers, 4 blocks an SM at K split 4), the H200's
+    synthetic batch-1 step took 4.47 ms on 16 an SM against 4.52 on the 4 that fit
+    (bench.step_parts)."""
     return 16 if "H200" in device_name else 0
 
 

@@ -11,6 +11,7 @@ Only for kernels compiled from our .cu files (they wait before reading what
 the previous kernel wrote); cuBLAS and cupy kernels keep ordinary launches.
 This module must not choose when to use it: CudaOps does (inside graph
 capture, where the Python cost of building the launch is paid once).
+resident_blocks asks the same driver how many blocks of a kernel fit an SM.
 """
 
 from __future__ import annotations
@@ -35,14 +36,33 @@ class _Config(ctypes.Structure):      # CUlaunchConfig
 _driver = None
 
 
-def _launch_kernel_ex():
+def _libcuda():
     global _driver
     if _driver is None:
-        _driver = ctypes.CDLL("libcuda.so.1")
-        _driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p,
-                                             ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-        _driver.cuLaunchKernelEx.restype = ctypes.c_int
-    return _driver.cuLaunchKernelEx
+        driver = ctypes.CDLL("libcuda.so.1")
+        driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p,
+                                            ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        driver.cuLaunchKernelEx.restype = ctypes.c_int
+        driver.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                                                                       ctypes.c_int, ctypes.c_size_t]
+        driver.cuOccupancyMaxActiveBlocksPerMultiprocessor.restype = ctypes.c_int
+        _driver = driver
+    return _driver
+
+
+def _launch_kernel_ex():
+    return _libcuda().cuLaunchKernelEx
+
+
+def resident_blocks(function, threads: int, shared_mem: int = 0) -> int:
+    """How many blocks of `threads` threads of a cupy RawKernel fit on one SM at once (its
+    registers and shared memory against the SM's), by the driver's occupancy calculator."""
+    blocks = ctypes.c_int()
+    status = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), function.kernel.ptr,
+                                                                    threads, shared_mem)
+    if status:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {status}")
+    return blocks.value
 
 
 def _argument(value):

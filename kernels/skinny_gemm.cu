@@ -150,36 +150,47 @@ __device__ __forceinline__ bool skinny_merge_k_parts(float (&acc)[SG_ROWS][M], f
     return true;
 }
 
-// One tile of output features (SG_WARPS / KS warps' worth), the block's round-th. NORM: x is
-// the RMSNorm's input (see NormIn) and the GEMM reads its output, K = the norm's width. ROPE: y
-// unused, the outputs go where RopeOut says (not gated, no accumulate).
-template <typename T, int M, int KS, bool NORM, bool ROPE, bool LOOP>
-__device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope, const T* w,
-                                            T* y, int N, int K, int accumulate, int gated, int tile, int round) {
-    const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
+// Where one warp's weights of a tile lie: its first output feature n0 and its rows (0-2) of
+// the weight, `row_vecs` 16-byte vectors apart (gated N, the up row; ROPE head_dim / 2, a
+// rotate-half pair; else 1), over vectors [v_lo, v_hi) of K (its share of the K split).
+struct SkinnyRows {
+    int n0, rows, v_lo, v_hi;
+    long long row_vecs;
+    const uint4* wv;
+};
+
+template <typename T, int KS, bool ROPE>
+__device__ __forceinline__ SkinnyRows skinny_rows(const T* w, int N, int K, int gated, int half, int tile) {
+    const int ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
     const int warp = tile * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
-    const int v_lo = (int)((long long)vecs * ks / KS), v_hi = (int)((long long)vecs * (ks + 1) / KS);
-    // This warp's first output feature, and its rows' distance: gated N (gate, up), ROPE
-    // head_dim / 2 (a rotate-half pair), else 1.
-    const int half = ROPE ? rope.head_dim / 2 : 1;
-    const int n0 = gated ? warp : ROPE ? warp / half * rope.head_dim + warp % half : warp * SG_ROWS;
-    const int rows = gated || ROPE ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
-    const bool writes_residual = NORM && warp == 0;   // rows > 0: N >= 1
-    const long long row_vecs = (long long)(gated ? N : half) * vecs;   // weight row r of the warp: n0 + r * that
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
-    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(n0, N - 1)) * K);
-    // The weight is no kernel's output: its first SG_PREFETCH steps are loaded before
-    // waiting for the kernel before (dependent launch), overlapping that kernel's tail (in a
-    // block's later tiles the wait has returned already).
-    uint4 first[SG_PREFETCH][SG_ROWS];
+    SkinnyRows s;
+    s.v_lo = (int)((long long)vecs * ks / KS);
+    s.v_hi = (int)((long long)vecs * (ks + 1) / KS);
+    s.n0 = gated ? warp : ROPE ? warp / half * (2 * half) + warp % half : warp * SG_ROWS;
+    s.rows = gated || ROPE ? (s.n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - s.n0));
+    s.row_vecs = (long long)(gated ? N : half) * vecs;
+    s.wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(s.n0, N - 1)) * K);
+    return s;
+}
+
+// A warp's first SG_PREFETCH steps of its weight rows, loaded ahead: before the dependent-launch
+// wait (the weight is no kernel's output), and in the looped kernels while the tile before ends.
+__device__ __forceinline__ void skinny_prefetch(const SkinnyRows& s, int lane, uint4 (&first)[SG_PREFETCH][SG_ROWS]) {
 #pragma unroll
     for (int p = 0; p < SG_PREFETCH; ++p)
 #pragma unroll
         for (int r = 0; r < SG_ROWS; ++r)
-            if (r < rows && v_lo + lane + 32 * p < v_hi) first[p][r] = __ldcs(wv + r * row_vecs + v_lo + lane + 32 * p);
-    pdl_begin();
-    if (KS == 1 && rows == 0) return;  // the whole warp (KS > 1: its block's merge needs it)
-    float acc[SG_ROWS][M], sum_sq[M];
+            if (r < s.rows && s.v_lo + lane + 32 * p < s.v_hi)
+                first[p][r] = __ldcs(s.wv + r * s.row_vecs + s.v_lo + lane + 32 * p);
+}
+
+// A warp's sums over its rows: acc[r][m] = w_r . x_m from its first SG_PREFETCH steps (loaded
+// already) and the rest of [v_lo, v_hi), a lane every 32nd step (NORM: sum_sq too, see skinny_step).
+template <typename T, int M, bool NORM>
+__device__ __forceinline__ void skinny_sums(const uint4* xv, const NormIn<T>& norm, bool writes_residual, int vecs,
+                                            int v_lo, int v_hi, int lane, const uint4 (&first)[SG_PREFETCH][SG_ROWS],
+                                            const uint4* wv, long long row_vecs, int rows, float (&acc)[SG_ROWS][M],
+                                            float (&sum_sq)[M]) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         sum_sq[m] = 0.0f;
@@ -199,6 +210,14 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
             if (r < rows) wr[r] = __ldcs(wv + r * row_vecs + v);
         skinny_step<T, M, NORM>(xv, norm, writes_residual, vecs, v, wr, rows, acc, sum_sq);
     }
+}
+
+// The end of a tile: each warp's lanes' sums added up, the K split's warps merged, then its
+// outputs written (NORM scaled by the inverse RMS; ROPE where RopeOut says; gated silu(gate) * up).
+template <typename T, int M, int KS, bool NORM, bool ROPE, bool LOOP>
+__device__ __forceinline__ void skinny_store(float (&acc)[SG_ROWS][M], float (&sum_sq)[M], int lane, int ks, int rows,
+                                             int round, int warp, int n0, const NormIn<T>& norm,
+                                             const RopeOut<T>& rope, T* y, int N, int K, int accumulate, int gated) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         if (NORM) sum_sq[m] = warp_sum(sum_sq[m]);
@@ -229,6 +248,75 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
     }
 }
 
+// One tile of output features (SG_WARPS / KS warps' worth), the block's round-th. NORM: x is
+// the RMSNorm's input (see NormIn) and the GEMM reads its output, K = the norm's width. ROPE: y
+// unused, the outputs go where RopeOut says (not gated, no accumulate).
+template <typename T, int M, int KS, bool NORM, bool ROPE, bool LOOP>
+__device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope, const T* w,
+                                            T* y, int N, int K, int accumulate, int gated, int tile, int round) {
+    const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
+    const int warp = tile * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
+    const int v_lo = (int)((long long)vecs * ks / KS), v_hi = (int)((long long)vecs * (ks + 1) / KS);
+    // This warp's first output feature, and its rows' distance: gated N (gate, up), ROPE
+    // head_dim / 2 (a rotate-half pair), else 1 (as skinny_rows).
+    const int half = ROPE ? rope.head_dim / 2 : 1;
+    const int n0 = gated ? warp : ROPE ? warp / half * rope.head_dim + warp % half : warp * SG_ROWS;
+    const int rows = gated || ROPE ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
+    const bool writes_residual = NORM && warp == 0;   // rows > 0: N >= 1
+    const long long row_vecs = (long long)(gated ? N : half) * vecs;   // weight row r of the warp: n0 + r * that
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)max(0, min(n0, N - 1)) * K);
+    // The weight is no kernel's output: its first SG_PREFETCH steps are loaded before
+    // waiting for the kernel before (dependent launch), overlapping that kernel's tail (in a
+    // block's later tiles the wait has returned already).
+    uint4 first[SG_PREFETCH][SG_ROWS];
+#pragma unroll
+    for (int p = 0; p < SG_PREFETCH; ++p)
+#pragma unroll
+        for (int r = 0; r < SG_ROWS; ++r)
+            if (r < rows && v_lo + lane + 32 * p < v_hi) first[p][r] = __ldcs(wv + r * row_vecs + v_lo + lane + 32 * p);
+    pdl_begin();
+    if (KS == 1 && rows == 0) return;  // the whole warp (KS > 1: its block's merge needs it)
+    float acc[SG_ROWS][M], sum_sq[M];
+    skinny_sums<T, M, NORM>(xv, norm, writes_residual, vecs, v_lo, v_hi, lane, first, wv, row_vecs, rows, acc, sum_sq);
+    skinny_store<T, M, KS, NORM, ROPE, LOOP>(acc, sum_sq, lane, ks, rows, round, warp, n0, norm, rope, y, N, K,
+                                             accumulate, gated);
+}
+
+// skinny_tile in a looped kernel that loads each block's next tile while its last one ends
+// (SkinnyAhead): `first` holds this tile's first steps, loaded while the tile before ended (the
+// block's first tile: before the dependent-launch wait), and where next >= 0 (the block's next
+// tile) gets that tile's once this tile's weights are loaded, in flight during its sums, merge
+// and stores.
+template <typename T, int M, int KS, bool NORM, bool ROPE>
+__device__ __forceinline__ void skinny_tile_ahead(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope,
+                                                  const T* w, T* y, int N, int K, int accumulate, int gated, int tile,
+                                                  int round, uint4 (&first)[SG_PREFETCH][SG_ROWS], int next) {
+    const int lane = threadIdx.x & 31, ks = (threadIdx.x >> 5) % KS, vecs = K / 8;
+    const int warp = tile * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;
+    const int half = ROPE ? rope.head_dim / 2 : 1;
+    const SkinnyRows s = skinny_rows<T, KS, ROPE>(w, N, K, gated, half, tile);
+    const bool writes_residual = NORM && warp == 0;
+    // KS == 1: a warp without rows has none in a later tile either (n0 only grows)
+    if (KS == 1 && s.rows == 0) return;
+    float acc[SG_ROWS][M], sum_sq[M];
+    skinny_sums<T, M, NORM>(reinterpret_cast<const uint4*>(x), norm, writes_residual, vecs, s.v_lo, s.v_hi, lane,
+                            first, s.wv, s.row_vecs, s.rows, acc, sum_sq);
+    if (next >= 0) skinny_prefetch(skinny_rows<T, KS, ROPE>(w, N, K, gated, half, next), lane, first);
+    skinny_store<T, M, KS, NORM, ROPE, true>(acc, sum_sq, lane, ks, s.rows, round, warp, s.n0, norm, rope, y, N, K,
+                                             accumulate, gated);
+}
+
+// Whether the looped kernels of M rows load a block's next tile while its last one ends
+// (skinny_tile_ahead): at one row, where Llama-3-8B's decode step on an H200 took 4.51 ms
+// against 4.58 (bench.decode_ab). From 2 rows on the engine's steps swung both ways (4 rows
+// 6.05 -> 6.85 ms, 2 rows 4.84 -> 4.69 at as many blocks as fit but 6.1 at 4 an SM), so there
+// each tile loads its own first steps when it starts.
+template <int M>
+struct SkinnyAhead {
+    static constexpr bool on = M == 1;
+};
+
 // The launch's tiles: one a block (the grid _skinny_tiles counts), or LOOP (the *_looped
 // kernels, CudaOps.skinny_blocks_per_sm) block b takes tiles b, b + gridDim.x, ..., so the whole
 // GEMM is resident from its start. A tile holds SG_WARPS / KS warps' output features (gated: one
@@ -242,10 +330,23 @@ __device__ __forceinline__ void skinny_tiles(const T* x, const NormIn<T>& norm, 
         return;
     }
     const int per_tile = (gated ? 1 : SG_ROWS) * (SG_WARPS / KS);
+    if (!SkinnyAhead<M>::on) {
+        const int tiles = (N + per_tile - 1) / per_tile;
+        int round = 0;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++round)
+            skinny_tile<T, M, KS, NORM, ROPE, true>(x, norm, rope, w, y, N, K, accumulate, gated, tile, round);
+        return;
+    }
+    uint4 first[SG_PREFETCH][SG_ROWS];
+    skinny_prefetch(skinny_rows<T, KS, ROPE>(w, N, K, gated, ROPE ? rope.head_dim / 2 : 1, blockIdx.x),
+                    threadIdx.x & 31, first);
+    pdl_begin();
     const int tiles = (N + per_tile - 1) / per_tile;
     int round = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++round)
-        skinny_tile<T, M, KS, NORM, ROPE, true>(x, norm, rope, w, y, N, K, accumulate, gated, tile, round);
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++round) {
+        const int next = tile + gridDim.x < tiles ? tile + gridDim.x : -1;
+        skinny_tile_ahead<T, M, KS, NORM, ROPE>(x, norm, rope, w, y, N, K, accumulate, gated, tile, round, first, next);
+    }
 }
 
 template <typename T, int M, int KS>

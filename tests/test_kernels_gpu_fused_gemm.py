@@ -16,6 +16,7 @@ import pytest
 from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
 
 from shardline.kernels import numpy_ops  # noqa: E402
+from shardline.kernels.cuda_common import _skinny_tiles  # noqa: E402
 from shardline.kernels.rope import rope_cos_sin  # noqa: E402
 from test_kernels_gpu import TOLERANCE, assert_close, ops, poisoned_allocations, random_input, rng  # noqa: E402, F401
 
@@ -201,17 +202,21 @@ def test_qkv_rope_gemm_looped_is_the_one_block_a_tile_launch_bitwise(ops, rng, t
     for k_split in (1, 2, 4):
         monkeypatch.setattr(ops, "skinny_k_split", k_split)
         runs = []
-        for per_sm in (0, 1):
+        for per_sm in (0, 1, 64):   # 64: as many as fit an SM, several tiles a block
             monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
-            assert ops._skinny_grid("skinny_gemm_rope_kernel", w.shape[0], False, k_split, tokens)[0] == \
-                ("skinny_gemm_rope_looped_kernel" if per_sm else "skinny_gemm_rope_kernel")
+            template = f"__nv_bfloat16, {tokens}, {k_split}"
+            fits = ops._resident_blocks("skinny_gemm_rope_looped_kernel", template)
+            loops = 0 < min(per_sm, fits) * ops._multiprocessors < _skinny_tiles(w.shape[0], False, k_split)
+            assert ops._skinny_grid("skinny_gemm_rope_kernel", template, w.shape[0], False, k_split, tokens)[0] == \
+                ("skinny_gemm_rope_looped_kernel" if loops else "skinny_gemm_rope_kernel")
             k_cache, v_cache = k_start.copy(), v_start.copy()
             with ops.dependent_launches():
                 q, _ = ops.rms_norm_qkv_rope(x, norm, 1e-5, None, w, None, positions, table, heads, k_cache, v_cache,
                                              slots)
             runs.append([ops.to_host(a) for a in (q, k_cache, v_cache)])
-        for got, want, name in zip(runs[1], runs[0], ("q", "k cache", "v cache")):
-            np.testing.assert_array_equal(got, want, err_msg=f"{name}, K in {k_split}")
+        for run in runs[1:]:
+            for got, want, name in zip(run, runs[0], ("q", "k cache", "v cache")):
+                np.testing.assert_array_equal(got, want, err_msg=f"{name}, K in {k_split}")
         assert not np.array_equal(runs[0][1], ops.to_host(k_start))   # the tokens' keys were written
 
 
