@@ -99,6 +99,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             for function in self._functions.values():
                 function.preferred_shared_memory_carveout = -1 if percent is None else percent
         self._shared_carveout = percent
+        self._residency.clear()   # blocks an SM may depend on the carveout
 
     @contextlib.contextmanager
     def dependent_launches(self):

@@ -41,14 +41,16 @@ class SkinnyGemmOps:
     # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs of at least
     # skinny_looped_min_rows rows launch at most n blocks an SM, each looping over tiles (the
     # *_looped kernels), so the whole GEMM is resident from its start (4: the looped kernels'
-    # occupancy from 2 rows on at K split 2 or 4, 118-128 registers). Never more than fit an SM
-    # at once (the driver's occupancy calculator): past that the rest wait for a second, partial
-    # wave (on an H200, Llama-3-8B's GEMMs at 4 rows, 4 fitting: 6.77 ms on 5 an SM against 5.47
-    # capped). Llama-3-8B's step on an H100 (bench.decode_ab, K splits retimed, medians in ms at
-    # 1 / 2 / 4 rows): a block a tile 5.89 / 6.26 / 7.19, 4 an SM 7.56 / 6.10 / 6.71, 8 an SM
-    # 6.00 / 6.10 / 6.70; these defaults 5.90 / 6.11 / 6.78 against 5.90 / 6.27 / 7.19; SmolLM2
-    # moved by under 2%. Below skinny_looped_min_rows rows skinny_blocks_per_sm_few_rows applies
-    # instead (per GPU, not capped).
+    # occupancy from 2 rows on at K split 2 or 4, 118-128 registers). Never more than fit an SM at
+    # once (the driver's occupancy calculator): past that the rest wait for a second, partial wave
+    # (on an H200, Llama-3-8B's GEMMs at 4 rows, 4 fitting: 6.77 ms on 5 an SM against 5.47 capped).
+    # At the default 4 the cap changes only kernels of which fewer fit (RoPE at 4 rows and K split
+    # 1, 134 registers under nvcc 13.0: 3), not yet measured. Llama-3-8B's step on an H100
+    # (bench.decode_ab, K splits retimed, medians in ms at 1 / 2 / 4 rows): a block a tile 5.89 /
+    # 6.26 / 7.19, 4 an SM 7.56 / 6.10 / 6.71, 8 an SM 6.00 / 6.10 / 6.70; these defaults 5.90 /
+    # 6.11 / 6.78 against 5.90 / 6.27 / 7.19; SmolLM2 moved by under 2%. Below
+    # skinny_looped_min_rows rows skinny_blocks_per_sm_few_rows applies instead (per GPU, not
+    # capped).
     skinny_blocks_per_sm = 4
     skinny_looped_min_rows = 2
     # Blocks an SM below skinny_looped_min_rows rows (0: a block a tile): per GPU, CudaOps sets

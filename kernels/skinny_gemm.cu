@@ -258,7 +258,8 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
     const int warp = tile * (SG_WARPS / KS) + (threadIdx.x >> 5) / KS;   // this warp's output features
     const int v_lo = (int)((long long)vecs * ks / KS), v_hi = (int)((long long)vecs * (ks + 1) / KS);
     // This warp's first output feature, and its rows' distance: gated N (gate, up), ROPE
-    // head_dim / 2 (a rotate-half pair), else 1 (as skinny_rows).
+    // head_dim / 2 (a rotate-half pair), else 1. skinny_rows computes the same for the ahead
+    // kernels and must stay in step (written out here, these kernels keep their SASS).
     const int half = ROPE ? rope.head_dim / 2 : 1;
     const int n0 = gated ? warp : ROPE ? warp / half * rope.head_dim + warp % half : warp * SG_ROWS;
     const int rows = gated || ROPE ? (n0 < N ? 2 : 0) : max(0, min(SG_ROWS, N - n0));
@@ -286,8 +287,8 @@ __device__ __forceinline__ void skinny_tile(const T* x, const NormIn<T>& norm, c
 // skinny_tile in a looped kernel that loads each block's next tile while its last one ends
 // (SkinnyAhead): `first` holds this tile's first steps, loaded while the tile before ended (the
 // block's first tile: before the dependent-launch wait), and where next >= 0 (the block's next
-// tile) gets that tile's once this tile's weights are loaded, in flight during its sums, merge
-// and stores.
+// tile) gets that tile's once this tile's sums are done, in flight during its warp reductions,
+// K-split merge and stores.
 template <typename T, int M, int KS, bool NORM, bool ROPE>
 __device__ __forceinline__ void skinny_tile_ahead(const T* x, const NormIn<T>& norm, const RopeOut<T>& rope,
                                                   const T* w, T* y, int N, int K, int accumulate, int gated, int tile,

@@ -72,15 +72,20 @@ def test_skinny_k_split_timed_per_shape(ops, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("tokens,k,n,gated", [(1, 4096, 6144, False), (4, 1024, 3000, False), (2, 576, 37, False),
-                                              (3, 512, 2 * 4099, True), (1, 2048, 1000, True)])
+                                              (3, 512, 2 * 4099, True), (1, 2048, 1000, True),
+                                              # one row (tiles loaded ahead): a ragged last tile, a gated
+                                              # GEMM looping at K split 1, K past the prefetched steps
+                                              (1, 4096, 6143, False), (1, 2048, 2 * 2000, True),
+                                              (1, 1320, 3000, False)])
 def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng, tokens, k, n, gated, monkeypatch):
     """skinny_blocks_per_sm: at most that many blocks an SM, and no more than fit one (the
-    driver's count), each looping over tiles (the *_looped kernels, each tile's first weights
-    loaded while the one before ends), give the bits of a block a tile at every K split (the K
-    merge's two buffers alternate between a block's tiles), with dependent launches; a launch
-    of no more tiles than that keeps the plain kernel. Below skinny_looped_min_rows rows the
-    few rows' setting applies, uncapped. With a bias (added onto the output), a tile run twice
-    would add it twice."""
+    driver's count), each looping over tiles (the *_looped kernels; at one row each tile's
+    first weights loaded while the one before ends), give the bits of a block a tile at every
+    K split (the K merge's two buffers alternate between a block's tiles), with dependent
+    launches; a launch of no more tiles than that keeps the plain kernel. Below
+    skinny_looped_min_rows rows the few rows' setting applies, uncapped (more blocks than fit,
+    as an H200 runs one row), with the same bits. With a bias (added onto the output), a tile
+    run twice would add it twice."""
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
     monkeypatch.setattr(ops, "skinny_looped_min_rows", 1)
     x, x64 = random_input(ops, rng, (tokens, k), "bfloat16")
@@ -94,8 +99,8 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
         template = f"__nv_bfloat16, {tokens}, {k_split}"
         fits = ops._resident_blocks("skinny_gemm_looped_kernel", template)
         assert 1 <= fits <= 2048 // 128   # an SM's threads
-        outs = {}
-        for per_sm in (0, 1, 3, 64):
+        outs, few_outs = {}, {}
+        for per_sm in (0, 1, 3, 16):   # 16: more than fit an SM (capped there, not in the few rows' setting)
             monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
             kernel, grid = ops._skinny_grid("skinny_gemm_kernel", template, num_out, gated, k_split, tokens)
             tiles, blocks = _skinny_tiles(num_out, gated, k_split), min(per_sm, fits) * sms
@@ -114,11 +119,15 @@ def test_skinny_looped_kernels_are_the_one_block_a_tile_launch_bitwise(ops, rng,
             few = ops._skinny_grid("skinny_gemm_kernel", template, num_out, gated, k_split, tokens)
             assert few == (("skinny_gemm_looped_kernel", (per_sm * sms,)) if 0 < per_sm * sms < tiles
                            else ("skinny_gemm_kernel", (tiles,)))
+            with ops.dependent_launches():
+                few_outs[per_sm] = ops.gated_linear(x, w) if gated else ops.linear(x, w, b)
             monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
             monkeypatch.setattr(ops, "skinny_looped_min_rows", 1)
-        for per_sm in (1, 3, 64):
+        for per_sm in (1, 3, 16):
             np.testing.assert_array_equal(ops.to_host(outs[per_sm]), ops.to_host(outs[0]),
                                           err_msg=f"{per_sm} blocks an SM, K in {k_split}")
+            np.testing.assert_array_equal(ops.to_host(few_outs[per_sm]), ops.to_host(outs[0]),
+                                          err_msg=f"{per_sm} blocks an SM uncapped, K in {k_split}")
         assert_close(ops, outs[1], want, "bfloat16", f"looped skinny GEMM, K in {k_split}")
     assert looped or n * k < 10 ** 6   # the small shapes keep a block a tile on any GPU
 

@@ -206,9 +206,10 @@ def test_qkv_rope_gemm_looped_is_the_one_block_a_tile_launch_bitwise(ops, rng, t
             monkeypatch.setattr(ops, "skinny_blocks_per_sm", per_sm)
             template = f"__nv_bfloat16, {tokens}, {k_split}"
             fits = ops._resident_blocks("skinny_gemm_rope_looped_kernel", template)
-            loops = 0 < min(per_sm, fits) * ops._multiprocessors < _skinny_tiles(w.shape[0], False, k_split)
-            assert ops._skinny_grid("skinny_gemm_rope_kernel", template, w.shape[0], False, k_split, tokens)[0] == \
-                ("skinny_gemm_rope_looped_kernel" if loops else "skinny_gemm_rope_kernel")
+            tiles, blocks = _skinny_tiles(w.shape[0], False, k_split), min(per_sm, fits) * ops._multiprocessors
+            assert ops._skinny_grid("skinny_gemm_rope_kernel", template, w.shape[0], False, k_split, tokens) == \
+                (("skinny_gemm_rope_looped_kernel", (blocks,)) if 0 < blocks < tiles
+                 else ("skinny_gemm_rope_kernel", (tiles,)))
             k_cache, v_cache = k_start.copy(), v_start.copy()
             with ops.dependent_launches():
                 q, _ = ops.rms_norm_qkv_rope(x, norm, 1e-5, None, w, None, positions, table, heads, k_cache, v_cache,
