@@ -16,6 +16,12 @@ the device's read rate (a streaming read kernel) is measured in the same run; on
 steps run eagerly (a smoke test of the tool). --config NAME=JSON sets CudaOps attributes as
 bench.decode_ab does; settings alternate within each rep. Writes JSON rows and prints a table
 with the weights' read rate of each step.
+
+With --timeline (CUDA) it also profiles one replay of each batch's whole step (torch.profiler,
+which sees cupy's launches) and lists, per kernel name, its calls, its time and what it adds:
+its end minus the end of the kernel before it, its share of the step's critical path. With
+dependent launches a kernel starts before the one before it ends, so its own time overstates
+what it costs the step.
 """
 
 from __future__ import annotations
@@ -128,6 +134,50 @@ def step_seconds(step: SyntheticStep, parts: set[str], reps: int = 5) -> float:
     return float(np.median(times))
 
 
+def kernel_adds(intervals: list[tuple[float, float, str]]) -> list[dict]:
+    """Per kernel name, from one replay's kernels (start, end, name; any time unit, us here):
+    calls, their summed time, and what they add to the critical path (each one's end minus the
+    latest end before it, 0 where it ends inside an earlier one), largest first."""
+    rows: dict[str, dict] = {}
+    last_end = None
+    for start, end, name in sorted(intervals):
+        row = rows.setdefault(name, {"kernel": name, "calls": 0, "us": 0.0, "adds_us": 0.0})
+        row["calls"] += 1
+        row["us"] += end - start
+        row["adds_us"] += max(0.0, end - (start if last_end is None else last_end))
+        last_end = end if last_end is None else max(last_end, end)
+    return sorted(rows.values(), key=lambda r: -r["adds_us"])
+
+
+def timeline(step: SyntheticStep) -> dict:
+    """kernel_adds of one replay of the whole step, captured as step_seconds captures it."""
+    import cupy
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cupy.cuda.Device().synchronize()
+    pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+    with cupy.cuda.using_allocator(pool.malloc), stream:
+        with step.ops.dependent_launches():
+            step.forward(set(PARTS))   # warm-up: the pool then holds every block the capture needs
+            stream.begin_capture()
+            try:
+                step.forward(set(PARTS))
+            finally:
+                graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.launch(stream)
+            stream.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [(e.time_range.start, e.time_range.end, e.name.split("(")[0][:80]) for e in prof.events()
+               if e.device_type == cuda and e.time_range.end > e.time_range.start]
+    if not kernels:
+        raise RuntimeError("timeline: the profiler saw no kernel of the replay")
+    span = max(end for _, end, _ in kernels) - min(start for start, _, _ in kernels)
+    return {"span_us": round(span, 2), "kernels": kernel_adds(kernels)}
+
+
 def read_rate_GBps() -> float:
     """The device's streaming read rate: a kernel summing 1 GiB in 16-byte loads past L1."""
     import cupy
@@ -170,6 +220,10 @@ def run(args) -> list[dict]:
                              "parts": "+".join(PARTS[:n]), "config": name, "step_ms": round(s * 1e3, 4),
                              "all_ms": [round(t * 1e3, 4) for t in seconds],
                              "weights_TBps": round(step.weight_bytes / s / 1e12, 3), "read_GBps": read})
+        if getattr(args, "timeline", False) and backend.name == "cuda":
+            settings.apply(next(iter(settings.configs)))
+            rows.append({"shape": args.shape if isinstance(args.shape, str) else "custom", "batch": batch,
+                         "parts": "timeline", "config": next(iter(settings.configs)), **timeline(step)})
         del step
     return rows
 
@@ -179,6 +233,8 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|")
     before: dict[tuple, float] = {}
     for r in rows:
+        if r["parts"] == "timeline":
+            continue
         key = (r["shape"], r["batch"], r["config"])
         part = "" if key not in before else f"{r['step_ms'] - before[key]:+.3f}"
         before[key] = r["step_ms"]
@@ -186,6 +242,14 @@ def print_table(rows: list[dict]) -> None:
               f"{r['weights_TBps']:.3f} |")
     if rows and rows[0]["read_GBps"]:
         print(f"\ndevice read rate: {rows[0]['read_GBps']:.0f} GB/s")
+    for r in rows:
+        if r["parts"] == "timeline":
+            print(f"\n{r['shape']}, batch {r['batch']}, config {r['config']}: one replay spans {r['span_us']:.1f} us")
+            print("| kernel | calls | us | adds (us) | adds a call (us) |")
+            print("|---|---|---|---|---|")
+            for k in r["kernels"]:
+                print(f"| {k['kernel']} | {k['calls']} | {k['us']:.1f} | {k['adds_us']:.1f} | "
+                      f"{k['adds_us'] / k['calls']:.2f} |")
 
 
 def main() -> None:
@@ -196,6 +260,7 @@ def main() -> None:
     p.add_argument("--config", action="append", help="NAME=JSON of CudaOps attributes (default: one, as built)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--backend", default="cuda", choices=["cuda", "numpy"])
+    p.add_argument("--timeline", action="store_true", help="CUDA: each kernel's share of one replay's critical path")
     p.add_argument("--out", default="bench/results/step_parts.json")
     args = p.parse_args()
     rows = run(args)
