@@ -16,6 +16,34 @@
 // The probabilities leave the scores' accumulator (keys as rows) as bf16/fp16
 // and become the B operand of V^T P^T (keys as columns) by movmatrix.
 
+// bench/flash_decode_trace.py builds this file with FLASH_DECODE_TRACE: thread 0 of each block
+// then records clock64 at its phases (slots 0-6), globaltimer at its start and end (8, 9), what
+// the block was (10: 0 past the last tile, 1 a tile, 2 a split without keys) and its SM (11).
+// Otherwise FLASH_TRACE is nothing.
+#ifdef FLASH_DECODE_TRACE
+#define FLASH_TRACE_SLOTS 12
+__device__ unsigned long long flash_decode_trace[FLASH_DECODE_TRACE * FLASH_TRACE_SLOTS];
+__device__ __forceinline__ void flash_trace_put(int slot, unsigned long long value) {
+    const unsigned long long block = blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (threadIdx.x == 0 && block < FLASH_DECODE_TRACE) flash_decode_trace[block * FLASH_TRACE_SLOTS + slot] = value;
+}
+__device__ __forceinline__ unsigned long long flash_globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned flash_smid() {
+    unsigned id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
+}
+#define FLASH_TRACE(slot) flash_trace_put(slot, clock64())
+#define FLASH_TRACE_VALUE(slot, value) flash_trace_put(slot, value)
+#else
+#define FLASH_TRACE(slot)
+#define FLASH_TRACE_VALUE(slot, value)
+#endif
+
 template <typename T, int D, int BK, int STAGES, int KW>
 __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D = 128, no spill
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
@@ -28,13 +56,19 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
 
     // Until pdl_begin() (dependent launches: the kernel before may still run) this reads only
     // what no kernel of the step writes: the host's tables, and cache keys before the new ones.
+    FLASH_TRACE_VALUE(8, flash_globaltimer());
+    FLASH_TRACE(0);
+    FLASH_TRACE_VALUE(11, flash_smid());
     const int group = num_heads / num_kv_heads;
     const int target = gridDim.x - 1 - blockIdx.x;
     const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
+    FLASH_TRACE(1);
+    FLASH_TRACE_VALUE(10, where.x < 0 ? 0 : 1);
     if (where.x < 0) {  // the same for every thread of the block
         pdl_begin();
         if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)   // past the last tile
             flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
+        FLASH_TRACE_VALUE(9, flash_globaltimer());
         return;
     }
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
@@ -42,7 +76,11 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
                                          num_splits);
-    if (split >= range.splits) return;   // no key tile for this split (the same for the whole block)
+    if (split >= range.splits) {   // no key tile for this split (the same for the whole block)
+        FLASH_TRACE_VALUE(10, 2);
+        FLASH_TRACE_VALUE(9, flash_globaltimer());
+        return;
+    }
     const int q_first = range.q_first, row0 = range.row0, rows_here = range.rows_here;
     const int first_pos = range.first_pos, k_lo = range.k_lo, k_hi = range.k_hi;  // keys from first_pos on are new
     const int t_begin = range.t_begin, t_end = range.t_end;
@@ -115,7 +153,9 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
         asm volatile("cp.async.commit_group;\n" ::);
     }
     int ahead = cache_row_of(t + (STAGES - 1) * KW);
+    FLASH_TRACE(2);
     pdl_begin();
+    FLASH_TRACE(3);
     for (; st < STAGES - 1; ++st) {
         if (t + st * KW < t_end) load(t + st * KW, st, cache_row_of(t + st * KW));
         asm volatile("cp.async.commit_group;\n" ::);
@@ -185,6 +225,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     for (int i = 0; i < 2; ++i)   // each of the 8 lanes of a row summed its own keys
         for (int offset = 4; offset < 32; offset <<= 1) l[i] += __shfl_xor_sync(0xffffffffu, l[i], offset);
 
+    FLASH_TRACE(4);
     __syncthreads();  // every warp is done with its stages
     float* ms = reinterpret_cast<float*>(smem);  // [KW][BQ]
     float* ls = ms + KW * BQ;                    // [KW][BQ]
@@ -203,8 +244,11 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     }
     const FlashSink<T, D> sink = {out, partial, num_heads, num_splits, split, range.splits};
     flash_combine_key_warps<T, D, KW, BQ>(ms, ls, os, rows_here, row0, group, q_first, num_heads, kv_head, sink);
+    FLASH_TRACE(5);
     if (range.splits > 1)
         flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
                                  range.splits, rows_here, row0, group, q_first, num_heads, kv_head,
                                  reinterpret_cast<float*>(smem));
+    FLASH_TRACE(6);
+    FLASH_TRACE_VALUE(9, flash_globaltimer());
 }
