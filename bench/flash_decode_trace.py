@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_times import BLOCK, HEAD_DIM, HEADS, KV_HEADS  # noqa: E402
+from tp_decode import captured_graph  # noqa: E402
 
 SLOTS = 12   # FLASH_TRACE_SLOTS in flash_decode.cu
 PHASES = ("tile lookup", "range and first loads", "wait", "key loop", "key-warp merge", "split merge")
@@ -113,16 +114,11 @@ def trace_case(ops, seqs: int, keys: int, after_gemm: bool, rng) -> dict:
             ops.linear(x, w)
         ops.paged_attention(q, k, v, tables, seq_lens, query_start_loc, HEAD_DIM ** -0.5)
     try:
-        cupy.cuda.Device().synchronize()
-        if after_gemm:   # one graph with dependent launches, as a decode step's
-            pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
-            with cupy.cuda.using_allocator(pool.malloc), stream, ops.dependent_launches():
-                attend()   # warm-up, outside the capture (times the GEMM's K split)
-                stream.begin_capture()
-                try:
+        if after_gemm:   # one graph with dependent launches, as a decode step's (the warm-up times the GEMM's K split)
+            def step():
+                with ops.dependent_launches():
                     attend()
-                finally:
-                    graph = stream.end_capture()
+            with captured_graph(step) as (graph, stream):
                 graph.launch(stream)
                 stream.synchronize()
                 trace.fill(0)

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_ab import Settings  # noqa: E402
 from shapes import SHAPES  # noqa: E402
-from tp_decode import graph_seconds  # noqa: E402
+from tp_decode import captured_graph, cuda_intervals, graph_seconds  # noqa: E402
 
 PARTS = ("gemms", "norms", "attention", "rope")
 BLOCK = 16
@@ -151,27 +151,18 @@ def kernel_adds(intervals: list[tuple[float, float, str]]) -> list[dict]:
 
 def timeline(step: SyntheticStep) -> dict:
     """kernel_adds of one replay of the whole step, captured as step_seconds captures it."""
-    import cupy
-    import torch
     from torch.profiler import ProfilerActivity, profile
-    cupy.cuda.Device().synchronize()
-    pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
-    with cupy.cuda.using_allocator(pool.malloc), stream:
+
+    def run():
         with step.ops.dependent_launches():
-            step.forward(set(PARTS))   # warm-up: the pool then holds every block the capture needs
-            stream.begin_capture()
-            try:
-                step.forward(set(PARTS))
-            finally:
-                graph = stream.end_capture()
+            step.forward(set(PARTS))
+    with captured_graph(run) as (graph, stream):
         graph.launch(stream)
         stream.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.launch(stream)
             stream.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    kernels = [(e.time_range.start, e.time_range.end, e.name.split("(")[0][:80]) for e in prof.events()
-               if e.device_type == cuda and e.time_range.end > e.time_range.start]
+    kernels = [(start, end, name.split("(")[0][:80]) for start, end, name in cuda_intervals(prof)]
     if not kernels:
         raise RuntimeError("timeline: the profiler saw no kernel of the replay")
     span = max(end for _, end, _ in kernels) - min(start for start, _, _ in kernels)

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours  # noqa: E402
+from tp_decode import cuda_intervals  # noqa: E402
 
 
 def phases(engine, steps: int) -> dict[str, float]:
@@ -135,9 +136,7 @@ def prefill_timeline(engine, tokens: int, rng) -> dict:
         wall = time.perf_counter() - begin
     engine.abort("timeline")
     engine.step()
-    intervals = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                 if str(e.device_type).endswith("CUDA") and e.time_range.end > e.time_range.start]
-    return gpu_timeline(intervals, wall * 1e6)
+    return gpu_timeline(cuda_intervals(prof), wall * 1e6)
 
 
 def prefill_once(engine, tokens: int, rng):

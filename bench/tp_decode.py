@@ -15,6 +15,7 @@ logits) in a loop, timed with CUDA events.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -92,6 +93,13 @@ def time_collectives(args, group, reps=50):
     return gpu_seconds(one_step, reps)
 
 
+def cuda_intervals(prof) -> list[tuple[float, float, str]]:
+    """(start, end, name) in us of every GPU activity a torch.profiler run recorded (kernels,
+    copies, cupy's launches too)."""
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if str(e.device_type).endswith("CUDA") and e.time_range.end > e.time_range.start]
+
+
 def gpu_seconds(run, reps: int = 10) -> float:
     """Seconds of GPU time per call of `run` (after one warm-up call), by CUDA events."""
     import cupy
@@ -105,21 +113,31 @@ def gpu_seconds(run, reps: int = 10) -> float:
     return cupy.cuda.get_elapsed_time(begin, end) / 1000 / reps
 
 
-def graph_seconds(run, reps: int = 20) -> float:
-    """Seconds of GPU time per call of `run`, replayed from one CUDA graph of `reps` calls, so
-    the host's launch cost (tens of us for a small kernel) stays out of the figure."""
+@contextlib.contextmanager
+def captured_graph(run, reps: int = 1):
+    """One CUDA graph of `reps` calls of `run`, captured after a warm-up call (the memory pool of
+    its own then holds every block the capture needs) on a stream of its own: yields (graph,
+    stream), the pool and the stream still current."""
     import cupy
     # The stream below does not wait for the default stream: the inputs' writes must be done.
     cupy.cuda.Device().synchronize()
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     with cupy.cuda.using_allocator(pool.malloc), stream:
-        run()   # warm-up: the pool then holds every block the capture needs
+        run()
         stream.begin_capture()
         try:
             for _ in range(reps):
                 run()
         finally:
             graph = stream.end_capture()
+        yield graph, stream
+
+
+def graph_seconds(run, reps: int = 20) -> float:
+    """Seconds of GPU time per call of `run`, replayed from one CUDA graph of `reps` calls, so
+    the host's launch cost (tens of us for a small kernel) stays out of the figure."""
+    import cupy
+    with captured_graph(run, reps) as (graph, stream):
         graph.launch(stream)
         begin, end = cupy.cuda.Event(), cupy.cuda.Event()
         begin.record(stream)
