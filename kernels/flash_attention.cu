@@ -267,6 +267,5 @@ __global__ void __launch_bounds__(FA_THREADS)
     }
     if (num_splits > 1)
         flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
-                                 num_splits, rows_here, row0, group, q_first, num_heads, kv_head,
-                                 reinterpret_cast<float*>(smem));
+                                 num_splits, rows_here, row0, group, q_first, num_heads, kv_head);
 }

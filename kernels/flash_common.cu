@@ -11,7 +11,7 @@
 #ifndef FLASH_MAX_SPLITS   // cuda_common._compile_kernels passes cuda_common._FLASH_MAX_SPLITS
 #define FLASH_MAX_SPLITS 16
 #endif
-static_assert(FLASH_MAX_SPLITS <= 32, "flash_merge_splits reads a split's statistics a lane each");
+#define FLASH_MERGE_LOADS 8   // splits whose partial rows flash_merge_splits loads at once
 
 // Sequence b's tile count.
 __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, int group, int bq) {
@@ -19,24 +19,26 @@ __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, in
 }
 
 // (sequence, tile within it) of tile number `target`, or sequence -1 past the last tile.
-// Every thread of the block must call it (it synchronises).
+// Every thread of the block must call it (it synchronises once); blockDim.x is a multiple of 32.
 __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int group, int bq, int target) {
-    __shared__ int counts[FA_MAX_THREADS];   // blockDim.x <= FA_MAX_THREADS
+    __shared__ int totals[FA_MAX_THREADS / 32];   // blockDim.x <= FA_MAX_THREADS
     __shared__ int2 found;
-    const int tid = threadIdx.x, threads = blockDim.x, chunk = (num_seqs + threads - 1) / threads;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int chunk = (num_seqs + blockDim.x - 1) / blockDim.x;
     const int lo = min(num_seqs, tid * chunk), hi = min(num_seqs, lo + chunk);
     int mine = 0;
     for (int s = lo; s < hi; ++s) mine += flash_tiles(query_start_loc, s, group, bq);
-    counts[tid] = mine;
+    // inclusive scan of the threads' counts: within each warp by shuffles, then the warps before
+    int upto = mine;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const int add = __shfl_up_sync(0xffffffffu, upto, offset);
+        if (lane >= offset) upto += add;
+    }
+    if (lane == 31) totals[warp] = upto;
     if (tid == 0) found = make_int2(-1, 0);
     __syncthreads();
-    for (int offset = 1; offset < threads; offset <<= 1) {  // inclusive scan
-        const int add = tid >= offset ? counts[tid - offset] : 0;
-        __syncthreads();
-        counts[tid] += add;
-        __syncthreads();
-    }
-    const int before = counts[tid] - mine;
+    for (int w = 0; w < warp; ++w) upto += totals[w];
+    const int before = upto - mine;
     if (target >= before && target < before + mine) {
         int t = target - before;
         for (int s = lo; s < hi; ++s) {
@@ -267,17 +269,15 @@ __device__ void flash_combine_key_warps(const float* ms, const float* ls, const 
 
 // Called by every thread of a block after its rows' partial results are written: the
 // last of the tile's `splits` blocks to get here merges every split's (max, sum,
-// weighted values) of the tile's rows into out, as attention_combine_kernel does. Its
-// loads are independent of one another (a split's weight, then every split's value of
-// a dimension at once), so the merge costs two round trips to L2, not one a split.
-// `weights` is shared memory for rows_here * splits floats, free once every thread of the
-// block is here; splits <= num_splits <= FLASH_MAX_SPLITS.
+// weighted values) of the tile's rows into out, as attention_combine_kernel does. A
+// thread takes two dimensions of a row and loads FLASH_MERGE_LOADS splits' statistics and
+// values of them at once, so the merge costs one round trip to L2 after the count for up
+// to that many splits (more loads at once spill registers of flash_decode_kernel).
 template <typename T, int D>
 __device__ void flash_merge_splits(const float* partial, T* out, int* counter, int num_splits, int splits,
                                    int rows_here, long long row0, int group, long long q_first, int num_heads,
-                                   int kv_head, float* weights) {
+                                   int kv_head) {
     __shared__ int last;
-    asm volatile("cp.async.wait_group 0;\n" ::);   // no copy in flight into the shared memory reused below
     __threadfence();   // this block's partial rows are visible before it is counted
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -287,29 +287,40 @@ __device__ void flash_merge_splits(const float* partial, T* out, int* counter, i
     __syncthreads();
     if (!last) return;
     __threadfence();
-    auto row_of = [&](int r) {
+    for (int idx = threadIdx.x; idx < rows_here * (D / 2); idx += blockDim.x) {
+        const int r = idx / (D / 2), d = (idx % (D / 2)) * 2;
         const long long packed = row0 + r;
-        return (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
-    };
-    const int lane = threadIdx.x & 31;
-    for (int r = threadIdx.x >> 5; r < rows_here; r += blockDim.x >> 5) {   // a warp a row, a lane a split
-        const float* slot = partial + (row_of(r) * num_splits + lane) * (D + 2);
-        const float ms = lane < splits ? __ldcg(slot + D) : -SHARDLINE_INF;
-        const float ls = lane < splits ? __ldcg(slot + D + 1) : 0.0f;
-        const float m = warp_max(ms);
-        const float f = ms > -SHARDLINE_INF ? expf(ms - m) : 0.0f;
-        const float l = warp_sum(f * ls);
-        if (lane < splits) weights[r * splits + lane] = f / l;
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < rows_here * D; idx += blockDim.x) {
-        const int r = idx / D, d = idx % D;
-        const long long row = row_of(r);
-        const float* parts = partial + row * num_splits * (D + 2) + d;
-        float acc = 0.0f;
+        const long long row = (q_first + packed / group) * num_heads + (long long)kv_head * group + packed % group;
+        const float* slots = partial + row * num_splits * (D + 2);   // D + 2 and d even: 8-byte aligned
+        float m = -SHARDLINE_INF, l = 0.0f, acc0 = 0.0f, acc1 = 0.0f;   // max so far, sums scaled by it
+        for (int s0 = 0; s0 < splits; s0 += FLASH_MERGE_LOADS) {
+            float2 stats[FLASH_MERGE_LOADS], values[FLASH_MERGE_LOADS];   // (max, sum), dims d, d + 1 a split
 #pragma unroll
-        for (int s = 0; s < FLASH_MAX_SPLITS; ++s)
-            if (s < splits) acc += weights[r * splits + s] * __ldcg(parts + s * (D + 2));
-        out[row * D + d] = from_f<T>(acc);
+            for (int i = 0; i < FLASH_MERGE_LOADS; ++i)
+                if (s0 + i < splits) {
+                    stats[i] = __ldcg(reinterpret_cast<const float2*>(slots + (s0 + i) * (D + 2) + D));
+                    values[i] = __ldcg(reinterpret_cast<const float2*>(slots + (s0 + i) * (D + 2) + d));
+                }
+            float big = m;
+#pragma unroll
+            for (int i = 0; i < FLASH_MERGE_LOADS; ++i)
+                if (s0 + i < splits) big = fmaxf(big, stats[i].x);
+            const float keep = m > -SHARDLINE_INF ? expf(m - big) : 0.0f;
+            l *= keep;
+            acc0 *= keep;
+            acc1 *= keep;
+#pragma unroll
+            for (int i = 0; i < FLASH_MERGE_LOADS; ++i)
+                if (s0 + i < splits) {
+                    const float f = stats[i].x > -SHARDLINE_INF ? expf(stats[i].x - big) : 0.0f;
+                    l += f * stats[i].y;
+                    acc0 += f * values[i].x;
+                    acc1 += f * values[i].y;
+                }
+            m = big;
+        }
+        const float inv = 1.0f / l;
+        out[row * D + d] = from_f<T>(acc0 * inv);
+        out[row * D + d + 1] = from_f<T>(acc1 * inv);
     }
 }

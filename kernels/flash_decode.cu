@@ -247,8 +247,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     FLASH_TRACE(5);
     if (range.splits > 1)
         flash_merge_splits<T, D>(partial, out, counters + (long long)target * gridDim.y + kv_head, num_splits,
-                                 range.splits, rows_here, row0, group, q_first, num_heads, kv_head,
-                                 reinterpret_cast<float*>(smem));
+                                 range.splits, rows_here, row0, group, q_first, num_heads, kv_head);
     FLASH_TRACE(6);
     FLASH_TRACE_VALUE(9, flash_globaltimer());
 }
