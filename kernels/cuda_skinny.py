@@ -1,10 +1,10 @@
 """The decode-sized GEMMs of CudaOps, mixed into it (they launch through CudaOps._launch):
-bf16/fp16 GEMMs of at most 4 rows run skinny_gemm.cu instead of cuBLAS, K split over 1, 2 or 4
-warps of a block as timed per shape; rms_norm_linear runs the RMSNorm before such a GEMM
-inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is on, and rms_norm_qkv_rope a QKV
-projection's RoPE and KV-cache write in its epilogue (skinny_gemm_rope_kernel) where
-fused_rope_gemm is on; with skinny_blocks_per_sm set, fewer blocks loop over the tiles (the
-*_looped kernels). Same meaning as numpy_ops; no host sync.
+bf16/fp16 GEMMs of at most skinny_max_rows rows (4; 2 on an H200) run skinny_gemm.cu instead
+of cuBLAS, K split over 1, 2 or 4 warps of a block as timed per shape; rms_norm_linear runs
+the RMSNorm before such a GEMM inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is
+on, and rms_norm_qkv_rope a QKV projection's RoPE and KV-cache write in its epilogue
+(skinny_gemm_rope_kernel) where fused_rope_gemm is on; with skinny_blocks_per_sm set, fewer
+blocks loop over the tiles (the *_looped kernels). Same meaning as numpy_ops; no host sync.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class SkinnyGemmOps:
     # Blocks an SM below skinny_looped_min_rows rows (0: a block a tile): per GPU, CudaOps sets
     # few_rows_blocks_per_sm(its name).
     skinny_blocks_per_sm_few_rows = 0
+    # GEMMs of at most this many rows run skinny_gemm.cu (never more than _SKINNY_MAX_ROWS, the
+    # rows it is built for): per GPU, CudaOps sets skinny_max_rows_for(its name).
+    skinny_max_rows = _SKINNY_MAX_ROWS
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -217,9 +220,13 @@ class SkinnyGemmOps:
         return self._skinny_splits[key]
 
     def _skinny_applies(self, x2, weight) -> bool:
-        """Decode-sized bf16/fp16 GEMMs (at most 4 rows) run skinny_gemm.cu instead of cuBLAS."""
+        """Decode-sized bf16/fp16 GEMMs (at most skinny_max_rows rows) run skinny_gemm.cu instead
+        of cuBLAS."""
+        if not 0 <= self.skinny_max_rows <= _SKINNY_MAX_ROWS:
+            raise ValueError(f"skinny_max_rows must be 0 to {_SKINNY_MAX_ROWS} (the rows skinny_gemm.cu is "
+                             f"built for), got {self.skinny_max_rows!r}")
         key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
-        return (self.use_skinny_gemm and x2.shape[0] <= _SKINNY_MAX_ROWS and x2.shape[1] % 8 == 0
+        return (self.use_skinny_gemm and x2.shape[0] <= self.skinny_max_rows and x2.shape[1] % 8 == 0
                 and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
 
@@ -233,6 +240,15 @@ def few_rows_blocks_per_sm(device_name: str) -> int:
     synthetic batch-1 step took 4.47 ms on 16 an SM against 4.52 on the 4 that fit
     (bench.step_parts)."""
     return 16 if "H200" in device_name else 0
+
+
+def skinny_max_rows_for(device_name: str) -> int:
+    """skinny_max_rows for a GPU. On an H200, Llama-3-8B's decode step (bench.decode_ab, one
+    engine, ms) at 4 rows took 6.09 with the skinny GEMMs against 4.93 with cuBLAS, at 2 rows
+    4.79 against 4.90 (at 8 rows, where neither setting runs them, 5.16 and 5.13). SmolLM2's
+    small GEMMs were not timed so on an H200. On an H100 the skinny GEMMs were chosen up to 4
+    rows, where cuBLAS has not been timed against them since."""
+    return 2 if "H200" in device_name else _SKINNY_MAX_ROWS
 
 
 def pick_k_split(seconds: dict[int, float], rows: int, tie: float) -> int:

@@ -20,6 +20,7 @@ from gpu_guard import cupy  # noqa: E402  (skips the module without a GPU)
 pytestmark = pytest.mark.gpu
 
 from shardline.kernels import numpy_ops  # noqa: E402
+from shardline.kernels.cuda_common import _SKINNY_MAX_ROWS  # noqa: E402
 from shardline.kernels.cuda_ops import CudaOps  # noqa: E402
 from shardline.kernels.rope import rope_cos_sin  # noqa: E402
 
@@ -29,7 +30,9 @@ DTYPES = list(TOLERANCE)
 
 @pytest.fixture(scope="module")
 def ops():
-    return CudaOps(0)
+    ops = CudaOps(0)
+    ops.skinny_max_rows = _SKINNY_MAX_ROWS   # the kernel tests run every row count the kernels are built for
+    return ops
 
 
 @pytest.fixture
