@@ -78,8 +78,7 @@ def traced_kernel(template: str):
     from shardline.kernels import cuda_common
     source = "\n".join((cuda_common._KERNEL_DIR / f"{name}.cu").read_text()
                        for name in ("common", "flash_common", "flash_decode"))
-    options = ("-std=c++17", f"-DFLASH_MAX_SPLITS={cuda_common._FLASH_MAX_SPLITS}",
-               f"-DFLASH_DECODE_TRACE={MAX_BLOCKS}") + cuda_common._include_options()
+    options = ("-std=c++17", f"-DFLASH_DECODE_TRACE={MAX_BLOCKS}") + cuda_common._include_options()
     name = f"flash_decode_kernel<{template}>"
     module = cupy.RawModule(code=source, options=options, name_expressions=[name])
     function = module.get_function(name)

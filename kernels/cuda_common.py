@@ -157,7 +157,7 @@ def _include_options() -> tuple[str, ...]:
 
 def _compile_kernels() -> dict:
     common = (_KERNEL_DIR / "common.cu").read_text()
-    options = ("-std=c++17", f"-DFLASH_MAX_SPLITS={_FLASH_MAX_SPLITS}") + _include_options()
+    options = ("-std=c++17",) + _include_options()
     functions = {}
     for module_name, kernels in _KERNELS.items():
         names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}

@@ -8,9 +8,6 @@
 #define FA_THREADS (FA_WARPS * 32)
 #define FA_MAX_THREADS 256   // flash_decode.cu: 8 key warps
 #define FA_LOG2E 1.4426950408889634f
-#ifndef FLASH_MAX_SPLITS   // cuda_common._compile_kernels passes cuda_common._FLASH_MAX_SPLITS
-#define FLASH_MAX_SPLITS 16
-#endif
 #define FLASH_MERGE_LOADS 8   // splits whose partial rows flash_merge_splits loads at once
 
 // Sequence b's tile count.
