@@ -73,9 +73,9 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
             name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
-            name = name.decode() if isinstance(name, bytes) else name
-            self.skinny_blocks_per_sm_few_rows = few_rows_blocks_per_sm(name)
-            self.skinny_max_rows = skinny_max_rows_for(name)
+            self.device_name = name.decode() if isinstance(name, bytes) else name
+            self.skinny_blocks_per_sm_few_rows = few_rows_blocks_per_sm(self.device_name)
+            self.skinny_max_rows = skinny_max_rows_for(self.device_name)
             self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
         self._uploader = Uploader()

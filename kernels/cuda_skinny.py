@@ -56,9 +56,7 @@ class SkinnyGemmOps:
     # Blocks an SM below skinny_looped_min_rows rows (0: a block a tile): per GPU, CudaOps sets
     # few_rows_blocks_per_sm(its name).
     skinny_blocks_per_sm_few_rows = 0
-    # GEMMs of at most this many rows run skinny_gemm.cu (never more than _SKINNY_MAX_ROWS, the
-    # rows it is built for): per GPU, CudaOps sets skinny_max_rows_for(its name).
-    skinny_max_rows = _SKINNY_MAX_ROWS
+    _skinny_max_rows = _SKINNY_MAX_ROWS
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -219,12 +217,22 @@ class SkinnyGemmOps:
                      ", ".join(f"{k} {1e6 * v:.1f}" for k, v in seconds.items()))
         return self._skinny_splits[key]
 
+    @property
+    def skinny_max_rows(self) -> int:
+        """GEMMs of at most this many rows run skinny_gemm.cu: per GPU, CudaOps sets
+        skinny_max_rows_for(its name)."""
+        return self._skinny_max_rows
+
+    @skinny_max_rows.setter
+    def skinny_max_rows(self, rows: int) -> None:
+        if not (isinstance(rows, int) and 0 <= rows <= _SKINNY_MAX_ROWS):
+            raise ValueError(f"skinny_max_rows must be 0 to {_SKINNY_MAX_ROWS} (the rows skinny_gemm.cu is "
+                             f"built for), got {rows!r}")
+        self._skinny_max_rows = rows
+
     def _skinny_applies(self, x2, weight) -> bool:
         """Decode-sized bf16/fp16 GEMMs (at most skinny_max_rows rows) run skinny_gemm.cu instead
         of cuBLAS."""
-        if not 0 <= self.skinny_max_rows <= _SKINNY_MAX_ROWS:
-            raise ValueError(f"skinny_max_rows must be 0 to {_SKINNY_MAX_ROWS} (the rows skinny_gemm.cu is "
-                             f"built for), got {self.skinny_max_rows!r}")
         key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
         return (self.use_skinny_gemm and x2.shape[0] <= self.skinny_max_rows and x2.shape[1] % 8 == 0
                 and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)

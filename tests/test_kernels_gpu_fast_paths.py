@@ -56,9 +56,10 @@ def test_skinny_max_rows(ops, rng, monkeypatch):
         monkeypatch.setattr(ops, "skinny_max_rows", cap)
         assert ops._skinny_applies(x, w) is skinny
         assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), "bfloat16", f"3 rows, cap {cap}")
-    monkeypatch.setattr(ops, "skinny_max_rows", 5)
-    with pytest.raises(ValueError, match="skinny_max_rows"):
-        ops._skinny_applies(x, w)
+    for bad in (5, -1, None):
+        with pytest.raises(ValueError, match="skinny_max_rows"):
+            ops.skinny_max_rows = bad
+    assert ops.skinny_max_rows == 0   # the last cap set stays
     assert (skinny_max_rows_for("NVIDIA H200"), skinny_max_rows_for("NVIDIA H100 80GB HBM3")) == (2, 4)
 
 
