@@ -51,7 +51,7 @@ from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_cache import CacheOps
 from shardline.kernels.cuda_sampling import SamplingOps
-from shardline.kernels.cuda_skinny import SkinnyGemmOps, few_rows_blocks_per_sm, skinny_max_rows_for
+from shardline.kernels.cuda_skinny import SkinnyGemmOps, few_rows_blocks_per_sm, skinny_large_bytes_for
 from shardline.kernels.dependent_launch import launch_dependent
 from shardline.kernels.gemm import CublasGemm
 from shardline.kernels.staging import Uploader
@@ -75,7 +75,7 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
             self.device_name = name.decode() if isinstance(name, bytes) else name
             self.skinny_blocks_per_sm_few_rows = few_rows_blocks_per_sm(self.device_name)
-            self.skinny_max_rows = skinny_max_rows_for(self.device_name)
+            self.skinny_large_bytes = skinny_large_bytes_for(self.device_name)
             self._allow_flash_shared_memory()
         self._pointer_tables: dict[tuple, cupy.ndarray] = {}
         self._uploader = Uploader()

@@ -1,5 +1,6 @@
 """The decode-sized GEMMs of CudaOps, mixed into it (they launch through CudaOps._launch):
-bf16/fp16 GEMMs of at most skinny_max_rows rows (4; 2 on an H200) run skinny_gemm.cu instead
+bf16/fp16 GEMMs of at most skinny_max_rows rows (4; on an H200 2 for weights of 16 MiB or more:
+skinny_large_*) run skinny_gemm.cu instead
 of cuBLAS, K split over 1, 2 or 4 warps of a block as timed per shape; rms_norm_linear runs
 the RMSNorm before such a GEMM inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is
 on, and rms_norm_qkv_rope a QKV projection's RoPE and KV-cache write in its epilogue
@@ -57,6 +58,10 @@ class SkinnyGemmOps:
     # few_rows_blocks_per_sm(its name).
     skinny_blocks_per_sm_few_rows = 0
     _skinny_max_rows = _SKINNY_MAX_ROWS
+    # Weights of at least skinny_large_bytes run skinny only up to skinny_large_max_rows rows (per
+    # GPU, CudaOps sets skinny_large_bytes_for(its name); None: no weight is large).
+    skinny_large_bytes: int | None = None
+    skinny_large_max_rows = 2
     # RMSNorm fused into the decode GEMM after it (rms_norm_linear), for latency-bound GEMMs:
     # it saves a launch but makes the GEMM's loop read the norm's input, residual and weight
     # with its x. Measured on an H100 (bench.decode_ab, bench/notes/RESULTS.md): SmolLM2's
@@ -219,8 +224,8 @@ class SkinnyGemmOps:
 
     @property
     def skinny_max_rows(self) -> int:
-        """GEMMs of at most this many rows run skinny_gemm.cu: per GPU, CudaOps sets
-        skinny_max_rows_for(its name)."""
+        """GEMMs of at most this many rows run skinny_gemm.cu (large weights: at most
+        skinny_large_max_rows)."""
         return self._skinny_max_rows
 
     @skinny_max_rows.setter
@@ -234,7 +239,9 @@ class SkinnyGemmOps:
         """Decode-sized bf16/fp16 GEMMs (at most skinny_max_rows rows) run skinny_gemm.cu instead
         of cuBLAS."""
         key = ("skinny_gemm_kernel", f"{_ctype(x2, 'x')}, {x2.shape[0]}, 1")   # every split or none
-        return (self.use_skinny_gemm and x2.shape[0] <= self.skinny_max_rows and x2.shape[1] % 8 == 0
+        large = self.skinny_large_bytes is not None and weight.nbytes >= self.skinny_large_bytes
+        max_rows = min(self.skinny_max_rows, self.skinny_large_max_rows) if large else self.skinny_max_rows
+        return (self.use_skinny_gemm and x2.shape[0] <= max_rows and x2.shape[1] % 8 == 0
                 and key in self._functions and x2.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0)
 
 
@@ -250,13 +257,17 @@ def few_rows_blocks_per_sm(device_name: str) -> int:
     return 16 if "H200" in device_name else 0
 
 
-def skinny_max_rows_for(device_name: str) -> int:
-    """skinny_max_rows for a GPU. On an H200, Llama-3-8B's decode step (bench.decode_ab, one
-    engine, ms) at 4 rows took 6.09 with the skinny GEMMs against 4.93 with cuBLAS, at 2 rows
-    4.79 against 4.90 (at 8 rows, where neither setting runs them, 5.16 and 5.13). SmolLM2's
-    small GEMMs were not timed so on an H200. On an H100 the skinny GEMMs were chosen up to 4
-    rows, where cuBLAS has not been timed against them since."""
-    return 2 if "H200" in device_name else _SKINNY_MAX_ROWS
+def skinny_large_bytes_for(device_name: str) -> int | None:
+    """skinny_large_bytes for a GPU: on an H200 16 MiB (skinny_large_max_rows 2 rows there).
+    There Llama-3-8B's decode step (bench.decode_ab, one engine, ms at 3 / 4 rows) took 4.95 /
+    4.94 with its weights (33-1002 MiB) on cuBLAS, 6.01-6.05 / 6.04-6.14 with all of them
+    skinny (a block a tile 6.43, 8 blocks an SM 6.03, K split 4 6.05-6.08), 5.05-5.09 with
+    only o_proj (32 MiB) skinny; at 2 rows skinny 4.79 against cuBLAS 4.90. SmolLM2's (weights
+    of 0.7-3.5 MiB, its LM head 54 MiB) at 3 / 4 rows: 0.74-0.77 / 0.74-0.82 so, 0.79-0.81 /
+    0.77-0.84 with the head skinny too, 1.11-1.12 / 1.12-1.13 with every weight on cuBLAS
+    (bench/notes/skinny_large_bytes_ab_h200.json). On an H100 the skinny GEMMs were chosen up
+    to 4 rows for every weight (None), where cuBLAS has not been timed against them since."""
+    return 16 << 20 if "H200" in device_name else None
 
 
 def pick_k_split(seconds: dict[int, float], rows: int, tie: float) -> int:

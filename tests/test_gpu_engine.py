@@ -155,7 +155,7 @@ def test_fused_gemms_decode_as_the_kernels_they_replace(tmp_path, monkeypatch):
     ops = local.model.ops
     monkeypatch.setattr(ops, "skinny_k_split", 2)
     monkeypatch.setattr(ops, "fused_norm_max_rows", 4)   # every decode batch here
-    monkeypatch.setattr(ops, "skinny_max_rows", 4)       # skinny GEMMs too (an H200 caps them at 2)
+    monkeypatch.setattr(ops, "skinny_large_bytes", None)   # skinny GEMMs too (an H200 caps large ones at 2 rows)
     rng = np.random.default_rng(seed)
     prompts = random_prompts(rng, [5, 40, 3, 17])
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True) for _ in prompts]

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 from shardline.kernels import numpy_ops  # noqa: E402
 from shardline.kernels.cuda_common import _SKINNY_MAX_ROWS  # noqa: E402
 from shardline.kernels.cuda_ops import CudaOps  # noqa: E402
-from shardline.kernels.cuda_skinny import skinny_max_rows_for  # noqa: E402
+from shardline.kernels.cuda_skinny import skinny_large_bytes_for  # noqa: E402
 from shardline.kernels.rope import rope_cos_sin  # noqa: E402
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
@@ -32,8 +32,9 @@ DTYPES = list(TOLERANCE)
 @pytest.fixture(scope="module")
 def ops():
     ops = CudaOps(0)
-    assert ops.skinny_max_rows == skinny_max_rows_for(ops.device_name)
-    ops.skinny_max_rows = _SKINNY_MAX_ROWS   # the kernel tests run every row count the kernels are built for
+    assert ops.skinny_large_bytes == skinny_large_bytes_for(ops.device_name)
+    assert ops.skinny_max_rows == _SKINNY_MAX_ROWS
+    ops.skinny_large_bytes = None   # the kernel tests run every row count the kernels are built for
     return ops
 
 

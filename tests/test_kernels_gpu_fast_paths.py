@@ -17,7 +17,7 @@ from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
 
 from shardline.kernels import numpy_ops  # noqa: E402
 from shardline.kernels.cuda_common import _ctype, _skinny_tiles, flash_decode_template  # noqa: E402
-from shardline.kernels.cuda_skinny import pick_k_split, skinny_max_rows_for  # noqa: E402
+from shardline.kernels.cuda_skinny import pick_k_split, skinny_large_bytes_for  # noqa: E402
 from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
     assert_close,
     ops,
@@ -47,20 +47,24 @@ def test_skinny_gemm(ops, rng, dtype, tokens, k, n, monkeypatch):
 
 
 def test_skinny_max_rows(ops, rng, monkeypatch):
-    """GEMMs of more rows than skinny_max_rows go to cuBLAS with the same result; a cap past
-    the rows the kernels are built for is a clear error; an H200 caps them at 2 rows."""
+    """GEMMs of more rows than skinny_max_rows (weights of skinny_large_bytes or more:
+    skinny_large_max_rows) go to cuBLAS with the same result; a cap past the rows the kernels
+    are built for is a clear error; an H200 caps weights of 16 MiB or more at 2 rows."""
     monkeypatch.setattr(ops, "use_skinny_gemm", True)
+    monkeypatch.setattr(ops, "skinny_large_max_rows", 2)
     x, x64 = random_input(ops, rng, (3, 1024), "bfloat16")
     w, w64 = random_input(ops, rng, (300, 1024), "bfloat16", scale=1 / 32)
-    for cap, skinny in ((4, True), (3, True), (2, False), (0, False)):
+    for cap, large, skinny in ((4, None, True), (3, None, True), (2, None, False), (0, None, False),
+                               (4, w.nbytes, False), (4, w.nbytes + 1, True)):
         monkeypatch.setattr(ops, "skinny_max_rows", cap)
-        assert ops._skinny_applies(x, w) is skinny
-        assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), "bfloat16", f"3 rows, cap {cap}")
+        monkeypatch.setattr(ops, "skinny_large_bytes", large)
+        assert ops._skinny_applies(x, w) is skinny, (cap, large)
+        assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), "bfloat16", f"3 rows, cap {cap}, {large}")
     for bad in (5, -1, None):
         with pytest.raises(ValueError, match="skinny_max_rows"):
             ops.skinny_max_rows = bad
-    assert ops.skinny_max_rows == 0   # the last cap set stays
-    assert (skinny_max_rows_for("NVIDIA H200"), skinny_max_rows_for("NVIDIA H100 80GB HBM3")) == (2, 4)
+    assert ops.skinny_max_rows == 4   # the last cap set stays
+    assert (skinny_large_bytes_for("NVIDIA H200"), skinny_large_bytes_for("NVIDIA H100 80GB HBM3")) == (16 << 20, None)
 
 
 def test_skinny_k_split_timed_per_shape(ops, rng, monkeypatch):
