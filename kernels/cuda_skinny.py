@@ -1,11 +1,11 @@
 """The decode-sized GEMMs of CudaOps, mixed into it (they launch through CudaOps._launch):
-bf16/fp16 GEMMs of at most skinny_max_rows rows (4; on an H200 2 for weights of 16 MiB or more:
-skinny_large_*) run skinny_gemm.cu instead
-of cuBLAS, K split over 1, 2 or 4 warps of a block as timed per shape; rms_norm_linear runs
-the RMSNorm before such a GEMM inside it (norm_skinny_gemm_kernel) where fused_norm_gemm is
-on, and rms_norm_qkv_rope a QKV projection's RoPE and KV-cache write in its epilogue
-(skinny_gemm_rope_kernel) where fused_rope_gemm is on; with skinny_blocks_per_sm set, fewer
-blocks loop over the tiles (the *_looped kernels). Same meaning as numpy_ops; no host sync.
+bf16/fp16 GEMMs of at most skinny_max_rows rows (4; on an H200 2 for weights of 16 MiB or
+more: skinny_large_*) run skinny_gemm.cu instead of cuBLAS, K split over 1, 2 or 4 warps of a
+block as timed per shape; rms_norm_linear runs the RMSNorm before such a GEMM inside it
+(norm_skinny_gemm_kernel) where fused_norm_gemm is on, and rms_norm_qkv_rope a QKV
+projection's RoPE and KV-cache write in its epilogue (skinny_gemm_rope_kernel) where
+fused_rope_gemm is on; with skinny_blocks_per_sm set, fewer blocks loop over the tiles (the
+*_looped kernels). Same meaning as numpy_ops; no host sync.
 """
 
 from __future__ import annotations
