@@ -1,8 +1,9 @@
 """Where one flash_decode launch's time goes, block by block: flash_decode.cu built with
 FLASH_DECODE_TRACE, whose blocks record clock64 at their phases and globaltimer at their start
-and end, swapped into CudaOps for one decode batch of Llama-3-8B heads.
+and end, swapped into CudaOps for one decode batch of a shape's heads (--shape, Llama-3-8B's by default).
 
 Run:  python -m bench.flash_decode_trace --cases 1x512,16x512,64x512 --after-gemm
+      python -m bench.flash_decode_trace --shape smollm2-135m --config '{"decode_split_target": 0.25}'
 
 Phases (thread 0 of each block with a tile): the tile lookup (flash_find_tile), the range and
 first cache rows up to the dependent-launch wait, the wait, the key loop (Q's loads, every tile,
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_times import BLOCK, HEAD_DIM, HEADS, KV_HEADS  # noqa: E402
+from attention_times import BLOCK  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 from tp_decode import captured_graph  # noqa: E402
 
 SLOTS = 12   # FLASH_TRACE_SLOTS in flash_decode.cu
@@ -86,32 +88,35 @@ def traced_kernel(template: str):
     return function, trace
 
 
-def trace_case(ops, seqs: int, keys: int, after_gemm: bool, rng) -> dict:
+def trace_case(ops, heads: tuple[int, int, int], seqs: int, keys: int, after_gemm: bool, rng) -> dict:
+    """One case's trace; heads: (query heads, KV heads, head size)."""
     import cupy
     from shardline.kernels.cuda_common import bf16_bits, flash_decode_smem_bytes, flash_decode_template
+
+    num_heads, kv_heads, head_dim = heads
 
     def random(*shape):
         return bf16_bits(cupy.random.standard_normal(shape, dtype=cupy.float32) / 8)
     num_blocks = seqs * keys // BLOCK
-    k, v = random(num_blocks, BLOCK, KV_HEADS, HEAD_DIM), random(num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k, v = random(num_blocks, BLOCK, kv_heads, head_dim), random(num_blocks, BLOCK, kv_heads, head_dim)
     tables = cupy.asarray(rng.permutation(num_blocks).reshape(seqs, keys // BLOCK).astype(np.int32))
     seq_lens = cupy.full(seqs, keys, dtype=cupy.int32)
     query_start_loc = cupy.arange(seqs + 1, dtype=cupy.int32)
-    q = random(seqs, HEADS, HEAD_DIM)
-    tile = ops._decode_tile(q, seqs, KV_HEADS)
+    q = random(seqs, num_heads, head_dim)
+    tile = ops._decode_tile(q, seqs, kv_heads)
     if tile is None:
         raise RuntimeError(f"{seqs}x{keys}: flash_decode does not run this launch")
-    template = flash_decode_template("__nv_bfloat16", HEAD_DIM, tile)
+    template = flash_decode_template("__nv_bfloat16", head_dim, tile)
     function, trace = traced_kernel(template)
-    function.max_dynamic_shared_size_bytes = flash_decode_smem_bytes(HEAD_DIM, tile)
+    function.max_dynamic_shared_size_bytes = flash_decode_smem_bytes(head_dim, tile)
     key, shipped = ("flash_decode_kernel", template), ops._functions[("flash_decode_kernel", template)]
     ops._functions[key] = function
-    x, w = random(seqs, HEADS * HEAD_DIM), random((HEADS + 2 * KV_HEADS) * HEAD_DIM, HEADS * HEAD_DIM)
+    x, w = random(seqs, num_heads * head_dim), random((num_heads + 2 * kv_heads) * head_dim, num_heads * head_dim)
 
     def attend():
         if after_gemm:
             ops.linear(x, w)
-        ops.paged_attention(q, k, v, tables, seq_lens, query_start_loc, HEAD_DIM ** -0.5)
+        ops.paged_attention(q, k, v, tables, seq_lens, query_start_loc, head_dim ** -0.5, one_query_each=True)
     try:
         if after_gemm:   # one graph with dependent launches, as a decode step's (the warm-up times the GEMM's K split)
             def step():
@@ -141,13 +146,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="1x512,16x512,64x512")
     p.add_argument("--after-gemm", action="store_true", help="also in a graph after a QKV-sized skinny GEMM")
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="whose heads")
+    p.add_argument("--config", default="{}", help="JSON of CudaOps attributes to set (e.g. decode_split_target)")
     p.add_argument("--out", default="bench/results/flash_decode_trace.json")
     args = p.parse_args()
     from shardline.kernels.cuda_ops import CudaOps
     ops, rng, rows = CudaOps(), np.random.default_rng(0), []
+    for name, value in json.loads(args.config).items():
+        setattr(ops, name, value)
+    hf = SHAPES[args.shape]
+    heads = (hf["num_attention_heads"], hf["num_key_value_heads"],
+             hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
     for seqs, keys in parse_cases(args.cases):
         for after_gemm in (False, True) if args.after_gemm else (False,):
-            rows.append(trace_case(ops, seqs, keys, after_gemm, rng))
+            rows.append({"shape": args.shape, **trace_case(ops, heads, seqs, keys, after_gemm, rng)})
             print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -109,7 +109,7 @@ class SyntheticStep:
             if "attention" in parts:
                 q = ops.paged_attention(q.reshape(rows, self.heads, self.head_dim), k_cache, v_cache,
                                         self.block_tables, self.seq_lens, self.query_start_loc,
-                                        self.head_dim ** -0.5).reshape(rows, -1)
+                                        self.head_dim ** -0.5, one_query_each=True).reshape(rows, -1)
             o = ops.linear(self.backend.xp.ascontiguousarray(q), layer["o"])
             h, residual = ops.rms_norm(o, layer["norm2"], eps, residual) if "norms" in parts else (o, residual)
             x = ops.linear(ops.gated_linear(h, layer["gate_up"]), layer["down"])

@@ -10,12 +10,15 @@ Same meaning as numpy_ops; no host sync.
 
 from __future__ import annotations
 
+import math
+
 import cupy
 import numpy as np
 
 from shardline.kernels.cuda_common import (
     _ATTENTION_TARGET_BLOCKS,
     _ATTENTION_THREADS,
+    _FLASH_DECODE_MIN_SPLIT_KEYS,
     _FLASH_DECODE_ROWS,
     _FLASH_DECODE_SPLIT_TARGET,
     _FLASH_DECODE_TILES,
@@ -42,8 +45,15 @@ class AttentionOps:
     use_flash_decode = "flash_decode" not in gpu_paths_off()
     decode_tiles = _FLASH_DECODE_TILES   # ((keys, stages, warps), below this many blocks an SM), ...
     decode_split_target = _FLASH_DECODE_SPLIT_TARGET
+    # flash_decode gives each split at least this many keys (in whole tiles), so short contexts
+    # fill fewer splits than the launch has (bench/notes/RESULTS.md, twenty-first session).
+    decode_min_split_keys = _FLASH_DECODE_MIN_SPLIT_KEYS
+    # Launches told that every sequence has one query (one_query_each) find their tiles
+    # without reading query_start_loc, and launch no block past them but the padding's.
+    decode_one_query_tiles = True
 
-    def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single):
+    def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single,
+                one_query_each: bool = False):
         # single: (num_q, seq_len) of one contiguous sequence, else None (paged)
         ctype = _ctype(q, "q")
         _same_dtype(q, k_cache, v_cache)
@@ -58,7 +68,8 @@ class AttentionOps:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         # The flash kernels take each tile's max over unscaled scores: a positive scale only.
         if single is None and scale > 0 and self.flash_applies(q, k_cache, v_cache, seq_lens.size):
-            return self._flash(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window)
+            return self._flash(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window,
+                               one_query_each)
         num_q, seq_len = single or (0, 0)
         out = cupy.empty_like(q)
         rows = num_heads * q.shape[0]
@@ -119,7 +130,7 @@ class AttentionOps:
                 return tile
         return None
 
-    def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window):
+    def _flash(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, one_query_each):
         ctype, (num_heads, head_dim), num_kv_heads = _ctype(q, "q"), q.shape[1:], k_cache.shape[2]
         num_seqs, rows = seq_lens.size, q.shape[0] * (num_heads // num_kv_heads)
         decode_tile = self._decode_tile(q, num_seqs, num_kv_heads)
@@ -133,19 +144,26 @@ class AttentionOps:
                 64 // key_warps, 2
             smem, threads = flash_smem_bytes(head_dim, key_warps), _FLASH_THREADS
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
-        # the last tile exit, and one of them zeroes the rows past the last sequence.
-        tiles = -(-rows // tile_rows) + num_seqs + 1
-        splits = max(1, min(_FLASH_MAX_SPLITS, -(-target * self._multiprocessors // ((tiles - 1) * num_kv_heads))))
-        if tiles * num_kv_heads > self._flash_counters.size:   # one counter per (tile, KV head) to split
+        # the last tile exit, and one of them zeroes the rows past the last sequence. The splits fill
+        # the SMs at `target` blocks an SM for that bound. A decode launch told that every sequence
+        # has one query knows its tiles (ceil(group / 8) a sequence) and launches only those; its
+        # splits stay those of the bound (twice its tiles at one tile a sequence), which measured
+        # faster than filling the SMs for its true tiles (Llama-3-8B, batch 4 and 16).
+        bound = -(-rows // tile_rows) + num_seqs
+        splits = max(1, min(_FLASH_MAX_SPLITS, math.ceil(target * self._multiprocessors / (bound * num_kv_heads))))
+        one_query = bool(one_query_each and decode_tile is not None and self.decode_one_query_tiles)
+        tiles = num_seqs * -(-(num_heads // num_kv_heads) // tile_rows) + 1 if one_query else bound + 1
+        if (bound + 1) * num_kv_heads > self._flash_counters.size:   # one counter per (tile, KV head) to split
             splits = 1
         out = cupy.empty_like(q)
         partial = cupy.empty((q.shape[0], num_heads, splits, head_dim + 2) if splits > 1 else 1, dtype=cupy.float32)
-        self._launch(name, template, (tiles, num_kv_heads, splits), (threads,),
-                     (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]),
-                      np.int32(k_cache.shape[1]), seq_lens, query_start_loc, np.int32(num_seqs),
-                      np.int32(num_heads), np.int32(num_kv_heads), np.float32(scale),
-                      np.int32(sliding_window or 0), np.int32(splits), self._flash_counters, np.int32(q.shape[0])),
-                     shared_mem=smem)
+        args = (q, k_cache, v_cache, out, partial, tables, np.int32(tables.shape[-1]), np.int32(k_cache.shape[1]),
+                seq_lens, query_start_loc, np.int32(num_seqs), np.int32(num_heads), np.int32(num_kv_heads),
+                np.float32(scale), np.int32(sliding_window or 0), np.int32(splits), self._flash_counters,
+                np.int32(q.shape[0]))
+        if decode_tile is not None:   # each split's fewest key tiles; whether to skip the tile lookup
+            args += (np.int32(max(1, -(-self.decode_min_split_keys // decode_tile[0]))), np.int32(one_query))
+        self._launch(name, template, (tiles, num_kv_heads, splits), (threads,), args, shared_mem=smem)
         return out
 
     def attention(self, q, k, v, scale: float, sliding_window: int | None = None):
@@ -161,10 +179,12 @@ class AttentionOps:
                             sliding_window, single=(q.shape[0], k.shape[0]))
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
-                        sliding_window: int | None = None):
+                        sliding_window: int | None = None, one_query_each: bool = False):
         """Causal attention for a batch of sequences over the paged cache (see
         numpy_ops.paged_attention). block_tables [B, max_blocks], seq_lens [B],
-        query_start_loc [B + 1], all int32. Rows of q past query_start_loc[B] come back zero."""
+        query_start_loc [B + 1], all int32. Rows of q past query_start_loc[B] come back zero.
+        one_query_each promises query_start_loc is 0, 1, ..., B (a decode step's; not checked
+        here, since it lives on the device): flash_decode then reads no tile table."""
         q = cupy.ascontiguousarray(q)
         tables = _as(block_tables, cupy.int32)
         seq_lens, query_start_loc = _as(seq_lens, cupy.int32).ravel(), _as(query_start_loc, cupy.int32).ravel()
@@ -174,4 +194,5 @@ class AttentionOps:
             raise ValueError(f"paged_attention shapes: q {q.shape}, caches {k_cache.shape} {v_cache.shape}, "
                              f"block_tables {tables.shape}, seq_lens {seq_lens.shape}, "
                              f"query_start_loc {query_start_loc.shape}")
-        return self._attend(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, None)
+        return self._attend(q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, None,
+                            one_query_each)

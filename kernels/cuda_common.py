@@ -112,6 +112,9 @@ _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # while the launch has fewer blocks than _FLASH_DECODE_SPLIT_TARGET an SM (more splits
 # were slower at every batch in bench/flash_tile_sweep.py).
 _FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
+# ... and give each split at least this many keys (a decode step at 512 tokens of context on an H200:
+# Llama-3-8B and SmolLM2 at batch 1 fastest with 85-112 keys a split, against 57 and 32 before).
+_FLASH_DECODE_MIN_SPLIT_KEYS = 96
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})

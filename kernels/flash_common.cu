@@ -51,28 +51,39 @@ __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int gr
     return found;
 }
 
+// flash_find_tile's answer where every sequence has one query (one_query in flash_range): sequence
+// b's ceil(group / bq) tiles in turn, found without reading query_start_loc.
+__device__ __forceinline__ int2 flash_one_query_tile(int num_seqs, int group, int bq, int target) {
+    const int per_seq = (group + bq - 1) / bq;
+    return target < num_seqs * per_seq ? make_int2(target / per_seq, target % per_seq) : make_int2(-1, 0);
+}
+
 // A block's rows and keys: sequence b's row tile `tile` (BQ packed rows from row0, rows_here
 // of them real) and its split's run [t_begin, t_end) of the key tiles (BK keys from k_lo) that
 // its rows see; first_pos is the position of the sequence's first query of the launch. The
 // key tiles go to the splits in equal runs, so a context may fill only `splits` of the
 // launch's num_splits (fewer key tiles than splits, or runs rounded up); the blocks of the
-// higher splits have nothing to do.
+// higher splits have nothing to do. A run holds at least min_split_tiles key tiles (flash_decode:
+// short contexts fill fewer splits, each merged split costing more than its keys). With one_query
+// (a decode step's launch: query_start_loc is 0, 1, ..., num_seqs) sequence b's query is row b,
+// read from no table.
 struct FlashRange {
     int q_first, num_q, row0, rows_here, first_pos, k_lo, k_hi, t_begin, t_end, splits;
 };
 
 __device__ __forceinline__ FlashRange flash_range(const int* query_start_loc, const int* seq_lens, int b, int tile,
-                                                  int bq, int bk, int group, int window, int split, int num_splits) {
+                                                  int bq, int bk, int group, int window, int split, int num_splits,
+                                                  int min_split_tiles = 1, bool one_query = false) {
     FlashRange r;
-    r.q_first = query_start_loc[b];
-    r.num_q = query_start_loc[b + 1] - r.q_first;
+    r.q_first = one_query ? b : query_start_loc[b];
+    r.num_q = one_query ? 1 : query_start_loc[b + 1] - r.q_first;
     r.row0 = tile * bq;
     r.rows_here = min(bq, r.num_q * group - r.row0);
     r.first_pos = seq_lens[b] - r.num_q;
     r.k_hi = r.first_pos + (r.row0 + r.rows_here - 1) / group + 1;
     r.k_lo = window > 0 ? max(0, r.first_pos + r.row0 / group - window + 1) : 0;
     const int tiles = (r.k_hi - r.k_lo + bk - 1) / bk;
-    const int per_split = max(1, (tiles + num_splits - 1) / num_splits);
+    const int per_split = max(min_split_tiles, (tiles + num_splits - 1) / num_splits);
     r.splits = max(1, min(num_splits, (tiles + per_split - 1) / per_split));
     r.t_begin = split * per_split;
     r.t_end = min(tiles, r.t_begin + per_split);

@@ -327,7 +327,8 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                        int window, int num_splits, int* counters, int num_tokens) {
+                        int window, int num_splits, int* counters, int num_tokens, int min_split_tiles,
+                        int one_query) {
     constexpr int BQ = 8, DT = D / 16;
     static_assert(BK <= 32, "a tile's cache rows are looked up a lane a key");
 
@@ -338,7 +339,8 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     FLASH_TRACE_VALUE(11, flash_smid());
     const int group = num_heads / num_kv_heads;
     const int target = gridDim.x - 1 - blockIdx.x;
-    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
+    const int2 where = one_query ? flash_one_query_tile(num_seqs, group, BQ, target)
+                                 : flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
     FLASH_TRACE(1);
     FLASH_TRACE_VALUE(10, where.x < 0 ? 0 : 1);
     if (where.x < 0) {  // the same for every thread of the block
@@ -352,7 +354,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
-                                         num_splits);
+                                         num_splits, min_split_tiles, one_query);
     if (split >= range.splits) {   // no key tile for this split (the same for the whole block)
         FLASH_TRACE_VALUE(10, 2);
         FLASH_TRACE_VALUE(9, flash_globaltimer());

@@ -287,7 +287,7 @@ def scatter_cache_rows(caches, slots, rows) -> None:
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
-                    sliding_window: int | None = None):
+                    sliding_window: int | None = None, one_query_each: bool = False):
     """Causal attention for a batch of sequences whose K/V live in paged blocks.
 
     q [num_tokens, num_heads, head_dim] holds each request's new tokens back
@@ -295,7 +295,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     those are the last tokens of its seq_lens[b] tokens, all already written
     to the cache. Covers prefill, chunked prefill over a cached prefix and
     decode (one query per request) alike. Returns [num_tokens, num_heads, head_dim].
+    one_query_each promises that query_start_loc is 0, 1, ..., B (a decode step's),
+    which lets the CUDA kernel skip its tile lookup; here it is checked.
     """
+    if one_query_each and not np.array_equal(np.asarray(query_start_loc), np.arange(len(seq_lens) + 1)):
+        raise ValueError("paged_attention: one_query_each needs query_start_loc = 0, 1, ..., B; "
+                         f"got {np.asarray(query_start_loc).tolist()}")
     block_size = k_cache.shape[1]
     out = np.empty_like(q)
     for b in range(len(seq_lens)):

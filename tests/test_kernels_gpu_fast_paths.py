@@ -300,6 +300,7 @@ def decode_step(ops, rng, dtype, batch, queries, max_len, block_size, kv_heads, 
     (9, 3, 64, 16, 1, None),     # SmolLM2: 3 heads a KV head
     (8, 8, 80, 5, 1, 37),        # no grouping, blocks of 5 keys, a window
     (16, 2, 128, 1, 1, 100),     # 8 heads a KV head (all 8 rows), blocks of one key, a window
+    (32, 2, 64, 16, 1, None),    # 16 heads a KV head: two row tiles a sequence
     (8, 2, 96, 16, 2, None),     # two queries a sequence (speculative decoding's shape)
 ])
 def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, head_dim, block_size, queries,
@@ -308,7 +309,9 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
     reference: head groupings of 1-8, head sizes, windows, cache blocks of 1-16 keys, key
     splits (batch 2; under 40 keys, fewer key tiles than the launch has splits) and none
     (batch 40), a padding row, with each instantiated tile shape (keys, stages, warps a
-    block); and that this kernel is the one run."""
+    block); and that this kernel is the one run. With one query a sequence, also told so
+    (one_query_each: no tile lookup; the same result bit for bit) and with splits of as few
+    as 16 keys (decode_min_split_keys)."""
     launched = flash_decode_on(ops, monkeypatch)
     seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, max_len,
                                                                          block_size, kv_heads, head_dim)
@@ -318,13 +321,24 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
     tiles = [tile for tile in dict.fromkeys(tile for tile, _ in ops.decode_tiles)   # those this GPU can run
              if ("flash_decode_kernel", flash_decode_template(_ctype(q, "q"), head_dim, tile)) in ops._functions]
+    shipped = ops.decode_min_split_keys
+    settings = [(False, shipped)]   # (one_query_each, decode_min_split_keys)
+    if queries == 1:
+        settings += [(True, shipped), (True, 16)]
     for tile in tiles:
         monkeypatch.setattr(ops, "decode_tiles", ((tile, math.inf),))
-        out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
-                                  cupy.asarray(qsl), scale, window)
-        assert_close(ops, out[:num_tokens], ref, dtype, f"flash decode kernel, tile {tile}")
-        assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-    assert launched == ["flash_decode_kernel"] * len(tiles)
+        outs = {}
+        for one_query, min_keys in settings:
+            monkeypatch.setattr(ops, "decode_min_split_keys", min_keys)
+            out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                                      cupy.asarray(qsl), scale, window, one_query_each=one_query)
+            what = f"flash decode kernel, tile {tile}, one_query_each {one_query}, splits of >= {min_keys} keys"
+            assert_close(ops, out[:num_tokens], ref, dtype, what)
+            assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
+            outs[one_query, min_keys] = ops.to_host(out)
+        if queries == 1:
+            assert np.array_equal(outs[True, shipped], outs[False, shipped]), "the same tiles and splits"
+    assert launched == ["flash_decode_kernel"] * len(tiles) * len(settings)
 
 
 def test_dependent_launches_match_ordinary_launches(ops, rng, monkeypatch):

@@ -50,6 +50,14 @@ def test_paged_attention_matches_contiguous(block_size):
         expected[qsl[b]:qsl[b + 1]] = sdpa_reference(q[qsl[b]:qsl[b + 1]], k, v, 0.25)
     out = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.25)
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    # a promise of one query a sequence (a decode step's) that these inputs break is refused
+    with pytest.raises(ValueError, match="one_query_each needs query_start_loc = 0, 1, ..., B; got"):
+        ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.25, one_query_each=True)
+    decode = np.arange(len(seq_lens) + 1, dtype=np.int32)
+    out = ops.paged_attention(q[:len(seq_lens)], k_cache, v_cache, tables, seq_lens, decode, 0.25,
+                              one_query_each=True)
+    np.testing.assert_allclose(out, ops.paged_attention(q[:len(seq_lens)], k_cache, v_cache, tables, seq_lens,
+                                                        decode, 0.25), rtol=0, atol=0)
 
 
 def test_write_kv_and_copy_blocks():

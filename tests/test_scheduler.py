@@ -125,6 +125,7 @@ def test_prefill_then_decode_plan_arrays():
     np.testing.assert_array_equal(plan.block_tables, [[0, 1], [2, 0]])
     np.testing.assert_array_equal(plan.slot_mapping, [0, 1, 2, 3, 4, 5, 8, 9, 10])
     np.testing.assert_array_equal(plan.seq_lens, [6, 3])
+    assert not plan.one_query_each
     np.testing.assert_array_equal(plan.sample_rows, [5, 8])
     np.testing.assert_array_equal(plan.sample_request_index, [0, 1])
     np.testing.assert_array_equal(plan.sampling.offsets, [0, 0])
@@ -132,6 +133,8 @@ def test_prefill_then_decode_plan_arrays():
     scheduler.update_from_output(plan, model.execute(plan))
     decode = scheduler.schedule()
     np.testing.assert_array_equal(decode.num_scheduled_tokens, [1, 1])
+    assert decode.one_query_each   # query_start_loc 0, 1, 2: the flash kernel skips its tile lookup
+    np.testing.assert_array_equal(decode.query_start_loc, [0, 1, 2])
     np.testing.assert_array_equal(decode.positions, [6, 3])
     np.testing.assert_array_equal(decode.sampling.offsets, [1, 1])
     np.testing.assert_array_equal(decode.slot_mapping, [6, 11])

@@ -179,7 +179,7 @@ class DecodeGraphs:
         """Tokens [size] int32 of one decode step over the bucket's buffers."""
         a, runner = bucket.arrays, self.runner
         ctx = PagedAttentionContext(runner.backend, runner.config, runner.kv, a["slot_mapping"], a["block_tables"],
-                                    a["seq_lens"], a["query_start_loc"])
+                                    a["seq_lens"], a["query_start_loc"], one_query_each=True)   # 0, 1, ..., size
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
         logits = runner.model.compute_logits(hidden)
         *args, min_p = (a[name] for name in SAMPLING_INPUTS)

@@ -43,9 +43,10 @@ class PagedAttentionContext:
     """The model's attention context for one step over the paged cache."""
 
     def __init__(self, backend: Backend, config: ModelConfig, kv: PagedKVCache, slot_mapping: Any,
-                 block_tables: Any, seq_lens: Any, query_start_loc: Any):
-        """Over the step's arrays on the device (upload_step_inputs, or a CUDA graph's static buffers)."""
-        self.ops, self.kv = backend.ops, kv
+                 block_tables: Any, seq_lens: Any, query_start_loc: Any, one_query_each: bool = False):
+        """Over the step's arrays on the device (upload_step_inputs, or a CUDA graph's static buffers);
+        one_query_each: every sequence has one query token (query_start_loc is 0, 1, ..., B)."""
+        self.ops, self.kv, self.one_query_each = backend.ops, kv, one_query_each
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.seq_lens, self.query_start_loc = seq_lens, query_start_loc
         self.scale = 1.0 / math.sqrt(config.head_dim)
@@ -64,7 +65,8 @@ class PagedAttentionContext:
 
     def attend_rotated(self, layer_index: int, q: Any) -> Any:
         return self.ops.paged_attention(q, self.kv.k[layer_index], self.kv.v[layer_index], self.block_tables,
-                                        self.seq_lens, self.query_start_loc, self.scale, self.sliding_window)
+                                        self.seq_lens, self.query_start_loc, self.scale, self.sliding_window,
+                                        one_query_each=self.one_query_each)
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ class ModelRunner:
             for k_cache, v_cache in zip(self.kv.k, self.kv.v):
                 backend.ops.copy_blocks(k_cache, v_cache, copies)
         return PagedAttentionContext(backend, self.config, self.kv, inputs["slot_mapping"], inputs["block_tables"],
-                                     inputs["seq_lens"], inputs["query_start_loc"])
+                                     inputs["seq_lens"], inputs["query_start_loc"], plan.one_query_each)
 
     def finish_step(self, plan: StepPlan, hidden: Any, sample: bool, inputs: dict[str, Any]) -> StepResult:
         """Logits of the plan's sample rows of `hidden` [num_tokens, hidden], sampled."""

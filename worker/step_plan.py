@@ -68,6 +68,11 @@ class StepPlan:
         return bool((self.token_sources >= 0).any())
 
     @property
+    def one_query_each(self) -> bool:
+        """Every request has one token this step (a decode step): query_start_loc is 0, 1, ..., B."""
+        return bool(self.num_scheduled_tokens.size) and bool((self.num_scheduled_tokens == 1).all())
+
+    @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
