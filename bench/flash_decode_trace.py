@@ -5,7 +5,8 @@ and end, swapped into CudaOps for one decode batch of a shape's heads (--shape, 
 Run:  python -m bench.flash_decode_trace --cases 1x512,16x512,64x512 --after-gemm
       python -m bench.flash_decode_trace --shape smollm2-135m --config '{"decode_split_target": 0.25}'
 
-Phases (thread 0 of each block with a tile): the tile lookup (flash_find_tile), the range and
+Phases (thread 0 of each block with a tile): the tile lookup (the launch is told one query a
+sequence, so flash_one_query_tile, not flash_find_tile's scan), the range and
 first cache rows up to the dependent-launch wait, the wait, the key loop (Q's loads, every tile,
 the last copies), the merge of the block's key warps, and the split merge (where the launch
 splits keys: the last split's block merges them all). Alone, the batch's attention is one eager

@@ -147,8 +147,8 @@ class AttentionOps:
         # the last tile exit, and one of them zeroes the rows past the last sequence. The splits fill
         # the SMs at `target` blocks an SM for that bound. A decode launch told that every sequence
         # has one query knows its tiles (ceil(group / 8) a sequence) and launches only those; its
-        # splits stay those of the bound (twice its tiles at one tile a sequence), which measured
-        # faster than filling the SMs for its true tiles (Llama-3-8B, batch 4 and 16).
+        # splits stay those of the bound (about 1.4-2 times its tiles at one tile a sequence), which
+        # measured faster than filling the SMs for its true tiles (Llama-3-8B, batch 4 and 16).
         bound = -(-rows // tile_rows) + num_seqs
         splits = max(1, min(_FLASH_MAX_SPLITS, math.ceil(target * self._multiprocessors / (bound * num_kv_heads))))
         one_query = bool(one_query_each and decode_tile is not None and self.decode_one_query_tiles)

@@ -309,8 +309,8 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
     splits (batch 2; under 40 keys, fewer key tiles than the launch has splits) and none
     (batch 40), a padding row, with each instantiated tile shape (keys, stages, warps a
     block); and that this kernel is the one run. With one query a sequence, also told so
-    (one_query_each: no tile lookup; the same result bit for bit) and with splits of as few
-    as 16 keys (decode_min_split_keys)."""
+    (one_query_each: no tile lookup; the same result bit for bit) and with no minimum of keys
+    a split (decode_min_split_keys 16: one key tile, as before the minimum)."""
     launched = flash_decode_on(ops, monkeypatch)
     seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, max_len,
                                                                          block_size, kv_heads, head_dim)
@@ -338,6 +338,21 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
         if queries == 1:
             assert np.array_equal(outs[True, shipped], outs[False, shipped]), "the same tiles and splits"
     assert launched == ["flash_decode_kernel"] * len(tiles) * len(settings)
+
+
+@pytest.mark.parametrize("one_query", [False, True])
+def test_flash_decode_two_row_tiles_a_sequence(ops, rng, one_query, monkeypatch):
+    """16 query heads a KV head at one sequence and no padding row (a 1-row decode graph's
+    launch): flash_decode.cu runs the sequence's 16 packed rows as two tiles of 8, found by the
+    lookup or, told one query a sequence, from the block index; against the float64 reference."""
+    launched = flash_decode_on(ops, monkeypatch)
+    seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, "bfloat16", 1, 1, 700, 16, 2, 64)
+    q, q64 = random_input(ops, rng, (1, 32, 64), "bfloat16")
+    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens), cupy.asarray(qsl),
+                              0.125, one_query_each=one_query)
+    ref = numpy_ops.paged_attention(q64, k64, v64, tables, seq_lens, qsl, 0.125)
+    assert_close(ops, out, ref, "bfloat16", f"flash decode, two row tiles, one_query_each {one_query}")
+    assert launched == ["flash_decode_kernel"]
 
 
 def test_dependent_launches_match_ordinary_launches(ops, rng, monkeypatch):
