@@ -158,7 +158,7 @@ struct FdTableAhead {
         const int t0 = split * min_split_tiles + kw;
 #pragma unroll
         for (int s = 0; s < STAGES; ++s)
-            entry[s] = __ldg(table + min(per_block.div((t0 + s * KW) * BK + lane % BK), max_blocks - 1));
+            entry[s] = __ldg(table + max(0, min(per_block.div((t0 + s * KW) * BK + lane % BK), max_blocks - 1)));
         hit = false;
     }
     // entry[s] for a runtime s, by selects (an indexed array would live in local memory)
