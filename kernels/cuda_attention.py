@@ -152,7 +152,9 @@ class AttentionOps:
         bound = -(-rows // tile_rows) + num_seqs
         splits = max(1, min(_FLASH_MAX_SPLITS, math.ceil(target * self._multiprocessors / (bound * num_kv_heads))))
         one_query = bool(one_query_each and decode_tile is not None and self.decode_one_query_tiles)
-        tiles = num_seqs * -(-(num_heads // num_kv_heads) // tile_rows) + 1 if one_query else bound + 1
+        # (a decode graph has no padding rows: then no block past its tiles at all)
+        tiles = max(1, num_seqs * -(-(num_heads // num_kv_heads) // tile_rows) + (q.shape[0] > num_seqs)) \
+            if one_query else bound + 1
         if (bound + 1) * num_kv_heads > self._flash_counters.size:   # one counter per (tile, KV head) to split
             splits = 1
         out = cupy.empty_like(q)

@@ -109,6 +109,13 @@ struct FdKvLoader {
         return __ldg(table + blk) * block_size + (j - blk * block_size);
     }
 
+    // cache_row(t) from `entry`, its key's table entry read before the range (FdTableAhead).
+    __device__ __forceinline__ int cache_row_at(int t, int entry) const {
+        const int j = k_lo + t * BK + lane % BK;
+        if (t >= t_end || j >= k_hi) return 0;
+        return entry * block_size + (j - per_block.div(j) * block_size);
+    }
+
     // Key tile t into stage `stage`; rows: this lane's cache_row(t).
     __device__ __forceinline__ void load(int t, int stage, int rows) const {
         const int left = k_hi - (k_lo + t * BK);   // keys of the tile that exist
@@ -137,24 +144,53 @@ struct FdKvLoader {
     }
 };
 
+// The block-table entries of a warp's first STAGES tiles of its split (the prologue's and the one
+// after), read together with seq_lens, one round trip before the dependent-launch wait instead of
+// two: they guess that the split starts at tile split * min_split_tiles from key 0, which holds
+// for a context of at most num_splits * min_split_tiles tiles without a window (flash_range).
+// `hit` says whether the guess held; guesses past the table's row read its last entry.
+template <int BK, int STAGES, int KW>
+struct FdTableAhead {
+    int entry[STAGES];
+    bool hit;
+    __device__ __forceinline__ FdTableAhead(const int* table, int max_blocks, const FlashDivisor& per_block,
+                                            int split, int min_split_tiles, int kw, int lane) {
+        const int t0 = split * min_split_tiles + kw;
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s)
+            entry[s] = __ldg(table + max(0, min(per_block.div((t0 + s * KW) * BK + lane % BK), max_blocks - 1)));
+        hit = false;
+    }
+    // entry[s] for a runtime s, by selects (an indexed array would live in local memory)
+    __device__ __forceinline__ int at(int s) const {
+        int e = entry[0];
+#pragma unroll
+        for (int i = 1; i < STAGES; ++i) e = s == i ? entry[i] : e;
+        return e;
+    }
+};
+
 // One commit group per tile slot, empty past the last tile (as in flash_attention.cu), here for
 // the first STAGES - 1 slots from tile t. Their tiles go before the wait for the kernel before
 // while they hold no new key (as in a decode step). Returns the cache rows of the next tile.
 template <typename T, int D, int BK, int STAGES, int KW>
 __device__ __forceinline__ int fd_prologue(const FdKvLoader<T, D, BK, STAGES>& kv, const FlashRange& range,
-                                           const int& t_) {
+                                           const int& t_, const FdTableAhead<BK, STAGES, KW>& ta) {
     const int t = t_, k_lo = range.k_lo, first_pos = range.first_pos, t_end = range.t_end;
     int st = 0;
     for (; st < STAGES - 1 && k_lo + (t + st * KW + 1) * BK <= first_pos; ++st) {
-        if (t + st * KW < t_end) kv.load(t + st * KW, st, kv.cache_row(t + st * KW));
+        if (t + st * KW < t_end)
+            kv.load(t + st * KW, st, ta.hit ? kv.cache_row_at(t + st * KW, ta.at(st)) : kv.cache_row(t + st * KW));
         asm volatile("cp.async.commit_group;\n" ::);
     }
-    const int ahead = kv.cache_row(t + (STAGES - 1) * KW);
+    const int ahead = ta.hit ? kv.cache_row_at(t + (STAGES - 1) * KW, ta.entry[STAGES - 1])
+                             : kv.cache_row(t + (STAGES - 1) * KW);
     FLASH_TRACE(2);
     pdl_begin();
     FLASH_TRACE(3);
     for (; st < STAGES - 1; ++st) {
-        if (t + st * KW < t_end) kv.load(t + st * KW, st, kv.cache_row(t + st * KW));
+        if (t + st * KW < t_end)
+            kv.load(t + st * KW, st, ta.hit ? kv.cache_row_at(t + st * KW, ta.at(st)) : kv.cache_row(t + st * KW));
         asm volatile("cp.async.commit_group;\n" ::);
     }
     return ahead;
@@ -353,14 +389,16 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
+    const int* table = block_tables + (long long)b * max_blocks;
+    FdTableAhead<BK, STAGES, KW> ta(table, max_blocks, FlashDivisor(block_size), split, min_split_tiles, kw, lane);
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
                                          num_splits, min_split_tiles, one_query);
+    ta.hit = range.k_lo == 0 && range.t_begin == split * min_split_tiles;
     if (split >= range.splits) {   // no key tile for this split (the same for the whole block)
         FLASH_TRACE_VALUE(10, 2);
         FLASH_TRACE_VALUE(9, flash_globaltimer());
         return;
     }
-    const int* table = block_tables + (long long)b * max_blocks;
     const long long kv_stride = (long long)num_kv_heads * D;
     const FdRows w = fd_rows(range, t4, group);
 
@@ -371,7 +409,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     const float scale2 = scale * FA_LOG2E;  // to log2 units, in flash_softmax_update (scale > 0)
     const FdKvLoader<T, D, BK, STAGES> kv(k_cache, v_cache, table, block_size, kv_head, kv_stride, kw, lane, range);
     const int t = range.t_begin + kw;   // the warp's first key tile
-    const int ahead = fd_prologue<T, D, BK, STAGES, KW>(kv, range, t);   // waits for the kernel before
+    const int ahead = fd_prologue<T, D, BK, STAGES, KW>(kv, range, t, ta);   // waits for the kernel before
     unsigned qf[DT][2];
     fd_load_q<T, D>(qf, q, range, g, t4, group, num_heads, kv_head);
     fd_key_loop<T, D, BK, STAGES, KW>(o, m, l, kv, qf, w, range, t, ahead, kw, g, mi, mr, window, scale2);
