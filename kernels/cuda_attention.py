@@ -51,6 +51,9 @@ class AttentionOps:
     # Launches told that every sequence has one query (one_query_each) find their tiles
     # without reading query_start_loc, and launch no block past them but the padding's.
     decode_one_query_tiles = True
+    # flash_decode reads a split's first block-table entries with seq_lens, guessing where the
+    # split starts (FdTableAhead); off, it looks them up after its key range.
+    decode_table_ahead = True
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single,
                 one_query_each: bool = False):
@@ -163,8 +166,9 @@ class AttentionOps:
                 seq_lens, query_start_loc, np.int32(num_seqs), np.int32(num_heads), np.int32(num_kv_heads),
                 np.float32(scale), np.int32(sliding_window or 0), np.int32(splits), self._flash_counters,
                 np.int32(q.shape[0]))
-        if decode_tile is not None:   # each split's fewest key tiles; whether to skip the tile lookup
-            args += (np.int32(max(1, -(-self.decode_min_split_keys // decode_tile[0]))), np.int32(one_query))
+        if decode_tile is not None:   # each split's fewest key tiles; skip the tile lookup; table ahead
+            args += (np.int32(max(1, -(-self.decode_min_split_keys // decode_tile[0]))), np.int32(one_query),
+                     np.int32(bool(self.decode_table_ahead)))
         self._launch(name, template, (tiles, num_kv_heads, splits), (threads,), args, shared_mem=smem)
         return out
 

@@ -148,18 +148,20 @@ struct FdKvLoader {
 // after), read together with seq_lens, one round trip before the dependent-launch wait instead of
 // two: they guess that the split starts at tile split * min_split_tiles from key 0, which holds
 // for a context of at most num_splits * min_split_tiles tiles without a window (flash_range).
-// `hit` says whether the guess held; guesses past the table's row read its last entry.
+// `hit` says whether the guess held; guesses past the table's row read its last entry. Off
+// (`on` false: the launch's table_ahead, an A/B switch) it reads nothing and never hits.
 template <int BK, int STAGES, int KW>
 struct FdTableAhead {
     int entry[STAGES];
-    bool hit;
+    bool on, hit;
     __device__ __forceinline__ FdTableAhead(const int* table, int max_blocks, const FlashDivisor& per_block,
-                                            int split, int min_split_tiles, int kw, int lane) {
+                                            int split, int min_split_tiles, int kw, int lane, bool on_)
+        : on(on_), hit(false) {
         const int t0 = split * min_split_tiles + kw;
 #pragma unroll
         for (int s = 0; s < STAGES; ++s)
-            entry[s] = __ldg(table + max(0, min(per_block.div((t0 + s * KW) * BK + lane % BK), max_blocks - 1)));
-        hit = false;
+            entry[s] = on ? __ldg(table + max(0, min(per_block.div((t0 + s * KW) * BK + lane % BK), max_blocks - 1)))
+                          : 0;
     }
     // entry[s] for a runtime s, by selects (an indexed array would live in local memory)
     __device__ __forceinline__ int at(int s) const {
@@ -364,7 +366,7 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
                         int window, int num_splits, int* counters, int num_tokens, int min_split_tiles,
-                        int one_query) {
+                        int one_query, int table_ahead) {
     constexpr int BQ = 8, DT = D / 16;
     static_assert(BK <= 32, "a tile's cache rows are looked up a lane a key");
 
@@ -390,10 +392,11 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
     const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
     const int* table = block_tables + (long long)b * max_blocks;
-    FdTableAhead<BK, STAGES, KW> ta(table, max_blocks, FlashDivisor(block_size), split, min_split_tiles, kw, lane);
+    FdTableAhead<BK, STAGES, KW> ta(table, max_blocks, FlashDivisor(block_size), split, min_split_tiles, kw, lane,
+                                 table_ahead);
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, BK, group, window, split,
                                          num_splits, min_split_tiles, one_query);
-    ta.hit = range.k_lo == 0 && range.t_begin == split * min_split_tiles;
+    ta.hit = ta.on && range.k_lo == 0 && range.t_begin == split * min_split_tiles;
     if (split >= range.splits) {   // no key tile for this split (the same for the whole block)
         FLASH_TRACE_VALUE(10, 2);
         FLASH_TRACE_VALUE(9, flash_globaltimer());

@@ -309,8 +309,9 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
     splits (batch 2; under 40 keys, fewer key tiles than the launch has splits) and none
     (batch 40), a padding row, with each instantiated tile shape (keys, stages, warps a
     block); and that this kernel is the one run. With one query a sequence, also told so
-    (one_query_each: no tile lookup; the same result bit for bit) and with no minimum of keys
-    a split (decode_min_split_keys 16: one key tile, as before the minimum)."""
+    (one_query_each: no tile lookup; the same result bit for bit), with no minimum of keys a
+    split (decode_min_split_keys 16: one key tile, as before the minimum) and with the split's
+    first table entries looked up after its range (decode_table_ahead off: bit for bit too)."""
     launched = flash_decode_on(ops, monkeypatch)
     seq_lens, tables, qsl, (k_cache, k64), (v_cache, v64) = decode_step(ops, rng, dtype, batch, queries, max_len,
                                                                          block_size, kv_heads, head_dim)
@@ -321,22 +322,25 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
     tiles = [tile for tile in dict.fromkeys(tile for tile, _ in ops.decode_tiles)   # those this GPU can run
              if ("flash_decode_kernel", flash_decode_template(_ctype(q, "q"), head_dim, tile)) in ops._functions]
     shipped = ops.decode_min_split_keys
-    settings = [(False, shipped)]   # (one_query_each, decode_min_split_keys)
+    settings = [(False, shipped, True), (False, shipped, False)]   # (one_query_each, min keys, table ahead)
     if queries == 1:
-        settings += [(True, shipped), (True, 16)]
+        settings += [(True, shipped, True), (True, 16, True)]
     for tile in tiles:
         monkeypatch.setattr(ops, "decode_tiles", ((tile, math.inf),))
         outs = {}
-        for one_query, min_keys in settings:
+        for one_query, min_keys, ahead in settings:
             monkeypatch.setattr(ops, "decode_min_split_keys", min_keys)
+            monkeypatch.setattr(ops, "decode_table_ahead", ahead)
             out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
                                       cupy.asarray(qsl), scale, window, one_query_each=one_query)
-            what = f"flash decode kernel, tile {tile}, one_query_each {one_query}, splits of >= {min_keys} keys"
+            what = (f"flash decode kernel, tile {tile}, one_query_each {one_query}, splits of >= {min_keys} keys, "
+                    f"table ahead {ahead}")
             assert_close(ops, out[:num_tokens], ref, dtype, what)
             assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
-            outs[one_query, min_keys] = ops.to_host(out)
+            outs[one_query, min_keys, ahead] = ops.to_host(out)
+        assert np.array_equal(outs[False, shipped, True], outs[False, shipped, False]), "the same keys, rows"
         if queries == 1:
-            assert np.array_equal(outs[True, shipped], outs[False, shipped]), "the same tiles and splits"
+            assert np.array_equal(outs[True, shipped, True], outs[False, shipped, True]), "the same tiles and splits"
     assert launched == ["flash_decode_kernel"] * len(tiles) * len(settings)
 
 
