@@ -360,8 +360,19 @@ __device__ __forceinline__ void fd_merge_key_warps(const float (&o)[D / 16][4], 
                                           kv_head, sink);
 }
 
+// A block past the last tile: it waits for the kernel before, and block (0, 0, 0) zeroes the rows
+// past the last sequence.
+template <typename T, int D>
+__device__ __forceinline__ void fd_past_the_last_tile(T* out, const int* query_start_loc, int num_seqs,
+                                                      int num_tokens, int num_heads) {
+    pdl_begin();
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+        flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
+    FLASH_TRACE_VALUE(9, flash_globaltimer());
+}
+
 template <typename T, int D, int BK, int STAGES, int KW>
-__global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D = 128, no spill
+__global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-126 registers at D = 128, no spill
     flash_decode_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
@@ -381,13 +392,8 @@ __global__ void __launch_bounds__(KW * 32, 20 / KW)   // 96-101 registers at D =
                                  : flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
     FLASH_TRACE(1);
     FLASH_TRACE_VALUE(10, where.x < 0 ? 0 : 1);
-    if (where.x < 0) {  // the same for every thread of the block
-        pdl_begin();
-        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)   // past the last tile
-            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
-        FLASH_TRACE_VALUE(9, flash_globaltimer());
-        return;
-    }
+    if (where.x < 0)  // the same for every thread of the block
+        return fd_past_the_last_tile<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
     const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, kw = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: which 8x8 matrix and row this lane addresses
