@@ -52,7 +52,8 @@ class AttentionOps:
     # without reading query_start_loc, and launch no block past them but the padding's.
     decode_one_query_tiles = True
     # flash_decode reads a split's first block-table entries with seq_lens, guessing where the
-    # split starts (FdTableAhead); off, it looks them up after its key range.
+    # split starts (FdTableAhead); off, it looks them up after its key range. A launch
+    # argument: captured graphs keep the setting they were captured with.
     decode_table_ahead = True
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single,
@@ -168,7 +169,7 @@ class AttentionOps:
                 np.int32(q.shape[0]))
         if decode_tile is not None:   # each split's fewest key tiles; skip the tile lookup; table ahead
             args += (np.int32(max(1, -(-self.decode_min_split_keys // decode_tile[0]))), np.int32(one_query),
-                     np.int32(bool(self.decode_table_ahead)))
+                     np.int32(bool(self.decode_table_ahead) and tables.shape[-1] > 0))
         self._launch(name, template, (tiles, num_kv_heads, splits), (threads,), args, shared_mem=smem)
         return out
 

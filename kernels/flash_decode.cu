@@ -146,10 +146,12 @@ struct FdKvLoader {
 
 // The block-table entries of a warp's first STAGES tiles of its split (the prologue's and the one
 // after), read together with seq_lens, one round trip before the dependent-launch wait instead of
-// two: they guess that the split starts at tile split * min_split_tiles from key 0, which holds
-// for a context of at most num_splits * min_split_tiles tiles without a window (flash_range).
-// `hit` says whether the guess held; guesses past the table's row read its last entry. Off
-// (`on` false: the launch's table_ahead, an A/B switch) it reads nothing and never hits.
+// two: they guess that the split starts at tile split * min_split_tiles from key 0. That holds
+// for split 0 whenever its keys start at 0 (no window cut them), and for later splits where
+// each has min_split_tiles tiles: contexts of at most num_splits * min_split_tiles tiles
+// (flash_range). `hit` says whether the guess held; guesses past the table's row read its last
+// slot (never used: no key is there). Off (`on` false: the launch's table_ahead, an A/B switch,
+// or a table of no columns) it reads nothing and never hits.
 template <int BK, int STAGES, int KW>
 struct FdTableAhead {
     int entry[STAGES];
@@ -175,6 +177,7 @@ struct FdTableAhead {
 // One commit group per tile slot, empty past the last tile (as in flash_attention.cu), here for
 // the first STAGES - 1 slots from tile t. Their tiles go before the wait for the kernel before
 // while they hold no new key (as in a decode step). Returns the cache rows of the next tile.
+// The rows come from the table entries read ahead where their guess held (ta.hit).
 template <typename T, int D, int BK, int STAGES, int KW>
 __device__ __forceinline__ int fd_prologue(const FdKvLoader<T, D, BK, STAGES>& kv, const FlashRange& range,
                                            const int& t_, const FdTableAhead<BK, STAGES, KW>& ta) {

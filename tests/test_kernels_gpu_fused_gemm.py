@@ -111,13 +111,16 @@ ULP = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
 
 
 def assert_within_a_rounding(ops, got, want, dtype, what):
-    """Rotated heads got and want (device arrays, head_dim last) equal but for the last bit of
-    a rounding of the projection before RoPE and of the result. A rotation x1 c - x2 s can
-    cancel, so the first bound is on the pair's size, at most twice the head's largest value
-    (an element-relative bound failed 1 of 4096 once, with the norm fused)."""
+    """Rotated heads got and want (device arrays, head_dim last, rotate-half pairs i and
+    i + head_dim / 2) equal but for the last bit of a rounding of the projection before RoPE
+    and of the result. A rotation x1 c - x2 s can cancel: a last-bit change of x1 or x2 moves
+    it by up to ULP (|x1| + |x2|) <= ULP sqrt(2) |pair|, whatever the result's own size (an
+    element-relative bound failed 1 of 4096 once, with the norm fused)."""
     got, want = ops.to_host(got).astype(np.float64), ops.to_host(want).astype(np.float64)
-    head_max = np.abs(want).max(axis=-1, keepdims=True)
-    far = np.abs(got - want) > ULP[dtype] * (np.abs(want) + 2 * head_max) + 1e-30
+    half = want.shape[-1] // 2
+    pair = np.hypot(want[..., :half], want[..., half:])
+    pair = np.concatenate([pair, pair], axis=-1)
+    far = np.abs(got - want) > ULP[dtype] * (np.abs(want) + 1.5 * pair) + 1e-30
     assert not far.any(), f"{what}: {far.sum()} of {far.size} differ by more than a rounding"
 
 
