@@ -3,6 +3,11 @@ of the shardline on the path: for A/B runs of two builds in alternating processe
 (e.g. PYTHONPATH=/tmp/site_a, then /tmp/site_b), which compile-time choices need.
 
 Run:  python -m bench.attention_times --cases decode:64x512,decode:16x2048,prefill:2048 --label new
+      python -m bench.attention_times --cases prefill:2048 --config 'r16={}' \
+          --config 'r32={"prefill_rows_per_warp": 32}'
+
+--config NAME=JSON sets CudaOps attributes as bench.decode_ab does (run-time choices A/B in one
+process); the settings alternate within each case, --reps times.
 
 Llama-3-8B heads (32 query, 8 KV, head_dim 128), blocks of 16 in a random order, bf16 or
 fp16. Decode cases (BATCHxKEYS, one query a sequence) replay a CUDA graph of 20 calls, so the
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_ab import Settings  # noqa: E402
 from tp_decode import gpu_seconds, graph_seconds  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -78,6 +84,8 @@ def main() -> None:
                                       "prefill:8192")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--label", default="", help="tags each JSON line (the build under test)")
+    p.add_argument("--config", action="append", help="NAME=JSON of CudaOps attributes (default: one, as built)")
+    p.add_argument("--reps", type=int, default=1)
     args = p.parse_args()
     try:
         cases = parse_cases(args.cases)
@@ -85,9 +93,13 @@ def main() -> None:
         p.error(str(err))
     from shardline.kernels.cuda_ops import CudaOps
     ops, rng = CudaOps(0), np.random.default_rng(0)
+    settings = Settings(ops, args.config or ["default={}"])
     for kind, seqs, keys in cases:
-        row = time_case(ops, kind, seqs, keys, args.dtype, rng)
-        print(json.dumps({"label": args.label, "dtype": args.dtype, **row}), flush=True)
+        for _ in range(args.reps):
+            for name in settings.configs:
+                settings.apply(name)
+                row = time_case(ops, kind, seqs, keys, args.dtype, rng)
+                print(json.dumps({"label": args.label, "config": name, "dtype": args.dtype, **row}), flush=True)
 
 
 if __name__ == "__main__":

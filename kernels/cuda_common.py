@@ -76,7 +76,9 @@ _KERNELS = {
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
-                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
+                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4)),
+                        "flash_prefill_kernel": tuple(f"{t}, {d}" for t in ("__half", "__nv_bfloat16")
+                                                      for d in _FLASH_HEAD_DIMS)},
     "flash_decode": {"flash_decode_kernel": tuple(flash_decode_template(t, d, tile)
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
@@ -129,6 +131,12 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     keys, stages = (64, 2) if key_warps == 1 else (16, 2)   # at head_dim 128: 68 and 34 KiB
     return max(key_warps * stages * 2 * keys * (head_dim + 8) * 2,
                (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
+
+
+def flash_prefill_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of flash_prefill_kernel<T, head_dim>: flash_attention_kernel's KW = 1
+    stages (2 tiles of 64 keys, K and V) and each of its 4 warps' 32 Q rows, rows padded by 8."""
+    return (2 * 2 * 64 + 4 * 32) * (head_dim + 8) * 2
 
 
 def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:
