@@ -153,8 +153,10 @@ class AttentionOps:
             name, template, tile_rows, target = "flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", \
                 64 // key_warps, 2
             smem, threads = flash_smem_bytes(head_dim, key_warps), _FLASH_THREADS
-            if key_warps == 1 and self.prefill_rows_per_warp == 32 \
-                    and ("flash_prefill_kernel", f"{ctype}, {head_dim}") in self._functions:
+            if self.prefill_rows_per_warp not in (16, 32):
+                raise ValueError(f"prefill_rows_per_warp must be 16 or 32, got {self.prefill_rows_per_warp!r}")
+            if key_warps == 1 and self.prefill_rows_per_warp == 32 and q.data.ptr % 16 == 0 \
+                    and ("flash_prefill_kernel", f"{ctype}, {head_dim}") in self._functions:   # Q in 16-byte loads
                 name, template, tile_rows = "flash_prefill_kernel", f"{ctype}, {head_dim}", 128
                 smem = flash_prefill_smem_bytes(head_dim)
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past

@@ -133,10 +133,11 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
                (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
 
 
-def flash_prefill_smem_bytes(head_dim: int) -> int:
+def flash_prefill_smem_bytes(head_dim: int, keys: int = 64, stages: int = 2) -> int:
     """Dynamic shared memory of flash_prefill_kernel<T, head_dim>: flash_attention_kernel's KW = 1
-    stages (2 tiles of 64 keys, K and V) and each of its 4 warps' 32 Q rows, rows padded by 8."""
-    return (2 * 2 * 64 + 4 * 32) * (head_dim + 8) * 2
+    stages (`stages` tiles of `keys` keys, K and V; bench/flash_tile_sweep.py patches them) and
+    each of its 4 warps' 32 Q rows, rows padded by 8."""
+    return (stages * 2 * keys + 4 * 32) * (head_dim + 8) * 2
 
 
 def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:

@@ -401,8 +401,8 @@ __global__ void __launch_bounds__(FA_THREADS)
 
 // The prefill shape with two 16-row m-tiles a warp (flash_prefill_kernel, CudaOps
 // prefill_rows_per_warp 32): 4 warps own 128 packed rows and share every 64-key tile, as KW = 1
-// does with 64, but each K and V fragment read from shared memory feeds both m-tiles' mma, half
-// the shared-memory reads a FLOP. The warp's Q rows wait in shared memory (after the K/V stages,
+// does with 64, but each K and V fragment read from shared memory feeds both m-tiles' mma: 5/8 of
+// the shared-memory reads an mma (Q is re-read a tile). The warp's Q rows wait in shared memory (after the K/V stages,
 // FP_Q_ROWS rows of LD a warp) and come by ldmatrix a 16-dimension step, so the two tiles' output
 // rows, scores and statistics fit the registers (FlashAttention-2 keeps Q so too).
 #define FP_MT 2
@@ -428,8 +428,9 @@ __device__ __forceinline__ void fp_stage_q(T* qs, const T* q, const FlashRange& 
 
 // Raw scores of both m-tiles against the key tile at ks: s[mt][n] holds keys n * 8 .. n * 8 + 7.
 template <typename T, int D>
-__device__ __forceinline__ void fp_scores(float (&s)[FP_MT][8][4], const T* qs, const T* ks, int lane) {
-    constexpr int LD = D + 8, NT = 8;
+__device__ __forceinline__ void fp_scores(float (&s)[FP_MT][FaShape<D, 1>::NT][4], const T* qs, const T* ks,
+                                          int lane) {
+    constexpr int LD = D + 8, NT = FaShape<D, 1>::NT;
     const int mi = lane >> 3, mr = lane & 7;
     const T* tag = nullptr;
 #pragma unroll
@@ -456,9 +457,9 @@ __device__ __forceinline__ void fp_scores(float (&s)[FP_MT][8][4], const T* qs, 
 
 // o[mt] += P[mt] V for the V tile at vs, each V fragment feeding both m-tiles.
 template <typename T, int D>
-__device__ __forceinline__ void fp_accumulate_pv(float (&o)[FP_MT][D / 8][4], const float (&s)[FP_MT][8][4],
-                                                 const T* vs, int lane) {
-    constexpr int LD = D + 8, BK = 64;
+__device__ __forceinline__ void fp_accumulate_pv(float (&o)[FP_MT][D / 8][4],
+                                                 const float (&s)[FP_MT][FaShape<D, 1>::NT][4], const T* vs, int lane) {
+    constexpr int LD = D + 8, BK = FaShape<D, 1>::BK;
     const int mi = lane >> 3, mr = lane & 7;
     const T* tag = nullptr;
 #pragma unroll
@@ -512,7 +513,7 @@ __device__ __forceinline__ void fp_key_loop(float (&o)[FP_MT][D / 8][4], float (
         for (int mt = 0; mt < FP_MT; ++mt) seen |= wk[mt].busy && kb < wk[mt].k_hi && kb + BK > wk[mt].k_lo;
         if (seen) {
             const T* ks = reinterpret_cast<const T*>(smem) + (it % STAGES) * 2 * BK * LD;
-            float s[FP_MT][8][4];
+            float s[FP_MT][S::NT][4];
             fp_scores<T, D>(s, qs, ks, lane);
 #pragma unroll
             for (int mt = 0; mt < FP_MT; ++mt) {

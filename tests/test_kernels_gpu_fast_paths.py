@@ -224,12 +224,16 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows
     q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
     assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
     scale = 1 / math.sqrt(head_dim)
-    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
-                              cupy.asarray(qsl), scale, window)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
-    assert_close(ops, out[:num_tokens], ref, dtype, f"flash prefill, {rows_per_warp} rows a warp")
-    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
-    assert launched == ["flash_prefill_kernel" if rows_per_warp == 32 else "flash_attention_kernel"]
+    for sms in (ops._multiprocessors, 1):   # keys split over blocks, then (as a long prefill) one split
+        monkeypatch.setattr(ops, "_multiprocessors", sms)
+        out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                                  cupy.asarray(qsl), scale, window)
+        what = f"flash prefill, {rows_per_warp} rows a warp, {sms} SMs' splits"
+        assert_close(ops, out[:num_tokens], ref, dtype, what)
+        assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
+    two_tiles = rows_per_warp == 32 and ("flash_prefill_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
+    assert launched == ["flash_prefill_kernel" if two_tiles else "flash_attention_kernel"] * 2
 
 
 def test_paged_attention_negative_scale(ops, rng, monkeypatch):
