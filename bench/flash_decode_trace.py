@@ -31,7 +31,7 @@ from attention_times import BLOCK  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 from tp_decode import captured_graph  # noqa: E402
 
-SLOTS = 12   # FLASH_TRACE_SLOTS in flash_decode.cu
+SLOTS = 12   # FLASH_TRACE_SLOTS in flash_decode_loads.cu
 PHASES = ("tile lookup", "range and first loads", "wait", "key loop", "key-warp merge", "split merge")
 MAX_BLOCKS = 1 << 16
 
@@ -80,7 +80,7 @@ def traced_kernel(template: str):
     import cupy
     from shardline.kernels import cuda_common
     source = "\n".join((cuda_common._KERNEL_DIR / f"{name}.cu").read_text()
-                       for name in ("common", "flash_common", "flash_decode"))
+                       for name in ("common", *cuda_common._PRELUDES["flash_decode"], "flash_decode"))
     options = ("-std=c++17", f"-DFLASH_DECODE_TRACE={MAX_BLOCKS}") + cuda_common._include_options()
     name = f"flash_decode_kernel<{template}>"
     module = cupy.RawModule(code=source, options=options, name_expressions=[name])

@@ -121,7 +121,7 @@ _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})
 # Modules compiled with other files in front of them (after common.cu).
-_PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common",)}
+_PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common", "flash_decode_loads")}
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:

@@ -348,7 +348,8 @@ def test_flash_decode_kernel(ops, rng, dtype, batch, max_len, heads, kv_heads, h
             assert_close(ops, out[:num_tokens], ref, dtype, what)
             assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
             outs[one_query, min_keys, ahead] = ops.to_host(out)
-        assert np.array_equal(outs[False, shipped, True], outs[False, shipped, False]), "table ahead on and off must be bit-identical"
+        assert np.array_equal(outs[False, shipped, True], outs[False, shipped, False]), \
+            "table ahead on and off must be bit-identical"
         if queries == 1:
             assert np.array_equal(outs[True, shipped, True], outs[False, shipped, True]), "the same tiles and splits"
     assert launched == ["flash_decode_kernel"] * len(tiles) * len(settings)
