@@ -59,6 +59,9 @@ class AttentionOps:
     # Prefill launches give each warp 16 rows (flash_attention_kernel, KW = 1) or 32, two m-tiles
     # sharing every K/V fragment (flash_prefill_kernel; not yet run on a GPU).
     prefill_rows_per_warp = 16
+    # Prefill and mixed launches start every KV head's longest tiles before any head's shorter
+    # ones (flash_block_tile); off, head by head. A launch argument, as decode_table_ahead.
+    prefill_heads_first = True
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single,
                 one_query_each: bool = False):
@@ -182,6 +185,8 @@ class AttentionOps:
         if decode_tile is not None:   # each split's fewest key tiles; skip the tile lookup; table ahead
             args += (np.int32(max(1, -(-self.decode_min_split_keys // decode_tile[0]))), np.int32(one_query),
                      np.int32(bool(self.decode_table_ahead) and tables.shape[-1] > 0))
+        else:
+            args += (np.int32(bool(self.prefill_heads_first)),)
         self._launch(name, template, (tiles, num_kv_heads, splits), (threads,), args, shared_mem=smem)
         return out
 

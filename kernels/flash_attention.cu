@@ -29,8 +29,8 @@
 // Tiles are numbered over the sequences in order (sequence b has
 // ceil(num_q_b * G / BQ)); the block finds its own with a block-wide scan of
 // those counts, so the grid may be an upper bound and no host sync or
-// host-built table is needed (graph-capturable). Block x takes tile
-// gridDim.x - 1 - x (longest first); blocks past the last tile exit. The grid
+// host-built table is needed (graph-capturable). Blocks take the tiles last to
+// first (longest first; flash_block_tile); blocks past the last tile exit. The grid
 // has at least one such block, and block (0, 0, 0) zeroes the rows of out
 // past query_start_loc[num_seqs] (padding), so no memset precedes the launch.
 //
@@ -353,22 +353,22 @@ __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                            const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                            const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                           int window, int num_splits, int* counters, int num_tokens) {
+                           int window, int num_splits, int* counters, int num_tokens, int heads_first) {
     pdl_begin();
     using S = FaShape<D, KW>;
     extern __shared__ __align__(128) unsigned char smem[];
 
     const int group = num_heads / num_kv_heads;
-    // Blocks take the tiles last to first: a sequence's last tiles see the most keys, so the
-    // longest blocks start in the first wave and short ones fill the tail (causal prefill).
-    const int target = gridDim.x - 1 - blockIdx.x;
+    // Longest tiles first, short ones fill the tail (causal prefill; flash_block_tile)
+    const int2 tile = flash_block_tile(heads_first);
+    const int target = tile.x, kv_head = tile.y;
     const int2 where = flash_find_tile(query_start_loc, num_seqs, group, S::BQ, target);
     if (where.x < 0) {  // the same for every thread of the block
         if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)   // past the last tile
             flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
         return;
     }
-    const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int b = where.x, split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % S::RW, kw = warp / S::RW;
     const int g = lane >> 2, t4 = lane & 3;
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, S::BQ, S::BK, group, window, split,
@@ -539,20 +539,21 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
     flash_prefill_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
                          const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
                          const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                         int window, int num_splits, int* counters, int num_tokens) {
+                         int window, int num_splits, int* counters, int num_tokens, int heads_first) {
     pdl_begin();
     using S = FaShape<D, 1>;
     constexpr int BQ = FA_WARPS * FP_Q_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
     const int group = num_heads / num_kv_heads;
-    const int target = gridDim.x - 1 - blockIdx.x;   // longest tiles first, as flash_attention_kernel
+    const int2 tile = flash_block_tile(heads_first);   // longest tiles first, as flash_attention_kernel
+    const int target = tile.x, kv_head = tile.y;
     const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
     if (where.x < 0) {
         if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
             flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
         return;
     }
-    const int b = where.x, kv_head = blockIdx.y, split = blockIdx.z;
+    const int b = where.x, split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, S::BK, group, window, split,
                                          num_splits);

@@ -204,13 +204,15 @@ def test_skinny_gated_linear(ops, rng, dtype, tokens, k, inter, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 16, None), (80, 5, None),
                                                         (64, 16, 37), (128, 1, 100)])
-@pytest.mark.parametrize("rows_per_warp", [16, 32])
-def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows_per_warp, monkeypatch):
+@pytest.mark.parametrize("rows_per_warp,heads_first", [(16, True), (32, True), (16, False), (32, False)])
+def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows_per_warp, heads_first,
+                             monkeypatch):
     """The tensor-core prefill kernel (chunks of long prefills, one decode row and an
     idle sequence in the launch, one padding row) against the float64 reference: 16 rows a
     warp (flash_attention_kernel) or 32 (flash_prefill_kernel, two m-tiles)."""
     monkeypatch.setattr(ops, "use_flash", True)   # even where SHARDLINE_GPU_OFF names it
     monkeypatch.setattr(ops, "prefill_rows_per_warp", rows_per_warp)
+    monkeypatch.setattr(ops, "prefill_heads_first", heads_first)
     launched, launch = [], ops._launch
     monkeypatch.setattr(ops, "_launch", lambda name, *args, **kw: (launched.append(name), launch(name, *args, **kw))[1])
     heads, kv_heads = 8, 2
@@ -229,7 +231,7 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows
         monkeypatch.setattr(ops, "_multiprocessors", sms)
         out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
                                   cupy.asarray(qsl), scale, window)
-        what = f"flash prefill, {rows_per_warp} rows a warp, {sms} SMs' splits"
+        what = f"flash prefill, {rows_per_warp} rows a warp, heads first {heads_first}, {sms} SMs' splits"
         assert_close(ops, out[:num_tokens], ref, dtype, what)
         assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
     two_tiles = rows_per_warp == 32 and ("flash_prefill_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
