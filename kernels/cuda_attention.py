@@ -57,7 +57,9 @@ class AttentionOps:
     # argument: captured graphs keep the setting they were captured with.
     decode_table_ahead = True
     # Prefill launches give each warp 16 rows (flash_attention_kernel, KW = 1) or 32, two m-tiles
-    # sharing every K/V fragment (flash_prefill_kernel; not yet run on a GPU).
+    # sharing every K/V fragment (flash_prefill_kernel). On an H200, one causal sequence, heads
+    # first: 32 took 3% longer at 2048 tokens, 1.4% less at 4096 and 4% less at 8192
+    # (bench/notes/RESULTS.md, twenty-third session).
     prefill_rows_per_warp = 16
     # Prefill and mixed launches start every KV head's longest tiles before any head's shorter
     # ones (flash_block_tile); off, head by head. A launch argument, as decode_table_ahead.
