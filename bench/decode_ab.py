@@ -7,9 +7,10 @@ Run:  python -m bench.decode_ab --shape llama3-8b --batch 1,16 \\
 Each --config is NAME=JSON of CudaOps attributes (decode_tiles as a SHARDLINE_FLASH_DECODE_TILES
 string; a tile never compiled falls back to the next in the table); attributes a setting does
 not name keep their defaults. The settings run in turn, --reps times over, each a median of
---steps engine steps at --context tokens (decode ahead on, as bench.llm runs them). Settings
-compare only within one run: the same machine, the same engine. Writes JSON rows (shape,
-config, batch, rep, step_ms).
+--steps engine steps at --context tokens (decode ahead on, as bench.llm runs them). With
+--ttft-reads N, each setting's turn also reads the TTFT of a --ttft-tokens prompt N times (the
+median, as bench.llm; batch 0 in the rows). Settings compare only within one run: the same
+machine, the same engine. Writes JSON rows (shape, config, batch, rep, step_ms or ttft_ms).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_transfer import mixed_ttft  # noqa: E402
 from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s  # noqa: E402
 
 
@@ -56,9 +58,11 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--ttft-reads", type=int, default=0, help="TTFT reads a setting's turn (0: none)")
+    p.add_argument("--ttft-tokens", type=int, default=2048)
     p.add_argument("--out", default="bench/results/decode_ab.json")
     args = p.parse_args()
-    args.ttft_tokens, args.max_num_seqs, args.decode_ahead = 2048, max(args.batch), None
+    args.max_num_seqs, args.decode_ahead = max(args.batch), None
     args.gpu_memory_fraction = GPU_MEMORY_FRACTION
     backend, engine = build_ours(SHAPES[args.shape], args)
     settings = Settings(backend.ops, args.config)
@@ -71,6 +75,13 @@ def main() -> None:
                 seconds = decode_step_s(engine, batch, args.context, args.steps, rng)
                 rows.append({"shape": args.shape, "config": name, "batch": batch, "rep": rep,
                              "step_ms": round(seconds * 1e3, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+            if args.ttft_reads:
+                prompt = rng.integers(0, engine.local.model.config.vocab_size, args.ttft_tokens).tolist()
+                mixed_ttft(engine, prompt)   # a warm-up under this setting
+                ttft = np.median([mixed_ttft(engine, prompt) for _ in range(args.ttft_reads)])
+                rows.append({"shape": args.shape, "config": name, "batch": 0, "rep": rep,
+                             "ttft_ms": round(float(ttft) * 1e3, 3)})
                 print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))

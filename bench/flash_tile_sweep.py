@@ -57,6 +57,11 @@ def ops_with_tiles(decode: tuple[int, int, int], prefill: tuple[int, int]):
         keys, stages = prefill
         return key_warps * stages * 2 * keys * (head_dim + 8) * 2
     common._KERNEL_DIR, common.flash_smem_bytes, attention.flash_smem_bytes = folder, smem, smem
+    shipped_prefill = common.flash_prefill_smem_bytes
+
+    def prefill_smem(head_dim: int) -> int:   # flash_prefill_kernel with the same patched tile
+        return shipped_prefill(head_dim, *prefill)
+    common.flash_prefill_smem_bytes = attention.flash_prefill_smem_bytes = prefill_smem
     common._KERNELS["flash_decode"] = {"flash_decode_kernel": tuple(
         common.flash_decode_template(t, d, decode) for t in ("__half", "__nv_bfloat16")
         for d in common._FLASH_HEAD_DIMS)}

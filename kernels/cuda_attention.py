@@ -35,6 +35,7 @@ from shardline.kernels.cuda_common import (
     _same_dtype,
     flash_decode_smem_bytes,
     flash_decode_template,
+    flash_prefill_smem_bytes,
     flash_smem_bytes,
 )
 from shardline.kernels.backend import gpu_paths_off
@@ -55,6 +56,14 @@ class AttentionOps:
     # split starts (FdTableAhead); off, it looks them up after its key range. A launch
     # argument: captured graphs keep the setting they were captured with.
     decode_table_ahead = True
+    # Prefill launches give each warp 16 rows (flash_attention_kernel, KW = 1) or 32, two m-tiles
+    # sharing every K/V fragment (flash_prefill_kernel). On an H200, one causal sequence, heads
+    # first: 32 took 3% longer at 2048 tokens, 1.4% less at 4096 and 4% less at 8192
+    # (bench/notes/RESULTS.md, twenty-third session).
+    prefill_rows_per_warp = 16
+    # Prefill and mixed launches start every KV head's longest tiles before any head's shorter
+    # ones (flash_block_tile); off, head by head. A launch argument, as decode_table_ahead.
+    prefill_heads_first = True
 
     def _attend(self, q, k_cache, v_cache, tables, seq_lens, query_start_loc, scale, sliding_window, single,
                 one_query_each: bool = False):
@@ -97,10 +106,12 @@ class AttentionOps:
         up front (never during a CUDA-graph capture); an instantiation needing more than
         this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
         optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
-        for key in [key for key in self._functions if key[0] in ("flash_attention_kernel", "flash_decode_kernel")]:
-            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW" or "T, D, BK, STAGES, KW"
+        flash = ("flash_attention_kernel", "flash_decode_kernel", "flash_prefill_kernel")
+        for key in [key for key in self._functions if key[0] in flash]:
+            parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW", "T, D, BK, STAGES, KW" or "T, D"
             head_dim = int(parts[1])
             need = (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
+                    else flash_prefill_smem_bytes(head_dim) if key[0] == "flash_prefill_kernel"
                     else flash_decode_smem_bytes(head_dim, tuple(int(part) for part in parts[2:])))
             try:   # 2 KiB kept for the kernel's static shared memory (about 1 KiB: its tile scan)
                 if need > optin - 2048:
@@ -147,6 +158,12 @@ class AttentionOps:
             name, template, tile_rows, target = "flash_attention_kernel", f"{ctype}, {head_dim}, {key_warps}", \
                 64 // key_warps, 2
             smem, threads = flash_smem_bytes(head_dim, key_warps), _FLASH_THREADS
+            if self.prefill_rows_per_warp not in (16, 32):
+                raise ValueError(f"prefill_rows_per_warp must be 16 or 32, got {self.prefill_rows_per_warp!r}")
+            if key_warps == 1 and self.prefill_rows_per_warp == 32 and q.data.ptr % 16 == 0 \
+                    and ("flash_prefill_kernel", f"{ctype}, {head_dim}") in self._functions:   # Q in 16-byte loads
+                name, template, tile_rows = "flash_prefill_kernel", f"{ctype}, {head_dim}", 128
+                smem = flash_prefill_smem_bytes(head_dim)
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
         # the last tile exit, and one of them zeroes the rows past the last sequence. The splits fill
         # the SMs at `target` blocks an SM for that bound. A decode launch told that every sequence
@@ -170,6 +187,8 @@ class AttentionOps:
         if decode_tile is not None:   # each split's fewest key tiles; skip the tile lookup; table ahead
             args += (np.int32(max(1, -(-self.decode_min_split_keys // decode_tile[0]))), np.int32(one_query),
                      np.int32(bool(self.decode_table_ahead) and tables.shape[-1] > 0))
+        else:
+            args += (np.int32(bool(self.prefill_heads_first)),)
         self._launch(name, template, (tiles, num_kv_heads, splits), (threads,), args, shared_mem=smem)
         return out
 

@@ -22,6 +22,7 @@ from shardline.kernels.cuda_common import (
     _row_word,
     _same_dtype,
     _token_rows,
+    _vectors,
     _word,
 )
 
@@ -57,8 +58,12 @@ class CacheOps:
             raise ValueError(f"slot_mapping has {slots.size} slots for {q.shape[0]} tokens")
         q_out = cupy.empty_like(q)
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-        self._launch("rope_write_kv_kernel", _ctype(q, "q"), (q.shape[0],),
-                     _row_threads((num_heads + num_kv_heads) * head_dim // 2),
+        pairs = (num_heads + num_kv_heads) * head_dim // 2
+        # eight pairs a thread where rows, token strides and the table take 16-byte vectors
+        vec = head_dim % 16 == 0 and _vectors(8, q, k, v, q_out, k_cache, v_cache) \
+            and cos_sin.data.ptr % 16 == 0 and all(stride % 8 == 0 for stride in (q_stride, k_stride, v_stride))
+        self._launch("rope_write_kv_vec_kernel" if vec else "rope_write_kv_kernel", _ctype(q, "q"), (q.shape[0],),
+                     _row_threads(pairs // 2 if vec else pairs),
                      (q, k, v, q_out, k_cache, v_cache, positions, cos_sin, slots,
                       np.int64(math.prod(k_cache.shape[:2])), np.int32(num_heads), np.int32(num_kv_heads),
                       np.int32(head_dim), np.int64(q_stride), np.int64(k_stride), np.int64(v_stride)))

@@ -67,7 +67,8 @@ def flash_decode_template(ctype: str, head_dim: int, tile: tuple[int, int, int])
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
                     "silu_and_mul_vec_kernel": _STORAGE[1:],
-                    "rope_kernel": _STORAGE, "rope_write_kv_kernel": _STORAGE, "scatter_add_rows_kernel": _STORAGE,
+                    "rope_kernel": _STORAGE, "rope_write_kv_kernel": _STORAGE,
+                    "rope_write_kv_vec_kernel": _STORAGE[1:], "scatter_add_rows_kernel": _STORAGE,
                     "fill_rows_kernel": _STORAGE, "gather_rows_kernel": _WORDS, "write_kv_kernel": _WORDS,
                     "copy_blocks_kernel": _WORDS, "gather_cache_rows_kernel": _WORDS,
                     "scatter_cache_rows_kernel": _WORDS},
@@ -76,7 +77,9 @@ _KERNELS = {
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
-                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
+                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4)),
+                        "flash_prefill_kernel": tuple(f"{t}, {d}" for t in ("__half", "__nv_bfloat16")
+                                                      for d in _FLASH_HEAD_DIMS)},
     "flash_decode": {"flash_decode_kernel": tuple(flash_decode_template(t, d, tile)
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
@@ -129,6 +132,13 @@ def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
     keys, stages = (64, 2) if key_warps == 1 else (16, 2)   # at head_dim 128: 68 and 34 KiB
     return max(key_warps * stages * 2 * keys * (head_dim + 8) * 2,
                (2 * key_warps * 16 + key_warps * 16 * head_dim) * 4)
+
+
+def flash_prefill_smem_bytes(head_dim: int, keys: int = 64, stages: int = 2) -> int:
+    """Dynamic shared memory of flash_prefill_kernel<T, head_dim>: flash_attention_kernel's KW = 1
+    stages (`stages` tiles of `keys` keys, K and V; bench/flash_tile_sweep.py patches them) and
+    each of its 4 warps' 32 Q rows, rows padded by 8."""
+    return (stages * 2 * keys + 4 * 32) * (head_dim + 8) * 2
 
 
 def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:

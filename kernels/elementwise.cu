@@ -117,6 +117,55 @@ rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T
     }
 }
 
+// rotate_half on eight (x1, x2) pairs from column j (a multiple of 8): 16-byte loads and stores
+// of 16-bit storage, the table's cos and sin in 16-byte loads; each element as rotate_half.
+template <typename T>
+__device__ __forceinline__ void rotate_half8(const T* src, T* dst, const float* table, int half, int j) {
+    float x1[8], x2[8], y1[8], y2[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(src + j), x1);
+    unpack8<T>(*reinterpret_cast<const uint4*>(src + half + j), x2);
+    const float4* cos4 = reinterpret_cast<const float4*>(table + j);
+    const float4* sin4 = reinterpret_cast<const float4*>(table + half + j);
+    const float4 ca = cos4[0], cb = cos4[1], sa = sin4[0], sb = sin4[1];
+    const float c[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+    const float s[8] = {sa.x, sa.y, sa.z, sa.w, sb.x, sb.y, sb.z, sb.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        y1[e] = x1[e] * c[e] - x2[e] * s[e];
+        y2[e] = x2[e] * c[e] + x1[e] * s[e];
+    }
+    *reinterpret_cast<uint4*>(dst + j) = pack8<T>(y1);
+    *reinterpret_cast<uint4*>(dst + half + j) = pack8<T>(y2);
+}
+
+// rope_write_kv_kernel for 16-bit storage, head_dim % 16 == 0, 16-byte aligned rows, token
+// strides and table: eight pairs a thread (rotate_half8), v in 16-byte copies.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+rope_write_kv_vec_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
+                         const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
+                         int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
+                         long long v_stride) {
+    pdl_begin();
+    const int half = head_dim / 2, vecs = half / 8, kv_width = num_kv_heads * head_dim;
+    const long long token = blockIdx.x, slot = slots[token];
+    const bool store = slot >= 0 && slot < num_slots;
+    const float* table = cos_sin + positions[token] * head_dim;
+    for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * vecs; i += blockDim.x) {
+        const int head = i / vecs, j = (i % vecs) * 8;
+        if (head < num_heads) {
+            rotate_half8(q + token * q_stride + head * head_dim, q_out + (token * num_heads + head) * head_dim, table,
+                         half, j);
+        } else if (store) {
+            const int offset = (head - num_heads) * head_dim;
+            rotate_half8(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, j);
+        }
+    }
+    const uint4* v_src = reinterpret_cast<const uint4*>(v + token * v_stride);
+    uint4* v_dst = reinterpret_cast<uint4*>(v_cache + slot * kv_width);
+    for (int i = threadIdx.x; store && i < kv_width / 8; i += blockDim.x) v_dst[i] = v_src[i];
+}
+
 template <typename W>
 __global__ void write_kv_kernel(const W* k, const W* v, W* k_cache, W* v_cache, const long long* slots,
                                 long long num_slots, long long row_words) {

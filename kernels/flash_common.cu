@@ -15,6 +15,18 @@ __device__ __forceinline__ int flash_tiles(const int* query_start_loc, int b, in
     return ((query_start_loc[b + 1] - query_start_loc[b]) * group + bq - 1) / bq;
 }
 
+// A prefill block's (tile number, KV head). Blocks start in the order of their linear index
+// (x fastest), and a sequence's last tiles see the most keys (causal), so tiles go last to
+// first. heads_first reads (x, y) as one index with the KV heads fastest: every head's longest
+// tiles start before any head's shorter ones. Off, block (x, y) takes head y's tile
+// gridDim.x - 1 - x, so one head's short tiles start before the next head's long ones. Block
+// (0, 0) has tile gridDim.x - 1 of head 0 either way.
+__device__ __forceinline__ int2 flash_block_tile(int heads_first) {
+    if (!heads_first) return make_int2(gridDim.x - 1 - blockIdx.x, blockIdx.y);
+    const int i = blockIdx.y * gridDim.x + blockIdx.x;
+    return make_int2(gridDim.x - 1 - i / gridDim.y, i % gridDim.y);
+}
+
 // (sequence, tile within it) of tile number `target`, or sequence -1 past the last tile.
 // Every thread of the block must call it (it synchronises once); blockDim.x is a multiple of 32.
 __device__ int2 flash_find_tile(const int* query_start_loc, int num_seqs, int group, int bq, int target) {

@@ -4,10 +4,12 @@ scenario (plus a hypothesis run of random allocate/cache/free sequences)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,6 +48,19 @@ def test_block_hashes_cover_full_blocks_only_and_chain():
     # The same block after a different prefix hashes differently.
     assert block_hashes([9, 9, 9, 9, 1, 2, 3, 4], 4)[1] != block_hashes([1, 2, 3, 4], 4)[0]
     assert all(0 <= h < 2**64 for h in hashes)
+
+
+@given(st.lists(st.integers(0, 2**31 - 1), max_size=70), st.integers(1, 9), st.none() | st.integers(0, 2**64 - 1))
+def test_block_hashes_are_blake2b_of_the_parent_and_the_tokens(tokens, block, parent):
+    """Each block's hash against blake2b (8 bytes) of its parent's hash (8 bytes, little-endian;
+    none for the first) and its tokens as little-endian int32, computed here in NumPy."""
+    want, chain = [], parent
+    for start in range(0, len(tokens) - block + 1, block):
+        data = np.asarray(tokens[start:start + block], dtype="<i4").tobytes()
+        prefix = b"" if chain is None else chain.to_bytes(8, "little")
+        chain = int.from_bytes(hashlib.blake2b(prefix + data, digest_size=8).digest(), "little")
+        want.append(chain)
+    assert block_hashes(tokens, block, parent) == want
 
 
 def test_block_hashes_are_stable_across_processes():

@@ -204,10 +204,17 @@ def test_skinny_gated_linear(ops, rng, dtype, tokens, k, inter, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 16, None), (80, 5, None),
                                                         (64, 16, 37), (128, 1, 100)])
-def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, monkeypatch):
+@pytest.mark.parametrize("rows_per_warp,heads_first", [(16, True), (32, True), (16, False), (32, False)])
+def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows_per_warp, heads_first,
+                             monkeypatch):
     """The tensor-core prefill kernel (chunks of long prefills, one decode row and an
-    idle sequence in the launch, one padding row) against the float64 reference."""
+    idle sequence in the launch, one padding row) against the float64 reference: 16 rows a
+    warp (flash_attention_kernel) or 32 (flash_prefill_kernel, two m-tiles)."""
     monkeypatch.setattr(ops, "use_flash", True)   # even where SHARDLINE_GPU_OFF names it
+    monkeypatch.setattr(ops, "prefill_rows_per_warp", rows_per_warp)
+    monkeypatch.setattr(ops, "prefill_heads_first", heads_first)
+    launched, launch = [], ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda name, *args, **kw: (launched.append(name), launch(name, *args, **kw))[1])
     heads, kv_heads = 8, 2
     seq_lens = np.array([300, 64, 130, 90, 12], dtype=np.int32)
     new_tokens = np.array([130, 64, 1, 77, 0], dtype=np.int32)
@@ -219,11 +226,16 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, monk
     q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
     assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
     scale = 1 / math.sqrt(head_dim)
-    out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
-                              cupy.asarray(qsl), scale, window)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
-    assert_close(ops, out[:num_tokens], ref, dtype, "flash prefill")
-    assert not ops.to_host(out[num_tokens]).any(), "the padding row must come back zero"
+    for sms in (ops._multiprocessors, 1):   # keys split over blocks, then (as a long prefill) one split
+        monkeypatch.setattr(ops, "_multiprocessors", sms)
+        out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                                  cupy.asarray(qsl), scale, window)
+        what = f"flash prefill, {rows_per_warp} rows a warp, heads first {heads_first}, {sms} SMs' splits"
+        assert_close(ops, out[:num_tokens], ref, dtype, what)
+        assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
+    two_tiles = rows_per_warp == 32 and ("flash_prefill_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
+    assert launched == ["flash_prefill_kernel" if two_tiles else "flash_attention_kernel"] * 2
 
 
 def test_paged_attention_negative_scale(ops, rng, monkeypatch):
