@@ -2,8 +2,9 @@
 CudaOps._launch): causal GQA attention over one contiguous sequence or the
 paged cache. Paged bf16/fp16 launches of the head sizes the tensor-core kernels
 are built for run them: decode steps (a few rows a sequence) flash_decode.cu,
-prefill and mixed launches flash_attention.cu; the rest (fp32, other head
-sizes, one contiguous sequence) run attention.cu's kernel.
+prefill and mixed launches flash_attention.cu (or flash_prefill.cu where
+prefill_rows_per_warp is 32); the rest (fp32, other head sizes, one contiguous
+sequence) run attention.cu's kernel.
 Both split each row's keys over several blocks when the launch has few rows.
 Same meaning as numpy_ops; no host sync.
 """

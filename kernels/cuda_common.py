@@ -77,9 +77,9 @@ _KERNELS = {
               "topk_softmax_kernel": _STORAGE},
     "attention": {"attention_kernel": _STORAGE, "attention_combine_kernel": _STORAGE},
     "flash_attention": {"flash_attention_kernel": tuple(f"{t}, {d}, {kw}" for t in ("__half", "__nv_bfloat16")
-                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4)),
-                        "flash_prefill_kernel": tuple(f"{t}, {d}" for t in ("__half", "__nv_bfloat16")
-                                                      for d in _FLASH_HEAD_DIMS)},
+                                                        for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
+    "flash_prefill": {"flash_prefill_kernel": tuple(f"{t}, {d}" for t in ("__half", "__nv_bfloat16")
+                                                    for d in _FLASH_HEAD_DIMS)},
     "flash_decode": {"flash_decode_kernel": tuple(flash_decode_template(t, d, tile)
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
@@ -120,9 +120,10 @@ _FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
 _FLASH_DECODE_MIN_SPLIT_KEYS = 96
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
-_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_decode", "skinny_gemm"})
+_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_prefill", "flash_decode", "skinny_gemm"})
 # Modules compiled with other files in front of them (after common.cu).
-_PRELUDES = {"flash_attention": ("flash_common",), "flash_decode": ("flash_common", "flash_decode_loads")}
+_PRELUDES = {"flash_attention": ("flash_common",), "flash_prefill": ("flash_common", "flash_attention"),
+             "flash_decode": ("flash_common", "flash_decode_loads")}
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:
