@@ -234,8 +234,9 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows
         what = f"flash prefill, {rows_per_warp} rows a warp, heads first {heads_first}, {sms} SMs' splits"
         assert_close(ops, out[:num_tokens], ref, dtype, what)
         assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
-    two_tiles = rows_per_warp == 32 and ("flash_prefill_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
-    assert launched == ["flash_prefill_kernel" if two_tiles else "flash_attention_kernel"] * 2
+    # built wherever flash_attention_kernel is (an optional module: a failed build would only warn)
+    assert ("flash_prefill_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
+    assert launched == ["flash_prefill_kernel" if rows_per_warp == 32 else "flash_attention_kernel"] * 2
 
 
 def test_paged_attention_negative_scale(ops, rng, monkeypatch):
