@@ -12,7 +12,8 @@ process); the settings alternate within each case, --reps times.
 Llama-3-8B heads (32 query, 8 KV, head_dim 128), blocks of 16 in a random order, bf16 or
 fp16. Decode cases (BATCHxKEYS, one query a sequence) replay a CUDA graph of 20 calls, so the
 host's launch cost stays out; prefill cases ([SEQSx]TOKENS: SEQS sequences, one by default, of
-TOKENS prompt tokens each, causal) time eager calls by CUDA events. Prints a JSON line a case (us, and GB/s of K/V read or TFLOP/s).
+TOKENS prompt tokens each, causal) time eager calls by CUDA events. Prints a JSON line a case
+(us, and GB/s of K/V read or TFLOP/s).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def parse_cases(text: str) -> list[tuple[str, int, int]]:
             else:
                 raise ValueError(kind)
         except ValueError:
-            raise ValueError(f"--cases: decode:BATCHxKEYS or prefill:[SEQSx]TOKENS, comma separated; got {value!r}") from None
+            raise ValueError(f"--cases: decode:BATCHxKEYS or prefill:[SEQSx]TOKENS, comma separated; "
+                             f"got {value!r}") from None
         if min(cases[-1][1:]) < 1 or cases[-1][2] % BLOCK:
             raise ValueError(f"--cases: sizes must be positive and keys a multiple of {BLOCK}; got {value!r}")
     return cases

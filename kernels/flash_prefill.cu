@@ -45,7 +45,8 @@ __device__ __forceinline__ void fp_scores(float (&s)[FP_MT][FaShape<D, 1>::NT][4
     for (int kk = 0; kk < D / 16; ++kk) {
         unsigned qa[FP_MT][4];   // rows mt * 16 + (lane % 16), dims kk * 16 + (lane / 16) * 8: a0..a3
 #pragma unroll
-        for (int mt = 0; mt < FP_MT; ++mt) ldmatrix_x4(qa[mt], qs + (mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+        for (int mt = 0; mt < FP_MT; ++mt)
+            ldmatrix_x4(qa[mt], qs + (mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             unsigned kf[4];  // keys (2np + mi/2) * 8 + mr, dims kk * 16 + (mi % 2) * 8

@@ -16,7 +16,8 @@ def test_cases_parse():
         ("decode", 64, 512), ("prefill", 1, 2048), ("decode", 1, 16), ("prefill", 64, 128)]
 
 
-@pytest.mark.parametrize("bad", ["decode:64", "decode:0x512", "prefill:100", "prefill:2x3x16", "prefill:0x16", "prefil:2048", "decode:axb", ""])
+@pytest.mark.parametrize("bad", ["decode:64", "decode:0x512", "prefill:100", "prefill:2x3x16", "prefill:0x16",
+                                 "prefil:2048", "decode:axb", ""])
 def test_bad_cases_are_named(bad):
     with pytest.raises(ValueError, match="--cases") as err:
         parse_cases(f"decode:16x512,{bad}")
