@@ -62,7 +62,7 @@ class CacheOps:
         # eight pairs a thread where rows, token strides and the table take 16-byte vectors
         vec = head_dim % 16 == 0 and _vectors(8, q, k, v, q_out, k_cache, v_cache) \
             and cos_sin.data.ptr % 16 == 0 and all(stride % 8 == 0 for stride in (q_stride, k_stride, v_stride))
-        self._launch("rope_write_kv_vec_kernel" if vec else "rope_write_kv_kernel", _ctype(q, "q"), (q.shape[0],),
+        self._launch("rope_write_kv_kernel", f"{_ctype(q, 'q')}, {8 if vec else 1}", (q.shape[0],),
                      _row_threads(pairs // 2 if vec else pairs),
                      (q, k, v, q_out, k_cache, v_cache, positions, cos_sin, slots,
                       np.int64(math.prod(k_cache.shape[:2])), np.int32(num_heads), np.int32(num_kv_heads),

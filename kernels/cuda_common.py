@@ -67,8 +67,9 @@ def flash_decode_template(ctype: str, head_dim: int, tile: tuple[int, int, int])
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
                     "silu_and_mul_vec_kernel": _STORAGE[1:],
-                    "rope_kernel": _STORAGE, "rope_write_kv_kernel": _STORAGE,
-                    "rope_write_kv_vec_kernel": _STORAGE[1:], "scatter_add_rows_kernel": _STORAGE,
+                    "rope_kernel": _STORAGE,
+                    "rope_write_kv_kernel": tuple(f"{t}, 1" for t in _STORAGE) + tuple(f"{t}, 8" for t in _STORAGE[1:]),
+                    "scatter_add_rows_kernel": _STORAGE,
                     "fill_rows_kernel": _STORAGE, "gather_rows_kernel": _WORDS, "write_kv_kernel": _WORDS,
                     "copy_blocks_kernel": _WORDS, "gather_cache_rows_kernel": _WORDS,
                     "scatter_cache_rows_kernel": _WORDS},

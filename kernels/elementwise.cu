@@ -86,37 +86,6 @@ rope_kernel(const T* x, T* out, const long long* positions, const float* cos_sin
     }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(1024)
-rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
-                     const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
-                     int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
-                     long long v_stride) {
-    pdl_begin();
-    // One block per token: rope on q (into q_out, contiguous) and on k
-    // (straight into its cache slot), v copied to its slot. Slots out of
-    // range are skipped. Token t's heads of q, k, v start at t * *_stride
-    // (views of one QKV projection's columns need no copy).
-    const int half = head_dim / 2, kv_width = num_kv_heads * head_dim;
-    const long long token = blockIdx.x, slot = slots[token];
-    const bool store = slot >= 0 && slot < num_slots;
-    const float* table = cos_sin + positions[token] * head_dim;
-    const long long q_row = token * num_heads * head_dim;
-    for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
-        const int head = i / half;
-        if (head < num_heads) {
-            rotate_half(q + token * q_stride + head * head_dim, q_out + q_row + head * head_dim, table, half,
-                        i % half);
-        } else if (store) {
-            const int offset = (head - num_heads) * head_dim;
-            rotate_half(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, i % half);
-        }
-    }
-    for (int i = threadIdx.x; store && i < kv_width; i += blockDim.x) {
-        v_cache[slot * kv_width + i] = v[token * v_stride + i];
-    }
-}
-
 // rotate_half on eight (x1, x2) pairs from column j (a multiple of 8): 16-byte loads and stores
 // of 16-bit storage, the table's cos and sin in 16-byte loads; each element as rotate_half.
 template <typename T>
@@ -138,32 +107,55 @@ __device__ __forceinline__ void rotate_half8(const T* src, T* dst, const float* 
     *reinterpret_cast<uint4*>(dst + half + j) = pack8<T>(y2);
 }
 
-// rope_write_kv_kernel for 16-bit storage, head_dim % 16 == 0, 16-byte aligned rows, token
-// strides and table: eight pairs a thread (rotate_half8), v in 16-byte copies.
-template <typename T>
+// What a thread of rope_write_kv_kernel moves at a time: PAIRS rotate-half pairs from column j
+// (rotate_half, or rotate_half8 for 16-bit storage), and v in Word pieces (T, or 16 bytes).
+template <typename T, int PAIRS> struct RopeStep {
+    using Word = T;
+    static __device__ __forceinline__ void rotate(const T* src, T* dst, const float* table, int half, int j) {
+        rotate_half(src, dst, table, half, j);
+    }
+};
+template <typename T> struct RopeStep<T, 8> {
+    using Word = uint4;
+    static __device__ __forceinline__ void rotate(const T* src, T* dst, const float* table, int half, int j) {
+        rotate_half8(src, dst, table, half, j);
+    }
+};
+
+template <typename T, int PAIRS>
 __global__ void __launch_bounds__(1024)
-rope_write_kv_vec_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
-                         const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
-                         int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
-                         long long v_stride) {
+rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
+                     const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
+                     int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
+                     long long v_stride) {
     pdl_begin();
-    const int half = head_dim / 2, vecs = half / 8, kv_width = num_kv_heads * head_dim;
+    // One block per token: rope on q (into q_out, contiguous) and on k
+    // (straight into its cache slot), v copied to its slot. Slots out of
+    // range are skipped. Token t's heads of q, k, v start at t * *_stride
+    // (views of one QKV projection's columns need no copy). PAIRS = 8 (16-bit
+    // storage, head_dim % 16 == 0, 16-byte aligned rows, token strides and
+    // table): eight pairs a thread in 16-byte loads and stores.
+    using Step = RopeStep<T, PAIRS>;
+    using Word = typename Step::Word;
+    const int half = head_dim / 2, steps = half / PAIRS, kv_width = num_kv_heads * head_dim;
     const long long token = blockIdx.x, slot = slots[token];
     const bool store = slot >= 0 && slot < num_slots;
     const float* table = cos_sin + positions[token] * head_dim;
-    for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * vecs; i += blockDim.x) {
-        const int head = i / vecs, j = (i % vecs) * 8;
+    for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * steps; i += blockDim.x) {
+        const int head = i / steps, j = (i % steps) * PAIRS;
         if (head < num_heads) {
-            rotate_half8(q + token * q_stride + head * head_dim, q_out + (token * num_heads + head) * head_dim, table,
+            Step::rotate(q + token * q_stride + head * head_dim, q_out + (token * num_heads + head) * head_dim, table,
                          half, j);
         } else if (store) {
             const int offset = (head - num_heads) * head_dim;
-            rotate_half8(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, j);
+            Step::rotate(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, j);
         }
     }
-    const uint4* v_src = reinterpret_cast<const uint4*>(v + token * v_stride);
-    uint4* v_dst = reinterpret_cast<uint4*>(v_cache + slot * kv_width);
-    for (int i = threadIdx.x; store && i < kv_width / 8; i += blockDim.x) v_dst[i] = v_src[i];
+    const Word* v_src = reinterpret_cast<const Word*>(v + token * v_stride);
+    Word* v_dst = reinterpret_cast<Word*>(v_cache + slot * kv_width);
+    for (int i = threadIdx.x; store && i < kv_width / (int)(sizeof(Word) / sizeof(T)); i += blockDim.x) {
+        v_dst[i] = v_src[i];
+    }
 }
 
 template <typename W>

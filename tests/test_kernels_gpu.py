@@ -249,7 +249,8 @@ def test_kv_cache_writes_and_block_copies(ops, rng, dtype, head_dim, monkeypatch
     """write_kv, rope_write_kv (eight pairs a thread at 16-bit head size 64; one at head size 40,
     whose halves are not whole vectors) and copy_blocks against the NumPy reference."""
     launched, launch = [], ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda name, *args, **kw: (launched.append(name), launch(name, *args, **kw))[1])
+    monkeypatch.setattr(ops, "_launch", lambda name, ctype, *args, **kw: (launched.append((name, ctype)),
+                                                                          launch(name, ctype, *args, **kw))[1])
     num_blocks, block_size, kv_heads, heads, tokens = 7, 4, 2, 6, 9
     k_cache, kc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
     v_cache, vc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
@@ -274,7 +275,7 @@ def test_kv_cache_writes_and_block_copies(ops, rng, dtype, head_dim, monkeypatch
     q_ref = numpy_ops.rope_write_kv(q64, k64, v64, positions, table.astype(np.float64), kc64, vc64, slots)
     assert_close(ops, q_out, q_ref, dtype, "rope_write_kv q")
     vec = head_dim == 64 and dtype != "float32"
-    assert launched[-1] == ("rope_write_kv_vec_kernel" if vec else "rope_write_kv_kernel")
+    assert launched[-1][0] == "rope_write_kv_kernel" and launched[-1][1].endswith(", 8" if vec else ", 1")
     written = np.zeros(num_blocks * block_size, bool)
     written[slots] = True
     k_rows = ops.to_host(k_cache).reshape(-1, kv_heads, head_dim)
