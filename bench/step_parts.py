@@ -34,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shardline.kernels import numpy_ops
+from shardline.models.layers import RowParallelLinear
+from shardline.parallel.sharding import TensorParallel
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_ab import Settings  # noqa: E402
 from shapes import SHAPES  # noqa: E402
@@ -41,6 +45,7 @@ from tp_decode import captured_graph, cuda_intervals, graph_seconds  # noqa: E40
 
 PARTS = ("gemms", "norms", "attention", "rope")
 BLOCK = 16
+SINGLE_RANK = TensorParallel()
 
 
 class SyntheticStep:
@@ -101,8 +106,7 @@ class SyntheticStep:
                                                     self.slots)
             else:
                 if "norms" in parts:
-                    h, residual = ops.rms_norm(x, layer["norm1"], eps, residual) if residual is not None \
-                        else (ops.rms_norm(x, layer["norm1"], eps), x)
+                    h, residual = numpy_ops.rms_norm_residual(x, layer["norm1"], eps, residual, ops)
                 else:
                     h = x
                 q = ops.linear(h, layer["qkv"])[:, :self.heads * self.head_dim]
@@ -110,11 +114,17 @@ class SyntheticStep:
                 q = ops.paged_attention(q.reshape(rows, self.heads, self.head_dim), k_cache, v_cache,
                                         self.block_tables, self.seq_lens, self.query_start_loc,
                                         self.head_dim ** -0.5, one_query_each=True).reshape(rows, -1)
-            o = ops.linear(self.backend.xp.ascontiguousarray(q), layer["o"])
-            h, residual = ops.rms_norm(o, layer["norm2"], eps, residual) if "norms" in parts else (o, residual)
-            x = ops.linear(ops.gated_linear(h, layer["gate_up"]), layer["down"])
+            o = self.backend.xp.ascontiguousarray(q)
+            if "norms" in parts:   # as the engine's blocks: o and down summed into the residual where that pays
+                # (at the first layer on CUDA that may be self.x: only the time counts there)
+                x, residual = RowParallelLinear(self.backend, SINGLE_RANK, layer["o"]).add_to(o, residual)
+                h, residual = numpy_ops.rms_norm_residual(x, layer["norm2"], eps, residual, ops)
+                down = RowParallelLinear(self.backend, SINGLE_RANK, layer["down"])
+                x, residual = down.add_to(ops.gated_linear(h, layer["gate_up"]), residual)
+            else:
+                x = ops.linear(ops.gated_linear(ops.linear(o, layer["o"]), layer["gate_up"]), layer["down"])
         if "norms" in parts:
-            x = ops.rms_norm(x, self.final_norm, eps)
+            x = numpy_ops.rms_norm_residual(x, self.final_norm, eps, residual, ops)[0]
         return ops.linear(x, self.lm_head)
 
 

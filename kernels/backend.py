@@ -69,7 +69,7 @@ class Backend:
 
 
 GPU_PATHS = ("flash", "flash_decode", "skinny_gemm", "fused_norm_gemm", "fused_rope_gemm", "nccl_links",
-             "dependent_launch", "gemm_autotune")
+             "dependent_launch", "gemm_autotune", "residual_in_gemm")
 
 
 def gpu_paths_off() -> frozenset[str]:
@@ -79,8 +79,9 @@ def gpu_paths_off() -> frozenset[str]:
     (off: cuBLAS), the RMSNorm fused into it (off: rms_norm, then the GEMM), RoPE and the
     KV-cache write fused into it (fused_rope_gemm; off: rope_write_kv after it), NCCL pair links
     for the KV hand-off (off: over gRPC), dependent launches in captured graphs (off:
-    ordinary launches) and the per-shape cuBLASLt GEMM choice (gemm_autotune; off:
-    cublasGemmEx's default). All are on by default."""
+    ordinary launches), the per-shape cuBLASLt GEMM choice (gemm_autotune; off:
+    cublasGemmEx's default) and the residual stream summed by the GEMMs before the norms
+    (residual_in_gemm, linear_add; off: the add fused into the norm). All are on by default."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
     unknown = names - set(GPU_PATHS)
     if unknown:

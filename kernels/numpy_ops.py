@@ -40,6 +40,18 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y
 
 
+def sums_into_residual(x: np.ndarray, weight: np.ndarray) -> bool:
+    """Whether RowParallelLinear.add_to sums this projection into the residual (linear_add):
+    always here; CudaOps not for every GEMM."""
+    return True
+
+
+def linear_add(x: np.ndarray, weight: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """residual + linear(x, weight): a projection summed into the residual stream by its GEMM
+    (CUDA writes the sum into residual's memory, so the caller hands residual over)."""
+    return residual + x @ weight.T
+
+
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 

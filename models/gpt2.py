@@ -76,7 +76,7 @@ class GPT2LMHeadModel:
         return x, residual
 
     def final_norm(self, x, residual):
-        return self.ln_f(x, residual)[0]
+        return self.ln_f.with_residual(x, residual)[0]
 
     def forward(self, ids, positions, ctx: AttentionContext):
         x, residual = self.run_layers(self.embed_tokens(ids, positions), None, positions, ctx)

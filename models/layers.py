@@ -62,12 +62,16 @@ class Norm:
             return self.ops.rms_norm(x, self.weight, self.eps, residual)
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual)
 
+    def with_residual(self, x, residual):
+        """(norm(x (+ residual)), the new residual stream: x itself without one)."""
+        return self(x, residual) if residual is not None else (self(x), x)
+
     def into_linear(self, x, residual, weight, bias=None, gated: bool = False):
         """(linear(norm(x (+ residual))), the new residual: x itself without one); gated:
         gated_linear. An RMSNorm may run fused into the GEMM (ops.rms_norm_linear)."""
         if self.kind == "rms":
             return self.ops.rms_norm_linear(x, self.weight, self.eps, residual, weight, bias, gated)
-        normed, residual = self(x, residual) if residual is not None else (self(x), x)
+        normed, residual = self.with_residual(x, residual)
         return (self.ops.gated_linear if gated else self.ops.linear)(normed, weight, bias), residual
 
     def into_qkv_rope(self, x, residual, attn: "Attention", positions, cache):
@@ -100,6 +104,16 @@ class RowParallelLinear:
         y = self.tp.comm.all_reduce(self.ops.linear(x, self.weight))
         return y if self.bias is None else self.ops.add(y, self.bias)
 
+    def add_to(self, x, residual):
+        """(y, residual) for the norm after, y = self(x); or, on a single rank without a bias
+        where the ops say it pays (ops.sums_into_residual), (residual + y summed by the GEMM
+        into residual's memory, None): that norm then reads one array instead of two and
+        writes one fewer (ops.linear_add)."""
+        if residual is None or self.tp.size > 1 or self.bias is not None \
+                or not self.ops.sums_into_residual(x, self.weight):
+            return self(x), residual
+        return self.ops.linear_add(x, self.weight, residual), None
+
 
 class Attention:
     """This rank's heads: the fused QKV weight (the block projects with it, together with
@@ -116,15 +130,16 @@ class Attention:
         self.out = out
         self.cos_sin = cos_sin  # [max_positions, head_dim] or None
 
-    def from_rotated(self, q, ctx: AttentionContext, layer_index: int):
-        """Attention and the output projection from the rotated q [T, heads, head_dim], its k
-        and v already in the paged cache (Norm.into_qkv_rope)."""
+    def from_rotated(self, q, residual, ctx: AttentionContext, layer_index: int):
+        """Attention and the output projection, with the residual stream
+        (RowParallelLinear.add_to), from the rotated q [T, heads, head_dim], its k and v
+        already in the paged cache (Norm.into_qkv_rope)."""
         out = ctx.attend_rotated(layer_index, q)
-        return self.out(out.reshape(q.shape[0], self.q_size))
+        return self.out.add_to(out.reshape(q.shape[0], self.q_size), residual)
 
-    def from_qkv(self, qkv, positions, ctx: AttentionContext, layer_index: int):
-        """Attention and the output projection from the QKV projection qkv [T, q + 2 kv] (made
-        with the norm before it: Norm.into_linear)."""
+    def from_qkv(self, qkv, residual, positions, ctx: AttentionContext, layer_index: int):
+        """Attention and the output projection, with the residual stream, from the QKV
+        projection qkv [T, q + 2 kv] (made with the norm before it: Norm.into_linear)."""
         num_tokens, qs, kvs = qkv.shape[0], self.q_size, self.kv_size
         # Views of the projection's columns: the ops copy what they need contiguous
         # (CUDA's rope_write_kv reads them where they are).
@@ -132,7 +147,7 @@ class Attention:
         k = qkv[:, qs:qs + kvs].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = qkv[:, qs + kvs:].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         out = ctx.attend(layer_index, q, k, v, positions, self.cos_sin)  # [T, heads, head_dim]
-        return self.out(out.reshape(num_tokens, qs))
+        return self.out.add_to(out.reshape(num_tokens, qs), residual)
 
 
 class GatedMLP:
@@ -184,8 +199,10 @@ class VocabParallel:
 
 
 class PreNormBlock:
-    """norm -> attention -> residual add + norm -> MLP, with the residual add
-    fused into the norms. Subclasses build the five parts."""
+    """norm -> attention -> residual add + norm -> MLP. A block takes and returns (x, residual):
+    the stream is x + residual, or x alone where residual is None. Each residual add is fused
+    into the norm after it, or on a single rank into the projection before it (its GEMM sums
+    into the residual: RowParallelLinear.add_to). Subclasses build the five parts."""
 
     index: int
     input_norm: Norm
@@ -199,13 +216,13 @@ class PreNormBlock:
         cache = ctx.paged_cache(self.index) if self.attn.cos_sin is not None and self.input_norm.kind == "rms" else None
         if cache is not None:
             q, residual = self.input_norm.into_qkv_rope(x, residual, self.attn, positions, cache)
-            x = self.attn.from_rotated(q, ctx, self.index)
+            x, residual = self.attn.from_rotated(q, residual, ctx, self.index)
         else:
             qkv, residual = self.input_norm.into_linear(x, residual, self.attn.qkv_weight, self.attn.qkv_bias)
-            x = self.attn.from_qkv(qkv, positions, ctx, self.index)
+            x, residual = self.attn.from_qkv(qkv, residual, positions, ctx, self.index)
         if isinstance(self.mlp, GatedMLP):
             h, residual = self.post_norm.into_linear(x, residual, self.mlp.gate_up_weight, self.mlp.gate_up_bias,
                                                      gated=True)
-            return self.mlp.down(h), residual
-        x, residual = self.post_norm(x, residual)
+            return self.mlp.down.add_to(h, residual)
+        x, residual = self.post_norm.with_residual(x, residual)
         return self.mlp(x), residual

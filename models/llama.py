@@ -103,7 +103,7 @@ class LlamaForCausalLM:
         return x, residual
 
     def final_norm(self, x, residual):
-        return self.norm(x, residual)[0]
+        return self.norm.with_residual(x, residual)[0]
 
     def forward(self, ids, positions, ctx: AttentionContext):
         """ids, positions [num_tokens] -> final hidden states [num_tokens, hidden] (a whole model)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 from shardline.parallel.communicator import Communicator
 
 
@@ -168,6 +170,14 @@ class StageLinks:
 
     def send_next(self, x: Any) -> None:
         self.link.send(x, self.stage + 1)
+
+    def send_stream(self, x: Any, residual: Any) -> None:
+        """The residual stream x + residual to the next stage, always as two arrays: a stream
+        held in x alone (residual None, models/layers.py's PreNormBlock) goes as zeros and x."""
+        if residual is None:
+            x, residual = np.zeros_like(x), x
+        self.send_next(x)
+        self.send_next(residual)
 
     def recv_prev(self, like: Any) -> Any:
         return self.link.recv(like, self.stage - 1)

@@ -49,8 +49,7 @@ def stage_forward(model, links, cache: SequenceKVCache, token_ids: list[int]):
     x, residual = model.run_layers(x, residual, positions, ctx)
     cache.end_step()
     if not links.is_last:
-        links.send_next(x)
-        links.send_next(residual)
+        links.send_stream(x, residual)
         return None
     return model.final_norm(x, residual)
 

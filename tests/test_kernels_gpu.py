@@ -118,6 +118,12 @@ def test_linear(ops, rng, dtype, tokens, k, n):
     b, b64 = random_input(ops, rng, (n,), dtype)
     assert_close(ops, ops.linear(x, w), numpy_ops.linear(x64, w64), dtype, "linear")
     assert_close(ops, ops.linear(x, w, b), numpy_ops.linear(x64, w64, b64), dtype, "linear+bias")
+    res, res64 = random_input(ops, rng, (tokens, n), dtype)
+    summed = ops.linear_add(x, w, res)
+    assert summed.data.ptr == res.data.ptr   # summed in the residual's memory
+    assert_close(ops, summed, numpy_ops.linear_add(x64, w64, res64), dtype, "linear_add")
+    with pytest.raises(ValueError, match="residual"):
+        ops.linear_add(x, w, res[:, :-1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -41,6 +41,8 @@ def test_linear_embedding_add(rng):
     x, w, b = rng.standard_normal((7, 80)), rng.standard_normal((33, 80)), rng.standard_normal(33)
     assert_matches(numpy_ops.linear(x, w), F.linear(t(x), t(w)))
     assert_matches(numpy_ops.linear(x, w, b), F.linear(t(x), t(w), t(b)))
+    residual = rng.standard_normal((7, 33))
+    assert_matches(numpy_ops.linear_add(x, w, residual), t(residual) + F.linear(t(x), t(w)))
     table, ids = rng.standard_normal((503, 80)), rng.integers(0, 503, size=11)
     assert_matches(numpy_ops.embedding(table, ids), F.embedding(torch.from_numpy(ids), t(table)))
     assert_matches(numpy_ops.index_rows(table, ids), t(table).index_select(0, torch.from_numpy(ids)))

@@ -50,8 +50,7 @@ class PipelineRunner:
         x, residual = self._stage_input(plan, inputs["token_ids"], positions)
         x, residual = self.model.run_layers(x, residual, positions, ctx)  # [num_tokens, hidden] each
         if not links.is_last:
-            links.send_next(x)
-            links.send_next(residual)
+            links.send_stream(x, residual)
             return None if links.is_leader else _empty()
         hidden = self.model.final_norm(x, residual)
         result = self.runner.finish_step(plan, hidden, links.returns_tokens, inputs)
