@@ -52,7 +52,7 @@ template <typename T> __device__ __forceinline__ float round_to(float x) { retur
 
 // Eight 16-bit storage values in one 16-byte vector <-> floats (vectorised kernels).
 template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& packed, float* f) {
+__device__ __forceinline__ void unpack8(const uint4 packed, float* f) {   // by value: a global operand is read in one 16-byte load
     const T* e = reinterpret_cast<const T*>(&packed);
 #pragma unroll
     for (int i = 0; i < 8; ++i) f[i] = to_f(e[i]);

@@ -37,8 +37,10 @@ rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* resid
 }
 
 // rms_norm_kernel for 16-bit storage, hidden % 8 == 0 and 16-byte aligned rows: each
-// thread keeps its (at most NORM_VECS) 8-element vectors in registers, so x and the
-// residual are read once, in 16-byte loads. Same rounding as rms_norm_kernel.
+// thread keeps its (at most NORM_VECS) 8-element vectors in registers, packed, so x and the
+// residual are read once, in 16-byte loads, all before the first store (x, residual and
+// residual_out may alias as far as the compiler knows, so a store between two loads would
+// hold the second back a round trip). Same rounding as rms_norm_kernel.
 #define NORM_VECS 4
 
 template <typename T>
@@ -54,33 +56,43 @@ rms_norm_vec_kernel(const T* x, const T* residual, const T* weight, T* out, T* r
     }
     pdl_begin();
     const long long base = blockIdx.x * (long long)vecs;
-    float h[NORM_VECS][8];
+    uint4 xs[NORM_VECS], rs[NORM_VECS];
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vecs) continue;
+        xs[j] = reinterpret_cast<const uint4*>(x)[base + v];
+        if (has_residual) rs[j] = reinterpret_cast<const uint4*>(residual)[base + v];
+    }
     float sum_sq = 0.0f;
 #pragma unroll
     for (int j = 0; j < NORM_VECS; ++j) {
         const int v = threadIdx.x + j * blockDim.x;
         if (v >= vecs) continue;
-        unpack8<T>(reinterpret_cast<const uint4*>(x)[base + v], h[j]);
+        float h[8];
+        unpack8<T>(xs[j], h);
         if (has_residual) {
             float r[8];
-            unpack8<T>(reinterpret_cast<const uint4*>(residual)[base + v], r);
+            unpack8<T>(rs[j], r);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) h[j][i] = round_to<T>(h[j][i] + r[i]);
-            reinterpret_cast<uint4*>(residual_out)[base + v] = pack8<T>(h[j]);
+            for (int i = 0; i < 8; ++i) h[i] = round_to<T>(h[i] + r[i]);
+            xs[j] = pack8<T>(h);   // exact: h is rounded to T already
+            reinterpret_cast<uint4*>(residual_out)[base + v] = xs[j];
         }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) sum_sq += h[j][i] * h[j][i];
+        for (int i = 0; i < 8; ++i) sum_sq += h[i] * h[i];
     }
     const float inv_rms = 1.0f / sqrtf(block_sum(sum_sq) / hidden + eps);
 #pragma unroll
     for (int j = 0; j < NORM_VECS; ++j) {
         const int v = threadIdx.x + j * blockDim.x;
         if (v >= vecs) continue;
-        float w[8];
+        float h[8], w[8];
+        unpack8<T>(xs[j], h);
         unpack8<T>(weights[j], w);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) h[j][i] = round_to<T>(h[j][i] * inv_rms) * w[i];
-        reinterpret_cast<uint4*>(out)[base + v] = pack8<T>(h[j]);
+        for (int i = 0; i < 8; ++i) h[i] = round_to<T>(h[i] * inv_rms) * w[i];
+        reinterpret_cast<uint4*>(out)[base + v] = pack8<T>(h);
     }
 }
 
