@@ -97,7 +97,8 @@ class SyntheticStep:
     def forward(self, parts: set[str]):
         """The step's logits with only `parts` of PARTS in it (gemms always)."""
         ops, eps, rows = self.ops, self.eps, self.batch
-        x, residual = self.x, None
+        # a fresh stream each step, as the engine's embedding gives (the GEMMs may sum into it)
+        x, residual = self.x.copy(), None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if "rope" in parts:   # the engine's QKV: norm, projection, RoPE and cache write, fused where they fuse
@@ -116,7 +117,6 @@ class SyntheticStep:
                                         self.head_dim ** -0.5, one_query_each=True).reshape(rows, -1)
             o = self.backend.xp.ascontiguousarray(q)
             if "norms" in parts:   # as the engine's blocks: o and down summed into the residual where that pays
-                # (at the first layer on CUDA that may be self.x: only the time counts there)
                 x, residual = RowParallelLinear(self.backend, SINGLE_RANK, layer["o"]).add_to(o, residual)
                 h, residual = numpy_ops.rms_norm_residual(x, layer["norm2"], eps, residual, ops)
                 down = RowParallelLinear(self.backend, SINGLE_RANK, layer["down"])

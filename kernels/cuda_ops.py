@@ -47,6 +47,7 @@ from shardline.kernels.cuda_common import (
     _word,
     bf16_bits,
 )
+from shardline.kernels import numpy_ops
 from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_cache import CacheOps
@@ -204,11 +205,8 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
         """numpy_ops.linear_add, summed by the GEMM (beta = 1) into residual's memory: the norm
         after it then reads one array instead of the projection and the residual."""
         x, weight, x2 = self._linear_inputs(x, weight, "linear_add")
-        _same_dtype(x, residual)
-        want = (x2.shape[0], weight.shape[0])
-        if residual.shape != want or not residual.flags.c_contiguous:
-            raise ValueError(f"linear_add: residual {residual.shape} must be a contiguous {want}")
-        self._matmul_into(x2, weight, residual, accumulate=True)
+        numpy_ops.check_linear_add(x, weight, residual)
+        self._matmul_into(x2, weight, residual.reshape(x2.shape[0], weight.shape[0]), accumulate=True)
         return residual
 
     @staticmethod

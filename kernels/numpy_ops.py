@@ -47,9 +47,18 @@ def sums_into_residual(x: np.ndarray, weight: np.ndarray) -> bool:
 
 
 def linear_add(x: np.ndarray, weight: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """residual + linear(x, weight): a projection summed into the residual stream by its GEMM
-    (CUDA writes the sum into residual's memory, so the caller hands residual over)."""
-    return residual + x @ weight.T
+    """residual + linear(x, weight), written into residual's memory (as CUDA's GEMM sums it:
+    the caller hands residual over), residual [..., out] shaped as linear's output."""
+    check_linear_add(x, weight, residual)
+    return np.add(residual, x @ weight.T, out=residual)
+
+
+def check_linear_add(x, weight, residual) -> None:
+    """linear_add's residual: linear's output shape, contiguous, x's dtype."""
+    want = tuple(x.shape[:-1]) + (weight.shape[0],)
+    if tuple(residual.shape) != want or not residual.flags.c_contiguous or residual.dtype != x.dtype:
+        raise ValueError(f"linear_add: residual {residual.dtype}{tuple(residual.shape)} must be a contiguous "
+                         f"{x.dtype}{want}")
 
 
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Llama-family decoder: Llama 2/3, Mistral, SmolLM2, Qwen2 (QKV bias).
 
 Pre-norm blocks: RMSNorm -> attention with RoPE and grouped KV heads ->
-RMSNorm -> SiLU-gated MLP, with the residual add fused into each norm.
+RMSNorm -> SiLU-gated MLP, with each residual add fused into the norm after
+it or into the projection before it (PreNormBlock).
 Under tensor parallelism each rank reads only its heads' rows of Q/K/V,
 its columns of o_proj, and its slice of the MLP. Layers only: caches and
 step metadata come in through `forward`'s arguments. Mixtral (mixtral.py)

@@ -122,8 +122,9 @@ def test_linear(ops, rng, dtype, tokens, k, n):
     summed = ops.linear_add(x, w, res)
     assert summed.data.ptr == res.data.ptr   # summed in the residual's memory
     assert_close(ops, summed, numpy_ops.linear_add(x64, w64, res64), dtype, "linear_add")
-    with pytest.raises(ValueError, match="residual"):
-        ops.linear_add(x, w, res[:, :-1])
+    for bad in (res[:, :-1], res[:, 0], res.astype(cupy.float32 if dtype != "float32" else cupy.float16)):
+        with pytest.raises(ValueError, match="residual"):
+            ops.linear_add(x, w, bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -42,7 +42,12 @@ def test_linear_embedding_add(rng):
     assert_matches(numpy_ops.linear(x, w), F.linear(t(x), t(w)))
     assert_matches(numpy_ops.linear(x, w, b), F.linear(t(x), t(w), t(b)))
     residual = rng.standard_normal((7, 33))
-    assert_matches(numpy_ops.linear_add(x, w, residual), t(residual) + F.linear(t(x), t(w)))
+    want = t(residual) + F.linear(t(x), t(w))
+    summed = numpy_ops.linear_add(x, w, residual)
+    assert summed is residual   # in residual's memory, as on CUDA
+    assert_matches(summed, want)
+    with pytest.raises(ValueError, match="residual"):
+        numpy_ops.linear_add(x, w, np.zeros(33))   # would broadcast
     table, ids = rng.standard_normal((503, 80)), rng.integers(0, 503, size=11)
     assert_matches(numpy_ops.embedding(table, ids), F.embedding(torch.from_numpy(ids), t(table)))
     assert_matches(numpy_ops.index_rows(table, ids), t(table).index_select(0, torch.from_numpy(ids)))
