@@ -12,6 +12,8 @@ files) it measures, on the same GPU and in the same run as the ceilings
   --context tokens, against the roofline (shapes.decode_step_seconds: the
   matmuls at the slower of their weight bytes at the measured copy rate and
   their FLOPs at the measured GEMM rate, then the KV bytes at the copy rate);
+  greedy, and at batch 1 also sampled as a chat client asks (SAMPLED: temperature,
+  top-k and top-p, drawn on the device), against the same roofline;
 - TTFT of a --ttft-tokens prompt (the median of TTFT_REPS) against the compute
   bound (2 x parameters x tokens + causal attention FLOPs / measured GEMM rate);
 - offline throughput of --offline-requests requests of 128 in / 128 out, at most
@@ -78,12 +80,18 @@ def build_ours(hf: dict, args):
     return backend, LLMEngine(config, LocalModel(model, None))
 
 
-def decode_step_s(engine, batch: int, context: int, steps: int, rng) -> float:
-    """Median wall seconds of an engine step decoding `batch` requests of `context` tokens."""
+# The sampled decode row's parameters: what a chat client commonly sends (the others are greedy).
+SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
+
+
+def decode_step_s(engine, batch: int, context: int, steps: int, rng, sampling: dict | None = None) -> float:
+    """Median wall seconds of an engine step decoding `batch` requests of `context` tokens,
+    greedy or with `sampling`'s SamplingParams fields."""
     from shardline.worker.sampling_params import SamplingParams
     # The first requests decode a token a step while the later ones prefill: enough tokens for all.
     prefill_steps = -(-batch * context // engine.config.max_num_batched_tokens)
-    params = SamplingParams(max_tokens=steps + prefill_steps + 4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + prefill_steps + 4, ignore_eos=True,
+                            **(sampling or {"temperature": 0.0}))
     ids = [f"d{b}" for b in range(batch)]
     for rid in ids:
         engine.add_request(rid, rng.integers(0, engine.local.model.config.vocab_size, context).tolist(), params)
@@ -195,6 +203,7 @@ def measure_ours(hf: dict, args, rng) -> dict:
     for batch in args.batch:
         result["decode_s"][batch] = decode_step_s(engine, batch, args.context, args.steps, rng)
         memory.sample()
+    result["decode_sampled_s_batch1"] = decode_step_s(engine, 1, args.context, args.steps, rng, SAMPLED)
     prompt = rng.integers(0, hf["vocab_size"], args.ttft_tokens).tolist()
     mixed_ttft(engine, prompt)
     ttfts = [mixed_ttft(engine, prompt) for _ in range(TTFT_REPS)]   # one read swings by +-3 ms
@@ -284,6 +293,10 @@ def print_table(report: dict) -> None:
         for batch, step_s in ours["decode_s"].items():
             hf_s = hf.get("decode_s_batch1") if batch == 1 else None
             row(name, f"decode step, batch {batch}, CUDA graphs (ms)", step_s, hf_s, roof["decode_s"][batch])
+        if "decode_sampled_s_batch1" in ours:
+            sampled = ", ".join(f"{k} {v}" for k, v in SAMPLED.items())
+            row(name, f"decode step, batch 1, CUDA graphs, sampled ({sampled}) (ms)", ours["decode_sampled_s_batch1"],
+                None, roof["decode_s"][1])
         row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
         tokens, roof_s = report["offline_requests"] * OFFLINE_TOKENS, roof.get("offline_s")
         bound = "" if roof_s is None else f"{tokens / roof_s:.0f} | {tokens / ours['offline_tokens_per_s'] / roof_s:.2f}"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.llm import OFFLINE_TOKENS, decode_step_s, offline_run  # noqa: E402
+from bench.llm import OFFLINE_TOKENS, SAMPLED, decode_step_s, offline_run  # noqa: E402
 from engine_fixtures import make_engine, save_tiny_llama, tiny_local  # noqa: E402
 
 
@@ -53,3 +53,6 @@ def test_decode_step_times_steps_of_the_whole_batch(tmp_path):
     assert rows[:batch] == list(range(1, batch + 1))   # a prompt a plan, the ones before decoding
     assert rows[-steps:] == [batch] * steps            # the timed steps (none after the aborts)
     assert not engine.has_unfinished()
+    rows.clear()   # sampled as bench.llm's sampled row asks: the same plans
+    assert decode_step_s(engine, batch, context, steps, np.random.default_rng(2), SAMPLED) > 0
+    assert rows[-steps:] == [batch] * steps and not engine.has_unfinished()
