@@ -50,9 +50,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // Rounds through the storage type, as the NumPy reference's astype does.
 template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
 
-// Eight 16-bit storage values in one 16-byte vector <-> floats (vectorised kernels).
+// Eight 16-bit storage values in one 16-byte vector <-> floats (vectorised kernels). `packed` by
+// value: a global operand is read in one 16-byte load (bound to a reference, it was read as eight
+// 2-byte loads).
 template <typename T>
-__device__ __forceinline__ void unpack8(const uint4 packed, float* f) {   // by value: a global operand is read in one 16-byte load
+__device__ __forceinline__ void unpack8(const uint4 packed, float* f) {
     const T* e = reinterpret_cast<const T*>(&packed);
 #pragma unroll
     for (int i = 0; i < 8; ++i) f[i] = to_f(e[i]);
