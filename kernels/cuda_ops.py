@@ -41,10 +41,10 @@ from shardline.kernels.cuda_common import (
     _index,
     _norm_vec_threads,
     _row_threads,
+    _row_word,
     _rows,
     _same_dtype,
     _vectors,
-    _word,
     bf16_bits,
 )
 from shardline.kernels import numpy_ops
@@ -154,8 +154,9 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
     def _gather_rows(self, src, rows):
         src, flat_rows = cupy.ascontiguousarray(src), _index(rows)
         out = cupy.empty((flat_rows.size,) + src.shape[1:], dtype=src.dtype)
-        self._launch("gather_rows_kernel", _word(src), (flat_rows.size,), (_THREADS,),
-                     (src, out, flat_rows, np.int64(src.shape[0]), np.int64(math.prod(src.shape[1:]))))
+        word, row_words = _row_word(math.prod(src.shape[1:]) * src.itemsize)
+        self._launch("gather_rows_kernel", word, (flat_rows.size,), (_THREADS,),
+                     (src, out, flat_rows, np.int64(src.shape[0]), np.int64(row_words)))
         return out.reshape(tuple(np.shape(rows)) + src.shape[1:])
 
     def embedding(self, weight, ids):

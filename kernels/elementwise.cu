@@ -213,18 +213,30 @@ __global__ void scatter_cache_rows_kernel(const unsigned long long* caches, cons
     }
 }
 
+#define GATHER_LOADS 4
 template <typename W>
 __global__ void gather_rows_kernel(const W* src, W* out, const long long* rows, long long num_src_rows,
                                    long long row_words) {
     pdl_begin();
-    // One block per output row; W is an unsigned word as wide as the
-    // element, so one kernel serves every dtype. Ids out of range give a
-    // zero row: the device cannot raise, and the host must not sync to check.
+    // One block per output row; W is an unsigned word (the widest that tiles a row), so one
+    // kernel serves every dtype. A thread loads GATHER_LOADS words before storing any: a load
+    // after a store waits for it (src and out may alias, for all the compiler knows). Ids out
+    // of range give a zero row: the device cannot raise, and the host must not sync to check.
     const long long r = rows[blockIdx.x];
     const bool valid = r >= 0 && r < num_src_rows;
     W* dst = out + blockIdx.x * row_words;
-    for (long long i = threadIdx.x; i < row_words; i += blockDim.x) {
-        dst[i] = valid ? src[r * row_words + i] : (W)0;
+    for (long long i0 = threadIdx.x; i0 < row_words; i0 += GATHER_LOADS * (long long)blockDim.x) {
+        W w[GATHER_LOADS];
+#pragma unroll
+        for (int u = 0; u < GATHER_LOADS; ++u) {
+            const long long i = i0 + u * (long long)blockDim.x;
+            w[u] = valid && i < row_words ? src[r * row_words + i] : (W)0;
+        }
+#pragma unroll
+        for (int u = 0; u < GATHER_LOADS; ++u) {
+            const long long i = i0 + u * (long long)blockDim.x;
+            if (i < row_words) dst[i] = w[u];
+        }
     }
 }
 
