@@ -31,6 +31,7 @@ from shardline.kernels.cuda_common import (
     _MAX_EXPERTS,
     _MAX_GRID_Y,
     _NORM_VECS,
+    _SAMPLE_CLUSTER,
     _STORAGE_DTYPES,
     _THREADS,
     _as,
@@ -76,6 +77,9 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+            # sampling.cu's blocks a row: a cluster of SAMPLE_CLUSTER from sm_90 (compiled for this device)
+            sm_90 = int(cupy.cuda.Device(device_id).compute_capability) >= 90
+            self._sample_blocks = _SAMPLE_CLUSTER if sm_90 else 1
             name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
             self.device_name = name.decode() if isinstance(name, bytes) else name
             self.skinny_blocks_per_sm_few_rows = few_rows_blocks_per_sm(self.device_name)

@@ -49,7 +49,7 @@ class SamplingOps:
         if any(p.size != batch for p in params):
             raise ValueError(f"sampling parameters must each have {batch} entries, got {[p.size for p in params]}")
         out = cupy.empty(batch, dtype=cupy.int32)
-        self._launch("sample_kernel", ctype, (batch if vocab else 0,), (_SAMPLE_THREADS,),
+        self._launch("sample_kernel", ctype, (batch * self._sample_blocks if vocab else 0,), (_SAMPLE_THREADS,),
                      (logits, np.int32(vocab), *params, out))
         return out
 

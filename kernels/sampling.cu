@@ -1,17 +1,72 @@
-// Token sampling, one block per batch row, with no host sync and no sort:
-// greedy argmax, or temperature softmax -> top-k -> top-p -> min-p (ties at
-// every threshold kept, as numpy_ops.filter_probs) -> exponential race
-// argmax p_i / E_i with E_i = -log(u_i) from the SplitMix64 stream of
-// (seed, offset), bit for bit the noise of sampling_rng.py.
+// Token sampling with no host sync and no sort: greedy argmax, or temperature
+// softmax -> top-k -> top-p -> min-p (ties at every threshold kept, as
+// numpy_ops.filter_probs) -> exponential race argmax p_i / E_i with
+// E_i = -log(u_i) from the SplitMix64 stream of (seed, offset), bit for bit the
+// noise of sampling_rng.py.
 //
-// Thresholds are found by bisection over the bit patterns of the (non-
-// negative) probabilities: for those, float order is integer order, so 31
-// halvings of [0, max probability] pin the exact value. Probabilities are recomputed
-// from the logits on every pass instead of being stored: no scratch memory.
-// Launch with blockDim.x a multiple of 32. The penalties that may precede
-// sampling are here too.
+// A row is taken by one thread-block cluster (SAMPLE_CLUSTER blocks on sm_90,
+// one block before it), each block a slice of the vocabulary; the blocks combine
+// their partial results through distributed shared memory, in rank order, so
+// every block reaches the same bits and the same decisions. Probabilities are
+// recomputed from the logits on every pass: no scratch memory.
+//
+// Thresholds come from a radix select over the logits' order-preserving keys,
+// 8 bits a pass (2 passes for bf16, 3 for fp16, 4 for fp32): the probability
+// is a non-decreasing function f of the logit, so the k-th largest probability
+// is f(k-th largest logit), and the top-p floor is f(the largest logit t whose
+// mass at or above t reaches top_p). Counts and masses are summed as integers
+// (mass in units of 2^-40), so the sums do not depend on the order of the adds.
+// Launch with blockDim.x a multiple of 32 and at least 256. The penalties that
+// may precede sampling are here too.
 
 #define PROMPT_SEEN (1 << 30)
+#define SAMPLE_CLUSTER 8
+#define SAMPLE_BINS 256
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SAMPLE_CLUSTER_DIMS __cluster_dims__(SAMPLE_CLUSTER, 1, 1)
+__device__ __forceinline__ unsigned int cluster_rank() {
+    unsigned int r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned int cluster_blocks() {
+    unsigned int n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    return n;
+}
+// Every thread of every block of the cluster: shared-memory writes before it are
+// visible to every block after it.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The same shared variable in block `rank` of this cluster.
+template <typename V>
+__device__ __forceinline__ const V* cluster_peer(const V* local, unsigned int rank) {
+    unsigned long long peer;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(peer) : "l"(local), "r"(rank));
+    return reinterpret_cast<const V*>(peer);
+}
+#else
+#define SAMPLE_CLUSTER_DIMS
+__device__ __forceinline__ unsigned int cluster_rank() { return 0; }
+__device__ __forceinline__ unsigned int cluster_blocks() { return 1; }
+__device__ __forceinline__ void cluster_sync() { __syncthreads(); }
+template <typename V>
+__device__ __forceinline__ const V* cluster_peer(const V* local, unsigned int) { return local; }
+#endif
+
+// The blocks' values (each the same in all its threads) folded in rank order; every thread gets it.
+template <typename V, typename F>
+__device__ V cluster_fold(V v, F&& fold) {
+    __shared__ V slot;
+    if (threadIdx.x == 0) slot = v;
+    cluster_sync();
+    V out = *cluster_peer(&slot, 0);
+    for (unsigned int r = 1; r < cluster_blocks(); ++r) out = fold(out, *cluster_peer(&slot, r));
+    cluster_sync();  // no block writes its slot again before every block has read it
+    return out;
+}
 
 struct RowSoftmax {
     float temperature;
@@ -30,30 +85,33 @@ __device__ __forceinline__ void unpack_logits(const uint4 w, float (&e)[16 / siz
     if constexpr (sizeof(T) == 2) {
         unpack8<T>(w, e);
     } else {
-        e[0] = __uint_as_float(w.x), e[1] = __uint_as_float(w.y), e[2] = __uint_as_float(w.z), e[3] = __uint_as_float(w.w);
+        e[0] = __uint_as_float(w.x), e[1] = __uint_as_float(w.y);
+        e[2] = __uint_as_float(w.z), e[3] = __uint_as_float(w.w);
     }
 }
 
-// f(i, logit) for each logit i of the row this thread takes. A row of 16-byte vectors (vocab a
-// multiple of a vector, 16-byte aligned) is read LOGIT_LOADS vectors at a time, all loaded before
-// any is used; one logit at a time, each pass waited a round trip a logit: 126 of them a pass for
-// 1024 threads over a 128k vocabulary. Which thread takes which logit differs between the two.
+// f(i, logit) for each logit i of this block's slice of the row (the cluster's blocks split it in
+// rank order). A row of 16-byte vectors (vocab a multiple of a vector, 16-byte aligned) is read
+// LOGIT_LOADS vectors at a time, all loaded before any is used; one logit at a time, each pass
+// waited a round trip a logit. Which thread takes which logit differs between the two.
 #define LOGIT_LOADS 4
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_logit(const T* x, int vocab, F&& f) {
     constexpr int E = 16 / sizeof(T);
+    const int rank = cluster_rank(), blocks = cluster_blocks(), threads = blockDim.x;
     if (vocab % E == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0) {
         const uint4* xv = reinterpret_cast<const uint4*>(x);
-        const int vecs = vocab / E, threads = blockDim.x;
-        for (int v0 = threadIdx.x; v0 < vecs; v0 += LOGIT_LOADS * threads) {
+        const int vecs = vocab / E, share = (vecs + blocks - 1) / blocks;
+        const int end = min(vecs, (rank + 1) * share);
+        for (int v0 = rank * share + threadIdx.x; v0 < end; v0 += LOGIT_LOADS * threads) {
             uint4 w[LOGIT_LOADS];
 #pragma unroll
             for (int u = 0; u < LOGIT_LOADS; ++u)
-                if (v0 + u * threads < vecs) w[u] = xv[v0 + u * threads];
+                if (v0 + u * threads < end) w[u] = xv[v0 + u * threads];
 #pragma unroll
             for (int u = 0; u < LOGIT_LOADS; ++u) {
                 const int v = v0 + u * threads;
-                if (v >= vecs) break;
+                if (v >= end) break;
                 float e[E];
                 unpack_logits<T>(w[u], e);
 #pragma unroll
@@ -62,74 +120,151 @@ __device__ __forceinline__ void for_each_logit(const T* x, int vocab, F&& f) {
         }
         return;
     }
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) f(i, to_f(x[i]));
+    const int share = (vocab + blocks - 1) / blocks, end = min(vocab, (rank + 1) * share);
+    for (int i = rank * share + threadIdx.x; i < end; i += threads) f(i, to_f(x[i]));
+}
+
+__device__ __forceinline__ ArgMax cluster_argmax(ArgMax best) {
+    best = cluster_fold(block_argmax(best), [](ArgMax a, ArgMax b) { return better(a, b); });
+    if (best.index == 0x7fffffff) best.index = 0;
+    return best;
 }
 
 template <typename T>
 __device__ int row_argmax(const T* x, int vocab) {
     ArgMax best = {-SHARDLINE_INF, 0x7fffffff};
     for_each_logit(x, vocab, [&](int i, float logit) { best = better(best, ArgMax{logit, i}); });
-    best = block_argmax(best);
-    return best.index == 0x7fffffff ? 0 : best.index;
+    return cluster_argmax(best).index;
 }
 
 template <typename T>
 __device__ RowSoftmax row_softmax(const T* x, int vocab, float temperature) {
-    RowSoftmax sm = {temperature, 0.0f, 0.0f};
+    // max(logit / T) is (max logit) / T: a correctly rounded division by T > 0 keeps order
     float m = -SHARDLINE_INF;
-    for_each_logit(x, vocab, [&](int, float logit) { m = fmaxf(m, logit / temperature); });
-    sm.max_scaled = block_max(m);
+    for_each_logit(x, vocab, [&](int, float logit) { m = fmaxf(m, logit); });
+    m = cluster_fold(block_max(m), [](float a, float b) { return fmaxf(a, b); });
+    RowSoftmax sm = {temperature, m / temperature, 0.0f};
     float s = 0.0f;
     for_each_logit(x, vocab, [&](int, float logit) { s += expf(logit / temperature - sm.max_scaled); });
-    sm.sum_exp = block_sum(s);
+    sm.sum_exp = cluster_fold(block_sum(s), [](float a, float b) { return a + b; });
     return sm;
 }
 
-// One past the largest probability's bits (the max logit's p is 1 / sum):
-// nothing is >= it, so it is the bisections' exclusive upper end.
-__device__ __forceinline__ unsigned int above_max_prob(const RowSoftmax& sm) {
-    return __float_as_uint(1.0f / sm.sum_exp) + 1u;
+// A logit's key: unsigned order is the floats' order (negatives flipped, positives' sign set).
+__device__ __forceinline__ unsigned int logit_key(float logit) {
+    const unsigned int u = __float_as_uint(logit);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+
+// The logit of a key whose top `bits` are `prefix`: the low bits are what a T widened to float
+// has there (zeros in a positive float, so ones in a negative one's key).
+__device__ __forceinline__ float key_logit(unsigned int prefix, int bits) {
+    unsigned int key = bits == 32 ? prefix : prefix << (32 - bits);
+    if (bits < 32 && !(key & 0x80000000u)) key |= (1u << (32 - bits)) - 1u;
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// Bits of the key a T fills: fp32's 32, bf16's 16, fp16's 19 (within 24).
+template <typename T> struct KeyBits { static constexpr int value = 32; };
+template <> struct KeyBits<__nv_bfloat16> { static constexpr int value = 16; };
+template <> struct KeyBits<__half> { static constexpr int value = 24; };
+
+// Inclusive sum of the bins from the top (bin SAMPLE_BINS - 1) down to bin t, for t < SAMPLE_BINS.
+__device__ unsigned long long bins_from_top(unsigned long long total) {
+    __shared__ unsigned long long warp_totals[SAMPLE_BINS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, groups = SAMPLE_BINS / 32;
+    // thread t holds bin t; scanning from the top is a prefix scan of lanes in reverse
+    unsigned long long s = total;
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long above = __shfl_down_sync(0xffffffffu, s, o);
+        if (lane + o < 32) s += above;
+    }
+    __syncthreads();
+    if (lane == 0 && warp < groups) warp_totals[warp] = s;
+    __syncthreads();
+    for (int w = warp + 1; w < groups; ++w) s += warp_totals[w];
+    return s;
+}
+
+// The logit of the largest key (KeyBits<T> bits) whose weight, summed over the logits with a key at or
+// above it, reaches the target: target_of(total weight of the row) >= 1. weight(logit) is a logit's
+// integer weight (1 counts logits; a probability in units of 2^-40 sums mass).
+template <typename T, typename W, typename Target>
+__device__ float radix_select(const T* x, int vocab, W&& weight, Target&& target_of) {
+    // a bin's weight in two 32-bit sums (native shared atomics; 64-bit ones spin on a CAS):
+    // the weights' low 14 bits (no carry out below 2^18 logits a block) and the rest
+    __shared__ unsigned int hist_low[SAMPLE_BINS], hist_high[SAMPLE_BINS];
+    __shared__ unsigned int chosen;
+    __shared__ unsigned long long chosen_above;
+    constexpr int BITS = KeyBits<T>::value;
+    unsigned int prefix = 0;
+    unsigned long long above = 0, target = 0;  // weight of the keys above the prefix; the goal
+    for (int done = 0; done < BITS; done += 8) {
+        for (int t = threadIdx.x; t < SAMPLE_BINS; t += blockDim.x) hist_low[t] = 0, hist_high[t] = 0;
+        __syncthreads();
+        const int shift = 32 - done - 8;
+        for_each_logit(x, vocab, [&](int, float logit) {
+            const unsigned int key = logit_key(logit);
+            if (done == 0 || (key >> (32 - done)) == prefix) {
+                const unsigned long long w = weight(logit);
+                const int bin = (key >> shift) & (SAMPLE_BINS - 1);
+                if (w & 0x3fffu) atomicAdd(&hist_low[bin], (unsigned int)(w & 0x3fffu));
+                if (w >> 14) atomicAdd(&hist_high[bin], (unsigned int)(w >> 14));
+            }
+        });
+        cluster_sync();
+        unsigned long long total = 0;
+        if (threadIdx.x < SAMPLE_BINS)
+            for (unsigned int r = 0; r < cluster_blocks(); ++r)
+                total += cluster_peer(hist_low, r)[threadIdx.x] +
+                         ((unsigned long long)cluster_peer(hist_high, r)[threadIdx.x] << 14);
+        cluster_sync();  // every block has read every hist before any clears its own
+        const unsigned long long from_top = bins_from_top(total);
+        if (done == 0) {
+            if (threadIdx.x == 0) chosen_above = target_of(from_top);  // bin 0's sum: the row's weight
+            __syncthreads();
+            target = chosen_above;
+            __syncthreads();
+        }
+        // exactly one bin t has above + from_top[t] >= target > above + from_top[t + 1]
+        if (threadIdx.x < SAMPLE_BINS && above + from_top >= target && above + from_top - total < target) {
+            chosen = threadIdx.x;
+            chosen_above = above + from_top - total;
+        }
+        __syncthreads();
+        prefix = (prefix << 8) | chosen;
+        above = chosen_above;
+        __syncthreads();
+    }
+    return key_logit(prefix, BITS);
+}
+
+#define MASS_UNIT 0x1p40f  // probabilities summed in units of 2^-40
 
 template <typename T>
 __device__ float kth_largest_prob(const T* x, int vocab, const RowSoftmax& sm, int k) {
-    // Largest v with count(p >= v) >= k: the k-th largest probability.
-    unsigned int lo = 0u, hi = above_max_prob(sm);  // count(p >= 0) = vocab >= k; count(p >= hi) = 0
-    while (hi - lo > 1u) {
-        const unsigned int mid = lo + (hi - lo) / 2u;
-        const float v = __uint_as_float(mid);
-        int count = 0;
-        for_each_logit(x, vocab, [&](int, float logit) { count += logit_prob(logit, sm) >= v; });
-        if (block_sum_int(count) >= k) lo = mid; else hi = mid;
-    }
-    return __uint_as_float(lo);
+    const float kth = radix_select(x, vocab, [](float) { return 1ull; },
+                                   [k](unsigned long long) { return (unsigned long long)k; });
+    return logit_prob(kth, sm);
 }
 
 template <typename T>
 __device__ float nucleus_floor(const T* x, int vocab, const RowSoftmax& sm, float kept_floor, float top_p) {
-    // Largest v with sum(p : p >= v, p kept by top-k) >= top_p * sum(kept p):
-    // the smallest probability of the shortest prefix (in descending order)
-    // whose mass reaches top_p, i.e. desc[cut] of filter_probs.
-    float kept_sum = 0.0f;
-    for_each_logit(x, vocab, [&](int, float logit) {
-        const float p = logit_prob(logit, sm);
-        kept_sum += p >= kept_floor ? p : 0.0f;
-    });
-    const float target = top_p * block_sum(kept_sum);
-    // The max probability always qualifies, so top_p <= 0 keeps the argmax
-    // (filter_probs' cut = 0) rather than nothing.
-    unsigned int lo = 0u, hi = above_max_prob(sm);
-    while (hi - lo > 1u) {
-        const unsigned int mid = lo + (hi - lo) / 2u;
-        const float v = fmaxf(__uint_as_float(mid), kept_floor);
-        float mass = 0.0f;
-        for_each_logit(x, vocab, [&](int, float logit) {
+    // f(the largest logit t whose mass, over logits >= t kept by top-k, reaches top_p of the kept
+    // mass): the smallest probability of the shortest prefix (in descending order) whose mass
+    // reaches top_p, i.e. desc[cut] of filter_probs. A target of at least one unit keeps the
+    // argmax for top_p <= 0 (filter_probs' cut = 0).
+    const float t = radix_select(
+        x, vocab,
+        [&](float logit) {
             const float p = logit_prob(logit, sm);
-            mass += p >= v ? p : 0.0f;
+            return p >= kept_floor ? __float2ull_rn(p * MASS_UNIT) : 0ull;
+        },
+        [top_p](unsigned long long kept) {
+            const double goal = ceil((double)top_p * (double)kept);
+            return goal < 1.0 ? 1ull : (unsigned long long)goal;
         });
-        if (block_sum(mass) >= target) lo = mid; else hi = mid;
-    }
-    return __uint_as_float(lo);
+    return fmaxf(logit_prob(t, sm), kept_floor);
 }
 
 template <typename T>
@@ -139,19 +274,18 @@ __device__ int exponential_race(const T* x, int vocab, const RowSoftmax& sm, flo
     ArgMax best = {-SHARDLINE_INF, 0x7fffffff};
     for_each_logit(x, vocab, [&](int i, float logit) {
         const float p = logit_prob(logit, sm);
-        const float e = -logf(rng_uniform(base, i));
-        best = better(best, ArgMax{p >= floor_prob ? p / e : 0.0f, i});
+        // a filtered logit scores 0 without drawing its noise
+        best = better(best, ArgMax{p >= floor_prob ? p / -logf(rng_uniform(base, i)) : 0.0f, i});
     });
-    best = block_argmax(best);
-    return best.index == 0x7fffffff ? 0 : best.index;
+    return cluster_argmax(best).index;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(512, 2) SAMPLE_CLUSTER_DIMS
 sample_kernel(const T* logits, int vocab, const float* temperature, const int* top_k, const float* top_p,
               const unsigned long long* seeds, const long long* offsets, const float* min_p, int* out) {
     pdl_begin();
-    const int row = blockIdx.x;
+    const int row = blockIdx.x / cluster_blocks();
     const T* x = logits + (long long)row * vocab;
     const float temp = temperature[row];
     int token;
@@ -168,7 +302,7 @@ sample_kernel(const T* logits, int vocab, const float* temperature, const int* t
         if (mp > 0.0f) floor_prob = fmaxf(floor_prob, mp * (1.0f / sm.sum_exp));
         token = exponential_race(x, vocab, sm, floor_prob, seeds[row], offsets[row]);
     }
-    if (threadIdx.x == 0) out[row] = token;
+    if (threadIdx.x == 0 && cluster_rank() == 0) out[row] = token;
 }
 
 __global__ void sampling_uniform_kernel(const unsigned long long* seeds, const long long* offsets, float* out,
