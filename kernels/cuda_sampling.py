@@ -10,6 +10,8 @@ import numpy as np
 
 from shardline.kernels.cuda_common import _SAMPLE_THREADS, _THREADS, _as, _ctype, _grid_1d
 
+_SAMPLE_MAX_SLICE = 1 << 18   # logits a block of sample_kernel may take: its low histogram sums do not carry out
+
 
 class SamplingOps:
     def apply_penalties(self, logits, prompt_ids, prompt_lens, output_ids, output_lens,
@@ -43,6 +45,9 @@ class SamplingOps:
         if logits.ndim != 2:
             raise ValueError(f"logits must be [batch, vocab], got {logits.shape}")
         batch, vocab = logits.shape
+        if -(-vocab // (8 * self._sample_blocks)) * 8 > _SAMPLE_MAX_SLICE:
+            raise ValueError(f"sample: a vocabulary of {vocab} is more than {self._sample_blocks} blocks of "
+                             f"{_SAMPLE_MAX_SLICE} logits (sampling.cu's 32-bit histogram sums)")
         min_p = cupy.zeros(batch, dtype=cupy.float32) if min_p is None else min_p
         params = [_as(p, d).ravel() for p, d in ((temperature, cupy.float32), (top_k, cupy.int32),
                   (top_p, cupy.float32), (seeds, cupy.uint64), (offsets, cupy.int64), (min_p, cupy.float32))]

@@ -106,3 +106,10 @@ def test_uniform_of_one_never_draws_a_filtered_token(ops):
     logits[0, 0] = 5.0
     token = ops.sample(logits, [1.0], [1], [1.0], [0], [476788])
     assert int(token[0]) == 0
+
+
+def test_sampling_refuses_a_vocabulary_past_its_histograms(ops):
+    # a block's low 32-bit histogram sums hold 2^18 logits' weights; one more vector is refused
+    vocab = ops._sample_blocks * (1 << 18) + 8
+    with pytest.raises(ValueError, match=f"vocabulary of {vocab}"):
+        ops.sample(cupy.zeros((1, vocab), dtype=cupy.uint16), [1.0], [0], [1.0], [0], [0])
