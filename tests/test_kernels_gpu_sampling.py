@@ -54,10 +54,11 @@ def test_greedy_is_exact_argmax(ops, rng, dtype):
 
 
 # 32000: Llama-2's vocabulary; 128256: Llama-3's (each of a cluster's blocks takes a 16k slice);
-# 50257: GPT-2's, not a whole number of 16-byte vectors (the one-logit-at-a-time loop)
+# 50257: GPT-2's, not a whole number of 16-byte vectors (the one-logit-at-a-time loop); 5: fewer
+# logits than a cluster has blocks
 @pytest.mark.parametrize("dtype, batch, vocab", [("float32", 512, 32000), ("bfloat16", 512, 32000),
                                                  ("bfloat16", 128, 128256), ("float16", 128, 128256),
-                                                 ("float16", 64, 50257)])
+                                                 ("float16", 64, 50257), ("float32", 256, 5)])
 def test_seeded_sampling_matches_numpy(ops, rng, dtype, batch, vocab):
     logits, logits64 = random_input(ops, rng, (batch, vocab), dtype, scale=3.0)
     params = random_sampling_params(rng, batch)
