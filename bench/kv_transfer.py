@@ -88,12 +88,15 @@ def drop(engine, request_id: str) -> None:
     engine.step()
 
 
+TTFT_MAX_TOKENS = 2   # what mixed_ttft's request asks for: a prompt fits max_model_len less these
+
+
 def mixed_ttft(engine, prompt: list[int]) -> float:
     import cupy
     from shardline.worker.sampling_params import SamplingParams
     cupy.cuda.Device().synchronize()
     start = time.perf_counter()
-    engine.add_request("mixed", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    engine.add_request("mixed", prompt, SamplingParams(max_tokens=TTFT_MAX_TOKENS, temperature=0.0, ignore_eos=True))
     while not any(out.new_token_ids for out in engine.step()):
         pass
     ttft = time.perf_counter() - start

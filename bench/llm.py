@@ -14,8 +14,10 @@ files) it measures, on the same GPU and in the same run as the ceilings
   their FLOPs at the measured GEMM rate, then the KV bytes at the copy rate);
   greedy, and at batch 1 also sampled as a chat client asks (SAMPLED: temperature,
   top-k and top-p, drawn on the device), against the same roofline;
-- TTFT of a --ttft-tokens prompt (the median of TTFT_REPS) against the compute
-  bound (2 x parameters x tokens + causal attention FLOPs / measured GEMM rate);
+- TTFT of a prompt of each --ttft-tokens length (the median of TTFT_REPS; a length is cut
+  to the shape's positions less the 2 tokens the request asks for: Llama-3's 8192 gives
+  8190) and its prefill rate in prompt tokens/s, against the compute bound (2 x parameters
+  x tokens + causal attention FLOPs / measured GEMM rate);
 - offline throughput of --offline-requests requests of 128 in / 128 out, at most
   --max-num-seqs running at once, against a bound (shapes.offline_seconds: prefills at
   the GEMM rate plus the decode waves' steps at their roofline), and where its time went
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_transfer import mixed_ttft  # noqa: E402  (TTFT through the engine)
+from kv_transfer import TTFT_MAX_TOKENS, mixed_ttft  # noqa: E402  (TTFT through the engine)
 from shapes import SHAPES, offline_seconds, rooflines  # noqa: E402
 from tp_decode import gpu_seconds  # noqa: E402
 
@@ -72,7 +74,8 @@ def build_ours(hf: dict, args):
     architecture = lookup(hf, "bench")
     model = architecture.model_class(backend, architecture.parse(hf),
                                      WeightReader(RandomCheckpoint(hf), backend, False))
-    config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(args.ttft_tokens, 8192),
+    longest = max(args.ttft_tokens) if isinstance(args.ttft_tokens, list) else args.ttft_tokens
+    config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(longest, 8192),
                           decode_ahead=args.decode_ahead,   # None: the engine's default (on for one GPU)
                           max_num_seqs=max(args.batch + [args.max_num_seqs]),
                           gpu_memory_fraction=args.gpu_memory_fraction,
@@ -82,6 +85,12 @@ def build_ours(hf: dict, args):
 
 # The sampled decode row's parameters: what a chat client commonly sends (the others are greedy).
 SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
+
+
+def ttft_lengths(hf: dict, requested: list[int]) -> list[int]:
+    """The prompt lengths TTFT is read at: each requested one, cut to what fits the shape's
+    positions beside the tokens mixed_ttft's request asks for."""
+    return sorted({min(n, hf["max_position_embeddings"] - TTFT_MAX_TOKENS) for n in requested})
 
 
 def decode_step_s(engine, batch: int, context: int, steps: int, rng, sampling: dict | None = None) -> float:
@@ -204,11 +213,13 @@ def measure_ours(hf: dict, args, rng) -> dict:
         result["decode_s"][batch] = decode_step_s(engine, batch, args.context, args.steps, rng)
         memory.sample()
     result["decode_sampled_s_batch1"] = decode_step_s(engine, 1, args.context, args.steps, rng, SAMPLED)
-    prompt = rng.integers(0, hf["vocab_size"], args.ttft_tokens).tolist()
-    mixed_ttft(engine, prompt)
-    ttfts = [mixed_ttft(engine, prompt) for _ in range(TTFT_REPS)]   # one read swings by +-3 ms
-    result["ttft_s"], result["ttft_s_all"] = float(np.median(ttfts)), ttfts
-    memory.sample()
+    result["ttft_s"], result["ttft_s_all"] = {}, {}
+    for tokens in ttft_lengths(hf, args.ttft_tokens):
+        prompt = rng.integers(0, hf["vocab_size"], tokens).tolist()
+        mixed_ttft(engine, prompt)
+        ttfts = [mixed_ttft(engine, prompt) for _ in range(TTFT_REPS)]   # one read swings by +-3 ms
+        result["ttft_s"][tokens], result["ttft_s_all"][tokens] = float(np.median(ttfts)), ttfts
+        memory.sample()
     result.update(offline_run(engine, args.offline_requests, rng))
     memory.sample()
     result["peak_device_bytes"] = memory.peak_bytes
@@ -243,16 +254,19 @@ def measure_hf(hf: dict, args, rng) -> dict:
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             token.item()
             times.append(time.perf_counter() - begin)
-        prompt = torch.tensor(rng.integers(0, hf["vocab_size"], (1, args.ttft_tokens)), device="cuda")
-        ttfts = []
-        for _ in range(1 + TTFT_REPS):   # a warm-up, then as ours
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            model(prompt, use_cache=True).logits[:, -1].argmax(-1).item()
-            ttfts.append(time.perf_counter() - begin)
+        ttft = {}
+        for tokens in ttft_lengths(hf, args.ttft_tokens):
+            prompt = torch.tensor(rng.integers(0, hf["vocab_size"], (1, tokens)), device="cuda")
+            reads = []
+            for _ in range(1 + TTFT_REPS):   # a warm-up, then as ours
+                torch.cuda.synchronize()
+                begin = time.perf_counter()
+                model(prompt, use_cache=True).logits[:, -1].argmax(-1).item()
+                reads.append(time.perf_counter() - begin)
+            ttft[tokens] = float(np.median(reads[1:]))
     del model, cache
     torch.cuda.empty_cache()
-    return {"decode_s_batch1": float(np.median(times)), "ttft_s": float(np.median(ttfts[1:]))}
+    return {"decode_s_batch1": float(np.median(times)), "ttft_s": ttft}
 
 
 def run(args) -> dict:
@@ -266,7 +280,7 @@ def run(args) -> dict:
         hf = SHAPES[name]
         ours = measure_ours(hf, args, rng)
         c = ours["ceilings"]
-        entry = {"ours": ours, "roofline": rooflines(hf, args.batch, args.context, args.ttft_tokens,
+        entry = {"ours": ours, "roofline": rooflines(hf, args.batch, args.context, ttft_lengths(hf, args.ttft_tokens),
                                                      c["copy_GBps"] * 1e9, c["gemm_TFLOPs"] * 1e12)}
         entry["roofline"]["offline_s"] = offline_seconds(
             hf, args.offline_requests, max(args.batch + [args.max_num_seqs]), OFFLINE_TOKENS, OFFLINE_TOKENS,
@@ -281,7 +295,7 @@ def run(args) -> dict:
 def print_table(report: dict) -> None:
     off = f", off: {report['gpu_off']}" if report.get("gpu_off") else ""
     print(f"\n{report['device']}, bf16, decode at {report['context']} tokens of context, "
-          f"TTFT of {report['ttft_tokens']} tokens{off}\n")
+          f"TTFT of {report['ttft_tokens']} tokens (cut to the shape's positions){off}\n")
     print("| shape | metric | ours | HF eager | roofline | ours / roofline | HF / ours |")
     print("|---|---|---|---|---|---|---|")
     for name, e in report["shapes"].items():
@@ -297,7 +311,10 @@ def print_table(report: dict) -> None:
             sampled = ", ".join(f"{k} {v}" for k, v in SAMPLED.items())
             row(name, f"decode step, batch 1, CUDA graphs, sampled ({sampled}) (ms)", ours["decode_sampled_s_batch1"],
                 None, roof["decode_s"][1])
-        row(name, f"TTFT, {report['ttft_tokens']} tokens (ms)", ours["ttft_s"], hf.get("ttft_s"), roof["ttft_s"])
+        for tokens, ttft_s in ours["ttft_s"].items():
+            row(name, f"TTFT, {tokens} tokens (ms)", ttft_s, hf.get("ttft_s", {}).get(tokens), roof["ttft_s"][tokens])
+            rate_row(name, f"prefill, {tokens} tokens (prompt tok/s)", tokens / ttft_s,
+                     tokens / hf["ttft_s"][tokens] if "ttft_s" in hf else None, tokens / roof["ttft_s"][tokens])
         tokens, roof_s = report["offline_requests"] * OFFLINE_TOKENS, roof.get("offline_s")
         bound = "" if roof_s is None else f"{tokens / roof_s:.0f} | {tokens / ours['offline_tokens_per_s'] / roof_s:.2f}"
         print(f"| {name} | offline {OFFLINE_TOKENS}/{OFFLINE_TOKENS}, {report['offline_requests']} requests "
@@ -314,6 +331,12 @@ def print_table(report: dict) -> None:
               f"{ours['kv_cache_bytes'] / 1e9:.2f} | {ours['peak_device_bytes'] / 1e9:.2f} | | | | |")
 
 
+def rate_row(name: str, metric: str, ours: float, hf: float | None, roof: float) -> None:
+    """A row of rates (higher is better), with the same ratios as `row`: roofline / ours, ours / HF."""
+    hf_rate, hf_ratio = ("", "") if hf is None else (f"{hf:.0f}", f"{ours / hf:.2f}")
+    print(f"| {name} | {metric} | {ours:.0f} | {hf_rate} | {roof:.0f} | {roof / ours:.2f} | {hf_ratio} |")
+
+
 def row(name: str, metric: str, ours_s: float, hf_s: float | None, roof_s: float) -> None:
     hf_ms = "" if hf_s is None else f"{1e3 * hf_s:.2f}"
     hf_ratio = "" if hf_s is None else f"{hf_s / ours_s:.2f}"
@@ -327,7 +350,7 @@ def main() -> None:
     p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--ttft-tokens", type=int, default=2048)
+    p.add_argument("--ttft-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192])
     p.add_argument("--offline-requests", type=int, default=1024,
                    help="requests of the offline run (vLLM's throughput benchmark sends 1000)")
     p.add_argument("--max-num-seqs", type=int, default=512,

@@ -113,10 +113,10 @@ def offline_seconds(hf: dict, requests: int, running: int, prompt: int, output: 
     return requests * prefill_flops(hf, prompt) / gemm_flops + decode
 
 
-def rooflines(hf: dict, batches: list[int], context: int, prompt_tokens: int, copy_Bps: float,
+def rooflines(hf: dict, batches: list[int], context: int, prompt_lengths: list[int], copy_Bps: float,
               gemm_flops: float) -> dict:
-    """Decode step seconds per batch (decode_step_seconds) and prefill seconds of one prompt
-    (prefill_flops at the GEMM rate)."""
+    """Decode step seconds per batch (decode_step_seconds) and prefill seconds of one prompt per
+    length (prefill_flops at the GEMM rate)."""
     decode = {b: decode_step_seconds(hf, b, context, copy_Bps, gemm_flops) for b in batches}
-    return {"decode_s": decode, "ttft_s": prefill_flops(hf, prompt_tokens) / gemm_flops,
+    return {"decode_s": decode, "ttft_s": {n: prefill_flops(hf, n) / gemm_flops for n in prompt_lengths},
             "weights_GB": 2 * param_count(hf) / 1e9}

@@ -56,3 +56,21 @@ def test_decode_step_times_steps_of_the_whole_batch(tmp_path):
     rows.clear()   # sampled as bench.llm's sampled row asks: the same plans
     assert decode_step_s(engine, batch, context, steps, np.random.default_rng(2), SAMPLED) > 0
     assert rows[-steps:] == [batch] * steps and not engine.has_unfinished()
+
+
+def test_ttft_lengths_fit_the_shape_and_the_table_rates_them(capsys):
+    """The TTFT lengths are cut to the shape's positions less what mixed_ttft's request asks
+    for; the table gives each length's TTFT and prefill rate with their roofline ratios."""
+    from bench.kv_transfer import TTFT_MAX_TOKENS
+    from bench.llm import print_table, ttft_lengths
+    from bench.shapes import LLAMA3_8B
+    assert ttft_lengths(LLAMA3_8B, [8192, 2048, 2048]) == [2048, 8192 - TTFT_MAX_TOKENS]
+    ours = {"ceilings": {"copy_GBps": 4000.0, "gemm_TFLOPs": 800.0}, "decode_eager_s_batch1": 0.01,
+            "decode_s": {1: 0.004}, "ttft_s": {2048: 0.05, 8190: 0.25}, "offline_tokens_per_s": 16000.0,
+            "kv_cache_bytes": 1e9, "peak_device_bytes": 2e9}
+    roof = {"decode_s": {1: 0.0035}, "ttft_s": {2048: 0.04, 8190: 0.2}, "weights_GB": 16.0}
+    print_table({"device": "GPU", "context": 512, "ttft_tokens": [2048, 8192], "offline_requests": 8,
+                 "shapes": {"llama3-8b": {"ours": ours, "roofline": roof, "hf": {"ttft_s": {2048: 0.1, 8190: 0.5}}}}})
+    lines = capsys.readouterr().out.splitlines()
+    assert "| llama3-8b | TTFT, 8190 tokens (ms) | 250.00 | 500.00 | 200.00 | 1.25 | 2.00 |" in lines
+    assert "| llama3-8b | prefill, 2048 tokens (prompt tok/s) | 40960 | 20480 | 51200 | 1.25 | 2.00 |" in lines

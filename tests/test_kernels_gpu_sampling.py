@@ -145,3 +145,24 @@ def test_expf_is_non_decreasing_where_sampling_uses_it():
     down = cupy.zeros(1, dtype=cupy.uint64)
     _EXPF_STEPS((1024,), (256,), (np.uint32(first), np.uint32(last - first + 1), down))
     assert int(down[0]) == 0, f"expf decreases at {int(down[0])} steps in [-104, 0)"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top_k_keeps_exactly_the_reference_set_with_signed_zeros_and_ties(ops, rng, dtype):
+    # a few distinct values, half of them +-0.0: ties at every threshold, keys of -0.0 below +0.0;
+    # top_k from 1 to past the vocabulary (k >= vocab: off). With top_k alone the kept set is the
+    # reference's, so every drawn token is one it keeps, and k = 1 draws one of the tied maxima.
+    batch, vocab = 64, 4000
+    host = rng.choice([-2.0, -0.0, 0.0, 0.0, 1.5, 3.0], size=(batch, vocab))
+    logits, logits64 = on_device(ops, host, dtype)
+    params = random_sampling_params(rng, batch)
+    params["temperature"][:] = 1.0
+    params["top_p"][:], params["min_p"][:] = 1.0, 0.0
+    params["top_k"] = rng.choice([1, 2, 700, 3999, 4000, 5000], size=batch).astype(np.int32)
+    tokens = cupy.asnumpy(ops.sample(logits, **{n: cupy.asarray(p) for n, p in params.items()}))
+    for b in range(batch):
+        probs = numpy_ops.softmax(logits64[b].astype(np.float32))
+        kept = numpy_ops.filter_probs(probs, int(params["top_k"][b]), 1.0)
+        assert kept[tokens[b]] > 0, f"row {b} (top_k {params['top_k'][b]}) drew filtered token {tokens[b]}"
+        if params["top_k"][b] == 1:
+            assert logits64[b, tokens[b]] == logits64[b].max()
