@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_transfer import mixed_ttft  # noqa: E402
-from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s  # noqa: E402
+from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s, median_ttft  # noqa: E402
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -78,8 +77,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             if args.ttft_reads:
                 prompt = rng.integers(0, engine.local.model.config.vocab_size, args.ttft_tokens).tolist()
-                mixed_ttft(engine, prompt)   # a warm-up under this setting
-                ttft = np.median([mixed_ttft(engine, prompt) for _ in range(args.ttft_reads)])
+                ttft, _ = median_ttft(engine, prompt, args.ttft_reads)   # warmed up under this setting
                 rows.append({"shape": args.shape, "config": name, "batch": 0, "rep": rep,
                              "ttft_ms": round(float(ttft) * 1e3, 3)})
                 print(json.dumps(rows[-1]), flush=True)

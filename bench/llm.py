@@ -74,7 +74,7 @@ def build_ours(hf: dict, args):
     architecture = lookup(hf, "bench")
     model = architecture.model_class(backend, architecture.parse(hf),
                                      WeightReader(RandomCheckpoint(hf), backend, False))
-    longest = max(args.ttft_tokens) if isinstance(args.ttft_tokens, list) else args.ttft_tokens
+    longest = int(np.max(args.ttft_tokens))   # one length (decode_ab, step_profile) or bench.llm's list
     config = EngineConfig(backend="cuda", dtype="bfloat16", max_num_batched_tokens=max(longest, 8192),
                           decode_ahead=args.decode_ahead,   # None: the engine's default (on for one GPU)
                           max_num_seqs=max(args.batch + [args.max_num_seqs]),
@@ -91,6 +91,14 @@ def ttft_lengths(hf: dict, requested: list[int]) -> list[int]:
     """The prompt lengths TTFT is read at: each requested one, cut to what fits the shape's
     positions beside the tokens mixed_ttft's request asks for."""
     return sorted({min(n, hf["max_position_embeddings"] - TTFT_MAX_TOKENS) for n in requested})
+
+
+def median_ttft(engine, prompt: list[int], reads: int) -> tuple[float, list[float]]:
+    """The median TTFT of `prompt` through the engine and its reads, after a warm-up (one read
+    swings by +-3 ms)."""
+    mixed_ttft(engine, prompt)
+    seconds = [mixed_ttft(engine, prompt) for _ in range(reads)]
+    return float(np.median(seconds)), seconds
 
 
 def decode_step_s(engine, batch: int, context: int, steps: int, rng, sampling: dict | None = None) -> float:
@@ -216,9 +224,7 @@ def measure_ours(hf: dict, args, rng) -> dict:
     result["ttft_s"], result["ttft_s_all"] = {}, {}
     for tokens in ttft_lengths(hf, args.ttft_tokens):
         prompt = rng.integers(0, hf["vocab_size"], tokens).tolist()
-        mixed_ttft(engine, prompt)
-        ttfts = [mixed_ttft(engine, prompt) for _ in range(TTFT_REPS)]   # one read swings by +-3 ms
-        result["ttft_s"][tokens], result["ttft_s_all"][tokens] = float(np.median(ttfts)), ttfts
+        result["ttft_s"][tokens], result["ttft_s_all"][tokens] = median_ttft(engine, prompt, TTFT_REPS)
         memory.sample()
     result.update(offline_run(engine, args.offline_requests, rng))
     memory.sample()
@@ -313,10 +319,11 @@ def print_table(report: dict) -> None:
                 None, roof["decode_s"][1])
         for tokens, ttft_s in ours["ttft_s"].items():
             row(name, f"TTFT, {tokens} tokens (ms)", ttft_s, hf.get("ttft_s", {}).get(tokens), roof["ttft_s"][tokens])
-            rate_row(name, f"prefill, {tokens} tokens (prompt tok/s)", tokens / ttft_s,
-                     tokens / hf["ttft_s"][tokens] if "ttft_s" in hf else None, tokens / roof["ttft_s"][tokens])
+            row(name, f"prefill, {tokens} tokens (prompt tok/s)", ttft_s, hf.get("ttft_s", {}).get(tokens),
+                roof["ttft_s"][tokens], per=tokens)
         tokens, roof_s = report["offline_requests"] * OFFLINE_TOKENS, roof.get("offline_s")
-        bound = "" if roof_s is None else f"{tokens / roof_s:.0f} | {tokens / ours['offline_tokens_per_s'] / roof_s:.2f}"
+        bound = "" if roof_s is None else \
+            f"{tokens / roof_s:.0f} | {tokens / ours['offline_tokens_per_s'] / roof_s:.2f}"
         print(f"| {name} | offline {OFFLINE_TOKENS}/{OFFLINE_TOKENS}, {report['offline_requests']} requests "
               f"(output tok/s; roofline: prefills at the GEMM rate + decode steps at theirs) | "
               f"{ours['offline_tokens_per_s']:.0f} | | {bound or ' |'} | |")
@@ -331,17 +338,12 @@ def print_table(report: dict) -> None:
               f"{ours['kv_cache_bytes'] / 1e9:.2f} | {ours['peak_device_bytes'] / 1e9:.2f} | | | | |")
 
 
-def rate_row(name: str, metric: str, ours: float, hf: float | None, roof: float) -> None:
-    """A row of rates (higher is better), with the same ratios as `row`: roofline / ours, ours / HF."""
-    hf_rate, hf_ratio = ("", "") if hf is None else (f"{hf:.0f}", f"{ours / hf:.2f}")
-    print(f"| {name} | {metric} | {ours:.0f} | {hf_rate} | {roof:.0f} | {roof / ours:.2f} | {hf_ratio} |")
-
-
-def row(name: str, metric: str, ours_s: float, hf_s: float | None, roof_s: float) -> None:
-    hf_ms = "" if hf_s is None else f"{1e3 * hf_s:.2f}"
-    hf_ratio = "" if hf_s is None else f"{hf_s / ours_s:.2f}"
-    print(f"| {name} | {metric} | {1e3 * ours_s:.2f} | {hf_ms} | {1e3 * roof_s:.2f} | {ours_s / roof_s:.2f} | "
-          f"{hf_ratio} |")
+def row(name: str, metric: str, ours_s: float, hf_s: float | None, roof_s: float, per: int | None = None) -> None:
+    """Milliseconds, or with `per` the rate per / seconds (tokens/s); the ratios are the same
+    either way: ours against the roofline, HF against ours."""
+    show = (lambda s: f"{1e3 * s:.2f}") if per is None else (lambda s: f"{per / s:.0f}")
+    hf_shown, hf_ratio = ("", "") if hf_s is None else (show(hf_s), f"{hf_s / ours_s:.2f}")
+    print(f"| {name} | {metric} | {show(ours_s)} | {hf_shown} | {show(roof_s)} | {ours_s / roof_s:.2f} | {hf_ratio} |")
 
 
 def main() -> None:

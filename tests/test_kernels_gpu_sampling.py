@@ -126,7 +126,7 @@ def test_sampling_launches_the_kernels_cluster(ops):
         assert width == 8   # sampling.cu's SAMPLE_CLUSTER
 
 
-_EXPF_STEPS = cupy.RawKernel(r"""
+_EXPF_STEPS = r"""
 extern "C" __global__ void expf_steps(unsigned int first, unsigned int count, unsigned long long* down) {
     // x from the bits first, first + 1, ... (negative floats, rising bits = falling x): is
     // expf(x) ever above expf of the next larger float?
@@ -135,15 +135,16 @@ extern "C" __global__ void expf_steps(unsigned int first, unsigned int count, un
         if (expf(__uint_as_float(bits)) > expf(__uint_as_float(bits - 1u))) atomicAdd(down, 1ull);
     }
 }
-""", "expf_steps")
+"""
 
 
 def test_expf_is_non_decreasing_where_sampling_uses_it():
     # sampling.cu's thresholds rest on the probability expf(logit / T - max) / sum being a
     # non-decreasing function of the logit: checked for every float x in [-104, 0) (below, expf is 0)
+    expf_steps = cupy.RawKernel(_EXPF_STEPS, "expf_steps")
     first, last = 0x80000001, int(np.float32(-104.0).view(np.uint32))
     down = cupy.zeros(1, dtype=cupy.uint64)
-    _EXPF_STEPS((1024,), (256,), (np.uint32(first), np.uint32(last - first + 1), down))
+    expf_steps((1024,), (256,), (np.uint32(first), np.uint32(last - first + 1), down))
     assert int(down[0]) == 0, f"expf decreases at {int(down[0])} steps in [-104, 0)"
 
 
