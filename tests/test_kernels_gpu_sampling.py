@@ -116,7 +116,6 @@ def test_sampling_refuses_a_vocabulary_past_its_histograms(ops):
         ops.sample(cupy.zeros((1, vocab), dtype=cupy.uint16), [1.0], [0], [1.0], [0], [0])
 
 
-
 _EXPF_STEPS = r"""
 extern "C" __global__ void expf_steps(unsigned int first, unsigned int count, unsigned long long* down) {
     // x from the bits first, first + 1, ... (negative floats, rising bits = falling x): is
