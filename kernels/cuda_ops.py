@@ -54,7 +54,7 @@ from shardline.kernels.cuda_attention import AttentionOps
 from shardline.kernels.cuda_cache import CacheOps
 from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.cuda_skinny import SkinnyGemmOps, few_rows_blocks_per_sm, skinny_large_bytes_for
-from shardline.kernels.dependent_launch import launch_dependent
+from shardline.kernels.dependent_launch import cluster_width, launch_dependent
 from shardline.kernels.gemm import CublasGemm
 from shardline.kernels.staging import Uploader
 
@@ -77,9 +77,12 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
             # flash_attention.cu's split counters: zero between launches (the last split resets its own)
             self._flash_counters = cupy.zeros(_FLASH_COUNTERS, dtype=cupy.int32)
             self._multiprocessors = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-            # sampling.cu's blocks a row: a cluster of SAMPLE_CLUSTER from sm_90 (compiled for this device)
-            sm_90 = int(cupy.cuda.Device(device_id).compute_capability) >= 90
-            self._sample_blocks = _SAMPLE_CLUSTER if sm_90 else 1
+            # sampling.cu's blocks a row: its cluster width, SAMPLE_CLUSTER where NVRTC built it for
+            # sm_90 or later (CuPy may target an older architecture than the device's)
+            self._sample_blocks = cluster_width(self._functions["sample_kernel", "__nv_bfloat16"])
+            if self._sample_blocks is None:   # the driver did not say: the device's architecture
+                sm_90 = int(cupy.cuda.Device(device_id).compute_capability) >= 90
+                self._sample_blocks = _SAMPLE_CLUSTER if sm_90 else 1
             name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
             self.device_name = name.decode() if isinstance(name, bytes) else name
             self.skinny_blocks_per_sm_few_rows = few_rows_blocks_per_sm(self.device_name)

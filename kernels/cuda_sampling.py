@@ -55,7 +55,7 @@ class SamplingOps:
             raise ValueError(f"sampling parameters must each have {batch} entries, got {[p.size for p in params]}")
         out = cupy.empty(batch, dtype=cupy.int32)
         self._launch("sample_kernel", ctype, (batch * self._sample_blocks if vocab else 0,), (_SAMPLE_THREADS,),
-                     (logits, np.int32(vocab), *params, out))
+                     (logits, np.int32(vocab), *params, out, np.int32(batch)))
         return out
 
     def sampling_uniform(self, seeds, offsets, count: int):

@@ -11,7 +11,8 @@ Only for kernels compiled from our .cu files (they wait before reading what
 the previous kernel wrote); cuBLAS and cupy kernels keep ordinary launches.
 This module must not choose when to use it: CudaOps does (inside graph
 capture, where the Python cost of building the launch is paid once).
-resident_blocks asks the same driver how many blocks of a kernel fit an SM.
+resident_blocks asks the same driver how many blocks of a kernel fit an SM, cluster_width
+the cluster width it was compiled with.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _libcuda():
         driver.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
                                                                        ctypes.c_int, ctypes.c_size_t]
         driver.cuOccupancyMaxActiveBlocksPerMultiprocessor.restype = ctypes.c_int
+        driver.cuFuncGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_void_p]
+        driver.cuFuncGetAttribute.restype = ctypes.c_int
         _driver = driver
     return _driver
 
@@ -63,6 +66,17 @@ def resident_blocks(function, threads: int, shared_mem: int = 0) -> int:
     if status:
         raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {status}")
     return blocks.value
+
+
+_REQUIRED_CLUSTER_WIDTH = 11   # CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH
+
+
+def cluster_width(function) -> int | None:
+    """The thread-block cluster width a cupy RawKernel was compiled with (__cluster_dims__; 1
+    without one), as its launches must honour it; None where the driver does not say."""
+    width = ctypes.c_int()
+    status = _libcuda().cuFuncGetAttribute(ctypes.byref(width), _REQUIRED_CLUSTER_WIDTH, function.kernel.ptr)
+    return None if status else max(1, width.value)
 
 
 def _argument(value):

@@ -283,9 +283,10 @@ __device__ int exponential_race(const T* x, int vocab, const RowSoftmax& sm, flo
 template <typename T>
 __global__ void __launch_bounds__(512, 2) SAMPLE_CLUSTER_DIMS
 sample_kernel(const T* logits, int vocab, const float* temperature, const int* top_k, const float* top_p,
-              const unsigned long long* seeds, const long long* offsets, const float* min_p, int* out) {
+              const unsigned long long* seeds, const long long* offsets, const float* min_p, int* out, int rows) {
     pdl_begin();
     const int row = blockIdx.x / cluster_blocks();
+    if (row >= rows) return;  // a grid counted in other than this build's clusters: a cluster's blocks all leave
     const T* x = logits + (long long)row * vocab;
     const float temp = temperature[row];
     int token;

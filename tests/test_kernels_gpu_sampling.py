@@ -116,6 +116,16 @@ def test_sampling_refuses_a_vocabulary_past_its_histograms(ops):
         ops.sample(cupy.zeros((1, vocab), dtype=cupy.uint16), [1.0], [0], [1.0], [0], [0])
 
 
+def test_sampling_launches_the_kernels_cluster(ops):
+    # the grid is counted in the cluster width the driver reports for the compiled kernel
+    from shardline.kernels.dependent_launch import cluster_width
+    width = cluster_width(ops._functions["sample_kernel", "__nv_bfloat16"])
+    assert width == ops._sample_blocks
+    nvrtc = getattr(cupy.cuda.nvrtc, "getVersion", lambda: (0, 0))()   # CuPy targets sm_90 from NVRTC 11.8
+    if int(cupy.cuda.Device().compute_capability) >= 90 and nvrtc >= (11, 8):
+        assert width == 8   # sampling.cu's SAMPLE_CLUSTER
+
+
 _EXPF_STEPS = r"""
 extern "C" __global__ void expf_steps(unsigned int first, unsigned int count, unsigned long long* down) {
     // x from the bits first, first + 1, ... (negative floats, rising bits = falling x): is
