@@ -2,9 +2,10 @@
 CudaOps._launch): causal GQA attention over one contiguous sequence or the
 paged cache. Paged bf16/fp16 launches of the head sizes the tensor-core kernels
 are built for run them: decode steps (a few rows a sequence) flash_decode.cu,
-prefill and mixed launches flash_attention.cu (or flash_prefill.cu where
-prefill_rows_per_warp is 32); the rest (fp32, other head sizes, one contiguous
-sequence) run attention.cu's kernel.
+prefill and mixed launches flash_prefill_sm90.cu on sm_90 devices (head sizes 64
+and 128), else flash_attention.cu (or flash_prefill.cu where prefill_rows_per_warp
+is 32); the rest (fp32, other head sizes, one contiguous sequence) run
+attention.cu's kernel.
 Both split each row's keys over several blocks when the launch has few rows.
 Same meaning as numpy_ops; no host sync.
 """

@@ -155,8 +155,9 @@ def flash_prefill_smem_bytes(head_dim: int, keys: int = 64, stages: int = 2) -> 
 
 def flash_prefill_sm90_smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of flash_prefill_sm90_kernel<T, head_dim>: the block's 128 Q rows and
-    F9_STAGES (2) tiles of 64 keys, K and V, unpadded (96 KiB at head_dim 128: two blocks an SM)."""
-    return (128 + 2 * 2 * 64) * head_dim * 2
+    F9_STAGES (2) tiles of 64 keys, K and V, unpadded, and 1 KiB to align them to 1024 bytes (97
+    KiB at head_dim 128: two blocks an SM)."""
+    return (128 + 2 * 2 * 64) * head_dim * 2 + 1024
 
 
 def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:

@@ -3,19 +3,22 @@
 // and flash_attention.cu, whose rows, key ranges, masks, online softmax and row writes it uses;
 // its launch takes flash_attention_kernel's arguments and block order (flash_block_tile).
 //
-// 8 warps own 128 packed rows, two warpgroups of 64, and share every 64-key tile. A warp keeps
-// its 16 rows' Q as A fragments in registers (fa_load_q), and the warpgroup's 64 x 64 scores come
-// from wgmma with K read by the tensor cores straight from shared memory: no ldmatrix, and one
-// read of a K fragment serves all 64 rows where mma.sync serves 16 or 32 (flash_prefill.cu). The
-// probabilities are rounded and fed back from registers as the A operand of P V, V read from
-// shared memory transposed by the instruction.
+// 8 warps own 128 packed rows, two warpgroups of 64, and share every 64-key tile. The block's Q
+// rows wait in shared memory beside the K/V stages; a warpgroup's 64 x 64 scores come from
+// wgmma reading Q and K there, with no ldmatrix, one read of a K tile serving all 64 rows where
+// mma.sync serves 16 or 32 (flash_attention.cu, flash_prefill.cu). A warp masks its 16 rows and
+// updates their online softmax as flash_attention.cu does; the probabilities, rounded to the
+// storage type, go back from registers as the A operand of P V, with V read from shared memory
+// transposed by the instruction. Each mma group is waited for at once: the two blocks an SM
+// overlap one's softmax with the other's mma.
 //
-// Shared memory holds K and V tiles as 8 x 8 core matrices (8 rows of 16 bytes, 128 bytes
-// together) without swizzle: element (r, c) of a tile with D columns at byte
-// ((r / 8) * (D / 8) + c / 8) * 128 + (r % 8) * 16 + (c % 8) * 2, so 16-byte chunk i holds row
-// (i % 8) + 8 * (i / D) from column ((i / 8) % (D / 8)) * 8, and a thread's cp.async chunks land
-// at consecutive addresses. Along a row (K, the mma's K of Q K^T) core matrices are 128 bytes
-// apart; along the keys (8-row groups) D * 16.
+// Shared memory holds Q, K and V tiles in the 128-byte swizzled layout of wgmma's canonical
+// forms: a tile of R rows and D columns is D / 64 column blocks of R x 64 elements (R * 128 bytes
+// each, 1024-byte aligned), row r of a block at r * 128 bytes with its 16-byte chunk c (0..7) at
+// chunk c ^ (r % 8). The eight chunks a row brings from global memory (128 contiguous bytes)
+// land in eight different bank groups. Q and K are K-major operands (their 8-row groups 1024
+// bytes apart, a 16-column step 32 bytes into the block); V is N-major (N its dimensions: column
+// blocks R * 128 bytes apart, 8-key groups 1024).
 
 #define F9_WARPS 8
 #define F9_THREADS (F9_WARPS * 32)
@@ -23,27 +26,38 @@
 #define F9_BK 64       // keys a tile
 #define F9_STAGES 2    // K/V tiles in flight (cuda_common.flash_prefill_sm90_smem_bytes)
 
-// Descriptor byte offsets (leading, stride) of the tiles, from the canonical layouts without
-// swizzle: K-major (K for Q K^T) leads along K, core matrices 128 bytes apart, and strides
-// over 8-row groups; N-major (V for P V, N its dimensions) leads along the keys (8-row groups)
-// and strides along N. F9_SWAP_K / F9_SWAP_V swap a pair (tests/test_kernels_gpu_sm90.py checks
-// that the swapped layouts give wrong results, so the pairs are the ones that matter).
+// Descriptor byte offsets (leading, stride) of the tiles (r: the tile's rows): K-major operands
+// stride over 8-row groups (the leading offset is unused in a 128-byte swizzle); N-major V leads
+// over column blocks and strides over 8-key groups. F9_SWAP_K / F9_SWAP_V swap a pair
+// (tests/test_kernels_gpu_sm90.py checks that the swapped layouts give wrong results, so the
+// pairs are the ones that matter).
 #ifdef F9_SWAP_K
-#define F9_K_OFFSETS(rows8) (rows8), 128u
+#define F9_K_OFFSETS(r) 1024u, 16u
 #else
-#define F9_K_OFFSETS(rows8) 128u, (rows8)
+#define F9_K_OFFSETS(r) 16u, 1024u
 #endif
 #ifdef F9_SWAP_V
-#define F9_V_OFFSETS(rows8) 128u, (rows8)
+#define F9_V_OFFSETS(r) 1024u, (r) * 128u
 #else
-#define F9_V_OFFSETS(rows8) (rows8), 128u
+#define F9_V_OFFSETS(r) (r) * 128u, 1024u
 #endif
 
-// A wgmma shared-memory matrix descriptor: start address, the leading and stride byte offsets, no
-// swizzle (bits 62-63 zero), base offset 0.
+// Byte offset of 16-byte chunk c (of D / 8) of row r in a swizzled tile of `rows` rows.
+__device__ __forceinline__ unsigned f9_swizzled(int r, int c, int rows) {
+    return (unsigned)((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// A wgmma shared-memory matrix descriptor: start address, the leading and stride byte offsets,
+// 128-byte swizzle (mode 1 in bits 62-63), base offset 0 (the blocks are 1024-byte aligned).
 __device__ __forceinline__ unsigned long long f9_desc(unsigned addr, unsigned lead, unsigned stride) {
     return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(lead >> 4) << 16)
-           | ((unsigned long long)(stride >> 4) << 32);
+           | ((unsigned long long)(stride >> 4) << 32) | (1ull << 62);
+}
+
+// The 1024-byte aligned start of the dynamic shared memory (its size has 1 KiB to spare).
+__device__ __forceinline__ unsigned f9_smem_base() {
+    extern __shared__ __align__(128) unsigned char smem[];
+    return (smem_u32(smem) + 1023u) & ~1023u;
 }
 
 __device__ __forceinline__ void f9_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -114,25 +128,24 @@ F9_WGMMA(128, F9_R64, F9_C64, __half, "f16", "64", "65", "66", "67", "68", "69",
 template <typename T, int D>
 __device__ __forceinline__ void f9_stage_q(const T* q, const FlashRange& range, int group, int num_heads,
                                            int kv_head, int tid) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    const int col = ((tid >> 3) % (D / 8)) * 8, r0 = (tid & 7) + 8 * (tid / D);
-    const unsigned dst = smem_u32(smem) + tid * 16;
+    const int c = tid % (D / 8), r0 = tid / (D / 8);
+    const unsigned dst = f9_smem_base() + f9_swizzled(r0, c, F9_BQ);
 #pragma unroll
     for (int k = 0; k < F9_BQ * D / 8 / F9_THREADS; ++k) {
-        const int r = r0 + k * (8 * F9_THREADS / D), packed = range.row0 + r;
+        const int r = r0 + k * (F9_THREADS / (D / 8)), packed = range.row0 + r;
         const bool ok = r < range.rows_here;
         const long long row = ok ? (long long)(range.q_first + packed / group) * num_heads
                                        + (long long)kv_head * group + packed % group : 0;
-        cp_async16_at(dst + k * F9_THREADS * 16, q + row * D + col, ok);
+        cp_async16_at(dst + k * (F9_THREADS / (D / 8)) * 128, q + row * D + c * 8, ok);
     }
 }
 
 // Copies key tiles, K and V, from the paged cache into the core-matrix stages by cp.async; the
-// caller commits and waits. Thread tid copies chunks tid + k * F9_THREADS of each: one column
-// chunk, rows 8 * F9_THREADS / D apart.
+// caller commits and waits. Thread tid copies 16-byte chunk tid % (D / 8) of rows tid / (D / 8),
+// then every ROW_STEP rows on: eight threads in a row bring 128 contiguous bytes of it.
 template <typename T, int D>
 struct F9KvLoader {
-    static constexpr int CHUNKS = F9_BK * D / 8 / F9_THREADS, ROW_STEP = 8 * F9_THREADS / D;
+    static constexpr int CHUNKS = F9_BK * D / 8 / F9_THREADS, ROW_STEP = F9_THREADS / (D / 8);
     static constexpr unsigned TILE_BYTES = F9_BK * D * sizeof(T);
     const FlashDivisor per_block;
     const char *k_base, *v_base;
@@ -143,13 +156,12 @@ struct F9KvLoader {
     __device__ __forceinline__ F9KvLoader(const T* k_cache, const T* v_cache, const int* table_, int block_size_,
                                           int kv_head, long long kv_stride, int tid, const FlashRange& range)
         : per_block(block_size_) {
-        extern __shared__ __align__(128) unsigned char smem[];
-        const int col = ((tid >> 3) % (D / 8)) * 8;
-        r0 = (tid & 7) + 8 * (tid / D);
+        const int col = (tid % (D / 8)) * 8;
+        r0 = tid / (D / 8);
         k_base = reinterpret_cast<const char*>(k_cache + (long long)kv_head * D + col);
         v_base = reinterpret_cast<const char*>(v_cache + (long long)kv_head * D + col);
         row_bytes = (unsigned)kv_stride * sizeof(T);
-        dst0 = smem_u32(smem) + F9_BQ * D * sizeof(T) + tid * 16;   // the stages follow the block's Q
+        dst0 = f9_smem_base() + F9_BQ * D * sizeof(T) + f9_swizzled(r0, col / 8, F9_BK);   // stages after Q
         table = table_, block_size = block_size_, k_lo = range.k_lo, k_hi = range.k_hi;
     }
 
@@ -166,8 +178,8 @@ struct F9KvLoader {
                 off = (unsigned long long)(unsigned)(__ldg(table + blk) * block_size + (j - blk * block_size))
                       * row_bytes;
             }
-            cp_async16_at(ks + k * F9_THREADS * 16, k_base + off, ok);
-            cp_async16_at(vs + k * F9_THREADS * 16, v_base + off, ok);
+            cp_async16_at(ks + k * ROW_STEP * 128, k_base + off, ok);
+            cp_async16_at(vs + k * ROW_STEP * 128, v_base + off, ok);
         }
     }
 };
@@ -191,12 +203,12 @@ __device__ __forceinline__ F9GroupKeys f9_group_keys(const FlashRange& range, in
 // flash_attention.cu's, o += P V by wgmma. Leaves o, m and l final, l summed over the row.
 template <typename T, int D>
 __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2], float (&l)[2],
-                                            const F9KvLoader<T, D>& kv, const FaRows& w, const FaWarpKeys& wk, const F9GroupKeys& gk,
-                                            const FlashRange& range, int lane, int window, float scale2) {
-    constexpr unsigned TILE = F9KvLoader<T, D>::TILE_BYTES, ROWS8 = D * 16;   // bytes of 8 rows
-    extern __shared__ __align__(128) unsigned char smem[];
-    const unsigned qs = smem_u32(smem) + (threadIdx.x >> 7) * 8 * ROWS8;   // the warpgroup's 64 Q rows
-    const unsigned base = smem_u32(smem) + F9_BQ * D * sizeof(T);
+                                            const F9KvLoader<T, D>& kv, const FaRows& w, const FaWarpKeys& wk,
+                                            const F9GroupKeys& gk, const FlashRange& range, int lane, int window,
+                                            float scale2) {
+    constexpr unsigned TILE = F9KvLoader<T, D>::TILE_BYTES;
+    const unsigned qs = f9_smem_base() + (threadIdx.x >> 7) * 64 * 128;   // the warpgroup's 64 Q rows
+    const unsigned base = f9_smem_base() + F9_BQ * D * sizeof(T);
     const int t4 = lane & 3, t_end = range.t_end;
     const T* tag = nullptr;
     int t = range.t_begin;
@@ -220,9 +232,9 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
             f9_touch(s);
             f9_fence();
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)   // K-major K: dims kk * 16.. are core matrices 2kk, 2kk + 1
-                f9_mma_ss(s, f9_desc(qs + kk * 256, F9_K_OFFSETS(ROWS8)), f9_desc(ks + kk * 256, F9_K_OFFSETS(ROWS8)),
-                          kk > 0, tag);
+            for (int kk = 0; kk < D / 16; ++kk)   // columns kk * 16..: block kk / 4, 32 bytes a step into it
+                f9_mma_ss(s, f9_desc(qs + (kk >> 2) * F9_BQ * 128 + (kk & 3) * 32, F9_K_OFFSETS(F9_BQ)),
+                          f9_desc(ks + (kk >> 2) * F9_BK * 128 + (kk & 3) * 32, F9_K_OFFSETS(F9_BK)), kk > 0, tag);
             f9_commit();
             f9_wait_all();
             f9_touch(s);
@@ -240,8 +252,8 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
             f9_touch(o);
             f9_fence();
 #pragma unroll
-            for (int kk = 0; kk < F9_BK / 16; ++kk)   // N-major V: keys kk * 16.. are 8-row groups 2kk, 2kk + 1
-                f9_mma<1>(o, pa[kk], f9_desc(vs + kk * 2 * ROWS8, F9_V_OFFSETS(ROWS8)), 1, tag);
+            for (int kk = 0; kk < F9_BK / 16; ++kk)   // keys kk * 16..: rows 16 kk.. of every column block
+                f9_mma<1>(o, pa[kk], f9_desc(vs + kk * 16 * 128, F9_V_OFFSETS(F9_BK)), 1, tag);
             f9_commit();
             f9_wait_all();
             f9_touch(o);
