@@ -79,8 +79,7 @@ def traced_kernel(template: str):
     [MAX_BLOCKS, SLOTS] device array."""
     import cupy
     from shardline.kernels import cuda_common
-    source = "\n".join((cuda_common._KERNEL_DIR / f"{name}.cu").read_text()
-                       for name in ("common", *cuda_common._PRELUDES["flash_decode"], "flash_decode"))
+    source = cuda_common._module_source("flash_decode")
     options = ("-std=c++17", f"-DFLASH_DECODE_TRACE={MAX_BLOCKS}") + cuda_common._include_options()
     name = f"flash_decode_kernel<{template}>"
     module = cupy.RawModule(code=source, options=options, name_expressions=[name])

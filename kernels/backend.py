@@ -68,14 +68,15 @@ class Backend:
         return self.ops.to_host(arr)
 
 
-GPU_PATHS = ("flash", "flash_decode", "skinny_gemm", "fused_norm_gemm", "fused_rope_gemm", "nccl_links",
+GPU_PATHS = ("flash", "flash_decode", "flash_sm90", "skinny_gemm", "fused_norm_gemm", "fused_rope_gemm", "nccl_links",
              "dependent_launch", "gemm_autotune", "residual_in_gemm")
 
 
 def gpu_paths_off() -> frozenset[str]:
     """GPU fast paths switched off by SHARDLINE_GPU_OFF (e.g. flash,skinny_gemm), for A/B
     runs and as an escape hatch: the flash attention kernels (off: attention.cu's kernel),
-    flash_decode.cu for decode steps (off: flash_attention.cu's decode shape), the skinny GEMM
+    flash_decode.cu for decode steps (off: flash_attention.cu's decode shape), the wgmma prefill
+    kernel on sm_90 (flash_sm90; off: flash_attention.cu's prefill shape), the skinny GEMM
     (off: cuBLAS), the RMSNorm fused into it (off: rms_norm, then the GEMM), RoPE and the
     KV-cache write fused into it (fused_rope_gemm; off: rope_write_kv after it), NCCL pair links
     for the KV hand-off (off: over gRPC), dependent launches in captured graphs (off:

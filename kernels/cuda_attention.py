@@ -2,9 +2,10 @@
 CudaOps._launch): causal GQA attention over one contiguous sequence or the
 paged cache. Paged bf16/fp16 launches of the head sizes the tensor-core kernels
 are built for run them: decode steps (a few rows a sequence) flash_decode.cu,
-prefill and mixed launches flash_attention.cu (or flash_prefill.cu where
-prefill_rows_per_warp is 32); the rest (fp32, other head sizes, one contiguous
-sequence) run attention.cu's kernel.
+prefill and mixed launches flash_prefill_sm90.cu on sm_90 devices (head sizes 64
+and 128), else flash_attention.cu (or flash_prefill.cu where prefill_rows_per_warp
+is 32); the rest (fp32, other head sizes, one contiguous sequence) run
+attention.cu's kernel.
 Both split each row's keys over several blocks when the launch has few rows.
 Same meaning as numpy_ops; no host sync.
 """
@@ -36,6 +37,7 @@ from shardline.kernels.cuda_common import (
     _same_dtype,
     flash_decode_smem_bytes,
     flash_decode_template,
+    flash_prefill_sm90_smem_bytes,
     flash_prefill_smem_bytes,
     flash_smem_bytes,
 )
@@ -62,6 +64,9 @@ class AttentionOps:
     # first: 32 took 3% longer at 2048 tokens, 1.4% less at 4096 and 4% less at 8192
     # (bench/notes/RESULTS.md, twenty-third session).
     prefill_rows_per_warp = 16
+    # On sm_90 devices prefill launches of head size 64 or 128 run flash_prefill_sm90.cu (warpgroup
+    # mma, 128 rows a block) where it compiled; off, the kernels above.
+    prefill_sm90 = "flash_sm90" not in gpu_paths_off()
     # Prefill and mixed launches start every KV head's longest tiles before any head's shorter
     # ones (flash_block_tile); off, head by head. A launch argument, as decode_table_ahead.
     prefill_heads_first = True
@@ -107,12 +112,13 @@ class AttentionOps:
         up front (never during a CUDA-graph capture); an instantiation needing more than
         this GPU allows (227 KiB on H100, 99 KiB on sm_86/89) is dropped."""
         optin = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
-        flash = ("flash_attention_kernel", "flash_decode_kernel", "flash_prefill_kernel")
+        flash = ("flash_attention_kernel", "flash_decode_kernel", "flash_prefill_kernel", "flash_prefill_sm90_kernel")
         for key in [key for key in self._functions if key[0] in flash]:
             parts = [part.strip() for part in key[1].split(",")]   # "T, D, KW", "T, D, BK, STAGES, KW" or "T, D"
             head_dim = int(parts[1])
             need = (flash_smem_bytes(head_dim, int(parts[2])) if key[0] == "flash_attention_kernel"
                     else flash_prefill_smem_bytes(head_dim) if key[0] == "flash_prefill_kernel"
+                    else flash_prefill_sm90_smem_bytes(head_dim) if key[0] == "flash_prefill_sm90_kernel"
                     else flash_decode_smem_bytes(head_dim, tuple(int(part) for part in parts[2:])))
             try:   # 2 KiB kept for the kernel's static shared memory (about 1 KiB: its tile scan)
                 if need > optin - 2048:
@@ -165,6 +171,10 @@ class AttentionOps:
                     and ("flash_prefill_kernel", f"{ctype}, {head_dim}") in self._functions:   # Q in 16-byte loads
                 name, template, tile_rows = "flash_prefill_kernel", f"{ctype}, {head_dim}", 128
                 smem = flash_prefill_smem_bytes(head_dim)
+            if key_warps == 1 and self.prefill_sm90 and q.data.ptr % 16 == 0 \
+                    and ("flash_prefill_sm90_kernel", f"{ctype}, {head_dim}") in self._functions:
+                name, template, tile_rows = "flash_prefill_sm90_kernel", f"{ctype}, {head_dim}", 128
+                smem, threads = flash_prefill_sm90_smem_bytes(head_dim), 2 * _FLASH_THREADS
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
         # the last tile exit, and one of them zeroes the rows past the last sequence. The splits fill
         # the SMs at `target` blocks an SM for that bound. A decode launch told that every sequence

@@ -17,6 +17,7 @@ _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
 _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
 _FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's and flash_decode.cu's instantiations
+_FLASH_SM90_HEAD_DIMS = (64, 128)   # flash_prefill_sm90.cu's (wgmma's N: 8-row multiples up to 256)
 
 
 def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
@@ -81,6 +82,8 @@ _KERNELS = {
                                                         for d in _FLASH_HEAD_DIMS for kw in (1, 4))},
     "flash_prefill": {"flash_prefill_kernel": tuple(f"{t}, {d}" for t in ("__half", "__nv_bfloat16")
                                                     for d in _FLASH_HEAD_DIMS)},
+    "flash_prefill_sm90": {"flash_prefill_sm90_kernel": tuple(f"{t}, {d}" for t in ("__half", "__nv_bfloat16")
+                                                              for d in _FLASH_SM90_HEAD_DIMS)},
     "flash_decode": {"flash_decode_kernel": tuple(flash_decode_template(t, d, tile)
                                                   for t in ("__half", "__nv_bfloat16") for d in _FLASH_HEAD_DIMS
                                                   for tile in dict.fromkeys(tile for tile, _ in _FLASH_DECODE_TILES))},
@@ -122,9 +125,15 @@ _FLASH_DECODE_ROWS, _FLASH_DECODE_SPLIT_TARGET = 8, 1
 _FLASH_DECODE_MIN_SPLIT_KEYS = 96
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
-_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_prefill", "flash_decode", "skinny_gemm"})
+_OPTIONAL_MODULES = frozenset({"flash_attention", "flash_prefill", "flash_prefill_sm90", "flash_decode",
+                               "skinny_gemm"})
+# Modules built for one architecture alone, by NVRTC with -arch=<target> (CuPy builds the rest for
+# the device's generic architecture, which has no wgmma): compiled only on devices of that compute
+# capability. module -> (target, compute capability)
+_ARCH_MODULES = {"flash_prefill_sm90": ("sm_90a", "90")}
 # Modules compiled with other files in front of them (after common.cu).
 _PRELUDES = {"flash_attention": ("flash_common",), "flash_prefill": ("flash_common", "flash_attention"),
+             "flash_prefill_sm90": ("flash_common", "flash_attention"),
              "flash_decode": ("flash_common", "flash_decode_loads")}
 
 
@@ -142,6 +151,13 @@ def flash_prefill_smem_bytes(head_dim: int, keys: int = 64, stages: int = 2) -> 
     stages (`stages` tiles of `keys` keys, K and V; bench/flash_tile_sweep.py patches them) and
     each of its 4 warps' 32 Q rows, rows padded by 8."""
     return (stages * 2 * keys + 4 * 32) * (head_dim + 8) * 2
+
+
+def flash_prefill_sm90_smem_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of flash_prefill_sm90_kernel<T, head_dim>: the block's 128 Q rows and
+    F9_STAGES (2) tiles of 64 keys, K and V, unpadded, and 1 KiB to align them to 1024 bytes (97
+    KiB at head_dim 128: two blocks an SM)."""
+    return (128 + 2 * 2 * 64) * head_dim * 2 + 1024
 
 
 def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:
@@ -171,16 +187,75 @@ def _include_options() -> tuple[str, ...]:
     return tuple(f"-I{d}" for d in found)
 
 
-def _compile_kernels() -> dict:
-    common = (_KERNEL_DIR / "common.cu").read_text()
-    options = ("-std=c++17",) + _include_options()
-    functions = {}
-    for module_name, kernels in _KERNELS.items():
-        names = {(k, t): (f"{k}<{t}>" if t else k) for k, types in kernels.items() for t in (types or (None,))}
-        files = _PRELUDES.get(module_name, ()) + (module_name,)
-        source = "\n".join([common] + [(_KERNEL_DIR / f"{name}.cu").read_text() for name in files])
-        module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
+class _ArchKernel:
+    """A kernel of a module built by _compile_for_arch, with the surface of CuPy's RawKernel that
+    CudaOps uses: a call, `kernel` (the function with its CUfunction `ptr`) and the two attributes
+    it sets."""
+
+    _MAX_DYNAMIC_SHARED, _CARVEOUT = 8, 9   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ..._CARVEOUT
+
+    def __init__(self, function):
+        self.kernel = function
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        self.kernel(grid, block, args, shared_mem=shared_mem)
+
+    def _set(self, attribute: int, value: int) -> None:
+        cupy.cuda.driver.funcSetAttribute(self.kernel.ptr, attribute, value)
+
+    max_dynamic_shared_size_bytes = property(
+        None, lambda self, value: self._set(self._MAX_DYNAMIC_SHARED, value))
+    preferred_shared_memory_carveout = property(None, lambda self, value: self._set(self._CARVEOUT, value))
+
+
+def _compile_for_arch(source: str, names: dict, options: tuple[str, ...], target: str) -> dict:
+    """{key: function} of `source` built by NVRTC for one architecture (`target`, e.g. sm_90a)
+    and loaded as a module; CuPy's RawModule would add its own -arch. Raises CompileException."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(source, "shardline_arch.cu", (), ())
+    try:
+        for expression in names.values():
+            nvrtc.addNameExpression(program, expression)
         try:
+            nvrtc.compileProgram(program, list(options) + ["-ftz=true", "--device-as-default-execution-space",
+                                                           f"-arch={target}"])
+        except nvrtc.NVRTCError:
+            raise cupy.cuda.compiler.CompileException(nvrtc.getProgramLog(program), source, "shardline_arch.cu",
+                                                      options, "nvrtc") from None
+        module = cupy.cuda.function.Module()
+        module.load(nvrtc.getCUBIN(program))
+        lowered = {key: nvrtc.getLoweredName(program, expression) for key, expression in names.items()}
+    finally:
+        nvrtc.destroyProgram(program)
+    return {key: _ArchKernel(module.get_function(name)) for key, name in lowered.items()}   # each holds its module
+
+
+def _module_source(module_name: str) -> str:
+    """A module's CUDA source: common.cu, its preludes, then its own file."""
+    files = ("common",) + _PRELUDES.get(module_name, ()) + (module_name,)
+    return "\n".join((_KERNEL_DIR / f"{name}.cu").read_text() for name in files)
+
+
+def _kernel_names(module_name: str) -> dict:
+    """{(kernel, template arguments or None): name expression} of a module's instantiations."""
+    return {(k, t): (f"{k}<{t}>" if t else k) for k, types in _KERNELS[module_name].items() for t in (types or (None,))}
+
+
+def _compile_kernels() -> dict:
+    options = ("-std=c++17",) + _include_options()
+    capability = str(cupy.cuda.Device().compute_capability)
+    functions = {}
+    for module_name in _KERNELS:
+        target, arch_capability = _ARCH_MODULES.get(module_name, (None, None))
+        if target is not None and capability != arch_capability:
+            continue
+        names, source = _kernel_names(module_name), _module_source(module_name)
+        try:
+            if target is not None:
+                functions.update(_compile_for_arch(source, names, options, target))
+                continue
+            module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
             for key, expression in names.items():
                 functions[key] = module.get_function(expression)   # compiles the module
         except cupy.cuda.compiler.CompileException as err:

@@ -4,8 +4,9 @@ Arrays are in the storage dtype (bf16 as uint16 bit patterns, float16 or
 float32) and every kernel accumulates in float32. The CUDA C++ lives in the
 `*.cu` files beside this one (compiled once per process with NVRTC through
 cupy.RawModule, `common.cu` prepended to each, and `flash_common.cu` to the
-two flash kernels' files); GEMMs go through cuBLAS in gemm.py (cuBLASLt, with
-an algorithm measured per shape, for decode-sized inputs: gemm_lt.py). The
+flash kernels' files; flash_prefill_sm90.cu for sm_90a alone, by NVRTC directly);
+GEMMs go through cuBLAS in gemm.py (cuBLASLt, with an algorithm measured per
+shape, for decode-sized inputs: gemm_lt.py). The
 attention, KV-cache, sampling and decode-sized GEMM ops are mixins in
 cuda_attention.py, cuda_cache.py, cuda_sampling.py and cuda_skinny.py. Shapes are
 checked here, on the host, before any launch.

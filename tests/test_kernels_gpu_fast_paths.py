@@ -16,7 +16,12 @@ import pytest
 from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
 
 from shardline.kernels import numpy_ops  # noqa: E402
-from shardline.kernels.cuda_common import _ctype, _skinny_tiles, flash_decode_template  # noqa: E402
+from shardline.kernels.cuda_common import (  # noqa: E402
+    _FLASH_SM90_HEAD_DIMS,
+    _ctype,
+    _skinny_tiles,
+    flash_decode_template,
+)
 from shardline.kernels.cuda_skinny import pick_k_split, skinny_large_bytes_for  # noqa: E402
 from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
     assert_close,
@@ -204,14 +209,20 @@ def test_skinny_gated_linear(ops, rng, dtype, tokens, k, inter, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 16, None), (80, 5, None),
                                                         (64, 16, 37), (128, 1, 100)])
-@pytest.mark.parametrize("rows_per_warp,heads_first", [(16, True), (32, True), (16, False), (32, False)])
+@pytest.mark.parametrize("rows_per_warp,heads_first", [(16, True), (32, True), (16, False), (32, False),
+                                                      ("sm90", True), ("sm90", False)])
 def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows_per_warp, heads_first,
                              monkeypatch):
     """The tensor-core prefill kernel (chunks of long prefills, one decode row and an
     idle sequence in the launch, one padding row) against the float64 reference: 16 rows a
-    warp (flash_attention_kernel) or 32 (flash_prefill_kernel, two m-tiles)."""
+    warp (flash_attention_kernel), 32 (flash_prefill_kernel, two m-tiles) or, on sm_90, the
+    warpgroup-mma kernel (flash_prefill_sm90_kernel; head sizes 64 and 128, others the 16-row one)."""
+    sm90 = rows_per_warp == "sm90"
+    if sm90 and str(cupy.cuda.Device().compute_capability) != "90":
+        pytest.skip("flash_prefill_sm90.cu is built for sm_90a alone")
     monkeypatch.setattr(ops, "use_flash", True)   # even where SHARDLINE_GPU_OFF names it
-    monkeypatch.setattr(ops, "prefill_rows_per_warp", rows_per_warp)
+    monkeypatch.setattr(ops, "prefill_sm90", sm90)
+    monkeypatch.setattr(ops, "prefill_rows_per_warp", 16 if sm90 else rows_per_warp)
     monkeypatch.setattr(ops, "prefill_heads_first", heads_first)
     launched, launch = [], ops._launch
     monkeypatch.setattr(ops, "_launch", lambda name, *args, **kw: (launched.append(name), launch(name, *args, **kw))[1])
@@ -236,7 +247,11 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows
         assert not ops.to_host(out[num_tokens]).any(), f"{what}: the padding row must come back zero"
     # built wherever flash_attention_kernel is (an optional module: a failed build would only warn)
     assert ("flash_prefill_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
-    assert launched == ["flash_prefill_kernel" if rows_per_warp == 32 else "flash_attention_kernel"] * 2
+    if sm90 and head_dim in _FLASH_SM90_HEAD_DIMS:
+        assert ("flash_prefill_sm90_kernel", f"{_ctype(q, 'q')}, {head_dim}") in ops._functions
+        assert launched == ["flash_prefill_sm90_kernel"] * 2
+    else:
+        assert launched == ["flash_prefill_kernel" if rows_per_warp == 32 else "flash_attention_kernel"] * 2
 
 
 def test_paged_attention_negative_scale(ops, rng, monkeypatch):

@@ -1,0 +1,63 @@
+"""flash_prefill_sm90.cu's shared-memory descriptors (sm_90 only): the kernel built as shipped
+matches the float64 reference, and built with either descriptor's byte offsets swapped
+(F9_SWAP_K, F9_SWAP_V) it does not, so the test sees the layouts it rests on. Same fixtures
+as test_kernels_gpu.py; skipped without CuPy, a GPU or an sm_90 device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gpu_guard import cupy  # noqa: F401, E402  (skips the module without a GPU)
+
+from shardline.kernels import cuda_common, numpy_ops  # noqa: E402
+from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
+    ops,
+    poisoned_allocations,
+    random_block_tables,
+    random_input,
+    rng,
+)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(str(cupy.cuda.Device().compute_capability) != "90",
+                                                  reason="flash_prefill_sm90.cu is built for sm_90a alone")]
+
+
+def build(defines: tuple[str, ...]) -> dict:
+    """flash_prefill_sm90.cu's kernels built with extra -D options."""
+    module = "flash_prefill_sm90"
+    options = ("-std=c++17",) + defines + cuda_common._include_options()
+    return cuda_common._compile_for_arch(cuda_common._module_source(module), cuda_common._kernel_names(module),
+                                         options, cuda_common._ARCH_MODULES[module][0])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_prefill_sm90_descriptors(ops, rng, head_dim, monkeypatch):
+    monkeypatch.setattr(ops, "use_flash", True)
+    monkeypatch.setattr(ops, "prefill_sm90", True)
+    heads, kv_heads, block_size = 8, 2, 16
+    seq_lens = np.array([200, 70], dtype=np.int32)
+    new_tokens = np.array([150, 70], dtype=np.int32)
+    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
+    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
+    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
+    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
+    q, q64 = random_input(ops, rng, (int(qsl[-1]), heads, head_dim), "bfloat16")
+    scale = 1 / math.sqrt(head_dim)
+    ref = numpy_ops.paged_attention(q64, k64, v64, tables, seq_lens, qsl, scale)
+    key = ("flash_prefill_sm90_kernel", f"__nv_bfloat16, {head_dim}")
+    errors = {}
+    for defines in ((), ("-DF9_SWAP_K",), ("-DF9_SWAP_V",)):
+        function = build(defines)[key]
+        function.max_dynamic_shared_size_bytes = cuda_common.flash_prefill_sm90_smem_bytes(head_dim)
+        monkeypatch.setitem(ops._functions, key, function)
+        out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
+                                  cupy.asarray(qsl), scale)
+        got = ops.to_host(out).astype(np.float64)
+        errors[" ".join(defines) or "shipped"] = float(np.abs(got - ref).max()) if np.isfinite(got).all() else math.inf
+    # bf16 output of softmax-weighted unit normals: about 2^-8 relative; 0.05 is far from a wrong layout's error
+    assert errors["shipped"] < 0.05, errors
+    assert errors["-DF9_SWAP_K"] > 0.2 and errors["-DF9_SWAP_V"] > 0.2, errors
