@@ -12,6 +12,8 @@ from pathlib import Path
 import cupy
 import numpy as np
 
+from shardline.kernels.build_cache import cache_path, cached_build
+
 log = logging.getLogger(__name__)
 _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
@@ -210,25 +212,31 @@ class _ArchKernel:
 
 def _compile_for_arch(source: str, names: dict, options: tuple[str, ...], target: str) -> dict:
     """{key: function} of `source` built by NVRTC for one architecture (`target`, e.g. sm_90a)
-    and loaded as a module; CuPy's RawModule would add its own -arch. Raises CompileException."""
+    and loaded as a module; CuPy's RawModule would add its own -arch. Builds are kept on disk
+    (build_cache.py). Raises CompileException."""
     from cupy_backends.cuda.libs import nvrtc
 
-    program = nvrtc.createProgram(source, "shardline_arch.cu", (), ())
-    try:
-        for expression in names.values():
-            nvrtc.addNameExpression(program, expression)
+    options = tuple(options) + ("-ftz=true", "--device-as-default-execution-space", f"-arch={target}")
+    expressions = sorted(set(names.values()))
+
+    def build() -> tuple[bytes, dict[str, str]]:
+        program = nvrtc.createProgram(source, "shardline_arch.cu", (), ())
         try:
-            nvrtc.compileProgram(program, list(options) + ["-ftz=true", "--device-as-default-execution-space",
-                                                           f"-arch={target}"])
-        except nvrtc.NVRTCError:
-            raise cupy.cuda.compiler.CompileException(nvrtc.getProgramLog(program), source, "shardline_arch.cu",
-                                                      options, "nvrtc") from None
-        module = cupy.cuda.function.Module()
-        module.load(nvrtc.getCUBIN(program))
-        lowered = {key: nvrtc.getLoweredName(program, expression) for key, expression in names.items()}
-    finally:
-        nvrtc.destroyProgram(program)
-    return {key: _ArchKernel(module.get_function(name)) for key, name in lowered.items()}   # each holds its module
+            for expression in expressions:
+                nvrtc.addNameExpression(program, expression)
+            try:
+                nvrtc.compileProgram(program, list(options))
+            except nvrtc.NVRTCError:
+                raise cupy.cuda.compiler.CompileException(nvrtc.getProgramLog(program), source, "shardline_arch.cu",
+                                                          options, "nvrtc") from None
+            return nvrtc.getCUBIN(program), {e: nvrtc.getLoweredName(program, e) for e in expressions}
+        finally:
+            nvrtc.destroyProgram(program)
+
+    cubin, lowered = cached_build(cache_path(source, expressions, options, nvrtc.getVersion()), build)
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    return {key: _ArchKernel(module.get_function(lowered[expression])) for key, expression in names.items()}
 
 
 def _module_source(module_name: str) -> str:
