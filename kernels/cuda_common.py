@@ -202,12 +202,16 @@ class _ArchKernel:
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         self.kernel(grid, block, args, shared_mem=shared_mem)
 
+    def _get(self, attribute: int) -> int:
+        return cupy.cuda.driver.funcGetAttribute(attribute, self.kernel.ptr)
+
     def _set(self, attribute: int, value: int) -> None:
         cupy.cuda.driver.funcSetAttribute(self.kernel.ptr, attribute, value)
 
-    max_dynamic_shared_size_bytes = property(
-        None, lambda self, value: self._set(self._MAX_DYNAMIC_SHARED, value))
-    preferred_shared_memory_carveout = property(None, lambda self, value: self._set(self._CARVEOUT, value))
+    max_dynamic_shared_size_bytes = property(lambda self: self._get(self._MAX_DYNAMIC_SHARED),
+                                             lambda self, value: self._set(self._MAX_DYNAMIC_SHARED, value))
+    preferred_shared_memory_carveout = property(lambda self: self._get(self._CARVEOUT),
+                                                lambda self, value: self._set(self._CARVEOUT, value))
 
 
 def _compile_for_arch(source: str, names: dict, options: tuple[str, ...], target: str) -> dict:
