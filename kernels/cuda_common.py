@@ -135,7 +135,7 @@ _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_prefill", "flash_prefil
 _ARCH_MODULES = {"flash_prefill_sm90": ("sm_90a", "90")}
 # Modules compiled with other files in front of them (after common.cu).
 _PRELUDES = {"flash_attention": ("flash_common",), "flash_prefill": ("flash_common", "flash_attention"),
-             "flash_prefill_sm90": ("flash_common", "flash_attention"),
+             "flash_prefill_sm90": ("flash_common", "flash_attention", "flash_sm90_common"),
              "flash_decode": ("flash_common", "flash_decode_loads")}
 
 

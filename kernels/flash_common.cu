@@ -187,14 +187,15 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi, const __half*) {
 // The online softmax's step over one tile of a warp's raw scores s (q . k; -inf where masked),
 // given tile_max, each row's max of them (reduced over the lanes sharing a row), and scale2 > 0
 // (the softmax scale in log2 units). m, the running max, is in scaled log2 units: it becomes
-// mx = max(m, tile_max * scale2), l and the output o scale by 2^(m - mx) (skipped once no row's
-// max moves), and s becomes 2^(s * scale2 - mx) (one fma and one ex2), added to l. This lane's
-// accumulator element e belongs to its row (e >> ROW_SHIFT) & 1 of two: flash_attention.cu's
-// rows are the mma's M (ROW_SHIFT 1), flash_decode.cu's its N (ROW_SHIFT 0).
-template <int ROW_SHIFT, int N, int DT>
-__device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o)[DT][4], float (&m)[2],
-                                                    float (&l)[2], const float (&tile_max)[2], float scale2) {
-    float alpha[2], base[2];
+// mx = max(m, tile_max * scale2), l scales by alpha = 2^(m - mx), and s becomes
+// 2^(s * scale2 - mx) (one fma and one ex2), added to l. The output takes alpha after
+// (flash_rescale). This lane's accumulator element e belongs to its row (e >> ROW_SHIFT) & 1 of
+// two: flash_attention.cu's rows are the mma's M (ROW_SHIFT 1), flash_decode.cu's its N
+// (ROW_SHIFT 0).
+template <int ROW_SHIFT, int N>
+__device__ __forceinline__ void flash_softmax_exp(float (&s)[N][4], float (&m)[2], float (&l)[2],
+                                                 const float (&tile_max)[2], float scale2, float (&alpha)[2]) {
+    float base[2];
     for (int i = 0; i < 2; ++i) {
         const float mx = fmaxf(m[i], tile_max[i] * scale2);
         alpha[i] = mx == -SHARDLINE_INF ? 1.0f : flash_exp2(m[i] - mx);  // 0 while m was -inf
@@ -210,12 +211,26 @@ __device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o
             s[n][e] = flash_exp2(fmaf(s[n][e], scale2, -base[i]));
             l[i] += s[n][e];
         }
+}
+
+// o *= alpha by rows (flash_softmax_exp's), skipped when no row of the warp moved its max.
+template <int ROW_SHIFT, int DT>
+__device__ __forceinline__ void flash_rescale(float (&o)[DT][4], const float (&alpha)[2]) {
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
         for (int d = 0; d < DT; ++d)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[d][e] *= alpha[(e >> ROW_SHIFT) & 1];
     }
+}
+
+// Both steps at once.
+template <int ROW_SHIFT, int N, int DT>
+__device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o)[DT][4], float (&m)[2],
+                                                    float (&l)[2], const float (&tile_max)[2], float scale2) {
+    float alpha[2];
+    flash_softmax_exp<ROW_SHIFT>(s, m, l, tile_max, scale2, alpha);
+    flash_rescale<ROW_SHIFT>(o, alpha);
 }
 
 // Where a finished row goes: out (normalised) when the tile's keys took one split, else its
