@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,19 +24,31 @@ def cache_path(*parts) -> Path:
 
 def cached_build(path: Path, build: Callable[[], tuple[bytes, dict[str, str]]]) -> tuple[bytes, dict[str, str]]:
     """(cubin, {name expression: lowered name}) from `path`, or from build() and then kept
-    there. An unreadable or damaged file is built again; a cache that cannot be written is
-    left as it is."""
+    there. An unreadable or damaged file (the cubin's sha256 is kept with it) is built again;
+    a cache that cannot be written is left as it is."""
     try:
         data = json.loads(path.read_text())
-        return base64.b64decode(data["cubin"], validate=True), dict(data["lowered"])
+        cubin = base64.b64decode(data["cubin"], validate=True)
+        if hashlib.sha256(cubin).hexdigest() == data["sha256"]:
+            return cubin, dict(data["lowered"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     cubin, lowered = build()
+    entry = {"cubin": base64.b64encode(cubin).decode(), "sha256": hashlib.sha256(cubin).hexdigest(),
+             "lowered": lowered}
+    scratch = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        scratch.write_text(json.dumps({"cubin": base64.b64encode(cubin).decode(), "lowered": lowered}))
+        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(entry, file)
         os.replace(scratch, path)   # whole or not at all, for processes building at once
     except OSError:
-        pass
+        if scratch is not None:
+            Path(scratch).unlink(missing_ok=True)
     return cubin, lowered
+
+
+def forget(path: Path) -> None:
+    """Drops a kept build (one its driver would not load)."""
+    path.unlink(missing_ok=True)

@@ -2,10 +2,11 @@
 CudaOps._launch): causal GQA attention over one contiguous sequence or the
 paged cache. Paged bf16/fp16 launches of the head sizes the tensor-core kernels
 are built for run them: decode steps (a few rows a sequence) flash_decode.cu,
-prefill and mixed launches flash_prefill_sm90.cu on sm_90 devices (head sizes 64
-and 128), else flash_attention.cu (or flash_prefill.cu where prefill_rows_per_warp
-is 32); the rest (fp32, other head sizes, one contiguous sequence) run
-attention.cu's kernel.
+prefill and mixed launches (at least 64 packed rows a sequence on average)
+flash_prefill_sm90.cu on sm_90 devices (head sizes 64 and 128, q 16-byte aligned;
+128-row tiles), else flash_attention.cu (or flash_prefill.cu where
+prefill_rows_per_warp is 32); the rest (fp32, other head sizes, one contiguous
+sequence) run attention.cu's kernel.
 Both split each row's keys over several blocks when the launch has few rows.
 Same meaning as numpy_ops; no host sync.
 """
@@ -27,6 +28,8 @@ from shardline.kernels.cuda_common import (
     _FLASH_HEAD_DIMS,
     _FLASH_MAX_SPLITS,
     _FLASH_PREFILL_ROWS,
+    _FLASH_SM90_ROWS,
+    _FLASH_SM90_THREADS,
     _FLASH_THREADS,
     _MAX_ATTENTION_SPLITS,
     _MAX_GRID_Y,
@@ -173,8 +176,8 @@ class AttentionOps:
                 smem = flash_prefill_smem_bytes(head_dim)
             if key_warps == 1 and self.prefill_sm90 and q.data.ptr % 16 == 0 \
                     and ("flash_prefill_sm90_kernel", f"{ctype}, {head_dim}") in self._functions:
-                name, template, tile_rows = "flash_prefill_sm90_kernel", f"{ctype}, {head_dim}", 128
-                smem, threads = flash_prefill_sm90_smem_bytes(head_dim), 2 * _FLASH_THREADS
+                name, template, tile_rows = "flash_prefill_sm90_kernel", f"{ctype}, {head_dim}", _FLASH_SM90_ROWS
+                smem, threads = flash_prefill_sm90_smem_bytes(head_dim), _FLASH_SM90_THREADS
         # An upper bound on the tiles of packed (query, head of the group) rows, plus one: blocks past
         # the last tile exit, and one of them zeroes the rows past the last sequence. The splits fill
         # the SMs at `target` blocks an SM for that bound. A decode launch told that every sequence

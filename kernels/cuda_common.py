@@ -4,6 +4,7 @@ NVRTC, and host-side dtype and shape checks. No kernel launches here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -12,14 +13,15 @@ from pathlib import Path
 import cupy
 import numpy as np
 
-from shardline.kernels.build_cache import cache_path, cached_build
+from shardline.kernels.build_cache import cache_path, cached_build, forget
 
 log = logging.getLogger(__name__)
 _KERNEL_DIR = Path(__file__).resolve().parent
 _STORAGE = ("float", "__half", "__nv_bfloat16")
 _WORDS = ("unsigned char", "unsigned short", "unsigned int", "unsigned long long")  # by itemsize 1, 2, 4, 8
 _FLASH_HEAD_DIMS = (16, 32, 64, 80, 96, 128)   # flash_attention.cu's and flash_decode.cu's instantiations
-_FLASH_SM90_HEAD_DIMS = (64, 128)   # flash_prefill_sm90.cu's (wgmma's N: 8-row multiples up to 256)
+_FLASH_SM90_HEAD_DIMS = (64, 128)   # flash_prefill_sm90.cu's: 64-column swizzle blocks, P V as m64n64 or m64n128
+_FLASH_SM90_THREADS, _FLASH_SM90_ROWS = 256, 128   # F9_THREADS, F9_BQ
 
 
 def _decode_tiles(text: str) -> tuple[tuple[tuple[int, int, int], float], ...]:
@@ -113,9 +115,9 @@ _ATTENTION_TARGET_BLOCKS = 8192
 _MAX_ATTENTION_SPLITS = 32
 # Tensor-core attention (flash_attention.cu) for bf16/fp16 paged launches of these head sizes.
 # Launches averaging at least _FLASH_PREFILL_ROWS packed (query, head) rows a sequence run
-# the prefill shape (4 warps over 64 rows); fewer, the decode shape (4 warps over the keys
-# of 16 rows). Launches of fewer blocks than twice the multiprocessors also split each
-# row's keys over up to _FLASH_MAX_SPLITS blocks.
+# the prefill shape (4 warps over 64 rows, or on sm_90 flash_prefill_sm90.cu's 8 over 128);
+# fewer, the decode shape (4 warps over the keys of 16 rows). Launches of fewer blocks than
+# twice the multiprocessors also split each row's keys over up to _FLASH_MAX_SPLITS blocks.
 _FLASH_THREADS, _FLASH_PREFILL_ROWS, _FLASH_MAX_SPLITS = 128, 64, 16
 # Launches of at most _FLASH_DECODE_ROWS rows a sequence (decode steps; a padding token's
 # rows allowed) run flash_decode.cu (8 rows a block, keys as the mma's M), splitting keys
@@ -157,9 +159,9 @@ def flash_prefill_smem_bytes(head_dim: int, keys: int = 64, stages: int = 2) -> 
 
 def flash_prefill_sm90_smem_bytes(head_dim: int) -> int:
     """Dynamic shared memory of flash_prefill_sm90_kernel<T, head_dim>: the block's 128 Q rows and
-    F9_STAGES (2) tiles of 64 keys, K and V, unpadded, and 1 KiB to align them to 1024 bytes (97
-    KiB at head_dim 128: two blocks an SM)."""
-    return (128 + 2 * 2 * 64) * head_dim * 2 + 1024
+    F9_STAGES (2) tiles of F9_BK (64) keys, K and V, unpadded, and 1 KiB to align them to 1024
+    bytes (97 KiB at head_dim 128: two blocks an SM)."""
+    return (_FLASH_SM90_ROWS + 2 * 2 * 64) * head_dim * 2 + 1024
 
 
 def flash_decode_smem_bytes(head_dim: int, tile: tuple[int, int, int]) -> int:
@@ -192,7 +194,7 @@ def _include_options() -> tuple[str, ...]:
 class _ArchKernel:
     """A kernel of a module built by _compile_for_arch, with the surface of CuPy's RawKernel that
     CudaOps uses: a call, `kernel` (the function with its CUfunction `ptr`) and the two attributes
-    it sets."""
+    it sets and reads."""
 
     _MAX_DYNAMIC_SHARED, _CARVEOUT = 8, 9   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ..._CARVEOUT
 
@@ -237,10 +239,27 @@ def _compile_for_arch(source: str, names: dict, options: tuple[str, ...], target
         finally:
             nvrtc.destroyProgram(program)
 
-    cubin, lowered = cached_build(cache_path(source, expressions, options, nvrtc.getVersion()), build)
+    path = cache_path(source, expressions, options, nvrtc.getVersion(), _header_digest(options))
+    cubin, lowered = cached_build(path, build)
     module = cupy.cuda.function.Module()
-    module.load(cubin)
+    try:
+        module.load(cubin)
+    except cupy.cuda.driver.CUDADriverError:   # a kept build this driver refuses: build it again, once
+        forget(path)
+        cubin, lowered = cached_build(path, build)
+        module.load(cubin)
     return {key: _ArchKernel(module.get_function(lowered[expression])) for key, expression in names.items()}
+
+
+def _header_digest(options: tuple[str, ...]) -> str:
+    """sha256 of the fp16/bf16 headers in the -I folders of `options`: a toolkit updated in place
+    changes what the same source builds to."""
+    digest = hashlib.sha256()
+    for option in options:
+        if option.startswith("-I"):
+            for header in sorted(Path(option[2:]).glob("cuda_[bf][fp]16*")):
+                digest.update(header.name.encode() + header.read_bytes())
+    return digest.hexdigest()
 
 
 def _module_source(module_name: str) -> str:
@@ -270,10 +289,10 @@ def _compile_kernels() -> dict:
             module = cupy.RawModule(code=source, options=options, name_expressions=list(names.values()))
             for key, expression in names.items():
                 functions[key] = module.get_function(expression)   # compiles the module
-        except cupy.cuda.compiler.CompileException as err:
+        except (cupy.cuda.compiler.CompileException, cupy.cuda.driver.CUDADriverError, KeyError) as err:
             if module_name not in _OPTIONAL_MODULES:
                 raise
-            log.warning("%s.cu did not compile; its kernels are off: %s", module_name, str(err)[:2000])
+            log.warning("%s.cu did not compile or load; its kernels are off: %s", module_name, str(err)[:2000])
     return functions
 
 

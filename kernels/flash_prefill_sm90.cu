@@ -29,12 +29,12 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
 #pragma unroll
     for (int st = 0; st < F9_STAGES - 1; ++st) {
         if (t + st < t_end) kv.load(t + st, st);
-        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
     for (int it = 0; t < t_end; ++it, ++t) {
         if (t + F9_STAGES - 1 < t_end) kv.load(t + F9_STAGES - 1, (it + F9_STAGES - 1) % F9_STAGES);
-        asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(F9_STAGES - 1));
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(F9_STAGES - 1) : "memory");
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async's writes, seen by wgmma
         __syncthreads();
         const int kb = range.k_lo + t * F9_BK;
@@ -47,8 +47,8 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
             f9_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk)   // columns kk * 16..: block kk / 4, 32 bytes a step into it
-                f9_mma_ss(s, f9_desc(qs + (kk >> 2) * F9_BQ * 128 + (kk & 3) * 32, F9_K_OFFSETS(F9_BQ)),
-                          f9_desc(ks + (kk >> 2) * F9_BK * 128 + (kk & 3) * 32, F9_K_OFFSETS(F9_BK)), kk > 0, tag);
+                f9_mma_ss(s, f9_desc(qs + (kk >> 2) * F9_BQ * 128 + (kk & 3) * 32, F9_K_OFFSETS),
+                          f9_desc(ks + (kk >> 2) * F9_BK * 128 + (kk & 3) * 32, F9_K_OFFSETS), kk > 0, tag);
             f9_commit();
             f9_wait_all();
             f9_touch(s);
@@ -74,7 +74,7 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
         }
         __syncthreads();  // the stage is free for the load STAGES - 1 tiles on
     }
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     for (int i = 0; i < 2; ++i) {
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);

@@ -15,16 +15,17 @@
 #define F9_BQ 128      // packed rows a block
 #define F9_BK 64       // keys a tile
 #define F9_STAGES 2    // K/V tiles in flight (cuda_common.flash_prefill_sm90_smem_bytes)
+static_assert(F9_THREADS <= FA_MAX_THREADS, "flash_find_tile's scan takes FA_MAX_THREADS threads at most");
 
-// Descriptor byte offsets (leading, stride) of the tiles (r: the tile's rows): K-major operands
-// stride over 8-row groups (the leading offset is unused in a 128-byte swizzle); N-major V leads
-// over column blocks and strides over 8-key groups. F9_SWAP_K / F9_SWAP_V swap a pair
-// (tests/test_kernels_gpu_sm90.py checks that the swapped layouts give wrong results, so the
-// pairs are the ones that matter).
+// Descriptor byte offsets (leading, stride): K-major operands (Q, K) stride 1024 bytes over
+// 8-row groups, and their leading offset goes unused in a 128-byte swizzle (one mma's 16 columns
+// stay inside a 128-byte row); N-major V (r: the tile's keys) leads over column blocks and
+// strides over 8-key groups. F9_SWAP_K / F9_SWAP_V swap a pair: tests/test_kernels_gpu_sm90.py
+// checks that either swap gives wrong results, so the test sees K's stride and both of V's.
 #ifdef F9_SWAP_K
-#define F9_K_OFFSETS(r) 1024u, 16u
+#define F9_K_OFFSETS 1024u, 16u
 #else
-#define F9_K_OFFSETS(r) 16u, 1024u
+#define F9_K_OFFSETS 16u, 1024u
 #endif
 #ifdef F9_SWAP_V
 #define F9_V_OFFSETS(r) 1024u, (r) * 128u

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from shardline.kernels.build_cache import cache_path, cached_build
+import json
+
+from shardline.kernels.build_cache import cache_path, cached_build, forget
 
 
 def counting_build(cubin: bytes, lowered: dict):
@@ -37,13 +39,17 @@ def test_every_part_names_its_own_file(tmp_path, monkeypatch):
 
 def test_damaged_file_is_built_again(tmp_path):
     path = tmp_path / "entry.json"
-    for damage in ("{not json", '{"cubin": "!!!", "lowered": {}}', '{"lowered": {}}', "[1, 2]"):
+    good = cached_build(tmp_path / "good.json", lambda: (b"cubin", {"a": "b"}))
+    flipped = json.loads((tmp_path / "good.json").read_text()) | {"cubin": "Y3ViaW4x"}   # b"cubin1": bytes changed
+    for damage in ("{not json", '{"cubin": "!!!", "lowered": {}}', '{"lowered": {}}', "[1, 2]", json.dumps(flipped)):
         path.write_text(damage)
         build, calls = counting_build(b"cubin", {"a": "b"})
         assert cached_build(path, build) == (b"cubin", {"a": "b"})
         assert calls == [1], damage
     build, calls = counting_build(b"other", {})
-    assert cached_build(path, build) == (b"cubin", {"a": "b"}) and not calls   # the rebuilt entry was kept
+    assert cached_build(path, build) == good and not calls   # the rebuilt entry was kept
+    forget(path)
+    assert cached_build(path, build) == (b"other", {}) and calls == [1]
 
 
 def test_unwritable_cache_still_builds(tmp_path):
