@@ -360,18 +360,13 @@ __global__ void __launch_bounds__(FA_THREADS)
 
     const int group = num_heads / num_kv_heads;
     // Longest tiles first, short ones fill the tail (causal prefill; flash_block_tile)
-    const int2 tile = flash_block_tile(heads_first);
-    const int target = tile.x, kv_head = tile.y;
-    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, S::BQ, target);
-    if (where.x < 0) {  // the same for every thread of the block
-        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)   // past the last tile
-            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
-        return;
-    }
-    const int b = where.x, split = blockIdx.z;
+    const FlashBlock at = flash_block_start<T, D>(heads_first, query_start_loc, num_seqs, group, S::BQ, out, num_tokens,
+                                                  num_heads);
+    if (at.b < 0) return;   // the same for every thread of the block
+    const int b = at.b, split = blockIdx.z, target = at.target, kv_head = at.kv_head;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, rw = warp % S::RW, kw = warp / S::RW;
     const int g = lane >> 2, t4 = lane & 3;
-    const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, S::BQ, S::BK, group, window, split,
+    const FlashRange range = flash_range(query_start_loc, seq_lens, b, at.tile, S::BQ, S::BK, group, window, split,
                                          num_splits);
     const int* table = block_tables + (long long)b * max_blocks;
     const long long kv_stride = (long long)num_kv_heads * D;

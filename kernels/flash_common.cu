@@ -274,6 +274,27 @@ __device__ void flash_zero_padding(T* out, const int* query_start_loc, int num_s
         out[i] = from_f<T>(0.0f);
 }
 
+// A prefill block's start: its tile number `target` and KV head (flash_block_tile), and the
+// sequence b and tile of it that number is (flash_find_tile), b < 0 past the last tile, where
+// block (0, 0, 0) has zeroed the rows of out past the last sequence (padding) and every block
+// returns. Every thread of the block calls it.
+struct FlashBlock {
+    int b, tile, target, kv_head;
+};
+template <typename T, int D>
+__device__ __forceinline__ FlashBlock flash_block_start(int heads_first, const int* query_start_loc, int num_seqs,
+                                                        int group, int bq, T* out, int num_tokens, int num_heads) {
+    const int2 tile = flash_block_tile(heads_first);   // longest tiles first
+    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, bq, tile.x);
+    FlashBlock at;
+    at.b = where.x, at.tile = where.y, at.target = tile.x, at.kv_head = tile.y;
+    if (where.x < 0) {
+        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
+    }
+    return at;
+}
+
 // KW > 1: the block's KW key warps hold the same R rows over different keys, and each has
 // written its rows' (max in log2 units, sum, weighted values) to ms [KW][R], ls [KW][R]
 // and os [KW][R][D] in shared memory. Merges them and hands every row to the sink.

@@ -150,17 +150,12 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
     constexpr int BQ = FA_WARPS * FP_Q_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
     const int group = num_heads / num_kv_heads;
-    const int2 tile = flash_block_tile(heads_first);   // longest tiles first, as flash_attention_kernel
-    const int target = tile.x, kv_head = tile.y;
-    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, BQ, target);
-    if (where.x < 0) {
-        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
-            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
-        return;
-    }
-    const int b = where.x, split = blockIdx.z;
+    const FlashBlock at = flash_block_start<T, D>(heads_first, query_start_loc, num_seqs, group, BQ, out, num_tokens,
+                                                  num_heads);
+    if (at.b < 0) return;
+    const int b = at.b, split = blockIdx.z, target = at.target, kv_head = at.kv_head;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
-    const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, BQ, S::BK, group, window, split,
+    const FlashRange range = flash_range(query_start_loc, seq_lens, b, at.tile, BQ, S::BK, group, window, split,
                                          num_splits);
     FaRows w[FP_MT];
     FaWarpKeys wk[FP_MT];

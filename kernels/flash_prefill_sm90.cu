@@ -24,7 +24,6 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
     const unsigned qs = f9_smem_base() + (threadIdx.x >> 7) * 64 * 128;   // the warpgroup's 64 Q rows
     const unsigned base = f9_smem_base() + F9_BQ * D * sizeof(T);
     const int t4 = lane & 3, t_end = range.t_end;
-    const T* tag = nullptr;
     int t = range.t_begin;
 #pragma unroll
     for (int st = 0; st < F9_STAGES - 1; ++st) {
@@ -40,35 +39,16 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
         const int kb = range.k_lo + t * F9_BK;
         if (gk.busy && kb < gk.k_hi && kb + F9_BK > gk.k_lo) {
             const unsigned ks = base + (it % F9_STAGES) * 2 * TILE, vs = ks + TILE;
-            float s[F9_BK / 8][4];
-#pragma unroll
-            for (int n = 0; n < F9_BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            f9_touch(s);
-            f9_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)   // columns kk * 16..: block kk / 4, 32 bytes a step into it
-                f9_mma_ss(s, f9_desc(qs + (kk >> 2) * F9_BQ * 128 + (kk & 3) * 32, F9_K_OFFSETS),
-                          f9_desc(ks + (kk >> 2) * F9_BK * 128 + (kk & 3) * 32, F9_K_OFFSETS), kk > 0, tag);
-            f9_commit();
+            float s[F9_BK / 8][4], mx[2];
+            f9_scores<T, D>(s, qs, ks);
             f9_wait_all();
             f9_touch(s);
-            float mx[2];
             fa_mask_max(s, mx, w, wk, kb, range.k_hi, window, t4);
             flash_softmax_update<1>(s, o, m, l, mx, scale2);
             unsigned pa[F9_BK / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < F9_BK / 16; ++kk) {
-                pa[kk][0] = pack2(s[2 * kk][0], s[2 * kk][1], tag);
-                pa[kk][1] = pack2(s[2 * kk][2], s[2 * kk][3], tag);
-                pa[kk][2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag);
-                pa[kk][3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag);
-            }
+            f9_pack<T>(pa, s);
             f9_touch(o);
-            f9_fence();
-#pragma unroll
-            for (int kk = 0; kk < F9_BK / 16; ++kk)   // keys kk * 16..: rows 16 kk.. of every column block
-                f9_mma<1>(o, pa[kk], f9_desc(vs + kk * 16 * 128, F9_V_OFFSETS(F9_BK)), 1, tag);
-            f9_commit();
+            f9_pv<T, D>(o, pa, vs, true);
             f9_wait_all();
             f9_touch(o);
         }
@@ -89,17 +69,12 @@ __global__ void __launch_bounds__(F9_THREADS, 2)
                               int window, int num_splits, int* counters, int num_tokens, int heads_first) {
     pdl_begin();
     const int group = num_heads / num_kv_heads;
-    const int2 tile = flash_block_tile(heads_first);   // longest tiles first, as flash_attention_kernel
-    const int target = tile.x, kv_head = tile.y;
-    const int2 where = flash_find_tile(query_start_loc, num_seqs, group, F9_BQ, target);
-    if (where.x < 0) {
-        if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
-            flash_zero_padding<T, D>(out, query_start_loc, num_seqs, num_tokens, num_heads);
-        return;
-    }
-    const int b = where.x, split = blockIdx.z;
+    const FlashBlock at = flash_block_start<T, D>(heads_first, query_start_loc, num_seqs, group, F9_BQ, out,
+                                                  num_tokens, num_heads);
+    if (at.b < 0) return;
+    const int b = at.b, split = blockIdx.z, target = at.target, kv_head = at.kv_head;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
-    const FlashRange range = flash_range(query_start_loc, seq_lens, b, where.y, F9_BQ, F9_BK, group, window, split,
+    const FlashRange range = flash_range(query_start_loc, seq_lens, b, at.tile, F9_BQ, F9_BK, group, window, split,
                                          num_splits);
     const FaRows w = fa_rows(range, warp * 16, g, group, num_heads, kv_head);
     const FaWarpKeys wk = fa_warp_keys(range, warp, group, window);

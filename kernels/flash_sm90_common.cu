@@ -191,3 +191,43 @@ __device__ __forceinline__ F9GroupKeys f9_group_keys(const FlashRange& range, in
     return k;
 }
 
+// Issues s = Q K^T for a warpgroup's 64 rows (Q at qs, K at ks), committed as one group.
+template <typename T, int D>
+__device__ __forceinline__ void f9_scores(float (&s)[F9_BK / 8][4], unsigned qs, unsigned ks) {
+    const T* tag = nullptr;
+#pragma unroll
+    for (int c = 0; c < F9_BK / 8; ++c) s[c][0] = s[c][1] = s[c][2] = s[c][3] = 0.0f;
+    f9_touch(s);
+    f9_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)   // columns kk * 16..: block kk / 4, 32 bytes a step into it
+        f9_mma_ss(s, f9_desc(qs + (kk >> 2) * F9_BQ * 128 + (kk & 3) * 32, F9_K_OFFSETS),
+                  f9_desc(ks + (kk >> 2) * F9_BK * 128 + (kk & 3) * 32, F9_K_OFFSETS), kk > 0, tag);
+    f9_commit();
+}
+
+// The probabilities s, rounded to the storage type, as P's A fragments.
+template <typename T>
+__device__ __forceinline__ void f9_pack(unsigned (&pa)[F9_BK / 16][4], const float (&s)[F9_BK / 8][4]) {
+    const T* tag = nullptr;
+#pragma unroll
+    for (int kk = 0; kk < F9_BK / 16; ++kk) {
+        pa[kk][0] = pack2(s[2 * kk][0], s[2 * kk][1], tag);
+        pa[kk][1] = pack2(s[2 * kk][2], s[2 * kk][3], tag);
+        pa[kk][2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], tag);
+        pa[kk][3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], tag);
+    }
+}
+
+// Issues o += P V (P from registers, V at vs), committed as one group; `fence`: registers of o or
+// P were written since the last wgmma.fence.
+template <typename T, int D>
+__device__ __forceinline__ void f9_pv(float (&o)[D / 8][4], const unsigned (&pa)[F9_BK / 16][4], unsigned vs,
+                                      bool fence) {
+    const T* tag = nullptr;
+    if (fence) f9_fence();
+#pragma unroll
+    for (int kk = 0; kk < F9_BK / 16; ++kk)   // keys kk * 16..: rows 16 kk.. of every column block
+        f9_mma<1>(o, pa[kk], f9_desc(vs + kk * 16 * 128, F9_V_OFFSETS(F9_BK)), 1, tag);
+    f9_commit();
+}

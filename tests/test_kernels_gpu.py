@@ -10,6 +10,7 @@ CuPy or a GPU.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -231,18 +232,28 @@ def random_block_tables(rng, seq_lens, block_size):
     return tables, num_blocks
 
 
+def random_paged(ops, rng, seq_lens, new_tokens, heads, kv_heads, head_dim, block_size, dtype, padding_rows=0):
+    """A paged attention launch's random inputs: block tables, K and V caches and q (on the device
+    and in float64), query_start_loc of `new_tokens` a sequence, and `padding_rows` spare q rows."""
+    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
+    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
+    q, q64 = random_input(ops, rng, (int(qsl[-1]) + padding_rows, heads, head_dim), dtype)
+    return PagedInputs(tables, k_cache, k64, v_cache, v64, qsl, q, q64, int(qsl[-1]))
+
+
+PagedInputs = collections.namedtuple("PagedInputs", "tables k_cache k64 v_cache v64 qsl q q64 num_tokens")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size,window", [(1, None), (16, None), (16, 9), (5, None)])
 def test_paged_attention(ops, rng, dtype, block_size, window):
     heads, kv_heads, head_dim = 6, 2, 80
     seq_lens = np.array([1, 37, 5, 200, 20, 9], dtype=np.int32)
     new_tokens = np.array([1, 37, 1, 13, 7, 0], dtype=np.int32)  # decode, prefill, decode, chunks, idle
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
-    num_tokens = int(qsl[-1])
-    q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)  # one padding row
+    tables, k_cache, k64, v_cache, v64, qsl, q, q64, num_tokens = random_paged(
+        ops, rng, seq_lens, new_tokens, heads, kv_heads, head_dim, block_size, dtype, padding_rows=1)
     out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),
                               cupy.asarray(qsl), 0.125, window)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, 0.125, window)

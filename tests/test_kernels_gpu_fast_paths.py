@@ -29,6 +29,7 @@ from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisone
     poisoned_allocations,
     random_block_tables,
     random_input,
+    random_paged,
     rng,
 )
 
@@ -229,12 +230,8 @@ def test_paged_flash_prefill(ops, rng, dtype, head_dim, block_size, window, rows
     heads, kv_heads = 8, 2
     seq_lens = np.array([300, 64, 130, 90, 12], dtype=np.int32)
     new_tokens = np.array([130, 64, 1, 77, 0], dtype=np.int32)
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
-    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
-    num_tokens = int(qsl[-1])
-    q, q64 = random_input(ops, rng, (num_tokens + 1, heads, head_dim), dtype)
+    tables, k_cache, k64, v_cache, v64, qsl, q, q64, num_tokens = random_paged(
+        ops, rng, seq_lens, new_tokens, heads, kv_heads, head_dim, block_size, dtype, padding_rows=1)
     assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
     scale = 1 / math.sqrt(head_dim)
     ref = numpy_ops.paged_attention(q64[:num_tokens], k64, v64, tables, seq_lens, qsl, scale, window)
@@ -261,11 +258,8 @@ def test_paged_attention_negative_scale(ops, rng, monkeypatch):
     heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
     seq_lens = np.array([90, 40], dtype=np.int32)
     new_tokens = np.array([90, 1], dtype=np.int32)
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
-    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
-    q, q64 = random_input(ops, rng, (int(qsl[-1]), heads, head_dim), "bfloat16")
+    tables, k_cache, k64, v_cache, v64, qsl, q, q64, _ = random_paged(
+        ops, rng, seq_lens, new_tokens, heads, kv_heads, head_dim, block_size, "bfloat16")
     assert ops.flash_applies(q, k_cache, v_cache, len(seq_lens))
     scale = -1 / math.sqrt(head_dim)
     out = ops.paged_attention(q, k_cache, v_cache, cupy.asarray(tables), cupy.asarray(seq_lens),

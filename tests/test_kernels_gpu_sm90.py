@@ -20,8 +20,7 @@ from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisone
     assert_close,
     ops,
     poisoned_allocations,
-    random_block_tables,
-    random_input,
+    random_paged,
     rng,
 )
 
@@ -44,11 +43,8 @@ def test_flash_prefill_sm90_descriptors(ops, rng, head_dim, monkeypatch):
     heads, kv_heads, block_size = 8, 2, 16
     seq_lens = np.array([200, 70], dtype=np.int32)
     new_tokens = np.array([150, 70], dtype=np.int32)
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
-    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
-    q, q64 = random_input(ops, rng, (int(qsl[-1]), heads, head_dim), "bfloat16")
+    tables, k_cache, k64, v_cache, v64, qsl, q, q64, _ = random_paged(
+        ops, rng, seq_lens, new_tokens, heads, kv_heads, head_dim, block_size, "bfloat16")
     scale = 1 / math.sqrt(head_dim)
     ref = numpy_ops.paged_attention(q64, k64, v64, tables, seq_lens, qsl, scale)
     key = ("flash_prefill_sm90_kernel", f"__nv_bfloat16, {head_dim}")
@@ -79,11 +75,8 @@ def test_flash_prefill_sm90_uneven_rows(ops, rng, head_dim, window, dependent, m
     heads, kv_heads, block_size = 6, 2, 5
     seq_lens = np.array([100, 25, 300], dtype=np.int32)
     new_tokens = np.array([40, 25, 7], dtype=np.int32)
-    tables, num_blocks = random_block_tables(rng, seq_lens, block_size)
-    k_cache, k64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
-    v_cache, v64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), "bfloat16")
-    qsl = np.concatenate([[0], np.cumsum(new_tokens)]).astype(np.int32)
-    q, q64 = random_input(ops, rng, (int(qsl[-1]), heads, head_dim), "bfloat16")
+    tables, k_cache, k64, v_cache, v64, qsl, q, q64, _ = random_paged(
+        ops, rng, seq_lens, new_tokens, heads, kv_heads, head_dim, block_size, "bfloat16")
     scale = 1 / math.sqrt(head_dim)
     ref = numpy_ops.paged_attention(q64, k64, v64, tables, seq_lens, qsl, scale, window)
     launched, launch = [], ops._launch
