@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import make_engine, random_prompts, save_tiny_llama, tiny_local
+from shardline.worker.request import Request
 from shardline.worker.sampling_params import SamplingParams
 
 
@@ -138,7 +139,12 @@ def test_token_ids_checked_whatever_their_container(local):
     for i, prompt in enumerate([ids.tolist(), ids, ids.astype(np.int32), tuple(ids.tolist()),
                                 [float(t) for t in ids]]):
         engine.add_request(f"r{i}", prompt, params)
-        assert list(engine.scheduler._requests[f"r{i}"].prompt_token_ids) == ids.tolist()
+        stored = engine.scheduler._requests[f"r{i}"].prompt_token_ids   # taken unconverted (CheckedTokens)
+        assert list(stored) == ids.tolist() and all(type(t) is int for t in stored)
+    direct = Request("direct", ids.astype(np.int32), params)   # not checked before: converted here
+    assert direct.prompt_token_ids == tuple(ids.tolist()) and all(type(t) is int for t in direct.prompt_token_ids)
+    with pytest.raises(ValueError, match="prompt_token_ids must be >= 0"):
+        Request("negative", [3, -2], params)
     for i, bad in enumerate([[0, vocab], np.array([3, -1]), [1.0, float(vocab)]]):
         with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, "):
             engine.add_request(f"bad{i}", bad, params)

@@ -25,7 +25,7 @@ from shardline.worker.kv_handoff import KVExport, KVHandoff
 from shardline.worker.model_runner import ModelRunner, kv_bytes_per_block
 from shardline.worker.offline import LocalModel, load_local
 from shardline.worker.pipeline_runner import make_runner
-from shardline.worker.request import Request, RequestStatus, token_ids
+from shardline.worker.request import CheckedTokens, Request, RequestStatus, token_ids
 from shardline.worker.sampling_params import SamplingParams
 from shardline.worker.scheduler import RequestOutput, Scheduler
 from shardline.worker.scheduler_config import SchedulerConfig
@@ -189,8 +189,9 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt must hold at least one token")
         outputs = token_ids(output_token_ids, "output_token_ids", vocab_size)
-        return Request(request_id=request_id, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
-                       priority=priority, eos_token_ids=self.eos_token_ids, output_token_ids=outputs)
+        return Request(request_id=request_id, prompt_token_ids=CheckedTokens(ids), params=params,
+                       arrival_time=time.monotonic(), priority=priority, eos_token_ids=self.eos_token_ids,
+                       output_token_ids=outputs)
 
     def _queue(self, request: Request) -> None:
         self.scheduler.add_request(request)

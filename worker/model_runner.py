@@ -113,7 +113,9 @@ def upload_step_inputs(backend: Any, plan: StepPlan) -> dict[str, Any]:
     """The plan's per-step arrays on the device, in one copy (ops.upload): fresh arrays, so
     token_ids may take the pending tokens in place."""
     arrays = {name: getattr(plan, name) for name in _STEP_INPUTS}
-    arrays["positions"] = np.asarray(plan.positions, dtype=np.int64)   # the kernels' index type
+    # The kernels' index type: the embedding's gather then casts nothing first (a launch less).
+    arrays["token_ids"] = np.asarray(plan.token_ids, dtype=np.int64)
+    arrays["positions"] = np.asarray(plan.positions, dtype=np.int64)
     arrays.update((name, getattr(plan.sampling, name)) for name in SAMPLING_INPUTS)
     return backend.ops.upload(arrays)
 
