@@ -331,10 +331,7 @@ __device__ __forceinline__ void fa_key_loop(float (&o)[D / 8][4], float (&m)[2],
         group_sync();  // the stage is free for the load STAGES - 1 tiles on
     }
     asm volatile("cp.async.wait_group 0;\n" ::);   // no copy in flight into shared memory reused below
-    for (int i = 0; i < 2; ++i) {  // each of the 4 lanes of a row summed its own columns
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    }
+    flash_row_sums(l);
 }
 
 // KW = 1: each warp's rows are its own, so each lane writes its columns of its two rows.

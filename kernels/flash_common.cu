@@ -233,6 +233,15 @@ __device__ __forceinline__ void flash_softmax_update(float (&s)[N][4], float (&o
     flash_rescale<ROW_SHIFT>(o, alpha);
 }
 
+// A row's sums l over its 4 lanes (each summed its own columns), for the mma's rows-as-M layout
+// (flash_attention.cu, flash_prefill.cu, flash_prefill_sm90.cu): lanes t4 0-3 of a row share it.
+__device__ __forceinline__ void flash_row_sums(float (&l)[2]) {
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+}
+
 // Where a finished row goes: out (normalised) when the tile's keys took one split, else its
 // split's slot of `partial` (weighted values, then max in natural-log units and sum), slots
 // num_splits (the launch's) apart.

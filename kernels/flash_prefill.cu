@@ -132,11 +132,7 @@ __device__ __forceinline__ void fp_key_loop(float (&o)[FP_MT][D / 8][4], float (
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 #pragma unroll
-    for (int mt = 0; mt < FP_MT; ++mt)
-        for (int i = 0; i < 2; ++i) {
-            l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 1);
-            l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 2);
-        }
+    for (int mt = 0; mt < FP_MT; ++mt) flash_row_sums(l[mt]);
 }
 
 template <typename T, int D>

@@ -55,10 +55,7 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
         __syncthreads();  // the stage is free for the load STAGES - 1 tiles on
     }
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    }
+    flash_row_sums(l);
 }
 
 template <typename T, int D>
