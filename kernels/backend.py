@@ -69,7 +69,7 @@ class Backend:
 
 
 GPU_PATHS = ("flash", "flash_decode", "flash_sm90", "skinny_gemm", "fused_norm_gemm", "fused_rope_gemm", "nccl_links",
-             "dependent_launch", "gemm_autotune", "residual_in_gemm")
+             "dependent_launch", "gemm_autotune", "residual_in_gemm", "norm_in_consumer")
 
 
 def gpu_paths_off() -> frozenset[str]:
@@ -82,7 +82,9 @@ def gpu_paths_off() -> frozenset[str]:
     for the KV hand-off (off: over gRPC), dependent launches in captured graphs (off:
     ordinary launches), the per-shape cuBLASLt GEMM choice (gemm_autotune; off:
     cublasGemmEx's default) and the residual stream summed by the GEMMs before the norms
-    (residual_in_gemm, linear_add; off: the add fused into the norm). All are on by default."""
+    (residual_in_gemm, linear_add; off: the add fused into the norm) and a folded RMSNorm scaled
+    by the kernel after its GEMM (norm_in_consumer; off: the norm kernel with a unit weight).
+    All are on by default."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
     unknown = names - set(GPU_PATHS)
     if unknown:

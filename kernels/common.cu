@@ -95,6 +95,26 @@ __device__ float block_sum(float v) {
     return warp_sum(lane < num_warps ? scratch[lane] : 0.0f);
 }
 
+// 1 / rms of one row of hidden storage values, eps inside the root (RMSNorm's scale), by every
+// thread of the block: VEC reads 16-byte vectors of 16-bit storage (hidden % 8 == 0, the row
+// 16-byte aligned), else one element at a time. Squares are summed in fp32.
+template <typename T, bool VEC>
+__device__ float row_inv_rms(const T* row, int hidden, float eps) {
+    float sum_sq = 0.0f;
+    if constexpr (VEC) {
+        const uint4* vecs = reinterpret_cast<const uint4*>(row);
+        for (int v = threadIdx.x; v < hidden / 8; v += blockDim.x) {
+            float h[8];
+            unpack8<T>(vecs[v], h);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum_sq += h[i] * h[i];
+        }
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum_sq += to_f(row[i]) * to_f(row[i]);
+    }
+    return 1.0f / sqrtf(block_sum(sum_sq) / hidden + eps);
+}
+
 __device__ float block_max(float v) {
     __shared__ float scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;

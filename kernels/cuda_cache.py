@@ -18,6 +18,8 @@ from shardline.kernels.cuda_common import (
     _ctype,
     _in_place,
     _index,
+    _rms_args,
+    _rms_rows,
     _row_threads,
     _row_word,
     _same_dtype,
@@ -46,10 +48,12 @@ class CacheOps:
                      (k, v, k_cache, v_cache, slots, np.int64(math.prod(k_cache.shape[:2])),
                       np.int64(math.prod(k.shape[1:]))))
 
-    def rope_write_kv(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
+    def rope_write_kv(self, q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, rms_of=None,
+                      eps: float = 0.0):
         """rope on q and k, rotated k and v into the cache; returns the rotated q.
         One kernel: the rotated k goes straight to its slot. q, k, v may be views whose
-        tokens are strided (column ranges of one QKV projection): no copies then."""
+        tokens are strided (column ranges of one QKV projection): no copies then. rms_of
+        [tokens, hidden]: q, k, v scaled by 1 / rms of its rows first (numpy_ops.rope_write_kv)."""
         (q, q_stride), (k, k_stride), (v, v_stride) = (_token_rows(a) for a in (q, k, v))
         q, k, positions, cos_sin = self._check_rope(q, k, positions, cos_sin, contiguous=False)
         slots = _index(slot_mapping)
@@ -60,13 +64,16 @@ class CacheOps:
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
         pairs = (num_heads + num_kv_heads) * head_dim // 2
         # eight pairs a thread where rows, token strides and the table take 16-byte vectors
+        rms = _rms_rows(rms_of, q)
         vec = head_dim % 16 == 0 and _vectors(8, q, k, v, q_out, k_cache, v_cache) \
-            and cos_sin.data.ptr % 16 == 0 and all(stride % 8 == 0 for stride in (q_stride, k_stride, v_stride))
+            and cos_sin.data.ptr % 16 == 0 and all(stride % 8 == 0 for stride in (q_stride, k_stride, v_stride)) \
+            and (rms is None or _vectors(rms.shape[1], rms))
         self._launch("rope_write_kv_kernel", f"{_ctype(q, 'q')}, {8 if vec else 1}", (q.shape[0],),
                      _row_threads(pairs // 2 if vec else pairs),
                      (q, k, v, q_out, k_cache, v_cache, positions, cos_sin, slots,
                       np.int64(math.prod(k_cache.shape[:2])), np.int32(num_heads), np.int32(num_kv_heads),
-                      np.int32(head_dim), np.int64(q_stride), np.int64(k_stride), np.int64(v_stride)))
+                      np.int32(head_dim), np.int64(q_stride), np.int64(k_stride), np.int64(v_stride),
+                      *_rms_args(rms, eps)))
         return q_out
 
     def copy_blocks(self, k_cache, v_cache, block_copies) -> None:

@@ -71,7 +71,7 @@ def flash_decode_template(ctype: str, head_dim: int, tile: tuple[int, int, int])
 # module file -> {kernel: template arguments to instantiate (None: not a template)}
 _KERNELS = {
     "elementwise": {"add_kernel": _STORAGE, "silu_and_mul_kernel": _STORAGE, "gelu_kernel": _STORAGE,
-                    "silu_and_mul_vec_kernel": _STORAGE[1:],
+                    "silu_and_mul_vec_kernel": _STORAGE[1:], "silu_and_mul_rms_vec_kernel": _STORAGE[1:],
                     "rope_kernel": _STORAGE,
                     "rope_write_kv_kernel": tuple(f"{t}, 1" for t in _STORAGE) + tuple(f"{t}, 8" for t in _STORAGE[1:]),
                     "scatter_add_rows_kernel": _STORAGE,
@@ -359,6 +359,24 @@ def _token_rows(a) -> tuple:
 def _vectors(width: int, *arrays) -> bool:
     """Whether 16-bit rows of `width` elements can go in 16-byte vectors (the *_vec kernels)."""
     return width % 8 == 0 and all(a.itemsize == 2 and a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _rms_rows(rms_of, like):
+    """rms_of (the rows a fused op scales by 1 / rms of: silu_and_mul, rope_write_kv) as a
+    contiguous [like's rows, hidden] of like's dtype; None stays None."""
+    if rms_of is None:
+        return None
+    rms = cupy.ascontiguousarray(rms_of)
+    if rms.ndim != 2 or rms.shape[0] != like.shape[0] or rms.dtype != like.dtype:
+        raise ValueError(f"rms_of {rms.dtype}{tuple(rms.shape)} must be [{like.shape[0]}, hidden] of {like.dtype}")
+    return rms
+
+
+def _rms_args(rms, eps: float) -> tuple:
+    """The (stream, hidden, eps) kernel arguments of _rms_rows' rows: a null stream without."""
+    if rms is None:
+        return np.uint64(0), np.int32(0), np.float32(0.0)
+    return rms, np.int32(rms.shape[1]), np.float32(eps)
 
 
 def _norm_vec_threads(hidden: int) -> int:

@@ -42,6 +42,8 @@ from shardline.kernels.cuda_common import (
     _in_place,
     _index,
     _norm_vec_threads,
+    _rms_args,
+    _rms_rows,
     _row_threads,
     _row_word,
     _rows,
@@ -274,18 +276,25 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
                      (a, b, out, np.int64(a.size), np.int64(b.size)))
         return out
 
-    def silu_and_mul(self, x):
-        # x [..., 2 * inter]: gate then up -> [..., inter]
+    def silu_and_mul(self, x, rms_of=None, eps: float = 0.0):
+        """x [..., 2 * inter]: gate then up -> [..., inter]. rms_of [rows, hidden]: gate and up
+        times 1 / rms of its rows first (numpy_ops.silu_and_mul), for 16-bit x in 16-byte vectors."""
         x = cupy.ascontiguousarray(x)
         ctype = _ctype(x, "x")
         if x.shape[-1] % 2:
             raise ValueError(f"silu_and_mul: last dimension {x.shape[-1]} must be even (gate | up)")
         inter = x.shape[-1] // 2
         out = cupy.empty(x.shape[:-1] + (inter,), dtype=x.dtype)
-        kernel, columns = ("silu_and_mul_vec_kernel", inter // 8) if _vectors(inter, x, out) \
-            else ("silu_and_mul_kernel", inter)
-        self._launch(kernel, ctype, (_rows(x), min(-(-columns // _THREADS), _MAX_GRID_Y)), (_THREADS,),
-                     (x, out, np.int32(inter)))
+        rms = _rms_rows(rms_of, x.reshape(-1, x.shape[-1]))
+        vec = _vectors(inter, x, out) and (rms is None or _vectors(rms.shape[1], rms))
+        if rms is not None and not vec:
+            raise ValueError(f"silu_and_mul: rms_of needs 16-bit rows in 16-byte vectors (inter {inter}, hidden "
+                             f"{rms.shape[1]})")
+        kernel, columns = ("silu_and_mul_vec_kernel", inter // 8) if vec else ("silu_and_mul_kernel", inter)
+        args = (x, out, np.int32(inter))
+        if rms is not None:
+            kernel, args = "silu_and_mul_rms_vec_kernel", args + _rms_args(rms, eps)
+        self._launch(kernel, ctype, (_rows(x), min(-(-columns // _THREADS), _MAX_GRID_Y)), (_THREADS,), args)
         return out
 
     def gelu(self, x, approximate: str = "tanh"):

@@ -72,6 +72,12 @@ class SkinnyGemmOps:
     fused_norm_max_bytes = 8 << 20
     # RoPE and the KV-cache write in the QKV projection's epilogue (rms_norm_qkv_rope).
     fused_rope_gemm = "fused_rope_gemm" not in gpu_paths_off()
+    # A folded RMSNorm (its weight in the GEMM's columns) before a cuBLAS GEMM of at most
+    # norm_in_consumer_max_rows rows without a residual to add: no norm kernel; the GEMM reads
+    # the stream and the kernel after it (silu_and_mul, rope_write_kv) scales each row by 1 / rms.
+    # Each of its blocks sums a row of the stream again, so longer inputs keep the norm kernel.
+    norm_in_consumer = "norm_in_consumer" not in gpu_paths_off()
+    norm_in_consumer_max_rows = 256
 
     def _skinny(self, x2, weight, out, accumulate: bool = False, gated: bool = False, k_split: int = 0) -> None:
         num_out, ctype = out.shape[1], _ctype(x2, "x")
@@ -82,11 +88,15 @@ class SkinnyGemmOps:
                      (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
                       np.int32(gated)))
 
-    def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False):
+    def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False,
+                        folded: bool = False):
         """numpy_ops.rms_norm_linear. Where fused_norm_gemm is on, decode-sized inputs run one
         kernel (norm_skinny_gemm_kernel, the norm streamed with the weights): the new residual
         bitwise rms_norm's, the output within rounding of the two ops' (it is not rounded
-        to storage between the norm and the GEMM)."""
+        to storage between the norm and the GEMM). A folded norm before a gated GEMM may run in
+        silu_and_mul after it (norm_in_consumer)."""
+        if folded and gated and weight.shape[0] % 16 == 0 and self._norm_in_consumer(x, residual, weight, bias):
+            return self.silu_and_mul(self.linear(x, weight), rms_of=x, eps=eps), x
         if not self._norm_gemm_applies(x, norm_weight, residual, weight, bias, gated):
             return numpy_ops.rms_norm_linear(x, norm_weight, eps, residual, weight, bias, gated, ops=self)
         rows, hidden = x.shape
@@ -138,10 +148,15 @@ class SkinnyGemmOps:
                 np.float32(eps)), res_out
 
     def rms_norm_qkv_rope(self, x, norm_weight, eps: float, residual, weight, bias, positions, cos_sin,
-                          num_heads: int, k_cache, v_cache, slot_mapping):
+                          num_heads: int, k_cache, v_cache, slot_mapping, folded: bool = False):
         """numpy_ops.rms_norm_qkv_rope. Where fused_rope_gemm is on, decode-sized inputs run one
         kernel: the skinny GEMM's outputs go rotated into q and the cache as rope_write_kv_kernel
-        writes them (bitwise), the norm streamed with it where rms_norm_linear would fuse it."""
+        writes them (bitwise), the norm streamed with it where rms_norm_linear would fuse it. A
+        folded norm before a cuBLAS GEMM may run in rope_write_kv after it (norm_in_consumer)."""
+        if folded and self._norm_in_consumer(x, residual, weight, bias):
+            q, k, v = numpy_ops.split_qkv(self.linear(x, weight), num_heads, k_cache)
+            return self.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, rms_of=x,
+                                      eps=eps), x
         if not self._rope_gemm_applies(x, norm_weight, weight, bias, num_heads, cos_sin, k_cache, v_cache):
             return numpy_ops.rms_norm_qkv_rope(x, norm_weight, eps, residual, weight, bias, positions, cos_sin,
                                                num_heads, k_cache, v_cache, slot_mapping, ops=self)
@@ -180,6 +195,13 @@ class SkinnyGemmOps:
                 and all(a.dtype == x.dtype for a in (norm_weight, weight, k_cache, v_cache))
                 and self._skinny_applies(x, weight)
                 and ("skinny_gemm_rope_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
+
+    def _norm_in_consumer(self, x, residual, weight, bias) -> bool:
+        """Where a folded RMSNorm runs in the op after its GEMM: no residual or bias, 16-bit rows in
+        16-byte vectors, at most norm_in_consumer_max_rows of them, a GEMM cuBLAS runs."""
+        return bool(self.norm_in_consumer and residual is None and bias is None and x.ndim == 2 and weight.ndim == 2
+                    and 0 < x.shape[0] <= self.norm_in_consumer_max_rows and x.dtype == weight.dtype
+                    and x.flags.c_contiguous and _vectors(x.shape[1], x) and not self._skinny_applies(x, weight))
 
     def _norm_gemm_applies(self, x, norm_weight, residual, weight, bias, gated: bool) -> bool:
         """Where norm_skinny_gemm_kernel runs rms_norm_linear: a skinny GEMM's inputs, 16-bit

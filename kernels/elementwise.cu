@@ -49,6 +49,32 @@ __global__ void silu_and_mul_vec_kernel(const T* x, T* out, int inter) {
     }
 }
 
+// silu_and_mul_vec_kernel of a GEMM's output over an RMSNorm whose weight the GEMM's columns hold
+// (the norm folded): each row's gate and up times 1 / rms of `stream`'s row [rows, hidden] (hidden
+// % 8 == 0, 16-byte aligned), which the block sums while its first gate and up vectors load.
+template <typename T>
+__global__ void silu_and_mul_rms_vec_kernel(const T* x, T* out, int inter, const T* stream, int hidden,
+                                            float eps) {
+    pdl_begin();
+    const int vecs = inter / 8, first = blockIdx.y * blockDim.x + threadIdx.x;
+    const uint4* gate = reinterpret_cast<const uint4*>(x + blockIdx.x * 2LL * inter);
+    uint4* dst = reinterpret_cast<uint4*>(out + blockIdx.x * (long long)inter);
+    uint4 gate0, up0;
+    if (first < vecs) {
+        gate0 = gate[first];
+        up0 = gate[vecs + first];
+    }
+    const float scale = row_inv_rms<T, true>(stream + blockIdx.x * (long long)hidden, hidden, eps);
+    for (int v = first; v < vecs; v += gridDim.y * blockDim.x) {
+        float g[8], up[8];
+        unpack8<T>(v == first ? gate0 : gate[v], g);
+        unpack8<T>(v == first ? up0 : gate[vecs + v], up);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) g[i] = silu_mul(g[i] * scale, up[i] * scale);
+        dst[v] = pack8<T>(g);
+    }
+}
+
 template <typename T>
 __global__ void gelu_kernel(const T* x, T* out, long long n, int exact) {
     pdl_begin();
@@ -63,10 +89,11 @@ __global__ void gelu_kernel(const T* x, T* out, long long n, int exact) {
 }
 
 template <typename T>
-__device__ __forceinline__ void rotate_half(const T* src, T* dst, const float* table, int half, int j) {
-    // rotate-half on one (x1, x2) pair: table is cos | sin for the token
+__device__ __forceinline__ void rotate_half(const T* src, T* dst, const float* table, int half, int j,
+                                            float scale = 1.0f) {
+    // rotate-half on one (x1, x2) pair, each times scale: table is cos | sin for the token
     const float c = table[j], s = table[half + j];
-    const float x1 = to_f(src[j]), x2 = to_f(src[half + j]);
+    const float x1 = to_f(src[j]) * scale, x2 = to_f(src[half + j]) * scale;
     dst[j] = from_f<T>(x1 * c - x2 * s);
     dst[half + j] = from_f<T>(x2 * c + x1 * s);
 }
@@ -89,10 +116,16 @@ rope_kernel(const T* x, T* out, const long long* positions, const float* cos_sin
 // rotate_half on eight (x1, x2) pairs from column j (a multiple of 8): 16-byte loads and stores
 // of 16-bit storage, the table's cos and sin in 16-byte loads; each element as rotate_half.
 template <typename T>
-__device__ __forceinline__ void rotate_half8(const T* src, T* dst, const float* table, int half, int j) {
+__device__ __forceinline__ void rotate_half8(const T* src, T* dst, const float* table, int half, int j,
+                                             float scale = 1.0f) {
     float x1[8], x2[8], y1[8], y2[8];
     unpack8<T>(*reinterpret_cast<const uint4*>(src + j), x1);
     unpack8<T>(*reinterpret_cast<const uint4*>(src + half + j), x2);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        x1[e] *= scale;
+        x2[e] *= scale;
+    }
     const float4* cos4 = reinterpret_cast<const float4*>(table + j);
     const float4* sin4 = reinterpret_cast<const float4*>(table + half + j);
     const float4 ca = cos4[0], cb = cos4[1], sa = sin4[0], sb = sin4[1];
@@ -108,17 +141,30 @@ __device__ __forceinline__ void rotate_half8(const T* src, T* dst, const float* 
 }
 
 // What a thread of rope_write_kv_kernel moves at a time: PAIRS rotate-half pairs from column j
-// (rotate_half, or rotate_half8 for 16-bit storage), and v in Word pieces (T, or 16 bytes).
+// (rotate_half, or rotate_half8 for 16-bit storage), and v in Word pieces (T, or 16 bytes) of
+// WIDTH elements, each times a scale where one is given.
 template <typename T, int PAIRS> struct RopeStep {
     using Word = T;
-    static __device__ __forceinline__ void rotate(const T* src, T* dst, const float* table, int half, int j) {
-        rotate_half(src, dst, table, half, j);
+    static constexpr int WIDTH = 1;
+    static __device__ __forceinline__ void rotate(const T* src, T* dst, const float* table, int half, int j,
+                                                  float scale) {
+        rotate_half(src, dst, table, half, j, scale);
     }
+    static __device__ __forceinline__ Word scaled(Word w, float scale) { return from_f<T>(to_f(w) * scale); }
 };
 template <typename T> struct RopeStep<T, 8> {
     using Word = uint4;
-    static __device__ __forceinline__ void rotate(const T* src, T* dst, const float* table, int half, int j) {
-        rotate_half8(src, dst, table, half, j);
+    static constexpr int WIDTH = 8;
+    static __device__ __forceinline__ void rotate(const T* src, T* dst, const float* table, int half, int j,
+                                                  float scale) {
+        rotate_half8(src, dst, table, half, j, scale);
+    }
+    static __device__ __forceinline__ Word scaled(Word w, float scale) {
+        float f[8];
+        unpack8<T>(w, f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] *= scale;
+        return pack8<T>(f);
     }
 };
 
@@ -127,34 +173,38 @@ __global__ void __launch_bounds__(1024)
 rope_write_kv_kernel(const T* q, const T* k, const T* v, T* q_out, T* k_cache, T* v_cache,
                      const long long* positions, const float* cos_sin, const long long* slots, long long num_slots,
                      int num_heads, int num_kv_heads, int head_dim, long long q_stride, long long k_stride,
-                     long long v_stride) {
+                     long long v_stride, const T* stream, int hidden, float eps) {
     pdl_begin();
     // One block per token: rope on q (into q_out, contiguous) and on k
     // (straight into its cache slot), v copied to its slot. Slots out of
     // range are skipped. Token t's heads of q, k, v start at t * *_stride
     // (views of one QKV projection's columns need no copy). PAIRS = 8 (16-bit
     // storage, head_dim % 16 == 0, 16-byte aligned rows, token strides and
-    // table): eight pairs a thread in 16-byte loads and stores.
+    // table): eight pairs a thread in 16-byte loads and stores. With a stream
+    // [tokens, hidden] (a QKV projection whose columns hold the RMSNorm's weight
+    // before it), q, k and v are first scaled by 1 / rms of the token's row of it
+    // (row_inv_rms; 16-byte reads where PAIRS = 8).
     using Step = RopeStep<T, PAIRS>;
     using Word = typename Step::Word;
     const int half = head_dim / 2, steps = half / PAIRS, kv_width = num_kv_heads * head_dim;
     const long long token = blockIdx.x, slot = slots[token];
     const bool store = slot >= 0 && slot < num_slots;
     const float* table = cos_sin + positions[token] * head_dim;
+    const float scale = stream ? row_inv_rms<T, PAIRS == 8>(stream + token * hidden, hidden, eps) : 1.0f;
     for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * steps; i += blockDim.x) {
         const int head = i / steps, j = (i % steps) * PAIRS;
         if (head < num_heads) {
             Step::rotate(q + token * q_stride + head * head_dim, q_out + (token * num_heads + head) * head_dim, table,
-                         half, j);
+                         half, j, scale);
         } else if (store) {
             const int offset = (head - num_heads) * head_dim;
-            Step::rotate(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, j);
+            Step::rotate(k + token * k_stride + offset, k_cache + slot * kv_width + offset, table, half, j, scale);
         }
     }
     const Word* v_src = reinterpret_cast<const Word*>(v + token * v_stride);
     Word* v_dst = reinterpret_cast<Word*>(v_cache + slot * kv_width);
-    for (int i = threadIdx.x; store && i < kv_width / (int)(sizeof(Word) / sizeof(T)); i += blockDim.x) {
-        v_dst[i] = v_src[i];
+    for (int i = threadIdx.x; store && i < kv_width / Step::WIDTH; i += blockDim.x) {
+        v_dst[i] = stream ? Step::scaled(v_src[i], scale) : v_src[i];
     }
 }
 

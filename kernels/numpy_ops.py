@@ -70,9 +70,13 @@ def rms_norm(x, weight, eps: float, residual=None):
     (normed, x + residual) so the caller keeps the new residual stream."""
     h = x if residual is None else x + residual
     # [num_tokens, hidden]
-    inv_rms = 1.0 / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + eps)
-    y = (h * inv_rms).astype(x.dtype) * weight
+    y = (h * inv_rms(h, eps)).astype(x.dtype) * weight
     return y if residual is None else (y, h)
+
+
+def inv_rms(h, eps: float):
+    """1 / rms of each row of h [..., hidden], eps inside the root: [..., 1]."""
+    return 1.0 / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + eps)
 
 
 def layer_norm(x, weight, bias, eps: float, residual=None):
@@ -102,8 +106,12 @@ def rope(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarra
     return rotate(q), rotate(k)
 
 
-def silu_and_mul(x: np.ndarray) -> np.ndarray:
-    # x [num_tokens, 2 * inter]: gate then up -> [num_tokens, inter]
+def silu_and_mul(x: np.ndarray, rms_of=None, eps: float = 0.0) -> np.ndarray:
+    """x [num_tokens, 2 * inter]: gate then up -> [num_tokens, inter]. rms_of [num_tokens,
+    hidden]: gate and up first times 1 / rms of its rows (the RMSNorm before a GEMM whose
+    weight holds the norm's)."""
+    if rms_of is not None:
+        x = x * inv_rms(rms_of, eps).astype(x.dtype)
     gate, up = np.split(x, 2, axis=-1)
     return gate / (1.0 + np.exp(-gate)) * up
 
@@ -114,10 +122,13 @@ def gated_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = No
     return silu_and_mul(linear(x, weight, bias))
 
 
-def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False, ops=None):
+def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False, ops=None,
+                    folded: bool = False):
     """(linear(rms_norm(x (+ residual))), the new residual stream: x + residual, or x itself
     without a residual); gated: gated_linear. One kernel on CUDA for decode-sized x; `ops`
-    runs this composition on another op set (CUDA's inputs it does not fuse)."""
+    runs this composition on another op set (CUDA's inputs it does not fuse). folded: the norm's
+    weight is all ones, its values held by weight's columns (models/layers.py Norm), so CUDA may
+    leave the norm to the op after the GEMM; the same values here."""
     ops = ops or sys.modules[__name__]
     normed, residual = rms_norm_residual(x, norm_weight, eps, residual, ops)
     return (ops.gated_linear if gated else ops.linear)(normed, weight, bias), residual
@@ -133,13 +144,20 @@ def rms_norm_residual(x, norm_weight, eps: float, residual, ops=None):
 
 
 def rms_norm_qkv_rope(x, norm_weight, eps: float, residual, weight, bias, positions, cos_sin, num_heads: int,
-                      k_cache, v_cache, slot_mapping, ops=None):
+                      k_cache, v_cache, slot_mapping, ops=None, folded: bool = False):
     """An attention block's start over the paged cache: the QKV projection [T, (heads + 2
     kv_heads) * head_dim] of rms_norm(x (+ residual)) split into q, k, v, then
     rope_write_kv. Returns (the rotated q [T, heads, head_dim], the new residual stream).
-    One kernel on CUDA for decode-sized x; `ops` as in rms_norm_linear."""
+    One kernel on CUDA for decode-sized x; `ops` and folded as in rms_norm_linear."""
     ops = ops or sys.modules[__name__]
     qkv, residual = ops.rms_norm_linear(x, norm_weight, eps, residual, weight, bias)
+    q, k, v = split_qkv(qkv, num_heads, k_cache)
+    return ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping), residual
+
+
+def split_qkv(qkv, num_heads: int, k_cache) -> tuple:
+    """Views q [T, heads, head_dim], k and v [T, kv_heads, head_dim] of a QKV projection's
+    columns, the KV heads and head size from the cache [blocks, block_size, kv_heads, head_dim]."""
     tokens, (kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
     q_size, kv_size = num_heads * head_dim, kv_heads * head_dim
     if qkv.shape[1] != q_size + 2 * kv_size:
@@ -148,7 +166,7 @@ def rms_norm_qkv_rope(x, norm_weight, eps: float, residual, weight, bias, positi
     q = qkv[:, :q_size].reshape(tokens, num_heads, head_dim)
     k = qkv[:, q_size:q_size + kv_size].reshape(tokens, kv_heads, head_dim)
     v = qkv[:, q_size + kv_size:].reshape(tokens, kv_heads, head_dim)
-    return ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping), residual
+    return q, k, v
 
 
 def gelu(x: np.ndarray, approximate: str = "tanh") -> np.ndarray:
@@ -280,9 +298,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache[blocks, offsets] = v
 
 
-def rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
-    """RoPE on q and k, then k/v into the cache; returns the rotated q.
+def rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, rms_of=None, eps: float = 0.0):
+    """RoPE on q and k, then k/v into the cache; returns the rotated q. rms_of [num_tokens,
+    hidden]: q, k and v first times 1 / rms of its rows (as silu_and_mul's).
     (One fused kernel on CUDA; here the two reference ops in sequence.)"""
+    if rms_of is not None:
+        scale = inv_rms(rms_of, eps).astype(q.dtype)[:, :, None]   # [T, 1, 1]
+        q, k, v = q * scale, k * scale, v * scale
     q, k = rope(q, k, positions, cos_sin)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     return q

@@ -49,12 +49,19 @@ class AttentionContext(Protocol):
 
 
 class Norm:
-    """RMSNorm or LayerNorm (replicated on every rank), with the fused residual add."""
+    """RMSNorm or LayerNorm (replicated on every rank), with the fused residual add.
 
-    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, prefix: str):
+    fold (RMSNorm): the projection after the norm takes the norm's weight into its columns
+    (`column_scale`, WeightReader.concat), the norm's own weight is all ones, and the ops may
+    run the norm inside the op after that GEMM (`folded`: rms_norm_linear, rms_norm_qkv_rope),
+    its 1 / rms scaling the GEMM's rows, so the norm needs no kernel of its own there."""
+
+    def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, prefix: str, fold: bool = False):
         h = config.hidden_size
         self.ops, self.eps, self.kind = backend.ops, config.norm_eps, config.norm
-        self.weight = w.get(f"{prefix}.weight", (h,))
+        self.folded = fold and config.norm == "rms"
+        self.column_scale = w.host(f"{prefix}.weight", (h,)) if self.folded else None
+        self.weight = backend.asarray(np.ones(h, np.float32)) if self.folded else w.get(f"{prefix}.weight", (h,))
         self.bias = w.get(f"{prefix}.bias", (h,)) if config.norm == "layer" else None
 
     def __call__(self, x, residual=None):
@@ -70,7 +77,8 @@ class Norm:
         """(linear(norm(x (+ residual))), the new residual: x itself without one); gated:
         gated_linear. An RMSNorm may run fused into the GEMM (ops.rms_norm_linear)."""
         if self.kind == "rms":
-            return self.ops.rms_norm_linear(x, self.weight, self.eps, residual, weight, bias, gated)
+            return self.ops.rms_norm_linear(x, self.weight, self.eps, residual, weight, bias, gated,
+                                            folded=self.folded)
         normed, residual = self.with_residual(x, residual)
         return (self.ops.gated_linear if gated else self.ops.linear)(normed, weight, bias), residual
 
@@ -79,7 +87,7 @@ class Norm:
         RoPE, and k and v into cache (k_cache, v_cache, slot_mapping); one kernel where the
         backend fuses them (ops.rms_norm_qkv_rope)."""
         return self.ops.rms_norm_qkv_rope(x, self.weight, self.eps, residual, attn.qkv_weight, attn.qkv_bias,
-                                          positions, attn.cos_sin, attn.num_heads, *cache)
+                                          positions, attn.cos_sin, attn.num_heads, *cache, folded=self.folded)
 
 
 def rotary_table(backend: Backend, config: ModelConfig) -> Any:

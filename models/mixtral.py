@@ -28,8 +28,8 @@ class _ExpertNames:
             name = name.replace(f".{ours}.", f".{theirs}.")
         return name
 
-    def concat(self, names, shapes, parts=None):
-        return self.inner.concat([self._name(n) for n in names], shapes, parts)
+    def concat(self, names, shapes, parts=None, column_scale=None):
+        return self.inner.concat([self._name(n) for n in names], shapes, parts, column_scale)
 
     def get(self, name, shape, axis=0, part=None):
         return self.inner.get(self._name(name), shape, axis, part)

@@ -116,6 +116,8 @@ class MoEForCausalLM(LlamaForCausalLM):
     """A Llama-family model with MoE MLPs; `ep` (keyword) spreads the
     experts over a group. Other arguments pass through to the Llama model."""
 
+    dense_mlp = False   # the post-attention norm stays unfolded: its output feeds a router and experts
+
     def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel(),
                  *args, ep: ExpertParallel = ExpertParallel(), **kwargs):
         check_expert_layout(config.num_experts, tp.size, ep.size)

@@ -73,11 +73,17 @@ class WeightReader:
         return self.get(name, shape) if self.has(name) else None
 
     def concat(self, names: Sequence[str], shapes: Sequence[Sequence[int]],
-               parts: Sequence[tuple[int, int] | None] | None = None) -> Any:
-        """Several tensors (or row slices of them) fused along the first axis (QKV, gate+up)."""
+               parts: Sequence[tuple[int, int] | None] | None = None, column_scale: np.ndarray | None = None) -> Any:
+        """Several tensors (or row slices of them) fused along the first axis (QKV, gate+up);
+        column_scale [columns]: each column times it on the host (float32, or float64 for a
+        float64 backend) before the one rounding to the backend's dtype (an RMSNorm's weight folded in: layers.Norm)."""
         parts = parts or [None] * len(names)
         pieces = [self.host(n, s, 0, p) for n, s, p in zip(names, shapes, parts)]
-        return self.backend.asarray(np.concatenate(pieces, axis=0))
+        fused = np.concatenate(pieces, axis=0)
+        if column_scale is not None:   # exact in float64: float32 weights and scales
+            dtype = np.float64 if self.backend.dtype == "float64" else np.float32
+            fused = np.multiply(fused, column_scale, dtype=dtype)
+        return self.backend.asarray(fused)
 
     def close(self) -> None:
         self._progress.close()
