@@ -62,9 +62,11 @@ class SyntheticStep:
         self.eps, self.batch = hf["rms_norm_eps"], batch
         rng = np.random.default_rng(seed)
         qkv_rows = (self.heads + 2 * kv_heads) * self.head_dim
-        self.layers = [dict(norm1=self._weight(rng, self.hidden), qkv=self._weight(rng, qkv_rows, self.hidden),
+        # the engine's norms before QKV and gate/up hand their weights to them (layers.Norm's fold): ones
+        ones = self.backend.asarray(np.ones(self.hidden, np.float32))
+        self.layers = [dict(norm1=ones, qkv=self._weight(rng, qkv_rows, self.hidden),
                             o=self._weight(rng, self.hidden, self.heads * self.head_dim),
-                            norm2=self._weight(rng, self.hidden), gate_up=self._weight(rng, 2 * inter, self.hidden),
+                            norm2=ones, gate_up=self._weight(rng, 2 * inter, self.hidden),
                             down=self._weight(rng, self.hidden, inter)) for _ in range(layers)]
         self.final_norm, self.lm_head = self._weight(rng, self.hidden), self._weight(rng, hf["vocab_size"], self.hidden)
         self.weight_bytes = sum(int(w.nbytes) for layer in self.layers for w in layer.values())
@@ -104,7 +106,7 @@ class SyntheticStep:
             if "rope" in parts:   # the engine's QKV: norm, projection, RoPE and cache write, fused where they fuse
                 q, residual = ops.rms_norm_qkv_rope(x, layer["norm1"], eps, residual, layer["qkv"], None,
                                                     self.positions, self.cos_sin, self.heads, k_cache, v_cache,
-                                                    self.slots)
+                                                    self.slots, folded=True)
             else:
                 if "norms" in parts:
                     h, residual = numpy_ops.rms_norm_residual(x, layer["norm1"], eps, residual, ops)
@@ -118,9 +120,10 @@ class SyntheticStep:
             o = self.backend.xp.ascontiguousarray(q)
             if "norms" in parts:   # as the engine's blocks: o and down summed into the residual where that pays
                 x, residual = RowParallelLinear(self.backend, SINGLE_RANK, layer["o"]).add_to(o, residual)
-                h, residual = numpy_ops.rms_norm_residual(x, layer["norm2"], eps, residual, ops)
+                h, residual = ops.rms_norm_linear(x, layer["norm2"], eps, residual, layer["gate_up"], gated=True,
+                                                  folded=True)
                 down = RowParallelLinear(self.backend, SINGLE_RANK, layer["down"])
-                x, residual = down.add_to(ops.gated_linear(h, layer["gate_up"]), residual)
+                x, residual = down.add_to(h, residual)
             else:
                 x = ops.linear(ops.gated_linear(ops.linear(o, layer["o"]), layer["gate_up"]), layer["down"])
         if "norms" in parts:

@@ -197,10 +197,12 @@ class SkinnyGemmOps:
                 and ("skinny_gemm_rope_kernel", f"{_ctype(x, 'x')}, {x.shape[0]}, 1") in self._functions)
 
     def _norm_in_consumer(self, x, residual, weight, bias) -> bool:
-        """Where a folded RMSNorm runs in the op after its GEMM: no residual or bias, 16-bit rows in
-        16-byte vectors, at most norm_in_consumer_max_rows of them, a GEMM cuBLAS runs."""
+        """Where a folded RMSNorm runs in the op after its GEMM: no residual or bias, bf16 rows in
+        16-byte vectors, at most norm_in_consumer_max_rows of them, a GEMM cuBLAS runs. Not fp16:
+        the GEMM's output, rounded before the 1 / rms scale, is rms(x) times the normed one's, and
+        a large rms (a "massive activation" token) would overflow fp16's range there."""
         return bool(self.norm_in_consumer and residual is None and bias is None and x.ndim == 2 and weight.ndim == 2
-                    and 0 < x.shape[0] <= self.norm_in_consumer_max_rows and x.dtype == weight.dtype
+                    and 0 < x.shape[0] <= self.norm_in_consumer_max_rows and x.dtype == weight.dtype == cupy.uint16
                     and x.flags.c_contiguous and _vectors(x.shape[1], x) and not self._skinny_applies(x, weight))
 
     def _norm_gemm_applies(self, x, norm_weight, residual, weight, bias, gated: bool) -> bool:

@@ -52,17 +52,23 @@ class Norm:
     """RMSNorm or LayerNorm (replicated on every rank), with the fused residual add.
 
     fold (RMSNorm): the projection after the norm takes the norm's weight into its columns
-    (`column_scale`, WeightReader.concat), the norm's own weight is all ones, and the ops may
-    run the norm inside the op after that GEMM (`folded`: rms_norm_linear, rms_norm_qkv_rope),
-    its 1 / rms scaling the GEMM's rows, so the norm needs no kernel of its own there."""
+    (take_column_scale, then WeightReader.concat), the norm's own weight is all ones, and the ops
+    may run the norm inside the op after that GEMM (`folded`: rms_norm_linear, rms_norm_qkv_rope
+    then ignore the unit weight), its 1 / rms scaling the GEMM's rows, so the norm needs no
+    kernel of its own there."""
 
     def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, prefix: str, fold: bool = False):
         h = config.hidden_size
         self.ops, self.eps, self.kind = backend.ops, config.norm_eps, config.norm
         self.folded = fold and config.norm == "rms"
-        self.column_scale = w.host(f"{prefix}.weight", (h,)) if self.folded else None
+        self._column_scale = w.host(f"{prefix}.weight", (h,)) if self.folded else None
         self.weight = backend.asarray(np.ones(h, np.float32)) if self.folded else w.get(f"{prefix}.weight", (h,))
         self.bias = w.get(f"{prefix}.bias", (h,)) if config.norm == "layer" else None
+
+    def take_column_scale(self):
+        """The folded norm's weight (host float32) for the projection after it, once (None unfolded)."""
+        scale, self._column_scale = self._column_scale, None
+        return scale
 
     def __call__(self, x, residual=None):
         if self.kind == "rms":

@@ -70,9 +70,11 @@ class LlamaBlock(PreNormBlock):
         p = f"model.layers.{i}"
         self.index = kv_index  # this layer's place in its stage's KV cache (i on a single stage)
         self.input_norm = Norm(backend, c, w, f"{p}.input_layernorm", fold=True)
-        self.attn = llama_attention(backend, c, w, tp, p, cos_sin, self.input_norm.column_scale)
+        self.attn = llama_attention(backend, c, w, tp, p, cos_sin, self.input_norm.take_column_scale())
         self.post_norm = Norm(backend, c, w, f"{p}.post_attention_layernorm", fold=dense_mlp)
-        self.mlp = build_mlp(self.post_norm.column_scale) if dense_mlp else build_mlp()
+        self.mlp = build_mlp(self.post_norm.take_column_scale()) if dense_mlp else build_mlp()
+        if self.post_norm.folded and not isinstance(self.mlp, GatedMLP):   # only a GatedMLP takes the fold
+            raise TypeError(f"layer {i}: build_mlp gave a {type(self.mlp).__name__} for a folded norm (dense_mlp)")
 
 
 class LlamaForCausalLM:
@@ -86,8 +88,9 @@ class LlamaForCausalLM:
                                    c.hidden_size) if stage.is_first else None
         cos_sin = rotary_table(backend, c)
         layers = stage.layer_range(c.num_layers)
-        self.layers = [LlamaBlock(backend, c, w, tp, i, cos_sin, functools.partial(self.build_mlp, backend, c, w, tp, i),
-                                  i - layers.start, self.dense_mlp) for i in layers]
+        self.layers = [LlamaBlock(backend, c, w, tp, i, cos_sin,
+                                  functools.partial(self.build_mlp, backend, c, w, tp, i), i - layers.start,
+                                  self.dense_mlp) for i in layers]
         self.norm = Norm(backend, c, w, "model.norm") if stage.is_last else None
         self.lm_head = self._lm_head(backend, c, w, tp) if stage.is_last else None
         self.num_kv_heads_per_rank = split_heads(c.num_heads, c.num_kv_heads, tp.size, tp.rank).num_kv_heads

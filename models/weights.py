@@ -80,9 +80,9 @@ class WeightReader:
         parts = parts or [None] * len(names)
         pieces = [self.host(n, s, 0, p) for n, s, p in zip(names, shapes, parts)]
         fused = np.concatenate(pieces, axis=0)
-        if column_scale is not None:   # exact in float64: float32 weights and scales
+        if column_scale is not None:   # for float64, the float32 product is exact
             dtype = np.float64 if self.backend.dtype == "float64" else np.float32
-            fused = np.multiply(fused, column_scale, dtype=dtype)
+            fused = np.multiply(fused, column_scale, dtype=dtype, out=fused if fused.dtype == dtype else None)
         return self.backend.asarray(fused)
 
     def close(self) -> None:

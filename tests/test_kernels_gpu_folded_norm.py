@@ -23,11 +23,12 @@ from test_kernels_gpu import assert_close, ops, poisoned_allocations, random_inp
 pytestmark = pytest.mark.gpu
 
 
-def launches(ops, monkeypatch) -> list[str]:
-    """The names of the kernels ops launches from now on."""
+def launches(ops, monkeypatch, templates: bool = False) -> list:
+    """The names of the kernels ops launches from now on ((name, template arguments) pairs with
+    templates)."""
     names, launch = [], ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda name, ctype, *args, **kw: (names.append(name),
-                                                                          launch(name, ctype, *args, **kw))[1])
+    monkeypatch.setattr(ops, "_launch", lambda name, ctype, *args, **kw: (
+        names.append((name, ctype) if templates else name), launch(name, ctype, *args, **kw))[1])
     return names
 
 
@@ -48,9 +49,11 @@ def test_silu_and_mul_scaled_by_the_rows_rms(ops, rng, monkeypatch, dtype, rows,
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("head_dim", [128, 40])
-def test_rope_write_kv_scaled_by_the_rows_rms(ops, rng, dtype, head_dim):
+@pytest.mark.parametrize("dependent", [False, True])
+def test_rope_write_kv_scaled_by_the_rows_rms(ops, rng, monkeypatch, dtype, head_dim, dependent):
     """Eight pairs a thread at 16-bit head size 128 (16-byte reads of the stream), one at 40 or
-    in float32; q, k and v all scaled."""
+    in float32; q, k and v all scaled; tokens whose slots are out of range (-1, past the cache)
+    rotate q and store nothing, yet sum their rows with the rest of the block."""
     num_blocks, block_size, kv_heads, heads, tokens, hidden = 6, 4, 2, 6, 9, 264
     k_cache, kc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
     v_cache, vc64 = random_input(ops, rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
@@ -61,10 +64,21 @@ def test_rope_write_kv_scaled_by_the_rows_rms(ops, rng, dtype, head_dim):
     table = rope_cos_sin(head_dim, 256, 10000.0).astype(np.float32)
     positions = rng.integers(0, 256, size=tokens)
     slots = rng.choice(num_blocks * block_size, size=tokens, replace=False).astype(np.int64)
-    q_out = ops.rope_write_kv(q, k, v, cupy.asarray(positions), cupy.asarray(table), k_cache, v_cache,
-                              cupy.asarray(slots), rms_of=stream, eps=1e-6)
-    q_ref = numpy_ops.rope_write_kv(q64, k64, v64, positions, table.astype(np.float64), kc64, vc64, slots,
-                                    rms_of=stream64, eps=1e-6)
+    slots[[2, 5]] = -1, num_blocks * block_size
+    names = launches(ops, monkeypatch, templates=True)
+    with ops.dependent_launches() if dependent else contextlib.nullcontext():
+        q_out = ops.rope_write_kv(q, k, v, cupy.asarray(positions), cupy.asarray(table), k_cache, v_cache,
+                                  cupy.asarray(slots), rms_of=stream, eps=1e-6)
+    ctype = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}[dtype]
+    vec = head_dim == 128 and dtype != "float32"
+    assert names == [("rope_write_kv_kernel", f"{ctype}, {8 if vec else 1}")]
+    kept = slots >= 0   # the reference stores only the in-range tokens; q is every token's
+    kept[5] = False
+    table64 = table.astype(np.float64)
+    q_ref = numpy_ops.rope_write_kv(q64, k64, v64, positions, table64, kc64.copy(), vc64.copy(),
+                                    np.where(kept, slots, 0), rms_of=stream64, eps=1e-6)
+    numpy_ops.rope_write_kv(q64[kept], k64[kept], v64[kept], positions[kept], table64, kc64, vc64, slots[kept],
+                            rms_of=stream64[kept], eps=1e-6)
     assert_close(ops, q_out, q_ref, dtype, "rope_write_kv rms q")
     assert_close(ops, k_cache, kc64, dtype, "rope_write_kv rms k cache")
     assert_close(ops, v_cache, vc64, dtype, "rope_write_kv rms v cache")
@@ -117,20 +131,22 @@ def test_folded_norm_runs_in_the_ops_after_the_gemm(ops, rng, monkeypatch, rows)
 
 def test_folded_norm_keeps_its_kernel_where_the_path_does_not_apply(ops, rng, monkeypatch):
     """A residual to add, a bias, the skinny GEMM's row counts, more than
-    norm_in_consumer_max_rows rows, or the path off: the norm kernel runs (and only the last
-    case, the path on, runs none)."""
+    norm_in_consumer_max_rows rows, fp16, or the path off: the norm kernel runs (and only the
+    last case, bf16 with the path on, runs none)."""
     monkeypatch.setattr(ops, "norm_in_consumer_max_rows", 8)
     hidden, inter = 1024, 512
     names = launches(ops, monkeypatch)
-    for rows, with_residual, with_bias, on in ((6, True, False, True), (6, False, True, True),
-                                               (1, False, False, True), (9, False, False, True),
-                                               (6, False, False, False), (6, False, False, True)):
+    cases = ((6, True, False, True, "bfloat16"), (6, False, True, True, "bfloat16"), (1, False, False, True, "bfloat16"),
+             (9, False, False, True, "bfloat16"), (6, False, False, True, "float16"),
+             (6, False, False, False, "bfloat16"), (6, False, False, True, "bfloat16"))
+    for case in cases:
+        rows, with_residual, with_bias, on, dtype = case
         monkeypatch.setattr(ops, "norm_in_consumer", on)
-        stream, ones, w = folded_inputs(ops, rng, rows, hidden, 2 * inter)
-        residual = random_input(ops, rng, (rows, hidden), "bfloat16")[0] if with_residual else None
-        bias = random_input(ops, rng, (2 * inter,), "bfloat16")[0] if with_bias else None
+        stream, ones, w = folded_inputs(ops, rng, rows, hidden, 2 * inter, dtype)
+        residual = random_input(ops, rng, (rows, hidden), dtype)[0] if with_residual else None
+        bias = random_input(ops, rng, (2 * inter,), dtype)[0] if with_bias else None
         names.clear()
         ops.rms_norm_linear(stream, ones, 1e-5, residual, w, bias, gated=True, folded=True)
-        in_consumer = (rows, with_residual, with_bias, on) == (6, False, False, True)
-        assert ("silu_and_mul_rms_vec_kernel" in names) == in_consumer, (rows, with_residual, with_bias, on, names)
-        assert any("norm" in n for n in names) != in_consumer, (rows, with_residual, with_bias, on, names)
+        in_consumer = case == cases[-1]
+        assert ("silu_and_mul_rms_vec_kernel" in names) == in_consumer, (case, names)
+        assert any("norm" in n for n in names) != in_consumer, (case, names)
