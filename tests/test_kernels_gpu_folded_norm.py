@@ -136,9 +136,10 @@ def test_folded_norm_keeps_its_kernel_where_the_path_does_not_apply(ops, rng, mo
     monkeypatch.setattr(ops, "norm_in_consumer_max_rows", 8)
     hidden, inter = 1024, 512
     names = launches(ops, monkeypatch)
-    cases = ((6, True, False, True, "bfloat16"), (6, False, True, True, "bfloat16"), (1, False, False, True, "bfloat16"),
-             (9, False, False, True, "bfloat16"), (6, False, False, True, "float16"),
-             (6, False, False, False, "bfloat16"), (6, False, False, True, "bfloat16"))
+    cases = ((6, True, False, True, "bfloat16"), (6, False, True, True, "bfloat16"),
+             (1, False, False, True, "bfloat16"), (9, False, False, True, "bfloat16"),
+             (6, False, False, True, "float16"), (6, False, False, False, "bfloat16"),
+             (6, False, False, True, "bfloat16"))
     for case in cases:
         rows, with_residual, with_bias, on, dtype = case
         monkeypatch.setattr(ops, "norm_in_consumer", on)
