@@ -347,10 +347,7 @@ __device__ __forceinline__ void fa_write_rows(const FlashSink<T, D>& sink, const
 
 template <typename T, int D, int KW>
 __global__ void __launch_bounds__(FA_THREADS)
-    flash_attention_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
-                           const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
-                           const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                           int window, int num_splits, int* counters, int num_tokens, int heads_first) {
+    flash_attention_kernel(FLASH_PAGED_PARAMS) {
     pdl_begin();
     using S = FaShape<D, KW>;
     extern __shared__ __align__(128) unsigned char smem[];

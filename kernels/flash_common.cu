@@ -4,6 +4,13 @@
 // (FlashSink), and the merges of partial softmax results across a block's key
 // warps and across split blocks. Compiled in front of each of those files.
 
+// The paged-attention kernels' parameters (flash_attention_kernel, flash_prefill_kernel,
+// flash_prefill_sm90_kernel: one launch signature, CudaOps passes the same arguments to each).
+#define FLASH_PAGED_PARAMS                                                                                         \
+    const T *q, const T *k_cache, const T *v_cache, T *out, float *partial, const int *block_tables, int max_blocks, \
+        int block_size, const int *seq_lens, const int *query_start_loc, int num_seqs, int num_heads,              \
+        int num_kv_heads, float scale, int window, int num_splits, int *counters, int num_tokens, int heads_first
+
 #define FA_WARPS 4
 #define FA_THREADS (FA_WARPS * 32)
 #define FA_MAX_THREADS 256   // flash_decode.cu: 8 key warps
@@ -192,6 +199,7 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi, const __half*) {
 // (flash_rescale). This lane's accumulator element e belongs to its row (e >> ROW_SHIFT) & 1 of
 // two: flash_attention.cu's rows are the mma's M (ROW_SHIFT 1), flash_decode.cu's its N
 // (ROW_SHIFT 0).
+
 template <int ROW_SHIFT, int N>
 __device__ __forceinline__ void flash_softmax_exp(float (&s)[N][4], float (&m)[2], float (&l)[2],
                                                  const float (&tile_max)[2], float scale2, float (&alpha)[2]) {

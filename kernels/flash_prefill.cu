@@ -137,10 +137,7 @@ __device__ __forceinline__ void fp_key_loop(float (&o)[FP_MT][D / 8][4], float (
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FA_THREADS, 2)
-    flash_prefill_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
-                         const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
-                         const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                         int window, int num_splits, int* counters, int num_tokens, int heads_first) {
+    flash_prefill_kernel(FLASH_PAGED_PARAMS) {
     pdl_begin();
     using S = FaShape<D, 1>;
     constexpr int BQ = FA_WARPS * FP_Q_ROWS;

@@ -60,10 +60,7 @@ __device__ __forceinline__ void f9_key_loop(float (&o)[D / 8][4], float (&m)[2],
 
 template <typename T, int D>
 __global__ void __launch_bounds__(F9_THREADS, 2)
-    flash_prefill_sm90_kernel(const T* q, const T* k_cache, const T* v_cache, T* out, float* partial,
-                              const int* block_tables, int max_blocks, int block_size, const int* seq_lens,
-                              const int* query_start_loc, int num_seqs, int num_heads, int num_kv_heads, float scale,
-                              int window, int num_splits, int* counters, int num_tokens, int heads_first) {
+    flash_prefill_sm90_kernel(FLASH_PAGED_PARAMS) {
     pdl_begin();
     const int group = num_heads / num_kv_heads;
     const FlashBlock at = flash_block_start<T, D>(heads_first, query_start_loc, num_seqs, group, F9_BQ, out,
