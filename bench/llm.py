@@ -101,9 +101,11 @@ def median_ttft(engine, prompt: list[int], reads: int) -> tuple[float, list[floa
     return float(np.median(seconds)), seconds
 
 
-def decode_step_s(engine, batch: int, context: int, steps: int, rng, sampling: dict | None = None) -> float:
+def decode_step_s(engine, batch: int, context: int, steps: int, rng, sampling: dict | None = None,
+                  around=contextlib.nullcontext) -> float:
     """Median wall seconds of an engine step decoding `batch` requests of `context` tokens,
-    greedy or with `sampling`'s SamplingParams fields."""
+    greedy or with `sampling`'s SamplingParams fields. The timed steps run inside `around()`
+    (a context manager: a profiler, say)."""
     from shardline.worker.sampling_params import SamplingParams
     # The first requests decode a token a step while the later ones prefill: enough tokens for all.
     prefill_steps = -(-batch * context // engine.config.max_num_batched_tokens)
@@ -116,12 +118,13 @@ def decode_step_s(engine, batch: int, context: int, steps: int, rng, sampling: d
     while len(started) < batch:   # every prompt prefilled and its first token out
         started |= {out.request_id for out in engine.step() if out.new_token_ids}
     times = []
-    for _ in range(steps):
-        begin = time.perf_counter()
-        outputs = engine.step()
-        times.append(time.perf_counter() - begin)
-        if len(outputs) != batch:
-            raise RuntimeError(f"decode step of batch {batch}: {len(outputs)} requests got a token")
+    with around():
+        for _ in range(steps):
+            begin = time.perf_counter()
+            outputs = engine.step()
+            times.append(time.perf_counter() - begin)
+            if len(outputs) != batch:
+                raise RuntimeError(f"decode step of batch {batch}: {len(outputs)} requests got a token")
     for rid in ids:
         engine.abort(rid)
     engine.step()

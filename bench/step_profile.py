@@ -3,6 +3,10 @@
 pass alone (CUDA events), eager and replayed from the CUDA graph.
 
 Run:  python -m bench.step_profile --shape smollm2-135m --batch 1
+With --ahead-timeline N it instead profiles N times the decode steps as bench.llm and
+bench.decode_ab time them (decode ahead on): their median wall time against the GPU's busy
+time and idle gaps over those steps (gpu_timeline), to tell a step the GPU takes longer from
+one it waits in; and the graph's replay alone.
 With --kernels it also lists the GPU time of every kernel name (CUPTI through
 torch.profiler, which sees cupy's launches too) in one eager decode forward, in one
 replay of its CUDA graph (dependent launches overlap there, so a kernel's time may
@@ -14,6 +18,7 @@ the host's time before the first GPU activity and after the last (gpu_timeline).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours  # noqa: E402
+from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s  # noqa: E402
 from tp_decode import cuda_intervals  # noqa: E402
 
 
@@ -45,13 +50,15 @@ def phases(engine, steps: int) -> dict[str, float]:
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20) -> tuple[float, float]:
-    """(GPU seconds of one step's forward as CUDA events see it, host seconds to issue it)."""
+def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20, rows: int | None = None) -> tuple[float, float]:
+    """(GPU seconds of one step's forward as CUDA events see it, host seconds to issue it);
+    graphed, the replay of the graph for the plan's rows (or `rows`)."""
     import cupy
     from shardline.worker.model_runner import upload_step_inputs
     runner = engine.runner
     if graphed:
-        bucket = runner.graphs._captured[next(b for b in runner.graphs.buckets if b >= len(plan.request_ids))]
+        rows = rows or len(plan.request_ids)
+        bucket = runner.graphs._captured[next(b for b in runner.graphs.buckets if b >= rows)]
         stream = runner.graphs._stream
 
         def once():
@@ -139,6 +146,28 @@ def prefill_timeline(engine, tokens: int, rng) -> dict:
     return gpu_timeline(cuda_intervals(prof), wall * 1e6)
 
 
+def ahead_timeline(engine, batch: int, context: int, steps: int, rng) -> dict:
+    """gpu_timeline of `steps` decode steps run as bench.llm times them (decode_step_s, decode
+    ahead on), with their median wall time and the GPU's busy and idle time a step."""
+    import cupy
+    from torch.profiler import ProfilerActivity, profile
+    seen: dict = {}
+
+    @contextlib.contextmanager
+    def profiled():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            begin = time.perf_counter()
+            yield
+            cupy.cuda.Device().synchronize()
+            seen["wall_us"] = (time.perf_counter() - begin) * 1e6
+        seen["prof"] = prof
+
+    step_s = decode_step_s(engine, batch, context, steps, rng, around=profiled)
+    timeline = gpu_timeline(cuda_intervals(seen["prof"]), seen["wall_us"])
+    return {"step_ms": step_s * 1e3, "busy_ms_a_step": timeline["gpu_busy_ms"] / steps,
+            "idle_ms_a_step": timeline["idle_in_span_ms"] / steps, **timeline}
+
+
 def prefill_once(engine, tokens: int, rng):
     """A run() that prefills a fresh `tokens`-token prompt in one engine step, then drops it."""
     from shardline.worker.sampling_params import SamplingParams
@@ -161,15 +190,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kernels", action="store_true", help="also list GPU time by kernel name")
     p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--ahead-timeline", type=int, default=0, metavar="N",
+                   help="instead: N profiles of decode-ahead steps (ahead_timeline) and the graph's replay")
     args = p.parse_args()
     batch = args.batch
     # what build_ours reads; the phases below step the runner one plan at a time
-    args.ttft_tokens, args.max_num_seqs, args.batch, args.decode_ahead = 2048, batch, [batch], False
+    # (decode ahead on for --ahead-timeline, which profiles only that)
+    args.ttft_tokens, args.max_num_seqs, args.batch = 2048, batch, [batch]
+    args.decode_ahead = None if args.ahead_timeline else False
     args.gpu_memory_fraction = GPU_MEMORY_FRACTION
     hf = SHAPES[args.shape]
     _, engine = build_ours(hf, args)
     from shardline.worker.sampling_params import SamplingParams
     rng = np.random.default_rng(0)
+    if args.ahead_timeline:
+        report = {"shape": args.shape, "batch": batch, "ahead_timeline": [
+            ahead_timeline(engine, batch, args.context, args.steps, rng) for _ in range(args.ahead_timeline)]}
+        report["gpu_graph_replay_s"], report["host_graph_launch_s"] = gpu_forward_s(engine, None, True, rows=batch)
+        print(json.dumps(report, indent=1))
+        return
     for b in range(batch):
         engine.add_request(f"r{b}", rng.integers(0, hf["vocab_size"], args.context).tolist(),
                            SamplingParams(max_tokens=4 * args.steps + 8, temperature=0.0, ignore_eos=True))

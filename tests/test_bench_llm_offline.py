@@ -4,6 +4,7 @@ methods it times are the classes' again afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def test_decode_step_times_steps_of_the_whole_batch(tmp_path):
     rows.clear()   # sampled as bench.llm's sampled row asks: the same plans
     assert decode_step_s(engine, batch, context, steps, np.random.default_rng(2), SAMPLED) > 0
     assert rows[-steps:] == [batch] * steps and not engine.has_unfinished()
+
+    inside: list[int] = []   # `around` (step_profile's profiler) holds the timed steps, and only them
+
+    @contextlib.contextmanager
+    def around():
+        inside.append(len(rows))
+        yield
+        inside.append(len(rows))
+    rows.clear()
+    decode_step_s(engine, batch, context, steps, np.random.default_rng(3), around=around)
+    assert inside[1] - inside[0] == steps and inside[1] == len(rows) and rows[-steps:] == [batch] * steps
 
 
 def test_ttft_lengths_fit_the_shape_and_the_table_rates_them(capsys):
