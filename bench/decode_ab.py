@@ -81,6 +81,11 @@ def main() -> None:
                 rows.append({"shape": args.shape, "config": name, "batch": 0, "rep": rep,
                              "ttft_ms": round(float(ttft) * 1e3, 3)})
                 print(json.dumps(rows[-1]), flush=True)
+    # The skinny GEMMs' K splits this process timed (they are picked once a process: a figure
+    # that differs by process may come from them)
+    splits = {"x".join(map(str, key)): split for key, split in getattr(backend.ops, "_skinny_splits", {}).items()}
+    rows.append({"shape": args.shape, "skinny_k_splits": splits})
+    print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
 
