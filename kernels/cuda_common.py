@@ -77,7 +77,7 @@ _KERNELS = {
                     "scatter_add_rows_kernel": _STORAGE,
                     "fill_rows_kernel": _STORAGE, "gather_rows_kernel": _WORDS, "write_kv_kernel": _WORDS,
                     "copy_blocks_kernel": _WORDS, "gather_cache_rows_kernel": _WORDS,
-                    "scatter_cache_rows_kernel": _WORDS},
+                    "scatter_cache_rows_kernel": _WORDS, "stage_decode_inputs_kernel": None},
     "norms": {"rms_norm_kernel": _STORAGE, "rms_norm_vec_kernel": _STORAGE[1:], "layer_norm_kernel": _STORAGE,
               "softmax_kernel": _STORAGE,
               "topk_softmax_kernel": _STORAGE},

@@ -37,9 +37,11 @@ class SamplingOps:
                      (logits, marks, *per_row[2:], out, np.int64(out.size), np.int32(vocab)))
         return out
 
-    def sample(self, logits, temperature, top_k, top_p, seeds, offsets, min_p=None):
+    def sample(self, logits, temperature, top_k, top_p, seeds, offsets, min_p=None, publish=None):
         """One int32 token per row; numpy_ops.sample's meaning, no host sync.
-        temperature, top_p, min_p float32; top_k int32; seeds uint64; offsets int64 ([batch] each)."""
+        temperature, top_p, min_p float32; top_k int32; seeds uint64; offsets int64 ([batch] each).
+        `publish`: an int64 device array whose first word holds the address of pinned host memory
+        (or 0) where the kernel writes the tokens too."""
         logits = cupy.ascontiguousarray(logits)
         ctype = _ctype(logits, "logits")
         if logits.ndim != 2:
@@ -55,7 +57,8 @@ class SamplingOps:
             raise ValueError(f"sampling parameters must each have {batch} entries, got {[p.size for p in params]}")
         out = cupy.empty(batch, dtype=cupy.int32)
         self._launch("sample_kernel", ctype, (batch * self._sample_blocks if vocab else 0,), (_SAMPLE_THREADS,),
-                     (logits, np.int32(vocab), *params, out, np.int32(batch)))
+                     (logits, np.int32(vocab), *params, out, np.int32(batch),
+                      np.uint64(0) if publish is None else _as(publish, cupy.int64)))
         return out
 
     def sampling_uniform(self, seeds, offsets, count: int):

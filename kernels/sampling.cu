@@ -283,7 +283,10 @@ __device__ int exponential_race(const T* x, int vocab, const RowSoftmax& sm, flo
 template <typename T>
 __global__ void __launch_bounds__(512, 2) SAMPLE_CLUSTER_DIMS
 sample_kernel(const T* logits, int vocab, const float* temperature, const int* top_k, const float* top_p,
-              const unsigned long long* seeds, const long long* offsets, const float* min_p, int* out, int rows) {
+              const unsigned long long* seeds, const long long* offsets, const float* min_p, int* out, int rows,
+              const long long* publish) {
+    // publish, if not null: a device word holding a host address (pinned memory) where the tokens
+    // go too, if it is not 0 (a captured decode step's, so its tokens need no copy to the host).
     pdl_begin();
     const int row = blockIdx.x / cluster_blocks();
     if (row >= rows) return;  // a grid counted in other than this build's clusters: a cluster's blocks all leave
@@ -303,7 +306,11 @@ sample_kernel(const T* logits, int vocab, const float* temperature, const int* t
         if (mp > 0.0f) floor_prob = fmaxf(floor_prob, mp * (1.0f / sm.sum_exp));
         token = exponential_race(x, vocab, sm, floor_prob, seeds[row], offsets[row]);
     }
-    if (threadIdx.x == 0 && cluster_rank() == 0) out[row] = token;
+    if (threadIdx.x == 0 && cluster_rank() == 0) {
+        out[row] = token;
+        int* host = publish != nullptr ? reinterpret_cast<int*>(*publish) : nullptr;
+        if (host != nullptr) host[row] = token;
+    }
 }
 
 __global__ void sampling_uniform_kernel(const unsigned long long* seeds, const long long* offsets, float* out,

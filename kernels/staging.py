@@ -30,9 +30,10 @@ def views(raw: Any, offsets: dict[str, int], like: dict[str, np.ndarray]) -> dic
 
 
 class CopyTurns:
-    """Two host buffers used in turn for asynchronous copies to the device: before a buffer is
-    refilled, the copy out of it two turns ago is waited for (done unless far more is queued),
-    so no copy ever reads memory that was refilled or freed after it was queued."""
+    """Two host buffers used in turn for asynchronous reads by the device (a copy, or kernels
+    that read pinned memory themselves): before a buffer is refilled, the work that read it two
+    turns ago is waited for (done unless far more is queued), so nothing on the device ever
+    reads memory that was refilled or freed after it was queued."""
 
     def __init__(self):
         self._copied: list[Any] = [None, None]   # the event after each buffer's last copy
@@ -49,7 +50,13 @@ class CopyTurns:
     def copy(self, slot: int, host: np.ndarray, device: Any, stream: Any) -> None:
         """`host` (buffer `slot`'s, filled) into `device`, queued on `stream`."""
         device.set(host, stream=stream)
+        self.read(slot, stream)
+
+    def read(self, slot: int, stream: Any) -> Any:
+        """Buffer `slot` is read by what is queued on `stream` up to now; returns the event
+        recorded after it."""
         self._copied[slot] = stream.record()
+        return self._copied[slot]
 
 
 class Uploader:

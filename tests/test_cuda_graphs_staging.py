@@ -5,10 +5,13 @@ whatever an earlier (wider) plan left there, and the buckets' sizes."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 
 from shardline.kernels.staging import CopyTurns, packed_layout, views
-from shardline.worker.cuda_graphs import _fill, _idle_inputs, graph_buckets
+from shardline.worker.cuda_graphs import DecodeGraphs, _Bucket, _fill, _idle_inputs, _Staging, graph_buckets
 from shardline.worker.plan_builder import build_step_plan
 from shardline.worker.request import Request
 from shardline.worker.sampling_params import SamplingParams
@@ -45,14 +48,14 @@ def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
     arrays, idle = staging_views()
     wide = [decoding(f"w{i}", 19, i) for i in range(5)]   # 20 tokens: 5 blocks of the table
     assert _fill(arrays, idle, build_step_plan(0, [(r, 1) for r in wide], [[i + 1] * 5 for i in range(5)], [],
-                                               BLOCK)) == 0
+                                               BLOCK)) is False
     a, b = decoding("a", 3, 11), decoding("b", 6, 12)      # 4 and 7 tokens: 1 and 2 blocks
     # b's token is the one the plan in flight samples at its row 1 (decode ahead): pending
     plan = build_step_plan(1, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK, ahead={"b": (0, 1)})
-    assert _fill(arrays, idle, plan) == 1
+    assert _fill(arrays, idle, plan) is True
     np.testing.assert_array_equal(arrays["block_tables"][:2], [[9, 0, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]])
     np.testing.assert_array_equal(arrays["block_tables"][2:], 0)
-    for name in ("token_ids", "positions", "slot_mapping", "seq_lens"):
+    for name in ("token_ids", "token_sources", "positions", "slot_mapping", "seq_lens"):
         np.testing.assert_array_equal(arrays[name][:2], getattr(plan, name), err_msg=name)
         np.testing.assert_array_equal(arrays[name][2:], idle[name][2:], err_msg=name)
     np.testing.assert_array_equal(arrays["positions"][:2], [3, 6])
@@ -60,7 +63,48 @@ def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
     np.testing.assert_array_equal(arrays["top_k"][:3], [5, 5, 0])
     np.testing.assert_array_equal(arrays["seeds"][:3], [11, 12, 0])
     np.testing.assert_array_equal(arrays["slot_mapping"][2:], -1)   # padding rows write no KV
-    assert (arrays["pending_rows"][0], arrays["pending_sources"][0]) == (1, 1)
+    np.testing.assert_array_equal(arrays["token_sources"][:3], [-1, 1, -1])   # b's from row 1, then padding
+
+
+def _device_tokens(ptr: int, dtype=np.int32) -> SimpleNamespace:
+    """What _stage reads of a device array: its dtype, layout and address."""
+    return SimpleNamespace(dtype=np.dtype(dtype), flags=SimpleNamespace(c_contiguous=True), data=SimpleNamespace(ptr=ptr))
+
+
+class _Reader:
+    def __init__(self):
+        self.settled = 0
+
+    def settle(self):
+        self.settled += 1
+
+
+def test_stage_fills_the_slots_in_turn_each_then_the_newer():
+    """The slot a step fills gets the larger sequence number (the graph's first kernel reads the
+    newer one), the previous step's tokens' address where tokens are pending (else 0); the step
+    that read a slot last has its tokens taken before the slot is filled again."""
+    idle = _idle_inputs(SIZE, MAX_BLOCKS)
+    offsets, nbytes = packed_layout(idle)
+    slots = tuple(_Staging(raw, views(raw, offsets, idle), np.zeros(SIZE, np.int32))
+                  for raw in (np.zeros(nbytes, np.uint8), np.zeros(nbytes, np.uint8)))
+    bucket = _Bucket(SIZE, None, {}, offsets, slots, idle)
+    stage = DecodeGraphs.__new__(DecodeGraphs)._stage
+    a, b = decoding("a", 3, 11), decoding("b", 6, 12)
+    known = build_step_plan(0, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK)
+    ahead = build_step_plan(1, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK, ahead={"b": (0, 1)})
+    assert stage(bucket, known, None) == 0
+    np.testing.assert_array_equal(slots[0].arrays["header"][:2], [1, 0])
+    slots[0].reader = reader = _Reader()
+    assert stage(bucket, ahead, SimpleNamespace(tokens=_device_tokens(0xABC0))) == 1
+    np.testing.assert_array_equal(slots[1].arrays["header"][:2], [2, 0xABC0])
+    assert reader.settled == 0
+    assert stage(bucket, known, None) == 0
+    assert reader.settled == 1
+    np.testing.assert_array_equal([slot.arrays["header"][0] for slot in slots], [3, 2])
+    with pytest.raises(ValueError, match="pending tokens but no step"):
+        stage(bucket, ahead, None)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        stage(bucket, ahead, SimpleNamespace(tokens=_device_tokens(0xABC0, np.int64)))
 
 
 class _Event:

@@ -2,11 +2,14 @@
 
 A pure decode plan (every request one new token, all of them sampling, no
 block copies, penalties or log-probabilities) on a single-rank CUDA engine
-runs as: the plan's arrays written into the bucket's pinned host staging
-buffer and copied in one asynchronous copy into its static device buffers
-(padded rows write no KV: slot -1), one graph launch (embedding, every
-layer, final norm, LM head, sampling: hundreds of kernels, one launch), one
-readback of the tokens. Every bucket's graph is captured when the engine
+runs as: the plan's arrays written into one of the bucket's two pinned host
+staging slots (padded rows write no KV: slot -1), and one graph launch. The
+graph does the rest: its first kernel reads the newer slot into the bucket's
+static device buffers, taking the pending tokens of a step decoded ahead
+from the previous step's samples; then the embedding, every layer, final
+norm, LM head, and sampling, which writes the tokens into the slot's pinned
+host memory too. So no copy engine works, and no kernel waits on one,
+between two replays. Every bucket's graph is captured when the engine
 starts (capture_all, largest first), or else the first time a plan of its
 size comes: one eager warm-up on the padded buffers (nothing is written to
 the cache), then the capture, both drawing from a memory pool of the graphs'
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from shardline.kernels.staging import CopyTurns, packed_layout, views
-from shardline.worker.model_runner import SAMPLING_INPUTS, Launched, PagedAttentionContext, with_pending_tokens
+from shardline.worker.model_runner import SAMPLING_INPUTS, Launched, PagedAttentionContext
 from shardline.worker.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
@@ -52,11 +55,13 @@ def is_pure_decode(plan: StepPlan) -> bool:
 
 @dataclass
 class _Staging:
-    """Pinned host arrays laid out as a bucket's device buffer: one copy moves them all,
-    without the stream sync a copy from pageable memory may take."""
+    """Pinned host arrays laid out as a bucket's device buffer, which the graph's first kernel
+    reads; and the pinned memory the graph's sampling writes the tokens into."""
 
     raw: np.ndarray                   # [nbytes] uint8, pinned
     arrays: dict[str, np.ndarray]     # name -> view into raw
+    tokens: np.ndarray                # [size] int32, pinned
+    reader: Launched | None = None    # the step that read this slot last
 
 
 @dataclass
@@ -67,9 +72,11 @@ class _Bucket:
     size: int
     raw: Any                          # [nbytes] uint8 on the device
     arrays: dict[str, Any]            # name -> device array, [size] (block_tables [size, max_blocks])
-    staging: tuple[_Staging, _Staging]   # used in turn: one may still be copying while the next is filled
+    offsets: dict[str, int]           # name -> byte offset in raw (and in each slot)
+    staging: tuple[_Staging, _Staging]   # used in turn: one may still be read while the next is filled
     idle: dict[str, np.ndarray]       # the padding's values
     turns: CopyTurns = field(default_factory=CopyTurns)
+    sequence: int = 0                 # the header's number of the slot filled last
     graph: Any = None
     tokens: Any = None                # [size] int32, the graph's output
 
@@ -116,25 +123,34 @@ class DecodeGraphs:
         bucket = self._captured.get(size) or self._capture(size)
         if bucket is None:
             return None
-        pending = self._stage(bucket, plan)
-        if pending:
-            with self._stream:
-                with_pending_tokens(self._cupy, bucket.arrays["token_ids"], plan, previous,
-                                    (bucket.arrays["pending_rows"][:pending], bucket.arrays["pending_sources"][:pending]))
+        slot = self._stage(bucket, plan, previous)
         bucket.graph.launch(stream=self._stream)
         self.num_replays += 1
-        tokens = bucket.tokens[:len(plan.request_ids)]
-        if defer:   # the copy is queued before any later replay can rewrite the buffer
-            return Launched.read_back(self.runner.backend, tokens, True, stream=self._stream)
-        return Launched(tokens, tokens.get(stream=self._stream))
+        n, staging = len(plan.request_ids), bucket.staging[slot]
+        staging.reader = Launched(bucket.tokens[:n], staging.tokens[:n], bucket.turns.read(slot, self._stream))
+        if not defer:
+            staging.reader.settle()
+        return staging.reader
 
-    def _stage(self, bucket: _Bucket, plan: StepPlan) -> int:
-        """The plan's inputs into the bucket's device buffers through the next staging
-        buffer, queued on the graphs' stream; returns the pending tokens' count."""
+    def _stage(self, bucket: _Bucket, plan: StepPlan, previous: Launched | None) -> int:
+        """The plan's inputs into the bucket's next staging slot, made the newer one: once the
+        replay that read it two turns ago is done, and its tokens taken from there."""
         slot = bucket.turns.next()
-        pending = _fill(bucket.staging[slot].arrays, bucket.idle, plan)
-        bucket.turns.copy(slot, bucket.staging[slot].raw, bucket.raw, self._stream)
-        return pending
+        staging = bucket.staging[slot]
+        if staging.reader is not None:
+            staging.reader.settle()
+        if _fill(staging.arrays, bucket.idle, plan):
+            if previous is None:
+                raise ValueError(f"plan {plan.step_id}: pending tokens but no step launched before it")
+            if previous.tokens.dtype != np.int32 or not previous.tokens.flags.c_contiguous:
+                raise ValueError(f"plan {plan.step_id}: the previous step's tokens must be contiguous int32, "
+                                 f"got {previous.tokens.dtype}")
+            staging.arrays["header"][1] = previous.tokens.data.ptr
+        else:
+            staging.arrays["header"][1] = 0
+        bucket.sequence += 1
+        staging.arrays["header"][0] = bucket.sequence
+        return slot
 
     def _capture(self, size: int) -> _Bucket | None:
         cupy = self._cupy
@@ -167,29 +183,32 @@ class DecodeGraphs:
         raw = self._cupy.zeros(nbytes, np.uint8)
         staging = []
         for _ in range(2):
-            host = cupyx.empty_pinned(nbytes, np.uint8)
+            host, tokens = cupyx.empty_pinned(nbytes, np.uint8), cupyx.empty_pinned(size, np.int32)
             arrays = views(host, offsets, idle)
             for name, value in idle.items():
                 arrays[name][...] = value
-            staging.append(_Staging(host, arrays))
-        raw.set(staging[0].raw)   # the padding's values, before the warm-up and capture read them
-        return _Bucket(size, raw, views(raw, offsets, idle), tuple(staging), idle)
+            arrays["header"][2] = tokens.ctypes.data   # where the sampling writes the tokens (UVA: as on the host)
+            staging.append(_Staging(host, arrays, tokens))
+        return _Bucket(size, raw, views(raw, offsets, idle), offsets, tuple(staging), idle)
 
     def _forward(self, bucket: _Bucket):
-        """Tokens [size] int32 of one decode step over the bucket's buffers."""
-        a, runner = bucket.arrays, self.runner
+        """Tokens [size] int32 of one decode step: the newer staging slot into the bucket's
+        buffers, then the step over them."""
+        a, runner, ops = bucket.arrays, self.runner, self.runner.backend.ops
+        ops.stage_decode_inputs(tuple(slot.raw for slot in bucket.staging), bucket.raw, bucket.offsets["token_ids"],
+                                bucket.offsets["token_sources"], bucket.size)
         ctx = PagedAttentionContext(runner.backend, runner.config, runner.kv, a["slot_mapping"], a["block_tables"],
                                     a["seq_lens"], a["query_start_loc"], one_query_each=True)   # 0, 1, ..., size
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
         logits = runner.model.compute_logits(hidden)
         *args, min_p = (a[name] for name in SAMPLING_INPUTS)
-        return runner.backend.ops.sample(logits, *args, min_p=min_p)
+        return ops.sample(logits, *args, min_p=min_p, publish=a["header"][2:3])
 
 
-def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> int:
+def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> bool:
     """The plan's decode inputs into a bucket's staging `arrays`: its rows first, padding
-    (`idle`'s values) after them; the pending tokens' rows and their sources in the previous
-    step's sample rows first in pending_rows / pending_sources. Returns how many are pending."""
+    (`idle`'s values) after them; token_sources holds each pending token's row in the previous
+    step's samples (-1: the token id is known). Returns whether any token is pending."""
     n, width = len(plan.request_ids), plan.block_tables.shape[1]
     for name in _PLAN_INPUTS:
         arrays[name][:n] = getattr(plan, name)
@@ -199,25 +218,25 @@ def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: Step
     arrays["block_tables"][:n, width:] = 0
     for name in _PLAN_INPUTS + SAMPLING_INPUTS + ("block_tables",):
         arrays[name][n:] = idle[name][n:]
-    rows = np.flatnonzero(plan.token_sources >= 0)
-    arrays["pending_rows"][:rows.size] = rows
-    arrays["pending_sources"][:rows.size] = plan.token_sources[rows]
-    return rows.size
+    return bool(arrays["token_sources"][:n].max(initial=-1) >= 0)
 
 
-_PLAN_INPUTS = ("token_ids", "positions", "slot_mapping", "seq_lens")
+_PLAN_INPUTS = ("token_ids", "token_sources", "positions", "slot_mapping", "seq_lens")
 
 
 def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:
     """A bucket's decode inputs, all padding: a padding row is a one-token sequence over
-    block 0 whose K/V go nowhere (slot -1)."""
+    block 0 whose K/V go nowhere (slot -1). First the header stage_decode_inputs_kernel reads:
+    the slot's sequence number, the previous step's tokens on the device (for the pending ones),
+    and the host address the sampling writes the tokens to; token ids are the embedding's int64."""
     return {
-        "token_ids": np.zeros(size, np.int32), "positions": np.zeros(size, np.int64),
+        "header": np.zeros(4, np.int64),
+        "token_ids": np.zeros(size, np.int64), "token_sources": np.full(size, -1, np.int32),
+        "positions": np.zeros(size, np.int64),
         "slot_mapping": np.full(size, -1, np.int64), "seq_lens": np.ones(size, np.int32),
         "query_start_loc": np.arange(size + 1, dtype=np.int32),
         "block_tables": np.zeros((size, max_blocks), np.int32),
         "temperature": np.zeros(size, np.float32), "top_k": np.zeros(size, np.int32),
         "top_p": np.ones(size, np.float32), "min_p": np.zeros(size, np.float32),
         "seeds": np.zeros(size, np.uint64), "offsets": np.zeros(size, np.int64),
-        "pending_rows": np.zeros(size, np.int64), "pending_sources": np.zeros(size, np.int64),
     }

@@ -99,9 +99,14 @@ class Launched:
         cupy.asnumpy(tokens, stream=stream, out=host, blocking=False)
         return cls(tokens, host, stream.record())
 
-    def result(self) -> StepResult:
+    def settle(self) -> None:
+        """Waits for the tokens and keeps a copy of them: their host memory may be reused then."""
         if self.done is not None:
             self.done.synchronize()
+            self.host, self.done = np.array(self.host, dtype=np.int32), None
+
+    def result(self) -> StepResult:
+        self.settle()
         return StepResult(np.array(self.host, dtype=np.int32), self.logprobs)
 
 
@@ -120,17 +125,16 @@ def upload_step_inputs(backend: Any, plan: StepPlan) -> dict[str, Any]:
     return backend.ops.upload(arrays)
 
 
-def with_pending_tokens(xp: Any, token_ids: Any, plan: StepPlan, previous: Launched | None,
-                        on_device: tuple[Any, Any] | None = None) -> Any:
+def with_pending_tokens(xp: Any, token_ids: Any, plan: StepPlan, previous: Launched | None) -> Any:
     """`token_ids` (on the device) with the rows the plan takes from the previous step's
-    sampled tokens (decode ahead) filled in there, without a host sync. `on_device`: those
-    rows and their sources (the previous step's sample rows), already on the device."""
+    sampled tokens (decode ahead) filled in there, without a host sync (a graphed step does
+    this in its first kernel: worker/cuda_graphs.py)."""
     rows = np.flatnonzero(plan.token_sources >= 0)
     if rows.size == 0:
         return token_ids
     if previous is None:
         raise ValueError(f"plan {plan.step_id}: {rows.size} pending token(s) but no step launched before it")
-    dest, sources = on_device or (xp.asarray(rows), xp.asarray(plan.token_sources[rows]))
+    dest, sources = xp.asarray(rows), xp.asarray(plan.token_sources[rows])
     token_ids[dest] = previous.tokens[sources].astype(token_ids.dtype)
     return token_ids
 
