@@ -62,7 +62,7 @@ def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20, rows: int | None 
         stream = runner.graphs._stream
 
         def once():
-            bucket.graph.launch(stream=stream)
+            bucket.graphs[0].launch(stream=stream)   # reads staging slot 0 as the engine left it
     else:
         stream = cupy.cuda.get_current_stream()
 

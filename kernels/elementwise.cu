@@ -321,37 +321,37 @@ __global__ void fill_rows_kernel(const T* row, T* out, long long num_rows, int w
 }
 
 // A captured decode step's inputs, read by the step itself from pinned host memory, so no copy
-// engine works (and waits) between two replays (worker/cuda_graphs.py). The host fills two slots in
-// turn, each laid out as the step's device buffer `dst` in 16-byte units, the first unit
-// {sequence number, previous step's tokens}; the slot with the larger number is the newer one.
-// Every unit is copied but those of the int64 token ids (tokens_at, `rows` of them), which each
-// row takes from the slot, or from the previous step's sampled tokens (int32, on the device) where
-// its source (int32 at sources_at) is >= 0: the pending tokens of a step decoded ahead. Host memory
-// is read with __ldcv: fetched again at every launch, never from a cache. One thread a block reads
-// the header: reads of one host line queue one behind another (on an H200, every warp of a 131 KB
-// launch reading it took 270 us, one read a block of 8 blocks 19 us), so launch few, large blocks.
+// engine works (and waits) between two replays (worker/cuda_graphs.py: a graph a staging slot, each
+// reading its own). `slot` is laid out as the step's device buffer `dst`, in 16-byte units, its
+// first word the previous step's sampled tokens on the device (int32). Every unit is copied but
+// those of the int64 token ids (tokens_at, `rows` of them), which each row takes from the slot, or
+// from the previous step's tokens where its source (int32 at sources_at) is >= 0: the pending
+// tokens of a step decoded ahead. Host memory is read with __ldcv: fetched again at every launch,
+// never from a cache. One thread a block reads that first word, its load issued before the copy's:
+// reads of one host line queue one behind another (on an H200, every warp of a 131 KB launch
+// reading one took 270 us, one read a block of 8 blocks 19 us), so launch few, large blocks.
 #define STAGE_THREADS 1024
 __global__ void __launch_bounds__(STAGE_THREADS)
-stage_decode_inputs_kernel(const uint4* slot0, const uint4* slot1, uint4* dst, long long units, long long tokens_at,
-                           long long sources_at, int rows) {
+stage_decode_inputs_kernel(const uint4* slot, uint4* dst, long long units, long long tokens_at, long long sources_at,
+                           int rows) {
     pdl_begin();
-    __shared__ long long head[2][2];
-    if (threadIdx.x < 4) head[threadIdx.x / 2][threadIdx.x % 2] =
-        __ldcv(reinterpret_cast<const long long*>(threadIdx.x < 2 ? slot0 : slot1) + threadIdx.x % 2);
-    __syncthreads();
-    const bool second = head[1][0] > head[0][0];
-    const uint4* src = second ? slot1 : slot0;
-    const int* previous = reinterpret_cast<const int*>(head[second][1]);
+    __shared__ long long previous_word;
+    long long word = 0;
+    if (threadIdx.x == 0) word = __ldcv(reinterpret_cast<const long long*>(slot));
     const long long token_lo = tokens_at / 16, token_hi = (tokens_at + 8LL * rows + 15) / 16;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < units; i += stride) {
-        if (i < token_lo || i >= token_hi) dst[i] = __ldcv(src + i);
+        if (i < token_lo || i >= token_hi) dst[i] = __ldcv(slot + i);
     }
-    const char* base = reinterpret_cast<const char*>(src);
+    if (threadIdx.x == 0) previous_word = word;
+    __syncthreads();
+    const int* previous = reinterpret_cast<const int*>(previous_word);
+    const char* base = reinterpret_cast<const char*>(slot);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < rows; i += stride) {
+        // both loaded at once: one round trip to the host, not two
         const int source = __ldcv(reinterpret_cast<const int*>(base + sources_at) + i);
-        const long long token = source >= 0 ? (long long)previous[source]
-                                            : __ldcv(reinterpret_cast<const long long*>(base + tokens_at) + i);
-        reinterpret_cast<long long*>(reinterpret_cast<char*>(dst) + tokens_at)[i] = token;
+        const long long staged = __ldcv(reinterpret_cast<const long long*>(base + tokens_at) + i);
+        reinterpret_cast<long long*>(reinterpret_cast<char*>(dst) + tokens_at)[i] =
+            source >= 0 ? (long long)previous[source] : staged;
     }
 }

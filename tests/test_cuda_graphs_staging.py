@@ -79,10 +79,10 @@ class _Reader:
         self.settled += 1
 
 
-def test_stage_fills_the_slots_in_turn_each_then_the_newer():
-    """The slot a step fills gets the larger sequence number (the graph's first kernel reads the
-    newer one), the previous step's tokens' address where tokens are pending (else 0); the step
-    that read a slot last has its tokens taken before the slot is filled again."""
+def test_stage_fills_the_slots_in_turn():
+    """Steps fill the two slots in turn (each slot's own graph reads it), with the previous
+    step's tokens' address where tokens are pending (else 0); the step that read a slot last has
+    its tokens taken before the slot is filled again."""
     idle = _idle_inputs(SIZE, MAX_BLOCKS)
     offsets, nbytes = packed_layout(idle)
     slots = tuple(_Staging(raw, views(raw, offsets, idle), np.zeros(SIZE, np.int32))
@@ -92,15 +92,16 @@ def test_stage_fills_the_slots_in_turn_each_then_the_newer():
     a, b = decoding("a", 3, 11), decoding("b", 6, 12)
     known = build_step_plan(0, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK)
     ahead = build_step_plan(1, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK, ahead={"b": (0, 1)})
+    slots[1].arrays["header"][0] = 0xDEAD
     assert stage(bucket, known, None) == 0
-    np.testing.assert_array_equal(slots[0].arrays["header"][:2], [1, 0])
+    assert slots[0].arrays["header"][0] == 0 and slots[1].arrays["header"][0] == 0xDEAD   # the other slot untouched
     slots[0].reader = reader = _Reader()
     assert stage(bucket, ahead, SimpleNamespace(tokens=_device_tokens(0xABC0))) == 1
-    np.testing.assert_array_equal(slots[1].arrays["header"][:2], [2, 0xABC0])
+    assert slots[1].arrays["header"][0] == 0xABC0
+    np.testing.assert_array_equal(slots[1].arrays["token_sources"][:3], [-1, 1, -1])
     assert reader.settled == 0
     assert stage(bucket, known, None) == 0
-    assert reader.settled == 1
-    np.testing.assert_array_equal([slot.arrays["header"][0] for slot in slots], [3, 2])
+    assert reader.settled == 1 and slots[0].arrays["header"][0] == 0
     with pytest.raises(ValueError, match="pending tokens but no step"):
         stage(bucket, ahead, None)
     with pytest.raises(ValueError, match="contiguous int32"):

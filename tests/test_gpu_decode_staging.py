@@ -1,6 +1,6 @@
 """A captured decode step's own input and output traffic, on a GPU: stage_decode_inputs (the
-graph's first kernel reads the newer of two pinned host slots, the pending token ids from the
-previous step's tokens on the device) against the bytes the host wrote, and the sampling
+graph's first kernel reads its pinned host slot, the pending token ids from the previous
+step's tokens on the device) against the bytes the host wrote, and the sampling
 kernel's tokens written into pinned host memory too (`publish`). Random slot contents, fresh
 each run; skipped without CuPy or a GPU.
 """
@@ -20,31 +20,30 @@ from test_kernels_gpu import ops, rng  # noqa: E402, F401  (fixtures)
 pytestmark = pytest.mark.gpu
 
 
-def random_slot(rng, nbytes: int, sequence: int, previous: int) -> np.ndarray:
+def random_slot(rng, nbytes: int, previous: int) -> np.ndarray:
     slot = cupyx.empty_pinned(nbytes, np.uint8)
     slot[:] = rng.integers(0, 256, nbytes, dtype=np.uint8)
-    slot[:16].view(np.int64)[:] = (sequence, previous)
+    slot[:8].view(np.int64)[0] = previous
     return slot
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64])
-@pytest.mark.parametrize("newer", [0, 1])
-def test_stage_decode_inputs_reads_the_newer_slot_and_the_pending_tokens(ops, rng, rows, newer):
-    idle = _idle_inputs(rows, 7)
+# 512 rows of 256 blocks: 8 blocks of the kernel, each over its units four times
+@pytest.mark.parametrize("rows, max_blocks", [(1, 7), (5, 7), (64, 7), (512, 256)])
+def test_stage_decode_inputs_copies_the_slot_with_the_pending_tokens(ops, rng, rows, max_blocks):
+    idle = _idle_inputs(rows, max_blocks)
     offsets, nbytes = packed_layout(idle)
     tokens_at, sources_at = offsets["token_ids"], offsets["token_sources"]
     previous = cupy.asarray(rng.integers(0, 50000, 3 * rows + 1, dtype=np.int32))
-    slots = [random_slot(rng, nbytes, 10 + (i == newer), previous.data.ptr) for i in range(2)]
+    slot = random_slot(rng, nbytes, previous.data.ptr)
     sources = np.where(rng.random(rows) < 0.5, rng.integers(0, previous.size, rows), -1).astype(np.int32)
     sources[0] = previous.size - 1   # at least one pending token, and the last of the previous step's
-    for slot in slots:
-        slot[sources_at:sources_at + 4 * rows].view(np.int32)[:] = sources
+    slot[sources_at:sources_at + 4 * rows].view(np.int32)[:] = sources
     dst = cupy.full(nbytes, 0xA5, np.uint8)
-    ops.stage_decode_inputs(tuple(slots), dst, tokens_at, sources_at, rows)
-    got, want = cupy.asnumpy(dst), np.array(slots[newer])
-    token_span = slice(tokens_at, tokens_at + 8 * rows)
+    ops.stage_decode_inputs(slot, dst, tokens_at, sources_at, rows)
+    got, want = cupy.asnumpy(dst), np.array(slot)
     units = np.r_[tokens_at:sources_at]   # the token ids' 16-byte units (their padding is not copied)
     np.testing.assert_array_equal(np.delete(got, units), np.delete(want, units))
+    token_span = slice(tokens_at, tokens_at + 8 * rows)
     expected = want[token_span].view(np.int64).copy()
     pending = sources >= 0
     expected[pending] = cupy.asnumpy(previous)[sources[pending]]
@@ -52,11 +51,10 @@ def test_stage_decode_inputs_reads_the_newer_slot_and_the_pending_tokens(ops, rn
 
 
 def test_stage_decode_inputs_rejects_misaligned_or_unequal_buffers(ops):
-    slot = cupyx.empty_pinned(64, np.uint8)
     with pytest.raises(ValueError, match="16-byte aligned and equal sizes"):
-        ops.stage_decode_inputs((slot, cupyx.empty_pinned(48, np.uint8)), cupy.zeros(64, np.uint8), 16, 32, 1)
+        ops.stage_decode_inputs(cupyx.empty_pinned(48, np.uint8), cupy.zeros(64, np.uint8), 16, 32, 1)
     with pytest.raises(ValueError, match="token ids at 8"):
-        ops.stage_decode_inputs((slot, slot), cupy.zeros(64, np.uint8), 8, 32, 1)
+        ops.stage_decode_inputs(cupyx.empty_pinned(64, np.uint8), cupy.zeros(64, np.uint8), 8, 32, 1)
 
 
 @pytest.mark.parametrize("batch", [1, 33])

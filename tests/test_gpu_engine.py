@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-import gpu_guard  # noqa: F401  (skips without a GPU)
+from gpu_guard import cupy  # noqa: E402  (skips the module without a GPU)
 from engine_fixtures import VOCAB, export_then_commit, make_engine, random_prompts, save_tiny_llama, tiny_local
 from shardline.worker.sampling_params import SamplingParams
 from test_engine import mixed_workload, run_alone
@@ -87,6 +87,29 @@ def test_decode_ahead_equals_plain_on_gpu(local):
     assert engine.stats()["num_decode_ahead_tokens"] > 0 and engine.runner.graphs.num_replays > 0
     engine.block_manager.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_decode_ahead_with_late_replays_on_gpu(local):
+    """Every replay queued behind a 2 ms spin on the graphs' stream, so the host fills the next
+    step's staging slot before the step before it has read its own: each replay must still read
+    the slot filled for it (a graph a slot), and decode as the plain engine does."""
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        const long long start = clock64();
+        while (clock64() - start < cycles) {}
+    }''', "spin")
+    prompts, params = mixed_workload(np.random.default_rng())
+    plain = [c.token_ids for c in make_engine(local, decode_ahead=False).generate(prompts, params)]
+    engine = make_engine(local)
+    graphs = engine.runner.graphs
+    launch = graphs.launch
+
+    def late_launch(plan, previous=None, defer=False):
+        with graphs._stream:
+            spin((1,), (1,), (np.int64(4_000_000),))   # about 2 ms at 2 GHz
+        return launch(plan, previous, defer)
+    graphs.launch = late_launch
+    assert [c.token_ids for c in engine.generate(prompts, params)] == plain
+    assert engine.stats()["num_decode_ahead_tokens"] > 0 and graphs.num_replays > 0
 
 
 def test_bf16_batched_mostly_equals_sequential(tmp_path):

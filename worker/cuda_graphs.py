@@ -1,20 +1,23 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Decode steps replayed from CUDA graphs: per batch-size bucket, a graph for each of its two
+staging slots.
 
 A pure decode plan (every request one new token, all of them sampling, no
 block copies, penalties or log-probabilities) on a single-rank CUDA engine
-runs as: the plan's arrays written into one of the bucket's two pinned host
-staging slots (padded rows write no KV: slot -1), and one graph launch. The
-graph does the rest: its first kernel reads the newer slot into the bucket's
-static device buffers, taking the pending tokens of a step decoded ahead
-from the previous step's samples; then the embedding, every layer, final
-norm, LM head, and sampling, which writes the tokens into the slot's pinned
-host memory too. So no copy engine works, and no kernel waits on one,
-between two replays. Every bucket's graph is captured when the engine
+runs as: the plan's arrays written into the bucket's next pinned host staging
+slot (the two are used in turn; padded rows write no KV: slot -1), and one
+launch of that slot's graph. The graph does the rest: its first kernel reads
+its slot into the bucket's static device buffers, taking the pending tokens
+of a step decoded ahead from the previous step's samples; then the
+embedding, every layer, final norm, LM head, and sampling, which writes the
+tokens into the slot's pinned host memory too. So no copy engine works, and
+no kernel waits on one, between two replays; and since a slot's address is
+its graph's own, a replay reads the slot filled for it however late it
+starts. Every bucket's graphs are captured when the engine
 starts (capture_all, largest first), or else the first time a plan of its
-size comes: one eager warm-up on the padded buffers (nothing is written to
-the cache), then the capture, both drawing from a memory pool of the graphs'
-own so the intermediates keep their addresses for replays (the graphs share
-its blocks: they replay one at a time, on one stream).
+size comes: for each slot one eager warm-up on the padded buffers (nothing is
+written to the cache), then its capture, all drawing from a memory pool of
+the graphs' own so the intermediates keep their addresses for replays (the
+graphs share its blocks: they replay one at a time, on one stream).
 cuBLAS runs through nvmath on a handle with its own workspace, which is
 capturable (cupy's own matmul is not).
 
@@ -67,7 +70,7 @@ class _Staging:
 @dataclass
 class _Bucket:
     """Static device buffers of one batch size (views into one allocation); the captured
-    graph reads and writes only these."""
+    graphs read and write only these."""
 
     size: int
     raw: Any                          # [nbytes] uint8 on the device
@@ -76,9 +79,8 @@ class _Bucket:
     staging: tuple[_Staging, _Staging]   # used in turn: one may still be read while the next is filled
     idle: dict[str, np.ndarray]       # the padding's values
     turns: CopyTurns = field(default_factory=CopyTurns)
-    sequence: int = 0                 # the header's number of the slot filled last
-    graph: Any = None
-    tokens: Any = None                # [size] int32, the graph's output
+    graphs: list = field(default_factory=lambda: [None, None])   # a slot's graph reads that slot
+    tokens: list = field(default_factory=lambda: [None, None])   # [size] int32 on the device, their outputs
 
 
 class DecodeGraphs:
@@ -102,7 +104,7 @@ class DecodeGraphs:
         self._pool.free_all_blocks()
 
     def capture_all(self) -> None:
-        """Captures every bucket's graph now, largest first (the smaller ones then take their
+        """Captures every bucket's graphs now, largest first (the smaller ones then take their
         buffers from the blocks the larger left in the pool), so that no step waits on a
         capture, nor on the GEMM tuning of its warm-up; stops where one fails (graphs off)."""
         for size in reversed(self.buckets):
@@ -115,8 +117,8 @@ class DecodeGraphs:
 
     def launch(self, plan: StepPlan, previous: Launched | None = None, defer: bool = False) -> Launched | None:
         """The plan's tokens from a graph replay (with `defer`: on their way to the host);
-        None when graphs are (now) off. Pending tokens (decode ahead) are gathered from
-        `previous` into the token buffer on the graph's stream, before the replay."""
+        None when graphs are (now) off. Pending tokens (decode ahead) are taken from
+        `previous`'s tokens on the device by the graph's first kernel."""
         size = next(b for b in self.buckets if b >= len(plan.request_ids))
         if size not in self._captured:
             self._stream.synchronize()   # capture with nothing of an earlier step still queued
@@ -124,17 +126,17 @@ class DecodeGraphs:
         if bucket is None:
             return None
         slot = self._stage(bucket, plan, previous)
-        bucket.graph.launch(stream=self._stream)
+        bucket.graphs[slot].launch(stream=self._stream)
         self.num_replays += 1
         n, staging = len(plan.request_ids), bucket.staging[slot]
-        staging.reader = Launched(bucket.tokens[:n], staging.tokens[:n], bucket.turns.read(slot, self._stream))
+        staging.reader = Launched(bucket.tokens[slot][:n], staging.tokens[:n], bucket.turns.read(slot, self._stream))
         if not defer:
             staging.reader.settle()
         return staging.reader
 
     def _stage(self, bucket: _Bucket, plan: StepPlan, previous: Launched | None) -> int:
-        """The plan's inputs into the bucket's next staging slot, made the newer one: once the
-        replay that read it two turns ago is done, and its tokens taken from there."""
+        """The plan's inputs into the bucket's next staging slot (returned), once the replay
+        that read it two turns ago is done and its tokens are taken from there."""
         slot = bucket.turns.next()
         staging = bucket.staging[slot]
         if staging.reader is not None:
@@ -145,11 +147,9 @@ class DecodeGraphs:
             if previous.tokens.dtype != np.int32 or not previous.tokens.flags.c_contiguous:
                 raise ValueError(f"plan {plan.step_id}: the previous step's tokens must be contiguous int32, "
                                  f"got {previous.tokens.dtype}")
-            staging.arrays["header"][1] = previous.tokens.data.ptr
+            staging.arrays["header"][0] = previous.tokens.data.ptr
         else:
-            staging.arrays["header"][1] = 0
-        bucket.sequence += 1
-        staging.arrays["header"][0] = bucket.sequence
+            staging.arrays["header"][0] = 0
         return slot
 
     def _capture(self, size: int) -> _Bucket | None:
@@ -160,12 +160,13 @@ class DecodeGraphs:
             # finishes (the warm-up runs them so too, so a launch error shows before the capture).
             with cupy.cuda.using_allocator(self._pool.malloc), self._stream, \
                     self.runner.backend.ops.dependent_launches():
-                self._forward(bucket)                 # warm-up: the pool then holds every block the capture needs
-                self._stream.begin_capture()
-                try:
-                    bucket.tokens = self._forward(bucket)
-                finally:
-                    bucket.graph = self._stream.end_capture()
+                for slot in (0, 1):
+                    self._forward(bucket, slot)   # warm-up: the pool then holds every block the capture needs
+                    self._stream.begin_capture()
+                    try:
+                        bucket.tokens[slot] = self._forward(bucket, slot)
+                    finally:
+                        bucket.graphs[slot] = self._stream.end_capture()
             self._stream.synchronize()
         except Exception as err:   # an op that cannot be captured: run eagerly from now on
             self._captured.clear()
@@ -187,22 +188,22 @@ class DecodeGraphs:
             arrays = views(host, offsets, idle)
             for name, value in idle.items():
                 arrays[name][...] = value
-            arrays["header"][2] = tokens.ctypes.data   # where the sampling writes the tokens (UVA: as on the host)
+            arrays["header"][1] = tokens.ctypes.data   # where the sampling writes the tokens (UVA: as on the host)
             staging.append(_Staging(host, arrays, tokens))
         return _Bucket(size, raw, views(raw, offsets, idle), offsets, tuple(staging), idle)
 
-    def _forward(self, bucket: _Bucket):
-        """Tokens [size] int32 of one decode step: the newer staging slot into the bucket's
-        buffers, then the step over them."""
+    def _forward(self, bucket: _Bucket, slot: int):
+        """Tokens [size] int32 of one decode step: staging `slot` into the bucket's buffers,
+        then the step over them."""
         a, runner, ops = bucket.arrays, self.runner, self.runner.backend.ops
-        ops.stage_decode_inputs(tuple(slot.raw for slot in bucket.staging), bucket.raw, bucket.offsets["token_ids"],
+        ops.stage_decode_inputs(bucket.staging[slot].raw, bucket.raw, bucket.offsets["token_ids"],
                                 bucket.offsets["token_sources"], bucket.size)
         ctx = PagedAttentionContext(runner.backend, runner.config, runner.kv, a["slot_mapping"], a["block_tables"],
                                     a["seq_lens"], a["query_start_loc"], one_query_each=True)   # 0, 1, ..., size
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
         logits = runner.model.compute_logits(hidden)
         *args, min_p = (a[name] for name in SAMPLING_INPUTS)
-        return ops.sample(logits, *args, min_p=min_p, publish=a["header"][2:3])
+        return ops.sample(logits, *args, min_p=min_p, publish=a["header"][1:2])
 
 
 def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: StepPlan) -> bool:
@@ -226,11 +227,11 @@ _PLAN_INPUTS = ("token_ids", "token_sources", "positions", "slot_mapping", "seq_
 
 def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:
     """A bucket's decode inputs, all padding: a padding row is a one-token sequence over
-    block 0 whose K/V go nowhere (slot -1). First the header stage_decode_inputs_kernel reads:
-    the slot's sequence number, the previous step's tokens on the device (for the pending ones),
-    and the host address the sampling writes the tokens to; token ids are the embedding's int64."""
+    block 0 whose K/V go nowhere (slot -1). First a header: the previous step's tokens on the
+    device (stage_decode_inputs_kernel reads the pending ones there), and the host address the
+    sampling writes the tokens to. Token ids are the embedding's int64."""
     return {
-        "header": np.zeros(4, np.int64),
+        "header": np.zeros(2, np.int64),
         "token_ids": np.zeros(size, np.int64), "token_sources": np.full(size, -1, np.int32),
         "positions": np.zeros(size, np.int64),
         "slot_mapping": np.full(size, -1, np.int64), "seq_lens": np.ones(size, np.int32),
