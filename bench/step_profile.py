@@ -60,6 +60,9 @@ def gpu_forward_s(engine, plan, graphed: bool, reps: int = 20, rows: int | None 
         rows = rows or len(plan.request_ids)
         bucket = runner.graphs._captured[next(b for b in runner.graphs.buckets if b >= rows)]
         stream = runner.graphs._stream
+        stream.synchronize()
+        slot = bucket.staging[0].arrays   # as the engine left it, but no pending tokens: their source may be gone
+        slot["header"][0], slot["token_sources"][:] = 0, -1
 
         def once():
             bucket.graphs[0].launch(stream=stream)   # reads staging slot 0 as the engine left it

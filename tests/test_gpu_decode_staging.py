@@ -48,6 +48,10 @@ def test_stage_decode_inputs_copies_the_slot_with_the_pending_tokens(ops, rng, r
     pending = sources >= 0
     expected[pending] = cupy.asnumpy(previous)[sources[pending]]
     np.testing.assert_array_equal(got[token_span].view(np.int64), expected)
+    rest = offsets["positions"]   # the arrays after the token ids and sources, rewritten: read again, not cached
+    slot[rest:] = rng.integers(0, 256, nbytes - rest, dtype=np.uint8)
+    ops.stage_decode_inputs(slot, dst, tokens_at, sources_at, rows)
+    np.testing.assert_array_equal(cupy.asnumpy(dst)[rest:], np.array(slot)[rest:])
 
 
 def test_stage_decode_inputs_rejects_misaligned_or_unequal_buffers(ops):

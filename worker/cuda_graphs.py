@@ -118,7 +118,9 @@ class DecodeGraphs:
     def launch(self, plan: StepPlan, previous: Launched | None = None, defer: bool = False) -> Launched | None:
         """The plan's tokens from a graph replay (with `defer`: on their way to the host);
         None when graphs are (now) off. Pending tokens (decode ahead) are taken from
-        `previous`'s tokens on the device by the graph's first kernel."""
+        `previous`'s tokens on the device by the graph's first kernel. A replay's tokens on the
+        device (Launched.tokens) hold only until the next replay is past its first kernel: they
+        may sit in pool blocks another graph uses as scratch. The next step reads them there."""
         size = next(b for b in self.buckets if b >= len(plan.request_ids))
         if size not in self._captured:
             self._stream.synchronize()   # capture with nothing of an earlier step still queued
