@@ -6,7 +6,8 @@ Run:  python -m bench.step_profile --shape smollm2-135m --batch 1
 With --ahead-timeline N it instead profiles N times the decode steps as bench.llm and
 bench.decode_ab time them (decode ahead on): their median wall time against the GPU's busy
 time and idle gaps over those steps (gpu_timeline), to tell a step the GPU takes longer from
-one it waits in; and the graph's replay alone.
+one it waits in, and each kernel's and copy's share of a step's critical path
+(per_step_kernels); and the graph's replay alone.
 With --kernels it also lists the GPU time of every kernel name (CUPTI through
 torch.profiler, which sees cupy's launches too) in one eager decode forward, in one
 replay of its CUDA graph (dependent launches overlap there, so a kernel's time may
@@ -28,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s  # noqa: E402
+from step_parts import kernel_adds  # noqa: E402
 from tp_decode import cuda_intervals  # noqa: E402
 
 
@@ -166,9 +168,20 @@ def ahead_timeline(engine, batch: int, context: int, steps: int, rng) -> dict:
         seen["prof"] = prof
 
     step_s = decode_step_s(engine, batch, context, steps, rng, around=profiled)
-    timeline = gpu_timeline(cuda_intervals(seen["prof"]), seen["wall_us"])
+    intervals = cuda_intervals(seen["prof"])
+    timeline = gpu_timeline(intervals, seen["wall_us"])
     return {"step_ms": step_s * 1e3, "busy_ms_a_step": timeline["gpu_busy_ms"] / steps,
-            "idle_ms_a_step": timeline["idle_in_span_ms"] / steps, **timeline}
+            "idle_ms_a_step": timeline["idle_in_span_ms"] / steps, **timeline,
+            "kernels_a_step": per_step_kernels(intervals, steps)}
+
+
+def per_step_kernels(intervals: list[tuple[float, float, str]], steps: int) -> list[dict]:
+    """kernel_adds (bench/step_parts.py) of `steps` profiled steps, per step: each kernel's or
+    copy's calls, time and share of the critical path (us; the GPU's idle time before an
+    activity counts to it), names cut at their arguments."""
+    rows = kernel_adds([(start, end, name.split("(")[0][:80]) for start, end, name in intervals])
+    return [{"kernel": row["kernel"], "calls": row["calls"] / steps, "us": row["us"] / steps,
+             "adds_us": row["adds_us"] / steps} for row in rows]
 
 
 def prefill_once(engine, tokens: int, rng):

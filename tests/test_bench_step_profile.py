@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from step_profile import gpu_timeline  # noqa: E402
+from step_profile import gpu_timeline, per_step_kernels  # noqa: E402
 
 
 def test_timeline_against_a_raster():
@@ -47,3 +47,18 @@ def test_timeline_against_a_raster():
 def test_timeline_without_activity_is_refused():
     with pytest.raises(ValueError, match="no GPU activity"):
         gpu_timeline([], 100.0)
+
+
+def test_per_step_kernels_split_the_span_by_name():
+    """Two steps of made-up activities (a copy, a gap, two overlapping kernels): each name's calls
+    and time a step, and shares of the critical path (the gap counted to the kernel after it)
+    that add up to the span a step."""
+    step = [(0.0, 2.0, "Memcpy HtoD (Pinned -> Device)"), (5.0, 15.0, "gemm_kernel<1, 4>(float const*)"),
+            (12.0, 20.0, "norm_kernel(float*)")]
+    intervals = step + [(start + 20.0, end + 20.0, name) for start, end, name in step]
+    rows = {row["kernel"]: row for row in per_step_kernels(intervals, 2)}
+    assert rows["gemm_kernel<1, 4>"] == {"kernel": "gemm_kernel<1, 4>", "calls": 1.0, "us": 10.0, "adds_us": 13.0}
+    assert rows["norm_kernel"]["us"] == 8.0 and rows["norm_kernel"]["adds_us"] == 5.0   # 15 -> 20
+    assert rows["Memcpy HtoD "]["adds_us"] == 2.0
+    span = gpu_timeline(intervals, 50.0)["gpu_span_ms"] * 1e3 / 2
+    assert sum(row["adds_us"] for row in rows.values()) == pytest.approx(span)
