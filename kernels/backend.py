@@ -69,7 +69,7 @@ class Backend:
 
 
 GPU_PATHS = ("flash", "flash_decode", "flash_sm90", "skinny_gemm", "fused_norm_gemm", "fused_rope_gemm", "nccl_links",
-             "dependent_launch", "gemm_autotune", "residual_in_gemm", "norm_in_consumer")
+             "dependent_launch", "gemm_autotune", "residual_in_gemm", "norm_in_consumer", "read_flush")
 
 
 def gpu_paths_off() -> frozenset[str]:
@@ -83,8 +83,9 @@ def gpu_paths_off() -> frozenset[str]:
     ordinary launches), the per-shape cuBLASLt GEMM choice (gemm_autotune; off:
     cublasGemmEx's default) and the residual stream summed by the GEMMs before the norms
     (residual_in_gemm, linear_add; off: the add fused into the norm) and a folded RMSNorm scaled
-    by the kernel after its GEMM (norm_in_consumer; off: the norm kernel with a unit weight).
-    All are on by default."""
+    by the kernel after its GEMM (norm_in_consumer; off: the norm kernel with a unit weight),
+    and the L2 flushed by a read while GEMMs are timed (read_flush; off: by a memset). All are
+    on by default."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
     unknown = names - set(GPU_PATHS)
     if unknown:

@@ -30,6 +30,8 @@ from nvmath import CudaDataType
 from nvmath.bindings import cublas
 from nvmath.bindings import cublasLt as lt
 
+from shardline.kernels.backend import gpu_paths_off
+
 log = logging.getLogger(__name__)
 
 # Longer inputs (prefill chunks) are compute bound, where cuBLAS's pick is good. Only token
@@ -208,25 +210,39 @@ class LtAutotuner:
 
 class _Timer:
     """Median GPU time of a call on the current stream over TIMED_REPS reps (after
-    WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it."""
+    WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it.
+
+    The flush reads a buffer twice the L2's size (`read_flush`). A memset as the flush left the
+    L2 full of dirty lines, whose write-back the timed call then paid: 5-16 us more than the
+    same GEMMs take inside a decode step (session 31), enough to reorder close candidates.
+    SHARDLINE_GPU_OFF=read_flush brings the memset back (A/B runs)."""
 
     def __init__(self, weight_bytes: int, l2_bytes: int):
+        self.read_flush = "read_flush" not in gpu_paths_off()
         self._stream = cupy.cuda.get_current_stream()
         self._events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(TIMED_REPS)]
-        self._flush = None
+        self._flush = self._flush_sum = None
         if weight_bytes < 2 * l2_bytes:
             try:
                 with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
-                    self._flush = cupy.empty(2 * l2_bytes, dtype=cupy.uint8)
+                    self._flush = cupy.zeros(2 * l2_bytes // 8, dtype=cupy.uint64)
+                    self._flush_sum = cupy.zeros((), dtype=cupy.uint64)
             except cupy.cuda.memory.OutOfMemoryError:
                 log.info("no memory to flush the L2 while timing GEMMs: small weights are timed from L2")
+
+    def _flush_l2(self) -> None:
+        if self._flush is None:
+            return
+        if self.read_flush:
+            cupy.sum(self._flush, out=self._flush_sum)
+        else:
+            cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, self._flush.nbytes, self._stream.ptr)
 
     def median_s(self, run: Callable[[], None]) -> float:
         for _ in range(WARMUP_REPS):
             run()
         for start, end in self._events:
-            if self._flush is not None:
-                cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, self._flush.nbytes, self._stream.ptr)
+            self._flush_l2()
             start.record(self._stream)
             run()
             end.record(self._stream)
