@@ -191,6 +191,18 @@ def test_pick_k_split_takes_the_largest_near_tie_at_one_row():
     assert pick_k_split({1: 354.5e-6, 2: 366.6e-6, 4: 407.4e-6}, 1, 0.03) == 1
 
 
+def test_pick_k_split_takes_an_absolute_tie_on_short_kernels():
+    """At one row, a split within tie_s seconds of the fastest counts as a tie where that is
+    more than the fraction: a short kernel's split 4 kept though 15% slower alone, a long one's
+    fastest kept past both ties; at two rows the fastest whatever the ties."""
+    short = {1: 9.1e-6, 2: 9.6e-6, 4: 10.5e-6}
+    assert pick_k_split(short, 1, 0.03, 2e-6) == 4
+    assert pick_k_split(short, 1, 0.03, 1e-6) == 2
+    assert pick_k_split(short, 1, 0.03) == 1
+    assert pick_k_split(short, 2, 0.03, 2e-6) == 1
+    assert pick_k_split({1: 354.5e-6, 2: 366.6e-6, 4: 407.4e-6}, 1, 0.03, 2e-6) == 1
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("tokens,k,inter", [(1, 4096, 14336), (2, 576, 1536), (4, 64, 3)])
 def test_skinny_gated_linear(ops, rng, dtype, tokens, k, inter, monkeypatch):
