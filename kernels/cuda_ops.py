@@ -158,12 +158,12 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
         header says are in use (elementwise.cu's stage_decode_inputs_kernel): a captured decode
         step's first kernel. The tables, rows x table_width int32 from byte table_at, end the
         layout. An ordinary launch, since the step's first kernel has no kernel before it to
-        overlap."""
+        overlap. The tables' rows are whole 16-byte units (table_width a multiple of 4)."""
         if slot.nbytes != dst.nbytes or slot.ctypes.data % 16 or dst.nbytes % 16 or dst.data.ptr % 16 \
-                or tokens_at % 16 or sources_at % 16 or table_at % 16:
+                or tokens_at % 16 or sources_at % 16 or table_at % 16 or table_width % 4:
             raise ValueError(f"stage_decode_inputs: a slot of {slot.nbytes} bytes into {dst.nbytes}, token ids at "
-                             f"{tokens_at}, sources at {sources_at}, tables at {table_at}: 16-byte aligned and "
-                             "equal sizes")
+                             f"{tokens_at}, sources at {sources_at}, tables at {table_at} of {table_width} "
+                             "columns: 16-byte aligned and equal sizes")
         if not max(tokens_at + 8 * rows, sources_at + 4 * rows, 24) <= table_at <= dst.nbytes - 4 * rows * table_width:
             raise ValueError(f"stage_decode_inputs: the header, token ids and sources of {rows} rows must come "
                              f"before the tables at {table_at}, and {rows} x {table_width} tables end the "

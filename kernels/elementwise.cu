@@ -325,11 +325,12 @@ __global__ void fill_rows_kernel(const T* row, T* out, long long num_rows, int w
 // reading its own). `slot` is laid out as the step's device buffer `dst`, in 16-byte units: a
 // header of int64 words (0: the previous step's sampled tokens on the device, int32; 2: the
 // block-table columns in use, 0 or more than table_width meaning all), ..., and last the block
-// tables, `rows` rows of table_width int32 from byte table_at. Every unit before the tables is
-// copied but those of the int64 token ids (tokens_at, `rows` of them), which each row takes from
-// the slot, or from the previous step's tokens where its source (int32 at sources_at) is >= 0: the
-// pending tokens of a step decoded ahead. Of the tables only the columns in use are copied (a
-// 128k-token model's rows are 32 KB, of which a short context uses a few hundred bytes).
+// tables, `rows` rows of table_width int32 (a multiple of 4) from byte table_at.
+// - Every unit before the tables is copied but those of the int64 token ids (tokens_at, `rows` of
+//   them), which each row takes from the slot, or from the previous step's tokens where its source
+//   (int32 at sources_at) is >= 0: the pending tokens of a step decoded ahead.
+// - Of the tables only the columns in use are copied, to the next multiple of 4 (a 128k-token
+//   model's rows are 32 KB, of which a short context uses a few hundred bytes).
 // Host memory is read with __ldcv: fetched again at every launch, never from a cache. One thread
 // a block reads the header, its loads issued before the copy's: reads of one host line queue one
 // behind another (on an H200, every warp of a 131 KB launch reading one took 270 us, one read a
@@ -363,10 +364,10 @@ stage_decode_inputs_kernel(const uint4* slot, uint4* dst, long long tokens_at, l
         reinterpret_cast<long long*>(reinterpret_cast<char*>(dst) + tokens_at)[i] =
             source >= 0 ? (long long)previous[source] : staged;
     }
-    const int* table = reinterpret_cast<const int*>(base + table_at);
-    int* table_dst = reinterpret_cast<int*>(reinterpret_cast<char*>(dst) + table_at);
-    for (long long i = first; i < (long long)rows * columns; i += stride) {
-        const long long at = i / columns * table_width + i % columns;
-        table_dst[at] = __ldcv(table + at);
+    // a row's first columns in 16-byte units (table_width is a multiple of 4)
+    const long long row_units = table_width / 4, used_units = (columns + 3) / 4;
+    for (long long i = first; i < (long long)rows * used_units; i += stride) {
+        const long long at = table_at / 16 + i / used_units * row_units + i % used_units;
+        dst[at] = __ldcv(slot + at);
     }
 }

@@ -200,7 +200,7 @@ class DecodeGraphs:
         a, runner, ops = bucket.arrays, self.runner, self.runner.backend.ops
         ops.stage_decode_inputs(bucket.staging[slot].raw, bucket.raw, bucket.offsets["token_ids"],
                                 bucket.offsets["token_sources"], bucket.size, bucket.offsets["block_tables"],
-                                self.max_blocks_per_seq)
+                                a["block_tables"].shape[1])
         ctx = PagedAttentionContext(runner.backend, runner.config, runner.kv, a["slot_mapping"], a["block_tables"],
                                     a["seq_lens"], a["query_start_loc"], one_query_each=True)   # 0, 1, ..., size
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
@@ -238,8 +238,8 @@ def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:
     block 0 whose K/V go nowhere (slot -1). First a header: the previous step's tokens on the
     device (stage_decode_inputs_kernel reads the pending ones there), the host address the
     sampling writes the tokens to, and the block-table columns the step uses (0: all). The
-    block tables come last: the kernel copies only those columns of them. Token ids are the
-    embedding's int64."""
+    block tables come last, rows widened to whole 16-byte units: the kernel copies only those
+    columns of them. Token ids are the embedding's int64."""
     return {
         "header": np.zeros(3, np.int64),
         "token_ids": np.zeros(size, np.int64), "token_sources": np.full(size, -1, np.int32),
@@ -249,5 +249,5 @@ def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:
         "temperature": np.zeros(size, np.float32), "top_k": np.zeros(size, np.int32),
         "top_p": np.ones(size, np.float32), "min_p": np.zeros(size, np.float32),
         "seeds": np.zeros(size, np.uint64), "offsets": np.zeros(size, np.int64),
-        "block_tables": np.zeros((size, max_blocks), np.int32),
+        "block_tables": np.zeros((size, -(-max_blocks // 4) * 4), np.int32),   # rows of 16-byte units
     }
