@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s, median_ttft  # noqa: E402
+from llm import GPU_MEMORY_FRACTION, SHAPES, build_ours, decode_step_s, median_ttft, skinny_k_splits  # noqa: E402
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -83,8 +83,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     # The skinny GEMMs' K splits this process timed (they are picked once a process: a figure
     # that differs by process may come from them)
-    splits = {"x".join(map(str, key)): split for key, split in getattr(backend.ops, "_skinny_splits", {}).items()}
-    rows.append({"shape": args.shape, "skinny_k_splits": splits})
+    rows.append({"shape": args.shape, "skinny_k_splits": skinny_k_splits(backend.ops)})
     print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -1,7 +1,9 @@
 """The KV-cache ops of CudaOps, mixed into it (they launch through CudaOps._launch):
 new keys and values into their slots (with rope: rope_write_kv), copy-on-write of
 blocks, and gathering / scattering cache rows for the KV hand-off. Same meaning as
-numpy_ops; no host sync.
+numpy_ops; no host sync. And the other copy kernel of elementwise.cu: a graphed decode
+step's inputs read from pinned host memory (stage_decode_inputs; CUDA graphs only, no
+numpy_ops twin).
 """
 
 from __future__ import annotations
@@ -122,3 +124,17 @@ class CacheOps:
                 raise ValueError("caches must be at most 65535 contiguous arrays of one shape and dtype")
             table = self._pointer_tables[key] = cupy.asarray(np.array(addresses, dtype=np.uint64))
         return table
+
+    def stage_decode_inputs(self, slot: np.ndarray, dst, tokens_at: int, sources_at: int, rows: int) -> None:
+        """dst (uint8 on the device) from the pinned host `slot` laid out as it, with the pending
+        token ids from the previous step's tokens (elementwise.cu's stage_decode_inputs_kernel): a
+        captured decode step's first kernel. An ordinary launch, since the step's first kernel has
+        no kernel before it to overlap."""
+        if slot.nbytes != dst.nbytes or slot.ctypes.data % 16 or dst.nbytes % 16 or dst.data.ptr % 16 \
+                or tokens_at % 16 or sources_at % 16:
+            raise ValueError(f"stage_decode_inputs: a slot of {slot.nbytes} bytes into {dst.nbytes}, token ids at "
+                             f"{tokens_at}, sources at {sources_at}: 16-byte aligned and equal sizes")
+        units = dst.nbytes // 16   # few large blocks: each reads the slot's first word once (elementwise.cu)
+        self._functions["stage_decode_inputs_kernel", None]((min(8, -(-max(units, rows) // 1024)),), (1024,), (
+            np.uint64(slot.ctypes.data), dst, np.int64(units), np.int64(tokens_at), np.int64(sources_at),
+            np.int32(rows)))
