@@ -39,7 +39,7 @@ class SkinnyGemmOps:
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
     # At one row the largest split within this fraction of the fastest, or this many seconds, is
     # taken (pick_k_split).
-    skinny_split_tie, skinny_split_tie_s = 0.03, 4e-6
+    skinny_split_tie, skinny_split_tie_s = 0.03, 2e-6
     # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs of at least
     # skinny_looped_min_rows rows launch at most n blocks an SM, each looping over tiles (the
     # *_looped kernels), so the whole GEMM is resident from its start (4: the looped kernels'
@@ -304,10 +304,11 @@ def pick_k_split(seconds: dict[int, float], rows: int, tie: float, tie_s: float 
     on an H100, Llama-3-8B's batch-1 step took 5.90-5.93 ms with every split 4 against 6.00-6.01
     with the fastest alone (ties within 2% there); on an H200 (session 31) every process whose
     10 us o projection kept split 1 or 2 stepped at 4.37-4.41 ms, those with 4 at 4.19-4.22. At
-    2 and 4 rows the fastest alone was the better choice (bench/notes/RESULTS.md). Timing is noisy
-    at the start of a process: in 9 processes (session 32) the one-row GEMMs' split 4 timed up to
-    3.0 us (10.7%) over the fastest, some processes timing the o projection at 28-52 us against
-    16 in the others; a 2 us tie still let one of four keep split 2 (4.25 ms against 4.20)."""
+    2 and 4 rows the fastest alone was the better choice (bench/notes/RESULTS.md). Until _Timer queued
+    its reps behind a spin (session 32) they timed the host's launches too: the o projection
+    timed 16-52 us from process to process and a third of the processes kept split 1 or 2 for it
+    or for the down projection, whatever the tie (2, 4 or 8 us); with the spin every split timed
+    steadily (15.6-17.1 us) and three processes of three kept 4 everywhere (4.23 ms)."""
     fastest = min(seconds.values())
     if rows == 1:
         return max(split for split, s in seconds.items() if s <= max(fastest * (1 + tie), fastest + tie_s))

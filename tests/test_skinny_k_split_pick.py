@@ -34,6 +34,6 @@ def test_pick_k_split_takes_an_absolute_tie_on_short_kernels():
     assert pick_k_split(short, 1, 0.03) == 1
     assert pick_k_split(short, 2, 0.03, 2e-6) == 1
     assert pick_k_split({1: 354.5e-6, 2: 366.6e-6, 4: 407.4e-6}, 1, 0.03, 2e-6) == 1
-    noisy = {1: 30.6e-6, 2: 28.1e-6, 4: 31.1e-6}   # an o projection timed in a noisy process (session 32)
+    noisy = {1: 30.6e-6, 2: 28.1e-6, 4: 31.1e-6}   # an o projection timed with launch gaps (session 32)
     assert pick_k_split(noisy, 1, 0.03, 4e-6) == 4 and pick_k_split(noisy, 1, 0.03, 2e-6) == 2
     assert pick_k_split({1: 354.5e-6, 2: 366.6e-6, 4: 407.4e-6}, 1, 0.03, 4e-6) == 1
