@@ -229,7 +229,8 @@ def _spin(cycles: int, stream) -> None:
 
 class _Timer:
     """Median GPU time of a call on the current stream over TIMED_REPS reps (after
-    WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it.
+    WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it, the reps
+    queued behind a spin of LEAD_CYCLES so that none waits on the host.
 
     The flush reads a buffer twice the L2's size (`read_flush`). A memset as the flush left the
     L2 full of dirty lines, whose write-back the timed call then paid: 5-16 us more than the
