@@ -125,16 +125,24 @@ class CacheOps:
             table = self._pointer_tables[key] = cupy.asarray(np.array(addresses, dtype=np.uint64))
         return table
 
-    def stage_decode_inputs(self, slot: np.ndarray, dst, tokens_at: int, sources_at: int, rows: int) -> None:
+    def stage_decode_inputs(self, slot: np.ndarray, dst, tokens_at: int, sources_at: int, rows: int,
+                            table_at: int, table_width: int) -> None:
         """dst (uint8 on the device) from the pinned host `slot` laid out as it, with the pending
-        token ids from the previous step's tokens (elementwise.cu's stage_decode_inputs_kernel): a
-        captured decode step's first kernel. An ordinary launch, since the step's first kernel has
-        no kernel before it to overlap."""
+        token ids from the previous step's tokens and only the block-table columns the slot's
+        header says are in use (elementwise.cu's stage_decode_inputs_kernel): a captured decode
+        step's first kernel. The tables, rows x table_width int32 from byte table_at, end the
+        layout. An ordinary launch, since the step's first kernel has no kernel before it to
+        overlap. The tables' rows are whole 16-byte units (table_width a multiple of 4)."""
         if slot.nbytes != dst.nbytes or slot.ctypes.data % 16 or dst.nbytes % 16 or dst.data.ptr % 16 \
-                or tokens_at % 16 or sources_at % 16:
+                or tokens_at % 16 or sources_at % 16 or table_at % 16 or table_width % 4:
             raise ValueError(f"stage_decode_inputs: a slot of {slot.nbytes} bytes into {dst.nbytes}, token ids at "
-                             f"{tokens_at}, sources at {sources_at}: 16-byte aligned and equal sizes")
-        units = dst.nbytes // 16   # few large blocks: each reads the slot's first word once (elementwise.cu)
+                             f"{tokens_at}, sources at {sources_at}, tables at {table_at} of {table_width} "
+                             "columns: 16-byte aligned and equal sizes")
+        if not max(tokens_at + 8 * rows, sources_at + 4 * rows, 24) <= table_at <= dst.nbytes - 4 * rows * table_width:
+            raise ValueError(f"stage_decode_inputs: the header, token ids and sources of {rows} rows must come "
+                             f"before the tables at {table_at}, and {rows} x {table_width} tables end the "
+                             f"{dst.nbytes} bytes")
+        units = dst.nbytes // 16   # few large blocks: each reads the slot's header once (elementwise.cu)
         self._functions["stage_decode_inputs_kernel", None]((min(8, -(-max(units, rows) // 1024)),), (1024,), (
-            np.uint64(slot.ctypes.data), dst, np.int64(units), np.int64(tokens_at), np.int64(sources_at),
-            np.int32(rows)))
+            np.uint64(slot.ctypes.data), dst, np.int64(tokens_at), np.int64(sources_at), np.int32(rows),
+            np.int64(table_at), np.int32(table_width)))

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 class SkinnyGemmOps:
     use_skinny_gemm = "skinny_gemm" not in gpu_paths_off()
     skinny_k_split: int | None = None   # None: timed per shape (_skinny_k_split)
-    # At one row the largest split within this fraction of the fastest is taken (pick_k_split).
-    skinny_split_tie = 0.03
+    # At one row the largest split within this fraction of the fastest, or this many seconds, is
+    # taken (pick_k_split).
+    skinny_split_tie, skinny_split_tie_s = 0.03, 2e-6
     # 0: a block a tile of output features. n > 0: plain and RoPE GEMMs of at least
     # skinny_looped_min_rows rows launch at most n blocks an SM, each looping over tiles (the
     # *_looped kernels), so the whole GEMM is resident from its start (4: the looped kernels'
@@ -240,7 +241,8 @@ class SkinnyGemmOps:
             timer = _Timer(weight.nbytes, cupy.cuda.Device().attributes["L2CacheSize"])
             seconds = {split: timer.median_s(lambda: self._skinny(x2, weight, out, gated=gated, k_split=split))
                        for split in _SKINNY_K_SPLITS}
-            self._skinny_splits[key] = pick_k_split(seconds, x2.shape[0], self.skinny_split_tie)
+            self._skinny_splits[key] = pick_k_split(seconds, x2.shape[0], self.skinny_split_tie,
+                                                    self.skinny_split_tie_s)
             log.info("skinny GEMM T=%d N=%d K=%d%s: K in %d warps (us by split: %s)", *key[:3],
                      " gated" if gated else "", self._skinny_splits[key],
                      ", ".join(f"{k} {1e6 * v:.1f}" for k, v in seconds.items()))
@@ -294,14 +296,20 @@ def skinny_large_bytes_for(device_name: str) -> int | None:
     return 16 << 20 if "H200" in device_name else None
 
 
-def pick_k_split(seconds: dict[int, float], rows: int, tie: float) -> int:
+def pick_k_split(seconds: dict[int, float], rows: int, tie: float, tie_s: float = 0.0) -> int:
     """The K split to keep from each split's time for a GEMM run alone: the fastest, but at one
-    row the largest within `tie` of the fastest. There the shorter warps of a larger split end
-    the kernel sooner in a captured step, where the next kernel starts during its tail
-    (dependent launches), which timing it alone does not see: on an H100, Llama-3-8B's batch-1
-    step took 5.90-5.93 ms with every split 4 against 6.00-6.01 with the fastest alone (ties
-    within 2% there); at 2 and 4 rows the fastest alone was the better choice (bench/notes/RESULTS.md)."""
+    row the largest within `tie` of the fastest, or within `tie_s` seconds where that is more.
+    There the shorter warps of a larger split end the kernel sooner in a captured step, where the
+    next kernel starts during its tail (dependent launches), which timing it alone does not see:
+    on an H100, Llama-3-8B's batch-1 step took 5.90-5.93 ms with every split 4 against 6.00-6.01
+    with the fastest alone (ties within 2% there); on an H200 (session 31) every process whose
+    10 us o projection kept split 1 or 2 stepped at 4.37-4.41 ms, those with 4 at 4.19-4.22. At
+    2 and 4 rows the fastest alone was the better choice (bench/notes/RESULTS.md). Until _Timer queued
+    its reps behind a spin (session 32) they timed the host's launches too: the o projection
+    timed 16-52 us from process to process and a third of the processes kept split 1 or 2 for it
+    or for the down projection, whatever the tie (2, 4 or 8 us); with the spin every split timed
+    steadily (15.6-17.1 us) and three processes of three kept 4 everywhere (4.23 ms)."""
     fastest = min(seconds.values())
     if rows == 1:
-        return max(split for split, s in seconds.items() if s <= fastest * (1 + tie))
+        return max(split for split, s in seconds.items() if s <= max(fastest * (1 + tie), fastest + tie_s))
     return min(seconds, key=seconds.get)

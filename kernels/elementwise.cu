@@ -322,36 +322,52 @@ __global__ void fill_rows_kernel(const T* row, T* out, long long num_rows, int w
 
 // A captured decode step's inputs, read by the step itself from pinned host memory, so no copy
 // engine works (and waits) between two replays (worker/cuda_graphs.py: a graph a staging slot, each
-// reading its own). `slot` is laid out as the step's device buffer `dst`, in 16-byte units, its
-// first word the previous step's sampled tokens on the device (int32). Every unit is copied but
-// those of the int64 token ids (tokens_at, `rows` of them), which each row takes from the slot, or
-// from the previous step's tokens where its source (int32 at sources_at) is >= 0: the pending
-// tokens of a step decoded ahead. Host memory is read with __ldcv: fetched again at every launch,
-// never from a cache. One thread a block reads that first word, its load issued before the copy's:
-// reads of one host line queue one behind another (on an H200, every warp of a 131 KB launch
-// reading one took 270 us, one read a block of 8 blocks 19 us), so launch few, large blocks.
+// reading its own). `slot` is laid out as the step's device buffer `dst`, in 16-byte units: a
+// header of int64 words (0: the previous step's sampled tokens on the device, int32; 2: the
+// block-table columns in use, 0 or more than table_width meaning all), ..., and last the block
+// tables, `rows` rows of table_width int32 (a multiple of 4) from byte table_at.
+// - Every unit before the tables is copied but those of the int64 token ids (tokens_at, `rows` of
+//   them), which each row takes from the slot, or from the previous step's tokens where its source
+//   (int32 at sources_at) is >= 0: the pending tokens of a step decoded ahead.
+// - Of the tables only the columns in use are copied, to the next multiple of 4 (a 128k-token
+//   model's rows are 32 KB, of which a short context uses a few hundred bytes).
+// Host memory is read with __ldcv: fetched again at every launch, never from a cache. One thread
+// a block reads the header, its loads issued before the copy's: reads of one host line queue one
+// behind another (on an H200, every warp of a 131 KB launch reading one took 270 us, one read a
+// block of 8 blocks 19 us), so launch few, large blocks.
 #define STAGE_THREADS 1024
 __global__ void __launch_bounds__(STAGE_THREADS)
-stage_decode_inputs_kernel(const uint4* slot, uint4* dst, long long units, long long tokens_at, long long sources_at,
-                           int rows) {
+stage_decode_inputs_kernel(const uint4* slot, uint4* dst, long long tokens_at, long long sources_at, int rows,
+                           long long table_at, int table_width) {
     pdl_begin();
-    __shared__ long long previous_word;
-    long long word = 0;
-    if (threadIdx.x == 0) word = __ldcv(reinterpret_cast<const long long*>(slot));
+    __shared__ long long header[2];   // words 0 and 2 of the slot
+    long long previous_word = 0, columns_word = 0;
+    if (threadIdx.x == 0) {
+        previous_word = __ldcv(reinterpret_cast<const long long*>(slot));
+        columns_word = __ldcv(reinterpret_cast<const long long*>(slot) + 2);
+    }
     const long long token_lo = tokens_at / 16, token_hi = (tokens_at + 8LL * rows + 15) / 16;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < units; i += stride) {
+    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    for (long long i = first; i < table_at / 16; i += stride) {
         if (i < token_lo || i >= token_hi) dst[i] = __ldcv(slot + i);
     }
-    if (threadIdx.x == 0) previous_word = word;
+    if (threadIdx.x == 0) header[0] = previous_word, header[1] = columns_word;
     __syncthreads();
-    const int* previous = reinterpret_cast<const int*>(previous_word);
+    const int* previous = reinterpret_cast<const int*>(header[0]);
+    const int columns = header[1] < 1 || header[1] > table_width ? table_width : (int)header[1];
     const char* base = reinterpret_cast<const char*>(slot);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < rows; i += stride) {
+    for (long long i = first; i < rows; i += stride) {
         // both loaded at once: one round trip to the host, not two
         const int source = __ldcv(reinterpret_cast<const int*>(base + sources_at) + i);
         const long long staged = __ldcv(reinterpret_cast<const long long*>(base + tokens_at) + i);
         reinterpret_cast<long long*>(reinterpret_cast<char*>(dst) + tokens_at)[i] =
             source >= 0 ? (long long)previous[source] : staged;
+    }
+    // a row's first columns in 16-byte units (table_width is a multiple of 4)
+    const long long row_units = table_width / 4, used_units = (columns + 3) / 4;
+    for (long long i = first; i < (long long)rows * used_units; i += stride) {
+        const long long at = table_at / 16 + i / used_units * row_units + i % used_units;
+        dst[at] = __ldcv(slot + at);
     }
 }

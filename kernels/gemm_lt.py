@@ -43,6 +43,10 @@ MAX_CANDIDATES = 16
 # output's bf16/fp16 (INPLACE, OUTPUT_TYPE), so the answer keeps a single rounding.
 FP32_REDUCTIONS = (lt.ReductionScheme.NONE, lt.ReductionScheme.COMPUTE_TYPE)
 WARMUP_REPS, TIMED_REPS = 3, 10
+# The GPU spins this many clocks (about 1 ms) before the timed reps, so that the host has queued
+# them all when they run: without it a rep of a short kernel timed the host's launch too (session
+# 32: a 1x4096x4096 skinny GEMM timed 14.5-50 us from one round to the next, the clocks steady).
+LEAD_CYCLES = 2_000_000
 
 GemmEx = Callable[[Any, Any, Any, bool], None]   # (x, weight, out, accumulate) -> None
 
@@ -208,9 +212,25 @@ class LtAutotuner:
             self._handle = 0
 
 
+@functools.cache
+def _spin_kernel() -> cupy.RawKernel:
+    return cupy.RawKernel(r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) {}
+}""", "spin")
+
+
+def _spin(cycles: int, stream) -> None:
+    """Keeps the GPU busy for `cycles` SM clocks on `stream`: the calls queued after it run back to
+    back however slowly the host launches them."""
+    _spin_kernel()((1,), (1,), (np.int64(cycles),), stream=stream)
+
+
 class _Timer:
     """Median GPU time of a call on the current stream over TIMED_REPS reps (after
-    WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it.
+    WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it, the reps
+    queued behind a spin of LEAD_CYCLES so that none waits on the host.
 
     The flush reads a buffer twice the L2's size (`read_flush`). A memset as the flush left the
     L2 full of dirty lines, whose write-back the timed call then paid: 5-16 us more than the
@@ -241,6 +261,7 @@ class _Timer:
     def median_s(self, run: Callable[[], None]) -> float:
         for _ in range(WARMUP_REPS):
             run()
+        _spin(LEAD_CYCLES, self._stream)   # the reps queue up behind it: no launch gaps in the timed spans
         for start, end in self._events:
             self._flush_l2()
             start.record(self._stream)

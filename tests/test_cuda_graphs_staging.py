@@ -42,6 +42,8 @@ def test_layout_packs_every_array_aligned_and_apart():
     assert all(at % 16 == 0 for at, _ in spans)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))   # no overlap
     assert spans[-1][1] <= nbytes < spans[-1][1] + 16
+    assert max(offsets.values()) == offsets["block_tables"]   # last: the kernel copies only its columns in use
+    assert offsets["header"] == 0 and idle["header"].nbytes >= 24
 
 
 def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
@@ -52,9 +54,12 @@ def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
     a, b = decoding("a", 3, 11), decoding("b", 6, 12)      # 4 and 7 tokens: 1 and 2 blocks
     # b's token is the one the plan in flight samples at its row 1 (decode ahead): pending
     plan = build_step_plan(1, [(a, 1), (b, 1)], [[9], [3, 4]], [], BLOCK, ahead={"b": (0, 1)})
+    assert arrays["header"][2] == 5
     assert _fill(arrays, idle, plan) is True
-    np.testing.assert_array_equal(arrays["block_tables"][:2], [[9, 0, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(arrays["block_tables"][2:], 0)
+    # two columns in use: the device copies those alone, so the wider plan's others may stay
+    assert arrays["header"][2] == 2
+    np.testing.assert_array_equal(arrays["block_tables"][:2, :2], [[9, 0], [3, 4]])
+    np.testing.assert_array_equal(arrays["block_tables"][2:, :2], 0)
     for name in ("token_ids", "token_sources", "positions", "slot_mapping", "seq_lens"):
         np.testing.assert_array_equal(arrays[name][:2], getattr(plan, name), err_msg=name)
         np.testing.assert_array_equal(arrays[name][2:], idle[name][2:], err_msg=name)

@@ -144,3 +144,18 @@ def test_switched_off_gives_same_answer(ops, rng, lt_gemm, dtype, monkeypatch):
         assert_close(ops, tuned_out, ops.to_host(plain_out).astype(np.float64), dtype, "tuned vs off")
     finally:
         plain.close()
+
+
+def test_timer_spin_holds_the_stream_for_its_cycles():
+    """The timer's lead (_spin) keeps the stream busy for at least its cycles at the SM's top
+    clock, so the reps queued after it wait behind it; and the spin ends."""
+    from shardline.kernels.gemm_lt import LEAD_CYCLES, _spin
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(stream)
+    _spin(LEAD_CYCLES, stream)
+    end.record(stream)
+    assert not end.done, "the stream ran past the spin at once"
+    end.synchronize()
+    top_hz = cupy.cuda.Device().attributes["ClockRate"] * 1e3
+    assert cupy.cuda.get_elapsed_time(start, end) / 1e3 >= 0.9 * LEAD_CYCLES / top_hz

@@ -22,7 +22,7 @@ from shardline.kernels.cuda_common import (  # noqa: E402
     _skinny_tiles,
     flash_decode_template,
 )
-from shardline.kernels.cuda_skinny import pick_k_split, skinny_large_bytes_for  # noqa: E402
+from shardline.kernels.cuda_skinny import skinny_large_bytes_for  # noqa: E402
 from test_kernels_gpu import (  # noqa: E402, F401  (fixtures: ops, rng, poisoned_allocations)
     assert_close,
     ops,
@@ -177,18 +177,6 @@ def test_shared_carveout_reaches_every_kernel_and_changes_no_result(ops, rng, mo
     np.testing.assert_array_equal(ops.to_host(ops.linear(x, w)), before)
     with pytest.raises(ValueError, match="shared_carveout"):
         ops.shared_carveout = 150
-
-
-def test_pick_k_split_takes_the_largest_near_tie_at_one_row():
-    """At one row the largest split within the tie of the fastest alone; at more rows, or
-    outside the tie, the fastest."""
-    seconds = {1: 20.7e-6, 2: 21.4e-6, 4: 20.3e-6}
-    assert pick_k_split(seconds, 1, 0.03) == 4 and pick_k_split(seconds, 2, 0.03) == 4
-    seconds = {1: 85.0e-6, 2: 83.2e-6, 4: 84.5e-6}   # 4 is 1.6% slower than 2
-    assert pick_k_split(seconds, 1, 0.03) == 4
-    assert pick_k_split(seconds, 1, 0.01) == 2 and pick_k_split(seconds, 1, 0.0) == 2
-    assert pick_k_split(seconds, 4, 0.03) == 2
-    assert pick_k_split({1: 354.5e-6, 2: 366.6e-6, 4: 407.4e-6}, 1, 0.03) == 1
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

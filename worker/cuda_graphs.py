@@ -199,7 +199,8 @@ class DecodeGraphs:
         then the step over them."""
         a, runner, ops = bucket.arrays, self.runner, self.runner.backend.ops
         ops.stage_decode_inputs(bucket.staging[slot].raw, bucket.raw, bucket.offsets["token_ids"],
-                                bucket.offsets["token_sources"], bucket.size)
+                                bucket.offsets["token_sources"], bucket.size, bucket.offsets["block_tables"],
+                                a["block_tables"].shape[1])
         ctx = PagedAttentionContext(runner.backend, runner.config, runner.kv, a["slot_mapping"], a["block_tables"],
                                     a["seq_lens"], a["query_start_loc"], one_query_each=True)   # 0, 1, ..., size
         hidden = runner.model.forward(a["token_ids"], a["positions"], ctx)
@@ -212,15 +213,20 @@ def _fill(arrays: dict[str, np.ndarray], idle: dict[str, np.ndarray], plan: Step
     """The plan's decode inputs into a bucket's staging `arrays`: its rows first, padding
     (`idle`'s values) after them; token_sources holds each pending token's row in the previous
     step's samples (-1: the token id is known). Returns whether any token is pending."""
-    n, width = len(plan.request_ids), plan.block_tables.shape[1]
+    n, width = len(plan.request_ids), max(1, plan.block_tables.shape[1])
     for name in _PLAN_INPUTS:
         arrays[name][:n] = getattr(plan, name)
     for name in SAMPLING_INPUTS:
         arrays[name][:n] = getattr(plan.sampling, name)
-    arrays["block_tables"][:n, :width] = plan.block_tables
-    arrays["block_tables"][:n, width:] = 0
-    for name in _PLAN_INPUTS + SAMPLING_INPUTS + ("block_tables",):
+    for name in _PLAN_INPUTS + SAMPLING_INPUTS:
         arrays[name][n:] = idle[name][n:]
+    # Only the table's first `width` columns go to the device (header word 2); the rest of its
+    # rows there keep what earlier steps left, past every row's blocks, so never read.
+    tables, used = arrays["block_tables"], plan.block_tables.shape[1]
+    arrays["header"][2] = width
+    tables[:n, :used] = plan.block_tables
+    tables[:n, used:width] = 0
+    tables[n:, :width] = idle["block_tables"][n:, :width]
     return bool(arrays["token_sources"][:n].max(initial=-1) >= 0)
 
 
@@ -230,16 +236,18 @@ _PLAN_INPUTS = ("token_ids", "token_sources", "positions", "slot_mapping", "seq_
 def _idle_inputs(size: int, max_blocks: int) -> dict[str, np.ndarray]:
     """A bucket's decode inputs, all padding: a padding row is a one-token sequence over
     block 0 whose K/V go nowhere (slot -1). First a header: the previous step's tokens on the
-    device (stage_decode_inputs_kernel reads the pending ones there), and the host address the
-    sampling writes the tokens to. Token ids are the embedding's int64."""
+    device (stage_decode_inputs_kernel reads the pending ones there), the host address the
+    sampling writes the tokens to, and the block-table columns the step uses (0: all). The
+    block tables come last, rows widened to whole 16-byte units: the kernel copies only those
+    columns of them. Token ids are the embedding's int64."""
     return {
-        "header": np.zeros(2, np.int64),
+        "header": np.zeros(3, np.int64),
         "token_ids": np.zeros(size, np.int64), "token_sources": np.full(size, -1, np.int32),
         "positions": np.zeros(size, np.int64),
         "slot_mapping": np.full(size, -1, np.int64), "seq_lens": np.ones(size, np.int32),
         "query_start_loc": np.arange(size + 1, dtype=np.int32),
-        "block_tables": np.zeros((size, max_blocks), np.int32),
         "temperature": np.zeros(size, np.float32), "top_k": np.zeros(size, np.int32),
         "top_p": np.ones(size, np.float32), "min_p": np.zeros(size, np.float32),
         "seeds": np.zeros(size, np.uint64), "offsets": np.zeros(size, np.int64),
+        "block_tables": np.zeros((size, -(-max_blocks // 4) * 4), np.int32),   # rows of 16-byte units
     }
