@@ -69,7 +69,8 @@ class Backend:
 
 
 GPU_PATHS = ("flash", "flash_decode", "flash_sm90", "skinny_gemm", "fused_norm_gemm", "fused_rope_gemm", "nccl_links",
-             "dependent_launch", "gemm_autotune", "residual_in_gemm", "norm_in_consumer", "read_flush")
+             "dependent_launch", "gemm_autotune", "residual_in_gemm", "norm_in_consumer", "read_flush",
+             "timer_lead")
 
 
 def gpu_paths_off() -> frozenset[str]:
@@ -84,8 +85,9 @@ def gpu_paths_off() -> frozenset[str]:
     cublasGemmEx's default) and the residual stream summed by the GEMMs before the norms
     (residual_in_gemm, linear_add; off: the add fused into the norm) and a folded RMSNorm scaled
     by the kernel after its GEMM (norm_in_consumer; off: the norm kernel with a unit weight),
-    and the L2 flushed by a read while GEMMs are timed (read_flush; off: by a memset). All are
-    on by default."""
+    and the L2 flushed by a read while GEMMs are timed (read_flush; off: by a memset), and the
+    timed reps queued behind a spin (timer_lead; off: launched as the host gets to them). All
+    are on by default."""
     names = frozenset(filter(None, os.environ.get("SHARDLINE_GPU_OFF", "").replace(" ", "").split(",")))
     unknown = names - set(GPU_PATHS)
     if unknown:

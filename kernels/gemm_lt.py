@@ -230,7 +230,8 @@ def _spin(cycles: int, stream) -> None:
 class _Timer:
     """Median GPU time of a call on the current stream over TIMED_REPS reps (after
     WARMUP_REPS), the L2 flushed before each rep when the weight would stay in it, the reps
-    queued behind a spin of LEAD_CYCLES so that none waits on the host.
+    queued behind a spin of LEAD_CYCLES so that none waits on the host (SHARDLINE_GPU_OFF=
+    timer_lead: not, for A/B runs).
 
     The flush reads a buffer twice the L2's size (`read_flush`). A memset as the flush left the
     L2 full of dirty lines, whose write-back the timed call then paid: 5-16 us more than the
@@ -238,7 +239,7 @@ class _Timer:
     SHARDLINE_GPU_OFF=read_flush brings the memset back (A/B runs)."""
 
     def __init__(self, weight_bytes: int, l2_bytes: int):
-        self.read_flush = "read_flush" not in gpu_paths_off()
+        self.read_flush, self.lead = ("read_flush" not in gpu_paths_off()), ("timer_lead" not in gpu_paths_off())
         self._stream = cupy.cuda.get_current_stream()
         self._events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(TIMED_REPS)]
         self._flush = self._flush_sum = None
@@ -261,7 +262,8 @@ class _Timer:
     def median_s(self, run: Callable[[], None]) -> float:
         for _ in range(WARMUP_REPS):
             run()
-        _spin(LEAD_CYCLES, self._stream)   # the reps queue up behind it: no launch gaps in the timed spans
+        if self.lead:
+            _spin(LEAD_CYCLES, self._stream)   # the reps queue up behind it: no launch gaps in the timed spans
         for start, end in self._events:
             self._flush_l2()
             start.record(self._stream)
