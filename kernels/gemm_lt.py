@@ -239,7 +239,8 @@ class _Timer:
     SHARDLINE_GPU_OFF=read_flush brings the memset back (A/B runs)."""
 
     def __init__(self, weight_bytes: int, l2_bytes: int):
-        self.read_flush, self.lead = ("read_flush" not in gpu_paths_off()), ("timer_lead" not in gpu_paths_off())
+        off = gpu_paths_off()
+        self.read_flush, self.lead = "read_flush" not in off, "timer_lead" not in off
         self._stream = cupy.cuda.get_current_stream()
         self._events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(TIMED_REPS)]
         self._flush = self._flush_sum = None

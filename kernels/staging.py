@@ -36,15 +36,15 @@ class CopyTurns:
     reads memory that was refilled or freed after it was queued."""
 
     def __init__(self):
-        self._copied: list[Any] = [None, None]   # the event after each buffer's last copy
+        self._read: list[Any] = [None, None]   # the event after each buffer's last read
         self._turn = 0
 
     def next(self) -> int:
         """The buffer (0 or 1) to fill now; its last copy out is done."""
         slot = self._turn % 2
         self._turn += 1
-        if self._copied[slot] is not None:
-            self._copied[slot].synchronize()
+        if self._read[slot] is not None:
+            self._read[slot].synchronize()
         return slot
 
     def copy(self, slot: int, host: np.ndarray, device: Any, stream: Any) -> None:
@@ -55,8 +55,8 @@ class CopyTurns:
     def read(self, slot: int, stream: Any) -> Any:
         """Buffer `slot` is read by what is queued on `stream` up to now; returns the event
         recorded after it."""
-        self._copied[slot] = stream.record()
-        return self._copied[slot]
+        self._read[slot] = stream.record()
+        return self._read[slot]
 
 
 class Uploader:

@@ -73,7 +73,8 @@ def test_fill_writes_the_plan_then_padding_over_a_wider_plan():
 
 def _device_tokens(ptr: int, dtype=np.int32) -> SimpleNamespace:
     """What _stage reads of a device array: its dtype, layout and address."""
-    return SimpleNamespace(dtype=np.dtype(dtype), flags=SimpleNamespace(c_contiguous=True), data=SimpleNamespace(ptr=ptr))
+    return SimpleNamespace(dtype=np.dtype(dtype), flags=SimpleNamespace(c_contiguous=True),
+                           data=SimpleNamespace(ptr=ptr))
 
 
 class _Reader:
