@@ -3,7 +3,10 @@
 `SparseMoE`: softmax top-k routing (renormalised over the top k or not),
 each expert run once on its rows (tokens sorted by expert: one GEMM pair
 per expert), outputs combined with the gate weights, plus an optional
-`SharedExpert` (Qwen2-MoE's always-on expert with a sigmoid gate).
+`SharedExpert` (Qwen2-MoE's always-on expert with a sigmoid gate). Up to
+`dense_max_tokens` tokens on one expert group (ep = 1) every expert runs on
+every token instead, scaled by its routing weight (0 where not chosen): no
+host sync, so such a decode step is captured in a CUDA graph.
 
 Two layouts, chosen by the `ExpertParallel` group the model is built with:
 - ep = 1: every rank holds every expert, split over tp like a dense MLP
@@ -59,6 +62,12 @@ class SparseMoE:
     max / mean); None before the first forward.
     """
 
+    # Up to this many tokens (ep = 1) every expert runs on every token. Such a step reads every
+    # expert's weights, which a decode batch of more than a few tokens touches anyway, and does
+    # num_experts / top_k times the expert FLOPs: below about 190 tokens that stays under the
+    # time of the weights' read on an H100 or H200 (FLOPs : bytes ~ 190 : 1 at bf16).
+    dense_max_tokens = 128
+
     def __init__(self, backend: Backend, tp: TensorParallel, ep: ExpertParallel, router_weight,
                  experts: list[GatedMLP], top_k: int, renormalize: bool = True, shared: SharedExpert | None = None):
         self.backend, self.ops, self.xp = backend, backend.ops, backend.xp
@@ -70,25 +79,51 @@ class SparseMoE:
         self.experts, self.top_k, self.renormalize, self.shared = experts, top_k, renormalize, shared
         # ep = 1 under tp: every expert holds a slice, so the partial outputs sum over tp
         self.reduce_tp = tp if ep.size == 1 and tp.size > 1 else None
-        self.last_expert_load: ExpertLoad | None = None
+        self._load: ExpertLoad | None = None
+        self._dense_ids = None   # the dense path's routing on the device, counted when the load is read
+
+    @property
+    def last_expert_load(self) -> ExpertLoad | None:
+        if self._dense_ids is None:
+            return self._load
+        ids = np.asarray(self.backend.to_numpy(self._dense_ids), dtype=np.int64).reshape(-1)
+        return ExpertLoad(np.bincount(ids, minlength=self.dispatch.placement.num_experts))
 
     def __call__(self, x):
         # x [T, hidden], the same on every rank of the tp / ep group -> [T, hidden]
         share = self.dispatch.share(x)  # [n, hidden]: all of x when ep == 1
         weights, expert_ids = self._route(share)
-        out, self.last_expert_load = self.dispatch.exchange(share, weights, expert_ids, self._run_experts)
+        if self.dispatch.ep.size == 1 and 0 < share.shape[0] <= self.dense_max_tokens:
+            out, self._dense_ids = self._run_dense(share, weights, expert_ids), expert_ids
+        else:
+            host_ids = self.backend.to_numpy(expert_ids)
+            out, self._load = self.dispatch.exchange(share, weights, host_ids, self._run_experts)
+            self._dense_ids = None
         if self.shared is not None:
             self.shared.add_to(out, share)
         out = self.dispatch.gather(out, x.shape[0])
         return self.reduce_tp.comm.all_reduce(out) if self.reduce_tp is not None else out
 
     def _route(self, x):
-        """x [n, hidden] -> (weights [n, k] float32 on the backend, expert ids [n, k] int32 on the host)."""
+        """x [n, hidden] -> (weights [n, k] float32, expert ids [n, k] int32), on the backend."""
         if x.shape[0] == 0:
-            return self.xp.zeros((0, self.top_k), dtype=self.xp.float32), np.zeros((0, self.top_k), np.int32)
+            return self.xp.zeros((0, self.top_k), dtype=self.xp.float32), self.xp.zeros((0, self.top_k), self.xp.int32)
         logits = self.ops.linear(x, self.router_weight)  # [n, experts]
-        weights, ids = self.ops.topk_softmax(logits, self.top_k, self.renormalize)
-        return weights, self.backend.to_numpy(ids)
+        return self.ops.topk_softmax(logits, self.top_k, self.renormalize)
+
+    def _run_dense(self, x, weights, ids):
+        """x [n, hidden] -> the experts' combined output [n, hidden]: every (local = all, ep = 1)
+        expert on every row, added in scaled by the row's weight for it, in expert order as the
+        sorted path adds them. Only device work of fixed shapes."""
+        xp, num_rows = self.xp, x.shape[0]
+        experts = xp.arange(len(self.experts), dtype=ids.dtype)[:, None]   # [experts, 1]
+        scale = xp.zeros((len(self.experts), num_rows), dtype=xp.float32)   # [experts, n]
+        for slot in range(ids.shape[1]):
+            scale += xp.where(ids[:, slot] == experts, weights[:, slot], xp.float32(0))
+        out, rows = xp.zeros_like(x), xp.arange(num_rows, dtype=xp.int32)
+        for expert, expert_scale in zip(self.experts, scale):
+            self.ops.scatter_add_rows(out, rows, expert(x), expert_scale)
+        return out
 
     def _run_experts(self, rows, rows_per_expert):
         """rows [R, hidden] sorted by local expert -> each expert's output on its rows, same order."""
@@ -117,6 +152,8 @@ class MoEForCausalLM(LlamaForCausalLM):
     experts over a group. Other arguments pass through to the Llama model."""
 
     dense_mlp = False   # the post-attention norm stays unfolded: its output feeds a router and experts
+    # Decode steps of more rows run the sorted experts, which read their counts on the host: no graphs
+    max_graph_rows = SparseMoE.dense_max_tokens
 
     def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel(),
                  *args, ep: ExpertParallel = ExpertParallel(), **kwargs):

@@ -82,3 +82,20 @@ def test_mlp_width_counts_experts_and_the_shared_expert(tiny):
         params = sum(p.numel() for name, p in layer.mlp.named_parameters()
                      if not name.startswith(("gate.", "shared_expert_gate.")))
         assert params == 3 * ours.config.hidden_size * ours.config.mlp_width(i)
+
+
+def test_dense_experts_match_the_sorted_experts(tiny, monkeypatch):
+    """Up to dense_max_tokens tokens every expert runs on every token (no host sync: CUDA
+    graphs); above, the tokens are sorted by expert. Both give the same logits and loads."""
+    ours, _, rng, seed = tiny
+    ids = rng.integers(0, ours.config.vocab_size, 19).tolist()
+    dense_logits = prompt_logits(ours, ids)
+    dense_loads = [load.tokens_per_expert.tolist() for load in ours.expert_loads()]
+    assert all(layer.mlp._dense_ids is not None for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
+    monkeypatch.setattr(SparseMoE, "dense_max_tokens", 0)
+    sorted_logits = prompt_logits(ours, ids)
+    assert all(layer.mlp._dense_ids is None for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
+    err = np.max(np.abs(dense_logits - sorted_logits)) / np.max(np.abs(sorted_logits))
+    assert err <= 1e-6, f"seed {seed}: rel err {err:.2e}"
+    assert [load.tokens_per_expert.tolist() for load in ours.expert_loads()] == dense_loads
+    assert sum(dense_loads[0]) == len(ids) * ours.config.num_experts_per_token
