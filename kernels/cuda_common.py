@@ -96,6 +96,8 @@ _KERNELS = {
                     for kernel in ("skinny_gemm_kernel", "skinny_gemm_looped_kernel", "norm_skinny_gemm_kernel",
                                    "skinny_gemm_rope_kernel", "skinny_gemm_rope_looped_kernel",
                                    "norm_skinny_gemm_rope_kernel")},
+    "expert_gemm": {"expert_skinny_gemm_kernel": tuple(f"{t}, {ks}" for t in ("__half", "__nv_bfloat16")
+                                                       for ks in _SKINNY_K_SPLITS)},
     "sampling": {"sample_kernel": _STORAGE, "apply_penalties_kernel": _STORAGE,
                  "sampling_uniform_kernel": None, "penalty_counts_kernel": None},
 }
@@ -130,7 +132,7 @@ _FLASH_DECODE_MIN_SPLIT_KEYS = 96
 _FLASH_COUNTERS = 4096   # (tile, KV head) pairs a split launch may have: splits need < 2 per SM
 # Modules whose failure to compile only turns their kernels off (with a warning).
 _OPTIONAL_MODULES = frozenset({"flash_attention", "flash_prefill", "flash_prefill_sm90", "flash_decode",
-                               "skinny_gemm"})
+                               "skinny_gemm", "expert_gemm"})
 # Modules built for one architecture alone, by NVRTC with -arch=<target> (CuPy builds the rest for
 # the device's generic architecture, which has no wgmma): compiled only on devices of that compute
 # capability. module -> (target, compute capability)
@@ -138,7 +140,7 @@ _ARCH_MODULES = {"flash_prefill_sm90": ("sm_90a", "90")}
 # Modules compiled with other files in front of them (after common.cu).
 _PRELUDES = {"flash_attention": ("flash_common",), "flash_prefill": ("flash_common", "flash_attention"),
              "flash_prefill_sm90": ("flash_common", "flash_attention", "flash_sm90_common"),
-             "flash_decode": ("flash_common", "flash_decode_loads")}
+             "flash_decode": ("flash_common", "flash_decode_loads"), "expert_gemm": ("skinny_gemm",)}
 
 
 def flash_smem_bytes(head_dim: int, key_warps: int) -> int:

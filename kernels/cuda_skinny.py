@@ -89,6 +89,34 @@ class SkinnyGemmOps:
                      (x2, weight, out, np.int32(num_out), np.int32(x2.shape[1]), np.int32(accumulate),
                       np.int32(gated)))
 
+    def expert_linear(self, x, weights, experts, gated: bool = False):
+        """numpy_ops.expert_linear in one launch of expert_skinny_gemm_kernel (a grid row a
+        pair, its expert read on the device), K split as a one-row GEMM by one expert's weight."""
+        if not self.expert_linear_applies(x, weights):
+            raise ValueError(f"expert_linear: x {x.dtype}{x.shape} by weights {weights.dtype}{weights.shape} "
+                             "is no 16-bit skinny GEMM")
+        experts = _as(experts, cupy.int32).ravel()
+        (rows, k), pairs = x.shape, experts.size
+        if pairs % rows:
+            raise ValueError(f"expert_linear: {pairs} pairs for {rows} rows")
+        num_out = weights.shape[1] // 2 if gated else weights.shape[1]
+        out = cupy.empty((pairs, num_out), dtype=x.dtype)
+        k_split = self._skinny_k_split(x[:1], weights[0], gated)
+        self._launch("expert_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {k_split}",
+                     (_skinny_tiles(num_out, gated, k_split), pairs), (_SKINNY_THREADS,),
+                     (x, np.int32(rows), weights, experts, np.int64(weights.shape[1] * k), out, np.int32(num_out),
+                      np.int32(k), np.int32(gated)))
+        return out
+
+    def expert_linear_applies(self, x, weights) -> bool:
+        """Where expert_linear runs: a skinny GEMM's 16-bit inputs by a contiguous stack of weights."""
+        return bool(self.use_skinny_gemm and x.ndim == 2 and weights.ndim == 3 and weights.shape[2] == x.shape[1]
+                    and x.dtype == weights.dtype and x.flags.c_contiguous and weights.flags.c_contiguous
+                    and x.shape[1] % 8 == 0 and x.data.ptr % 16 == 0 and weights.data.ptr % 16 == 0
+                    and x.dtype in (cupy.float16, cupy.uint16)
+                    and ("expert_skinny_gemm_kernel", f"{_ctype(x, 'x')}, 1") in self._functions
+                    and ("skinny_gemm_kernel", f"{_ctype(x, 'x')}, 1, 1") in self._functions)
+
     def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False,
                         folded: bool = False):
         """numpy_ops.rms_norm_linear. Where fused_norm_gemm is on, decode-sized inputs run one

@@ -122,6 +122,23 @@ def gated_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = No
     return silu_and_mul(linear(x, weight, bias))
 
 
+def expert_linear(x: np.ndarray, weights: np.ndarray, experts, gated: bool = False) -> np.ndarray:
+    """The few-token path of an MoE layer: pair p of experts [P] (a whole number times x's R rows)
+    -> linear (gated: gated_linear) of x[p * R // P] by weights[experts[p]] ([E, out, in]):
+    [P, out (gated: out / 2)]. Only the chosen experts are read (on CUDA with no host sync)."""
+    experts = np.asarray(experts).reshape(-1)
+    if experts.size % x.shape[0]:
+        raise ValueError(f"expert_linear: {experts.size} pairs for {x.shape[0]} rows")
+    rows = x[np.arange(experts.size) * x.shape[0] // experts.size]
+    product = gated_linear if gated else linear
+    return np.concatenate([product(rows[p:p + 1], weights[e]) for p, e in enumerate(experts)])
+
+
+def expert_linear_applies(x: np.ndarray, weights: np.ndarray) -> bool:
+    """Whether expert_linear runs these inputs: always here (CudaOps: 16-bit skinny GEMMs)."""
+    return True
+
+
 def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False, ops=None,
                     folded: bool = False):
     """(linear(rms_norm(x (+ residual))), the new residual stream: x + residual, or x itself

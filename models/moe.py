@@ -5,8 +5,11 @@ each expert run once on its rows (tokens sorted by expert: one GEMM pair
 per expert), outputs combined with the gate weights, plus an optional
 `SharedExpert` (Qwen2-MoE's always-on expert with a sigmoid gate). Up to
 `dense_max_tokens` tokens on one expert group (ep = 1) every expert runs on
-every token instead, scaled by its routing weight (0 where not chosen): no
-host sync, so such a decode step is captured in a CUDA graph.
+every token instead, scaled by its routing weight (0 where not chosen); and
+where a step's (token, slot) pairs are fewer than the experts, each pair runs
+its expert alone (`ops.expert_linear`: the expert picked on the device, so only
+the chosen experts' weights are read). Neither syncs with the host, so such a
+decode step is captured in a CUDA graph.
 
 Two layouts, chosen by the `ExpertParallel` group the model is built with:
 - ep = 1: every rank holds every expert, split over tp like a dense MLP
@@ -67,6 +70,8 @@ class SparseMoE:
     # num_experts / top_k times the expert FLOPs: below about 190 tokens that stays under the
     # time of the weights' read on an H100 or H200 (FLOPs : bytes ~ 190 : 1 at bf16).
     dense_max_tokens = 128
+    # Fewer (token, slot) pairs than experts: each pair's expert alone (where the ops run it)
+    select_experts = True
 
     def __init__(self, backend: Backend, tp: TensorParallel, ep: ExpertParallel, router_weight,
                  experts: list[GatedMLP], top_k: int, renormalize: bool = True, shared: SharedExpert | None = None):
@@ -80,13 +85,14 @@ class SparseMoE:
         # ep = 1 under tp: every expert holds a slice, so the partial outputs sum over tp
         self.reduce_tp = tp if ep.size == 1 and tp.size > 1 else None
         self._load: ExpertLoad | None = None
-        self._dense_ids = None   # the dense path's routing on the device, counted when the load is read
+        self._device_ids = None   # the device paths' routing, counted when the load is read
+        self._stacks = stack_experts(backend, experts) if ep.size == 1 else None   # (gate/up, down) or None
 
     @property
     def last_expert_load(self) -> ExpertLoad | None:
-        if self._dense_ids is None:
+        if self._device_ids is None:
             return self._load
-        ids = np.asarray(self.backend.to_numpy(self._dense_ids), dtype=np.int64).reshape(-1)
+        ids = np.asarray(self.backend.to_numpy(self._device_ids), dtype=np.int64).reshape(-1)
         return ExpertLoad(np.bincount(ids, minlength=self.dispatch.placement.num_experts))
 
     def __call__(self, x):
@@ -94,11 +100,12 @@ class SparseMoE:
         share = self.dispatch.share(x)  # [n, hidden]: all of x when ep == 1
         weights, expert_ids = self._route(share)
         if self.dispatch.ep.size == 1 and 0 < share.shape[0] <= self.dense_max_tokens:
-            out, self._dense_ids = self._run_dense(share, weights, expert_ids), expert_ids
+            run = self._run_selected if self._selects(share) else self._run_dense
+            out, self._device_ids = run(share, weights, expert_ids), expert_ids
         else:
             host_ids = self.backend.to_numpy(expert_ids)
             out, self._load = self.dispatch.exchange(share, weights, host_ids, self._run_experts)
-            self._dense_ids = None
+            self._device_ids = None
         if self.shared is not None:
             self.shared.add_to(out, share)
         out = self.dispatch.gather(out, x.shape[0])
@@ -110,6 +117,20 @@ class SparseMoE:
             return self.xp.zeros((0, self.top_k), dtype=self.xp.float32), self.xp.zeros((0, self.top_k), self.xp.int32)
         logits = self.ops.linear(x, self.router_weight)  # [n, experts]
         return self.ops.topk_softmax(logits, self.top_k, self.renormalize)
+
+    def _selects(self, x) -> bool:
+        return bool(self.select_experts and self._stacks is not None and x.shape[0] * self.top_k < len(self.experts)
+                    and self.ops.expert_linear_applies(x, self._stacks[0]))
+
+    def _run_selected(self, x, weights, ids):
+        """x [n, hidden] -> the experts' combined output [n, hidden]: each (token, slot) pair's
+        expert on its token alone, added in slot order."""
+        pairs = ids.reshape(-1)   # [n * k]: token t's slots at t * k ...
+        gate_up, down = self._stacks
+        y = self.ops.expert_linear(self.ops.expert_linear(x, gate_up, pairs, gated=True), down, pairs)
+        out, tokens = self.xp.zeros_like(x), self.xp.arange(pairs.size, dtype=self.xp.int32) // self.top_k
+        self.ops.scatter_add_rows(out, tokens, y, weights.reshape(-1))
+        return out
 
     def _run_dense(self, x, weights, ids):
         """x [n, hidden] -> the experts' combined output [n, hidden]: every (local = all, ep = 1)
@@ -135,6 +156,18 @@ class SparseMoE:
         if not outputs:
             return rows
         return outputs[0] if len(outputs) == 1 else self.xp.concatenate(outputs)
+
+
+def stack_experts(backend: Backend, experts: list[GatedMLP]):
+    """(gate/up [E, 2 inter, hidden], down [E, hidden, inter]): the experts' weights in one array
+    each, every expert's own now a view into it (no copy kept); None where one has a bias."""
+    if not experts or any(e.gate_up_bias is not None or e.down.bias is not None for e in experts):
+        return None
+    stacks = tuple(backend.xp.stack(weights) for weights in ([e.gate_up_weight for e in experts],
+                                                             [e.down.weight for e in experts]))
+    for expert, gate_up, down in zip(experts, *stacks):
+        expert.gate_up_weight, expert.down.weight = gate_up, down
+    return stacks
 
 
 def load_experts(backend: Backend, c: ModelConfig, w: WeightReader, tp: TensorParallel, ep: ExpertParallel,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_guard import cupy  # noqa: F401  (skips the module without a GPU)
+from gpu_guard import cupy  # noqa: E402  (skips the module without a GPU)
 from engine_fixtures import make_engine, tiny_local
 from hf_models import save_tiny
 from shardline.models.moe import SparseMoE
@@ -51,4 +51,20 @@ def test_mixtral_graphs_stop_at_the_dense_rows(local):
     eager, graphed, graphs = generate_both(local, prompts, params, max_num_seqs=rows)
     assert graphs.buckets[-1] == SparseMoE.dense_max_tokens
     assert graphs.disabled is None
+    assert graphed == eager
+
+
+def test_mixtral_bf16_graphs_run_the_chosen_experts_alone(tmp_path):
+    """bf16, one row: each (token, slot) pair's expert alone (ops.expert_linear), in the graphs
+    as eagerly."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    folder, _ = save_tiny("mixtral", tmp_path / "mixtral", seed)
+    local = tiny_local(folder, backend="cuda", dtype="bfloat16")
+    layer = next(layer.mlp for layer in local.model.layers if isinstance(layer.mlp, SparseMoE))
+    assert layer._selects(cupy.zeros((1, local.model.config.hidden_size), dtype=cupy.uint16))
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, local.model.config.vocab_size, n).tolist() for n in (7, 30)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    eager, graphed, graphs = generate_both(local, prompts, params, max_num_seqs=2)
+    assert graphs.disabled is None and graphs.num_replays > 0
     assert graphed == eager

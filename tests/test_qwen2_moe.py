@@ -91,11 +91,31 @@ def test_dense_experts_match_the_sorted_experts(tiny, monkeypatch):
     ids = rng.integers(0, ours.config.vocab_size, 19).tolist()
     dense_logits = prompt_logits(ours, ids)
     dense_loads = [load.tokens_per_expert.tolist() for load in ours.expert_loads()]
-    assert all(layer.mlp._dense_ids is not None for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
+    assert all(layer.mlp._device_ids is not None for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
     monkeypatch.setattr(SparseMoE, "dense_max_tokens", 0)
     sorted_logits = prompt_logits(ours, ids)
-    assert all(layer.mlp._dense_ids is None for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
+    assert all(layer.mlp._device_ids is None for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
     err = np.max(np.abs(dense_logits - sorted_logits)) / np.max(np.abs(sorted_logits))
     assert err <= 1e-6, f"seed {seed}: rel err {err:.2e}"
     assert [load.tokens_per_expert.tolist() for load in ours.expert_loads()] == dense_loads
     assert sum(dense_loads[0]) == len(ids) * ours.config.num_experts_per_token
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_selected_dense_and_sorted_experts_agree(tiny, monkeypatch, rows):
+    """Fewer (token, slot) pairs than experts: each pair's expert alone (ops.expert_linear);
+    the dense and sorted paths give the same output, and so does the load."""
+    ours, _, rng, seed = tiny
+    layer = next(layer.mlp for layer in ours.layers if isinstance(layer.mlp, SparseMoE))
+    x = rng.standard_normal((rows, ours.config.hidden_size)).astype(layer.router_weight.dtype)
+    assert layer._selects(x) and not layer._selects(np.concatenate([x] * 4))
+    outputs, loads = [], []
+    for setting, value in [(None, None), ("select_experts", False), ("dense_max_tokens", 0)]:
+        if setting:
+            monkeypatch.setattr(SparseMoE, setting, value)
+        outputs.append(layer(x))
+        loads.append(layer.last_expert_load.tokens_per_expert.tolist())
+    for other in outputs[1:]:
+        err = np.max(np.abs(outputs[0] - other)) / np.max(np.abs(other))
+        assert err <= 1e-6, f"seed {seed}: rel err {err:.2e}"
+    assert loads[0] == loads[1] == loads[2] and sum(loads[0]) == rows * layer.top_k
