@@ -55,9 +55,12 @@ class Backend:
         return self.xp.zeros(shape, dtype=self.storage_dtype)
 
     def free_device_bytes(self) -> int | None:
-        """Free GPU memory now; None on NumPy (host memory is sized by config)."""
+        """Free GPU memory now, with what CuPy's pool holds unused (a load's temporaries, the MoE
+        experts' weights before they were stacked) given back first; None on NumPy (host memory is
+        sized by config)."""
         if self.name == "numpy":
             return None
+        self.xp.get_default_memory_pool().free_all_blocks()
         return int(self.xp.cuda.runtime.memGetInfo()[0])
 
     def to_numpy(self, arr: Any) -> np.ndarray:

@@ -58,6 +58,7 @@ from shardline.kernels.cuda_cache import CacheOps
 from shardline.kernels.cuda_sampling import SamplingOps
 from shardline.kernels.cuda_skinny import SkinnyGemmOps, few_rows_blocks_per_sm, skinny_large_bytes_for
 from shardline.kernels.dependent_launch import cluster_width, launch_dependent
+from shardline.kernels.gemm_lt import _capturing
 from shardline.kernels.gemm import CublasGemm
 from shardline.kernels.staging import Uploader
 
@@ -116,6 +117,11 @@ class CudaOps(AttentionOps, CacheOps, SamplingOps, SkinnyGemmOps):
                 function.preferred_shared_memory_carveout = -1 if percent is None else percent
         self._shared_carveout = percent
         self._residency.clear()   # blocks an SM may depend on the carveout
+
+    @staticmethod
+    def capturing() -> bool:
+        """numpy_ops.capturing: whether this thread's current stream is capturing a graph."""
+        return _capturing()
 
     @contextlib.contextmanager
     def dependent_launches(self):

@@ -18,6 +18,7 @@ import numpy as np
 
 from shardline.kernels.backend import gpu_paths_off
 from shardline.kernels.cuda_common import (
+    _MAX_GRID_Y,
     _SKINNY_K_SPLITS,
     _SKINNY_MAX_ROWS,
     _SKINNY_THREADS,
@@ -97,16 +98,23 @@ class SkinnyGemmOps:
                              "is no 16-bit skinny GEMM")
         experts = _as(experts, cupy.int32).ravel()
         (rows, k), pairs = x.shape, experts.size
-        if pairs % rows:
-            raise ValueError(f"expert_linear: {pairs} pairs for {rows} rows")
+        if not rows or pairs % rows or pairs > _MAX_GRID_Y:
+            raise ValueError(f"expert_linear: {pairs} pairs for {rows} rows (a whole number times, at most "
+                             f"{_MAX_GRID_Y})")
         num_out = weights.shape[1] // 2 if gated else weights.shape[1]
         out = cupy.empty((pairs, num_out), dtype=x.dtype)
         k_split = self._skinny_k_split(x[:1], weights[0], gated)
         self._launch("expert_skinny_gemm_kernel", f"{_ctype(x, 'x')}, {k_split}",
                      (_skinny_tiles(num_out, gated, k_split), pairs), (_SKINNY_THREADS,),
-                     (x, np.int32(rows), weights, experts, np.int64(weights.shape[1] * k), out, np.int32(num_out),
-                      np.int32(k), np.int32(gated)))
+                     (x, np.int32(rows), weights, experts, np.int32(weights.shape[0]), np.int64(weights.shape[1] * k),
+                      out, np.int32(num_out), np.int32(k), np.int32(gated)))
         return out
+
+    def expert_mlp_applies(self, x, gate_up, down) -> bool:
+        """numpy_ops.expert_mlp_applies: both GEMMs 16-bit skinny ones, down's input gate/up's output."""
+        return bool(self.expert_linear_applies(x, gate_up) and down.ndim == 3 and down.dtype == x.dtype
+                    and down.shape[2] * 2 == gate_up.shape[1] and down.shape[2] % 8 == 0
+                    and down.flags.c_contiguous and down.data.ptr % 16 == 0)
 
     def expert_linear_applies(self, x, weights) -> bool:
         """Where expert_linear runs: a skinny GEMM's 16-bit inputs by a contiguous stack of weights."""

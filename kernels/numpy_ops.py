@@ -124,19 +124,25 @@ def gated_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = No
 
 def expert_linear(x: np.ndarray, weights: np.ndarray, experts, gated: bool = False) -> np.ndarray:
     """The few-token path of an MoE layer: pair p of experts [P] (a whole number times x's R rows)
-    -> linear (gated: gated_linear) of x[p * R // P] by weights[experts[p]] ([E, out, in]):
-    [P, out (gated: out / 2)]. Only the chosen experts are read (on CUDA with no host sync)."""
-    experts = np.asarray(experts).reshape(-1)
-    if experts.size % x.shape[0]:
+    -> linear (gated: gated_linear) of x[p % R] by weights[experts[p]] ([E, out, in]; an id out
+    of range takes the nearest expert): [P, out (gated: out / 2)]. Only the chosen experts are
+    read (on CUDA with no host sync)."""
+    experts = np.clip(np.asarray(experts).reshape(-1), 0, weights.shape[0] - 1)
+    if not x.shape[0] or experts.size % x.shape[0]:
         raise ValueError(f"expert_linear: {experts.size} pairs for {x.shape[0]} rows")
-    rows = x[np.arange(experts.size) * x.shape[0] // experts.size]
+    rows = x[np.arange(experts.size) % x.shape[0]]
     product = gated_linear if gated else linear
     return np.concatenate([product(rows[p:p + 1], weights[e]) for p, e in enumerate(experts)])
 
 
-def expert_linear_applies(x: np.ndarray, weights: np.ndarray) -> bool:
-    """Whether expert_linear runs these inputs: always here (CudaOps: 16-bit skinny GEMMs)."""
+def expert_mlp_applies(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> bool:
+    """Whether expert_linear runs x by gate/up, then by down: always here (CudaOps: skinny GEMMs)."""
     return True
+
+
+def capturing() -> bool:
+    """Whether the ops are being captured into a CUDA graph: never here."""
+    return False
 
 
 def rms_norm_linear(x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False, ops=None,

@@ -62,7 +62,9 @@ class SparseMoE:
 
     `last_expert_load` is the expert-load metric of the latest forward
     (`ExpertLoad`: tokens per expert over the whole step, imbalance ratio
-    max / mean); None before the first forward.
+    max / mean); None before the first forward, and where the latest was
+    captured into a CUDA graph (its arrays are the graphs' shared scratch, and a
+    replay runs no host code).
     """
 
     # Up to this many tokens (ep = 1) every expert runs on every token. Such a step reads every
@@ -92,8 +94,9 @@ class SparseMoE:
     def last_expert_load(self) -> ExpertLoad | None:
         if self._device_ids is None:
             return self._load
+        num_experts = self.dispatch.placement.num_experts
         ids = np.asarray(self.backend.to_numpy(self._device_ids), dtype=np.int64).reshape(-1)
-        return ExpertLoad(np.bincount(ids, minlength=self.dispatch.placement.num_experts))
+        return ExpertLoad(np.bincount(ids[(ids >= 0) & (ids < num_experts)], minlength=num_experts))   # NaN rows: none
 
     def __call__(self, x):
         # x [T, hidden], the same on every rank of the tp / ep group -> [T, hidden]
@@ -101,7 +104,8 @@ class SparseMoE:
         weights, expert_ids = self._route(share)
         if self.dispatch.ep.size == 1 and 0 < share.shape[0] <= self.dense_max_tokens:
             run = self._run_selected if self._selects(share) else self._run_dense
-            out, self._device_ids = run(share, weights, expert_ids), expert_ids
+            out, self._load = run(share, weights, expert_ids), None
+            self._device_ids = None if self.ops.capturing() else expert_ids
         else:
             host_ids = self.backend.to_numpy(expert_ids)
             out, self._load = self.dispatch.exchange(share, weights, host_ids, self._run_experts)
@@ -119,23 +123,29 @@ class SparseMoE:
         return self.ops.topk_softmax(logits, self.top_k, self.renormalize)
 
     def _selects(self, x) -> bool:
-        return bool(self.select_experts and self._stacks is not None and x.shape[0] * self.top_k < len(self.experts)
-                    and self.ops.expert_linear_applies(x, self._stacks[0]))
+        """Whether x's rows take _run_selected: fewer (token, slot) pairs than experts, the rows
+        rounded up to a power of two as the decode graphs' buckets are (a padded step takes the
+        path its rows would take eagerly)."""
+        rows = 1 << (x.shape[0] - 1).bit_length()
+        return bool(self.select_experts and self._stacks is not None and rows * self.top_k < len(self.experts)
+                    and self.ops.expert_mlp_applies(x, *self._stacks))
 
     def _run_selected(self, x, weights, ids):
         """x [n, hidden] -> the experts' combined output [n, hidden]: each (token, slot) pair's
-        expert on its token alone, added in slot order."""
-        pairs = ids.reshape(-1)   # [n * k]: token t's slots at t * k ...
+        expert on its token alone, added slot after slot."""
+        num_rows = x.shape[0]
+        pairs = ids.T.reshape(-1)   # [k * n]: slot s of token t at s * n + t
         gate_up, down = self._stacks
         y = self.ops.expert_linear(self.ops.expert_linear(x, gate_up, pairs, gated=True), down, pairs)
-        out, tokens = self.xp.zeros_like(x), self.xp.arange(pairs.size, dtype=self.xp.int32) // self.top_k
-        self.ops.scatter_add_rows(out, tokens, y, weights.reshape(-1))
+        out, rows = self.xp.zeros_like(x), self.xp.arange(num_rows, dtype=self.xp.int32)
+        for slot in range(self.top_k):
+            self.ops.scatter_add_rows(out, rows, y[slot * num_rows:(slot + 1) * num_rows], weights[:, slot])
         return out
 
     def _run_dense(self, x, weights, ids):
         """x [n, hidden] -> the experts' combined output [n, hidden]: every (local = all, ep = 1)
-        expert on every row, added in scaled by the row's weight for it, in expert order as the
-        sorted path adds them. Only device work of fixed shapes."""
+        expert on every row, added in scaled by the row's weight for it, expert after expert.
+        Only device work of fixed shapes."""
         xp, num_rows = self.xp, x.shape[0]
         experts = xp.arange(len(self.experts), dtype=ids.dtype)[:, None]   # [experts, 1]
         scale = xp.zeros((len(self.experts), num_rows), dtype=xp.float32)   # [experts, n]
@@ -185,8 +195,11 @@ class MoEForCausalLM(LlamaForCausalLM):
     experts over a group. Other arguments pass through to the Llama model."""
 
     dense_mlp = False   # the post-attention norm stays unfolded: its output feeds a router and experts
-    # Decode steps of more rows run the sorted experts, which read their counts on the host: no graphs
-    max_graph_rows = SparseMoE.dense_max_tokens
+    @property
+    def max_graph_rows(self) -> int:
+        """Decode rows a CUDA graph can capture: more run the sorted experts, as does ep > 1,
+        which read their counts on the host."""
+        return SparseMoE.dense_max_tokens if self.ep.size == 1 else 0
 
     def __init__(self, backend: Backend, config: ModelConfig, w: WeightReader, tp: TensorParallel = TensorParallel(),
                  *args, ep: ExpertParallel = ExpertParallel(), **kwargs):

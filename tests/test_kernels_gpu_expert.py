@@ -33,9 +33,18 @@ def test_expert_linear(ops, rng, dtype, rows, pairs, k, n, gated, monkeypatch):
         assert out.shape == (pairs, n)
         assert_close(ops, out, numpy_ops.expert_linear(x64, w64, experts, gated), dtype, f"K in {k_split}")
         for pair, expert in enumerate(experts):
-            row = x[pair * rows // pairs:][:1]
+            row = x[pair % rows:][:1]
             alone = ops.gated_linear(row, w[int(expert)]) if gated else ops.linear(row, w[int(expert)])
             np.testing.assert_array_equal(ops.to_host(out[pair:pair + 1]), ops.to_host(alone), f"pair {pair}")
+
+
+def test_expert_linear_takes_the_nearest_expert_for_an_id_out_of_range(ops, rng):
+    """A NaN row's id (topk_softmax leaves INT_MAX) reads a real expert, not past the stack."""
+    x, _ = random_input(ops, rng, (1, 64), "bfloat16")
+    w, _ = random_input(ops, rng, (3, 16, 64), "bfloat16")
+    out = ops.to_host(ops.expert_linear(x, w, cupy.asarray([2**31 - 1, -5], dtype=cupy.int32)))
+    np.testing.assert_array_equal(out[0], ops.to_host(ops.linear(x, w[2]))[0])
+    np.testing.assert_array_equal(out[1], ops.to_host(ops.linear(x, w[0]))[0])
 
 
 def test_expert_linear_refuses_what_it_cannot_run(ops, rng):

@@ -101,7 +101,7 @@ def test_dense_experts_match_the_sorted_experts(tiny, monkeypatch):
     assert sum(dense_loads[0]) == len(ids) * ours.config.num_experts_per_token
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 2])
 def test_selected_dense_and_sorted_experts_agree(tiny, monkeypatch, rows):
     """Fewer (token, slot) pairs than experts: each pair's expert alone (ops.expert_linear);
     the dense and sorted paths give the same output, and so does the load."""

@@ -157,6 +157,8 @@ class ModelRunner:
         (`capture_now`) or the first time a step needs it."""
         from shardline.worker.cuda_graphs import DecodeGraphs
         max_batch = min(max_batch, getattr(self.model, "max_graph_rows", max_batch))   # what its layers capture
+        if max_batch < 1:
+            return
         self.graphs = DecodeGraphs(self, max_batch, -(-max_model_len // self.kv.block_size_tokens))
         if capture_now:
             began = time.perf_counter()
