@@ -195,6 +195,7 @@ class MoEForCausalLM(LlamaForCausalLM):
     experts over a group. Other arguments pass through to the Llama model."""
 
     dense_mlp = False   # the post-attention norm stays unfolded: its output feeds a router and experts
+
     @property
     def max_graph_rows(self) -> int:
         """Decode rows a CUDA graph can capture: more run the sorted experts, as does ep > 1,
