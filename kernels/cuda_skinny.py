@@ -117,13 +117,13 @@ class SkinnyGemmOps:
                     and down.flags.c_contiguous and down.data.ptr % 16 == 0)
 
     def expert_linear_applies(self, x, weights) -> bool:
-        """Where expert_linear runs: a skinny GEMM's 16-bit inputs by a contiguous stack of weights."""
-        return bool(self.use_skinny_gemm and x.ndim == 2 and weights.ndim == 3 and weights.shape[2] == x.shape[1]
-                    and x.dtype == weights.dtype and x.flags.c_contiguous and weights.flags.c_contiguous
-                    and x.shape[1] % 8 == 0 and x.data.ptr % 16 == 0 and weights.data.ptr % 16 == 0
-                    and x.dtype in (cupy.float16, cupy.uint16)
+        """Where expert_linear runs: where a one-row skinny GEMM by one expert's weight would, the
+        16-bit rows and a contiguous stack of weights."""
+        return bool(x.ndim == 2 and weights.ndim == 3 and weights.shape[2] == x.shape[1] and x.shape[0]
+                    and x.dtype == weights.dtype and x.dtype in (cupy.float16, cupy.uint16)
+                    and x.flags.c_contiguous and weights.flags.c_contiguous
                     and ("expert_skinny_gemm_kernel", f"{_ctype(x, 'x')}, 1") in self._functions
-                    and ("skinny_gemm_kernel", f"{_ctype(x, 'x')}, 1, 1") in self._functions)
+                    and self._skinny_applies(x[:1], weights[0]))
 
     def rms_norm_linear(self, x, norm_weight, eps: float, residual, weight, bias=None, gated: bool = False,
                         folded: bool = False):
